@@ -1,0 +1,138 @@
+package fleet
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+)
+
+// EventType is the last token of an event's subject and the suffix of its CloudEvents type.
+type EventType string
+
+// Event types of scenes and jobs.
+const (
+	EventQueued    EventType = "queued"
+	EventStarted   EventType = "started"
+	EventProgress  EventType = "progress"
+	EventRetrying  EventType = "retrying"
+	EventCompleted EventType = "completed"
+	EventFailed    EventType = "failed"
+	EventCancelled EventType = "cancelled"
+)
+
+// Terminal reports whether an event of this type ends a scene or a job.
+func (t EventType) Terminal() bool {
+	return t == EventCompleted || t == EventFailed || t == EventCancelled
+}
+
+// CloudEventType is the CloudEvents type attribute of an event of kind ("scene" or
+// "job") and type t, e.g. "dev.comfyfleet.scene.completed".
+func CloudEventType(kind string, t EventType) string {
+	return "dev.comfyfleet." + kind + "." + string(t)
+}
+
+// Event is a CloudEvents 1.0 event in its JSON format: the public contract that other
+// services subscribe to. ID is stable: the same happening always carries the same ID,
+// so a consumer can drop duplicates.
+type Event struct {
+	SpecVersion     string          `json:"specversion"`
+	ID              string          `json:"id"`
+	Source          string          `json:"source"`
+	Type            string          `json:"type"`
+	Subject         string          `json:"subject"`
+	Time            time.Time       `json:"time"`
+	DataContentType string          `json:"datacontenttype"`
+	Data            json.RawMessage `json:"data"`
+}
+
+// SceneEvent is the data of a scene event.
+type SceneEvent struct {
+	JobID   string    `json:"job_id"`
+	Index   int       `json:"index"`
+	Type    EventType `json:"type"`
+	Attempt int       `json:"attempt,omitempty"`
+	Node    string    `json:"node,omitempty"`
+	// Pool is set on queued events.
+	Pool     string    `json:"pool,omitempty"`
+	Progress *Progress `json:"progress,omitempty"`
+	Error    string    `json:"error,omitempty"`
+	Outputs  []Output  `json:"outputs,omitempty"`
+	// Duration is how long the attempt ran on its node, on completed events.
+	Duration time.Duration `json:"duration_ns,omitempty"`
+	Time     time.Time     `json:"time"`
+}
+
+// ID is the event's stable id: one per scene for queued and terminal events, one per
+// attempt for started and retrying, one per step for progress.
+func (e SceneEvent) ID() string {
+	base := fmt.Sprintf("scene.%s.%d.%s", e.JobID, e.Index, e.Type)
+	switch e.Type {
+	case EventStarted, EventRetrying:
+		return fmt.Sprintf("%s.%d", base, e.Attempt)
+	case EventProgress:
+		p := Progress{}
+		if e.Progress != nil {
+			p = *e.Progress
+		}
+		return fmt.Sprintf("%s.%d.%s.%d", base, e.Attempt, p.Node, p.Value)
+	}
+	return base
+}
+
+// Envelope wraps the scene event as a CloudEvent from source.
+func (e SceneEvent) Envelope(source string) (Event, error) {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return Event{}, fmt.Errorf("encode scene event: %w", err)
+	}
+	return Event{
+		SpecVersion:     "1.0",
+		ID:              e.ID(),
+		Source:          source,
+		Type:            CloudEventType("scene", e.Type),
+		Subject:         fmt.Sprintf("jobs/%s/scenes/%d", e.JobID, e.Index),
+		Time:            e.Time,
+		DataContentType: "application/json",
+		Data:            data,
+	}, nil
+}
+
+// JobEvent is the data of a job event: the job as it stood.
+type JobEvent struct {
+	Type EventType `json:"type"`
+	Job  Job       `json:"job"`
+}
+
+// JobEventID is the stable id of the job event of type t.
+func JobEventID(job string, t EventType) string { return "job." + job + "." + string(t) }
+
+// Envelope wraps the job event as a CloudEvent from source.
+func (e JobEvent) Envelope(source string) (Event, error) {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return Event{}, fmt.Errorf("encode job event: %w", err)
+	}
+	return Event{
+		SpecVersion:     "1.0",
+		ID:              JobEventID(e.Job.ID, e.Type),
+		Source:          source,
+		Type:            CloudEventType("job", e.Type),
+		Subject:         "jobs/" + e.Job.ID,
+		Time:            e.Job.UpdatedAt,
+		DataContentType: "application/json",
+		Data:            data,
+	}, nil
+}
+
+// DecodeSceneEvent reads a scene event from a CloudEvent's JSON.
+func DecodeSceneEvent(b []byte) (SceneEvent, error) {
+	var ev Event
+	if err := json.Unmarshal(b, &ev); err != nil {
+		return SceneEvent{}, fmt.Errorf("decode cloudevent: %w", err)
+	}
+	var se SceneEvent
+	if err := json.Unmarshal(ev.Data, &se); err != nil {
+		return SceneEvent{}, fmt.Errorf("decode scene event %s: %w", ev.ID, err)
+	}
+	return se, nil
+}

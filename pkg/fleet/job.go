@@ -1,0 +1,151 @@
+package fleet
+
+import "time"
+
+// Status is the state of a scene or a job.
+type Status string
+
+// Scene and job states. A scene moves queued → running → succeeded | failed
+// (running → queued again between attempts); a job is running while any scene is not
+// terminal, then succeeded if every scene succeeded, else failed.
+const (
+	StatusQueued    Status = "queued"
+	StatusRunning   Status = "running"
+	StatusSucceeded Status = "succeeded"
+	StatusFailed    Status = "failed"
+	StatusCancelled Status = "cancelled"
+)
+
+// Terminal reports whether nothing more will happen to a scene or job in this state.
+func (s Status) Terminal() bool {
+	return s == StatusSucceeded || s == StatusFailed || s == StatusCancelled
+}
+
+// Attempt records one try of a scene that did not succeed.
+type Attempt struct {
+	Attempt int       `json:"attempt"`
+	Node    string    `json:"node,omitempty"`
+	Error   string    `json:"error"`
+	At      time.Time `json:"at"`
+}
+
+// Scene is the state of one scene of a job.
+type Scene struct {
+	Index      int        `json:"index"`
+	Spec       SceneSpec  `json:"spec"`
+	Pool       string     `json:"pool"`
+	Status     Status     `json:"status"`
+	Node       string     `json:"node,omitempty"`
+	Attempts   int        `json:"attempts"`
+	Progress   *Progress  `json:"progress,omitempty"`
+	Error      string     `json:"error,omitempty"`
+	Failures   []Attempt  `json:"failures,omitempty"`
+	Outputs    []Output   `json:"outputs,omitempty"`
+	QueuedAt   time.Time  `json:"queued_at"`
+	StartedAt  *time.Time `json:"started_at,omitempty"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+}
+
+// Job is the state of a job, kept in BucketJobs.
+type Job struct {
+	ID          string     `json:"id"`
+	Tenant      string     `json:"tenant,omitempty"`
+	Status      Status     `json:"status"`
+	Priority    int        `json:"priority"`
+	CallbackURL string     `json:"callback_url,omitempty"`
+	Scenes      []Scene    `json:"scenes"`
+	CreatedAt   time.Time  `json:"created_at"`
+	UpdatedAt   time.Time  `json:"updated_at"`
+	FinishedAt  *time.Time `json:"finished_at,omitempty"`
+}
+
+// Apply folds a scene event into the job and reports whether anything changed.
+// It is idempotent and tolerates events out of order or from stale attempts: a
+// terminal scene never changes again, and an event of an older attempt than the one
+// recorded is ignored.
+func (j *Job) Apply(e SceneEvent) bool {
+	if e.Index < 0 || e.Index >= len(j.Scenes) {
+		return false
+	}
+	s := &j.Scenes[e.Index]
+	stale := e.Attempt < s.Attempts && e.Type != EventCompleted
+	if s.Status.Terminal() || stale {
+		return false
+	}
+	at := e.Time
+	switch e.Type {
+	case EventQueued:
+		if s.Status != StatusQueued || s.Pool == e.Pool {
+			return false
+		}
+		s.Pool = e.Pool
+	case EventStarted:
+		if e.Attempt == s.Attempts && s.Status == StatusRunning {
+			return false
+		}
+		s.Status, s.Node, s.Attempts, s.Progress = StatusRunning, e.Node, e.Attempt, nil
+		if s.StartedAt == nil {
+			s.StartedAt = &at
+		}
+	case EventProgress:
+		if s.Status != StatusRunning || e.Attempt != s.Attempts || e.Progress == nil {
+			return false
+		}
+		p := *e.Progress
+		s.Progress = &p
+	case EventRetrying:
+		if s.Status == StatusQueued && len(s.Failures) > 0 && s.Failures[len(s.Failures)-1].Attempt == e.Attempt {
+			return false
+		}
+		s.Status, s.Progress, s.Attempts = StatusQueued, nil, e.Attempt
+		s.Failures = append(s.Failures, Attempt{Attempt: e.Attempt, Node: e.Node, Error: e.Error, At: at})
+	case EventCompleted:
+		s.Status, s.Node, s.Outputs, s.Error = StatusSucceeded, e.Node, e.Outputs, ""
+		s.Attempts = max(s.Attempts, e.Attempt)
+		s.Progress = nil
+		s.FinishedAt = &at
+	case EventFailed:
+		s.Status, s.Error = StatusFailed, e.Error
+		s.Attempts = max(s.Attempts, e.Attempt)
+		if e.Node != "" {
+			s.Node = e.Node
+		}
+		s.Failures = append(s.Failures, Attempt{Attempt: e.Attempt, Node: e.Node, Error: e.Error, At: at})
+		s.Progress = nil
+		s.FinishedAt = &at
+	case EventCancelled:
+		s.Status, s.Progress = StatusCancelled, nil
+		s.FinishedAt = &at
+	default:
+		return false
+	}
+	j.UpdatedAt = at
+	j.settle(at)
+	return true
+}
+
+// settle derives the job's status from its scenes.
+func (j *Job) settle(at time.Time) {
+	status, open, started := StatusSucceeded, false, false
+	for _, s := range j.Scenes {
+		switch {
+		case !s.Status.Terminal():
+			open = true
+			started = started || s.Status == StatusRunning || s.Attempts > 0
+		case s.Status == StatusFailed:
+			status, started = StatusFailed, true
+		case s.Status == StatusCancelled:
+			if status == StatusSucceeded {
+				status = StatusCancelled
+			}
+		default:
+			started = true
+		}
+	}
+	switch {
+	case !open:
+		j.Status, j.FinishedAt = status, &at
+	case started:
+		j.Status = StatusRunning
+	}
+}

@@ -1,0 +1,95 @@
+package fleet
+
+import (
+	"strconv"
+	"time"
+)
+
+// Graph is a ComfyUI API-format workflow: node id to {"class_type", "inputs", "_meta"}.
+type Graph = map[string]any
+
+// SceneSpec is what a client asks for one scene: a workflow template with parameters,
+// or a raw graph.
+type SceneSpec struct {
+	Workflow string         `json:"workflow,omitempty"`
+	Params   map[string]any `json:"params,omitempty"`
+	Graph    Graph          `json:"graph,omitempty"`
+	Pool     string         `json:"pool,omitempty"`
+}
+
+// WorkItem is one scene on its way from intake through the dispatcher to an
+// executor: everything an executor needs, with the graph already resolved.
+type WorkItem struct {
+	JobID       string    `json:"job_id"`
+	Index       int       `json:"index"`
+	Tenant      string    `json:"tenant,omitempty"`
+	Priority    int       `json:"priority"`
+	Pool        string    `json:"pool"`
+	Workflow    string    `json:"workflow,omitempty"`
+	Graph       Graph     `json:"graph"`
+	SubmittedAt time.Time `json:"submitted_at"`
+}
+
+// MsgID is the JetStream de-duplication id of the scene's submit and work messages.
+func (w WorkItem) MsgID() string { return SceneKey(w.JobID, w.Index) }
+
+// SceneKey names scene index of job in message ids and logs.
+func SceneKey(job string, index int) string { return job + "." + strconv.Itoa(index) }
+
+// Output is one stored file of a scene.
+type Output struct {
+	Name        string `json:"name"`
+	ContentType string `json:"content_type"`
+	Size        int64  `json:"size"`
+	// Kind is the ComfyUI output key the file came from: images, gifs, audio, ….
+	Kind string `json:"kind,omitempty"`
+	// NodeID is the graph node that produced the file.
+	NodeID string `json:"node_id,omitempty"`
+}
+
+// Progress is a running scene's sampler progress.
+type Progress struct {
+	Value int    `json:"value"`
+	Max   int    `json:"max"`
+	Node  string `json:"node,omitempty"`
+}
+
+// NodeConfig is the desired configuration of a ComfyUI node, registered through the
+// API or by an executor at start.
+type NodeConfig struct {
+	ID     string            `json:"id"`
+	URL    string            `json:"url"`
+	Pools  []string          `json:"pools"`
+	Weight float64           `json:"weight"`
+	Labels map[string]string `json:"labels,omitempty"`
+}
+
+// NodeState is what a node is observed doing.
+type NodeState string
+
+// Observed node states.
+const (
+	NodeOnline  NodeState = "online"
+	NodeBusy    NodeState = "busy"
+	NodeOffline NodeState = "offline"
+)
+
+// NodeStatus is a node's observed state, sent as a heartbeat by the executor that
+// drives it and kept in BucketNodes until it expires.
+type NodeStatus struct {
+	ID             string    `json:"id"`
+	URL            string    `json:"url"`
+	Pools          []string  `json:"pools"`
+	Executor       string    `json:"executor"`
+	State          NodeState `json:"state"`
+	Scene          string    `json:"scene,omitempty"`
+	QueueRemaining int       `json:"queue_remaining"`
+	VRAMTotal      int64     `json:"vram_total,omitempty"`
+	VRAMFree       int64     `json:"vram_free,omitempty"`
+	Device         string    `json:"device,omitempty"`
+	ScenesDone     int       `json:"scenes_done"`
+	// SecondsPerScene is the moving average of this node's scene durations.
+	SecondsPerScene float64   `json:"seconds_per_scene,omitempty"`
+	Error           string    `json:"error,omitempty"`
+	Heartbeat       time.Time `json:"heartbeat"`
+}

@@ -1,0 +1,88 @@
+package fleet
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Settings are the delivery and storage knobs that every service must agree on,
+// because whichever service starts first creates the streams and consumers with them.
+type Settings struct {
+	// Storage is where streams and buckets keep their data. Defaults to file storage
+	// (the zero value).
+	Storage jetstream.StorageType
+	// Replicas is the number of copies of each stream in a NATS cluster. Defaults to 1.
+	Replicas int
+	// AckWait is how long a work message may go without an acknowledgement or an
+	// InProgress heartbeat before it is redelivered to another executor. It decides how
+	// fast a dead executor's scene moves on. Defaults to 4s.
+	AckWait time.Duration
+	// MaxAttempts is how many times a scene is tried before it becomes a dead letter.
+	// Defaults to 3.
+	MaxAttempts int
+	// RetryBackoff is the first delay before a failed attempt is tried again; it doubles
+	// per attempt up to 30 times its value. Defaults to 1s.
+	RetryBackoff time.Duration
+	// EventsMaxAge is how long public events are kept. Defaults to 7 days.
+	EventsMaxAge time.Duration
+	// DuplicateWindow is how long JetStream remembers message ids to drop duplicate
+	// publishes. Defaults to 10 minutes.
+	DuplicateWindow time.Duration
+	// NodeTTL is how long a node's observed state outlives its last heartbeat.
+	// Defaults to 10s.
+	NodeTTL time.Duration
+}
+
+// DefaultSettings returns Settings with every default filled in.
+func DefaultSettings() Settings {
+	var s Settings
+	s.fill()
+	return s
+}
+
+func (s *Settings) fill() {
+	if s.Replicas == 0 {
+		s.Replicas = 1
+	}
+	if s.AckWait == 0 {
+		s.AckWait = 4 * time.Second
+	}
+	if s.MaxAttempts == 0 {
+		s.MaxAttempts = 3
+	}
+	if s.RetryBackoff == 0 {
+		s.RetryBackoff = time.Second
+	}
+	if s.EventsMaxAge == 0 {
+		s.EventsMaxAge = 7 * 24 * time.Hour
+	}
+	if s.DuplicateWindow == 0 {
+		s.DuplicateWindow = 10 * time.Minute
+	}
+	if s.NodeTTL == 0 {
+		s.NodeTTL = 10 * time.Second
+	}
+}
+
+// Normalize fills in defaults and checks the values.
+func (s Settings) Normalize() (Settings, error) {
+	s.fill()
+	var errs []error
+	if s.AckWait < 500*time.Millisecond {
+		errs = append(errs, fmt.Errorf("ack wait %s is below 500ms: heartbeats could not keep up", s.AckWait))
+	}
+	if s.MaxAttempts < 1 || s.MaxAttempts > 100 {
+		errs = append(errs, fmt.Errorf("max attempts %d is outside 1..100", s.MaxAttempts))
+	}
+	if s.NodeTTL < time.Second {
+		errs = append(errs, fmt.Errorf("node TTL %s is below 1s", s.NodeTTL))
+	}
+	return s, errors.Join(errs...)
+}
+
+// HeartbeatInterval is how often a running scene's work message is marked in
+// progress: a third of AckWait, so two lost heartbeats do not cause a redelivery.
+func (s Settings) HeartbeatInterval() time.Duration { return s.AckWait / 3 }

@@ -1,0 +1,137 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Ensure creates or updates every stream, bucket and object store of the fleet. It is
+// idempotent: every service calls it at start, and whichever comes first creates them.
+func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
+	s, err := s.Normalize()
+	if err != nil {
+		return fmt.Errorf("fleet settings: %w", err)
+	}
+	streams := []jetstream.StreamConfig{
+		{
+			Name:        StreamSubmit,
+			Description: "accepted scenes waiting for the dispatcher",
+			Subjects:    []string{submitPrefix + ".>"},
+			Retention:   jetstream.WorkQueuePolicy,
+			Duplicates:  s.DuplicateWindow,
+		},
+		{
+			Name:        StreamWork,
+			Description: "routed scenes waiting for an executor",
+			Subjects:    []string{workPrefix + ".>"},
+			Retention:   jetstream.WorkQueuePolicy,
+			Duplicates:  s.DuplicateWindow,
+		},
+		{
+			Name:        StreamEvents,
+			Description: "public CloudEvents of scenes and jobs",
+			Subjects:    []string{eventPrefix + ".>"},
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      s.EventsMaxAge,
+			Duplicates:  s.DuplicateWindow,
+		},
+		{
+			Name:        StreamDone,
+			Description: "finished jobs waiting for the notifier",
+			Subjects:    []string{donePrefix + ".>"},
+			Retention:   jetstream.WorkQueuePolicy,
+			Duplicates:  s.DuplicateWindow,
+		},
+		{
+			Name:        StreamDeadLetters,
+			Description: "max-deliveries advisories of work messages",
+			Subjects:    []string{deadLetterAdvisories},
+			Retention:   jetstream.WorkQueuePolicy,
+		},
+	}
+	for _, cfg := range streams {
+		cfg.Storage = s.Storage
+		cfg.Replicas = s.Replicas
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("create stream %s: %w", cfg.Name, err)
+		}
+	}
+	buckets := []jetstream.KeyValueConfig{
+		{Bucket: BucketJobs, Description: "job state, changed by compare-and-set", History: 1},
+		{Bucket: BucketNodes, Description: "observed node state", History: 1, TTL: s.NodeTTL},
+		{Bucket: BucketRegistry, Description: "desired node configuration", History: 1},
+	}
+	for _, cfg := range buckets {
+		cfg.Storage = s.Storage
+		cfg.Replicas = s.Replicas
+		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+			return fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
+		}
+	}
+	if _, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+		Bucket:      ObjectOutputs,
+		Description: "scene outputs",
+		Storage:     s.Storage,
+		Replicas:    s.Replicas,
+	}); err != nil {
+		return fmt.Errorf("create object store %s: %w", ObjectOutputs, err)
+	}
+	return nil
+}
+
+// WorkConsumer is the durable pull consumer that every executor serving pool shares.
+func WorkConsumer(pool string, s Settings) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       "work-" + pool,
+		Description:   "executors serving pool " + pool,
+		FilterSubject: WorkSubject(pool),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       s.AckWait,
+		MaxDeliver:    s.MaxAttempts,
+		MaxAckPending: -1,
+	}
+}
+
+// SubmitConsumer is the dispatcher's durable consumer of accepted scenes.
+func SubmitConsumer() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:   "dispatcher",
+		AckPolicy: jetstream.AckExplicitPolicy,
+		AckWait:   30 * time.Second,
+	}
+}
+
+// StateConsumer is the dispatcher's durable consumer of scene events, which it folds
+// into the jobs bucket.
+func StateConsumer() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       "dispatcher-state",
+		FilterSubject: SceneEventsFilter,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       30 * time.Second,
+		MaxAckPending: 1,
+	}
+}
+
+// DeadLetterConsumer is the dispatcher's durable consumer of max-deliveries advisories.
+func DeadLetterConsumer() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:   "dispatcher-deadletters",
+		AckPolicy: jetstream.AckExplicitPolicy,
+		AckWait:   30 * time.Second,
+	}
+}
+
+// DoneConsumer is the notifier's durable consumer of finished jobs. Webhook retries
+// are naks with a delay, so MaxDeliver bounds how long a callback is retried.
+func DoneConsumer(maxDeliver int) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:    "notifier",
+		AckPolicy:  jetstream.AckExplicitPolicy,
+		AckWait:    time.Minute,
+		MaxDeliver: maxDeliver,
+	}
+}

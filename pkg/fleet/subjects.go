@@ -1,0 +1,95 @@
+package fleet
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Stream, bucket and object store names.
+const (
+	// StreamSubmit holds one message per accepted scene until the dispatcher routes it.
+	StreamSubmit = "FLEET_SUBMIT"
+	// StreamWork holds routed scenes until an executor acknowledges them.
+	StreamWork = "FLEET_WORK"
+	// StreamEvents holds the public CloudEvents of scenes and jobs.
+	StreamEvents = "FLEET_EVENTS"
+	// StreamDone holds one message per finished job until the notifier has handled it.
+	StreamDone = "FLEET_DONE"
+	// StreamDeadLetters captures the server's max-deliveries advisories for work
+	// messages, so that no exhausted scene goes unnoticed while the dispatcher is down.
+	StreamDeadLetters = "FLEET_DEADLETTERS"
+
+	// BucketJobs maps a job id to its Job.
+	BucketJobs = "fleet_jobs"
+	// BucketNodes maps a node id to its observed NodeStatus; entries expire when
+	// heartbeats stop.
+	BucketNodes = "fleet_nodes"
+	// BucketRegistry maps a node id to its desired NodeConfig.
+	BucketRegistry = "fleet_registry"
+	// ObjectOutputs stores scene outputs under OutputKey names.
+	ObjectOutputs = "fleet_outputs"
+)
+
+// Subject prefixes.
+const (
+	submitPrefix    = "fleet.submit"
+	workPrefix      = "fleet.work"
+	eventPrefix     = "fleet.evt"
+	donePrefix      = "fleet.done"
+	heartbeatPrefix = "fleet.node.hb"
+)
+
+// SubmitSubject is where intake publishes scene index of job.
+func SubmitSubject(job string, index int) string {
+	return fmt.Sprintf("%s.%s.%d", submitPrefix, job, index)
+}
+
+// WorkSubject is where the dispatcher releases scenes for pool.
+func WorkSubject(pool string) string { return workPrefix + "." + pool }
+
+// SceneEventSubject is the subject of a scene event: fleet.evt.scene.<job>.<index>.<type>.
+func SceneEventSubject(job string, index int, typ EventType) string {
+	return fmt.Sprintf("%s.scene.%s.%d.%s", eventPrefix, job, index, typ)
+}
+
+// JobEventSubject is the subject of a job event: fleet.evt.job.<job>.<type>.
+func JobEventSubject(job string, typ EventType) string {
+	return fmt.Sprintf("%s.job.%s.%s", eventPrefix, job, typ)
+}
+
+// SceneEventsFilter matches every scene event of every job.
+const SceneEventsFilter = eventPrefix + ".scene.>"
+
+// JobEventsFilter returns the filter that matches every event, scene or job, of job.
+func JobEventsFilter(job string) []string {
+	return []string{eventPrefix + ".scene." + job + ".>", eventPrefix + ".job." + job + ".>"}
+}
+
+// DoneSubject is where the dispatcher announces that job reached a terminal state.
+func DoneSubject(job string) string { return donePrefix + "." + job }
+
+// HeartbeatSubject is the core NATS subject on which an executor reports a node's state.
+func HeartbeatSubject(node string) string { return heartbeatPrefix + "." + node }
+
+// HeartbeatFilter matches every node heartbeat.
+const HeartbeatFilter = heartbeatPrefix + ".*"
+
+// deadLetterAdvisories is the subject of the server's max-deliveries advisories for
+// every consumer of the work stream.
+const deadLetterAdvisories = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + StreamWork + ".*"
+
+// OutputKey is the object store name of output name of scene index of job.
+func OutputKey(job string, index int, name string) string {
+	return fmt.Sprintf("%s/%d/%s", job, index, name)
+}
+
+// ValidToken reports whether s can stand as one token of a subject or a KV key:
+// letters, digits, '-' and '_' only.
+func ValidToken(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	return strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_')
+	}) < 0
+}

@@ -1,0 +1,72 @@
+// Package fleettest starts the real parts that comfyfleet's tests need: an embedded
+// nats-server per test, and the fleet's streams and buckets on it.
+package fleettest
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
+)
+
+// NATS starts a nats-server with JetStream on a random loopback port and a temporary
+// store, stopped when the test ends.
+func NATS(t testing.TB) *server.Server {
+	t.Helper()
+	s, err := natsembed.Start(natsembed.Config{Dir: t.TempDir(), Port: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { natsembed.Stop(s) })
+	return s
+}
+
+// Connect opens a connection to s, closed when the test ends.
+func Connect(t testing.TB, s *server.Server) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(s.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
+
+// Fleet starts a server, creates the fleet's streams and buckets with settings, and
+// returns a connection to it.
+func Fleet(t testing.TB, settings fleet.Settings) (*server.Server, *nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	s := NATS(t)
+	nc, js := Connect(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := fleet.Ensure(ctx, js, settings); err != nil {
+		t.Fatal(err)
+	}
+	return s, nc, js
+}
+
+// Eventually calls cond until it returns true or the deadline passes; then it fails the
+// test with msg. It polls at a short interval, never as synchronisation of its own.
+func Eventually(t testing.TB, within time.Duration, cond func() bool, msg string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: "+msg, append([]any{within}, args...)...)
+		}
+		<-tick.C
+	}
+}

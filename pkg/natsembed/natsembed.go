@@ -1,0 +1,93 @@
+// Package natsembed runs a nats-server with JetStream inside the process: the broker
+// of `comfyfleet up` and of the tests.
+package natsembed
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+)
+
+// Config configures the embedded server.
+type Config struct {
+	// Dir is where JetStream keeps its file store. Required.
+	Dir string
+	// Host is the address clients connect to. Defaults to "127.0.0.1".
+	Host string
+	// Port is the client port; -1 picks a free one. Defaults to 4222 when zero.
+	Port int
+	// Sync is the file store's sync policy: "always" (fsync every write: nothing
+	// acknowledged is lost on power failure, slower), or a duration such as "2m" (the
+	// nats-server default) or "1s". Defaults to "2m".
+	Sync string
+	// Log turns the server's own log on.
+	Log bool
+	// StartTimeout bounds the wait for the server to accept connections. Defaults to 10s.
+	StartTimeout time.Duration
+}
+
+// Start starts the server and waits until it accepts connections.
+func Start(cfg Config) (*server.Server, error) {
+	if cfg.Dir == "" {
+		return nil, fmt.Errorf("embedded nats: a store directory is required")
+	}
+	opts := &server.Options{
+		ServerName: "comfyfleet",
+		Host:       cfg.Host,
+		Port:       cfg.Port,
+		JetStream:  true,
+		StoreDir:   cfg.Dir,
+		NoSigs:     true,
+		NoLog:      !cfg.Log,
+	}
+	if opts.Host == "" {
+		opts.Host = "127.0.0.1"
+	}
+	if opts.Port == 0 {
+		opts.Port = 4222
+	}
+	if err := applySync(opts, cfg.Sync); err != nil {
+		return nil, err
+	}
+	timeout := cfg.StartTimeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+	}
+	s, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("embedded nats: %w", err)
+	}
+	if cfg.Log {
+		s.ConfigureLogger()
+	}
+	go s.Start()
+	if !s.ReadyForConnections(timeout) {
+		s.Shutdown()
+		return nil, fmt.Errorf("embedded nats: not ready for connections after %s (is port %d in use?)", timeout, opts.Port)
+	}
+	return s, nil
+}
+
+// Stop shuts the server down and waits until it has.
+func Stop(s *server.Server) {
+	s.Shutdown()
+	s.WaitForShutdown()
+}
+
+func applySync(opts *server.Options, sync string) error {
+	switch strings.ToLower(strings.TrimSpace(sync)) {
+	case "", "default":
+		return nil
+	case "always":
+		opts.SyncAlways = true
+		return nil
+	}
+	d, err := time.ParseDuration(sync)
+	if err != nil || d <= 0 {
+		return fmt.Errorf("embedded nats: sync %q is neither \"always\" nor a positive duration", sync)
+	}
+	opts.SyncInterval = d
+	return nil
+}
