@@ -93,3 +93,8 @@ type NodeStatus struct {
 	Error           string    `json:"error,omitempty"`
 	Heartbeat       time.Time `json:"heartbeat"`
 }
+
+// DoneMsg tells the notifier that a job reached a terminal state.
+type DoneMsg struct {
+	JobID string `json:"job_id"`
+}

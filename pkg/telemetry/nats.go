@@ -5,6 +5,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/propagation"
 )
 
@@ -36,4 +37,9 @@ func Extract(ctx context.Context, h nats.Header) context.Context {
 		return ctx
 	}
 	return otel.GetTextMapPropagator().Extract(ctx, headerCarrier(h))
+}
+
+// SceneAttrs are the span attributes that name scene index of job.
+func SceneAttrs(job string, index int) []attribute.KeyValue {
+	return []attribute.KeyValue{attribute.String("comfyfleet.job", job), attribute.Int("comfyfleet.scene", index)}
 }

@@ -1,0 +1,107 @@
+// Package api holds the representations that comfyfleet's HTTP API and webhooks send:
+// one definition, used by the intake for responses and the notifier for callbacks.
+package api
+
+import (
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// Job is a job as clients see it.
+type Job struct {
+	ID          string     `json:"id" doc:"Job id."`
+	Status      string     `json:"status" enum:"queued,running,succeeded,failed,cancelled" doc:"queued until a scene starts, running until every scene is terminal, then succeeded if all succeeded, else failed."`
+	Priority    int        `json:"priority" doc:"Priority 1 (lowest) to 10."`
+	CallbackURL string     `json:"callback_url,omitempty" doc:"Where the job is POSTed when it is done."`
+	Scenes      []Scene    `json:"scenes"`
+	CreatedAt   time.Time  `json:"created_at"`
+	UpdatedAt   time.Time  `json:"updated_at"`
+	FinishedAt  *time.Time `json:"finished_at,omitempty"`
+}
+
+// Scene is one scene of a job as clients see it.
+type Scene struct {
+	Index      int             `json:"index"`
+	Workflow   string          `json:"workflow,omitempty" doc:"Template name, absent for a raw graph."`
+	Pool       string          `json:"pool"`
+	Status     string          `json:"status" enum:"queued,running,succeeded,failed,cancelled"`
+	Node       string          `json:"node,omitempty" doc:"The node running or that ran the scene."`
+	Attempts   int             `json:"attempts" doc:"Attempts started so far."`
+	Progress   *fleet.Progress `json:"progress,omitempty" doc:"Sampler progress of the running attempt."`
+	Error      string          `json:"error,omitempty"`
+	Failures   []fleet.Attempt `json:"failures,omitempty" doc:"Every failed attempt: node and error."`
+	Outputs    []Output        `json:"outputs,omitempty"`
+	QueuedAt   time.Time       `json:"queued_at"`
+	StartedAt  *time.Time      `json:"started_at,omitempty"`
+	FinishedAt *time.Time      `json:"finished_at,omitempty"`
+}
+
+// Output is a downloadable file of a scene.
+type Output struct {
+	Name        string `json:"name"`
+	ContentType string `json:"content_type"`
+	Size        int64  `json:"size"`
+	Kind        string `json:"kind,omitempty" doc:"ComfyUI output kind: images, gifs, audio, …"`
+	URL         string `json:"url" doc:"Download URL."`
+}
+
+// JobPath is the API path of a job.
+func JobPath(id string) string { return "/v1/jobs/" + id }
+
+// OutputPath is the API path of an output.
+func OutputPath(job string, index int, name string) string {
+	return fmt.Sprintf("/v1/jobs/%s/scenes/%d/outputs/%s", job, index, url.PathEscape(name))
+}
+
+// FromJob renders j for clients; baseURL (e.g. "http://127.0.0.1:8080") prefixes the
+// download URLs.
+func FromJob(j *fleet.Job, baseURL string) Job {
+	baseURL = strings.TrimSuffix(baseURL, "/")
+	out := Job{
+		ID:          j.ID,
+		Status:      string(j.Status),
+		Priority:    j.Priority,
+		CallbackURL: j.CallbackURL,
+		Scenes:      make([]Scene, len(j.Scenes)),
+		CreatedAt:   j.CreatedAt,
+		UpdatedAt:   j.UpdatedAt,
+		FinishedAt:  j.FinishedAt,
+	}
+	for i, s := range j.Scenes {
+		v := Scene{
+			Index:      s.Index,
+			Workflow:   s.Spec.Workflow,
+			Pool:       s.Pool,
+			Status:     string(s.Status),
+			Node:       s.Node,
+			Attempts:   s.Attempts,
+			Progress:   s.Progress,
+			Error:      s.Error,
+			Failures:   s.Failures,
+			QueuedAt:   s.QueuedAt,
+			StartedAt:  s.StartedAt,
+			FinishedAt: s.FinishedAt,
+		}
+		for _, o := range s.Outputs {
+			v.Outputs = append(v.Outputs, Output{
+				Name:        o.Name,
+				ContentType: o.ContentType,
+				Size:        o.Size,
+				Kind:        o.Kind,
+				URL:         baseURL + OutputPath(j.ID, s.Index, o.Name),
+			})
+		}
+		out.Scenes[i] = v
+	}
+	return out
+}
+
+// Webhook is the body POSTed to a job's callback URL.
+type Webhook struct {
+	Type string `json:"type" doc:"job.completed, job.failed or job.cancelled."`
+	Job  Job    `json:"job"`
+}

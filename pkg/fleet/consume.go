@@ -1,0 +1,47 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
+)
+
+// Handler decides one message: it must Ack, Nak or Term it. ctx carries the trace
+// context found in the message's headers.
+type Handler func(ctx context.Context, msg jetstream.Msg)
+
+// Consume feeds the consumer's messages, one at a time, to handle until ctx is done.
+// It returns nil when ctx ends it, else the error that stopped it.
+func Consume(ctx context.Context, cons jetstream.Consumer, log *slog.Logger, handle Handler) error {
+	it, err := cons.Messages(jetstream.PullMaxMessages(1))
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", cons.CachedInfo().Name, err)
+	}
+	stop := context.AfterFunc(ctx, it.Stop)
+	defer stop()
+	defer it.Stop()
+	for {
+		msg, err := it.Next()
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) || ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			log.Warn("fetch message", "consumer", cons.CachedInfo().Name, "err", err)
+			continue
+		}
+		handle(telemetry.Extract(ctx, msg.Headers()), msg)
+	}
+}
+
+// Ack acknowledges msg and waits for the server to confirm, logging a failure: a lost
+// acknowledgement only means the message comes again, which every handler tolerates.
+func Ack(ctx context.Context, log *slog.Logger, msg jetstream.Msg) {
+	if err := msg.DoubleAck(ctx); err != nil {
+		log.Warn("ack", "subject", msg.Subject(), "err", err)
+	}
+}
