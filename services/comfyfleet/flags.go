@@ -1,0 +1,145 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
+)
+
+// settingsFlags are the delivery settings every service must agree on.
+type settingsFlags struct {
+	ackWait      time.Duration
+	maxAttempts  int
+	retryBackoff time.Duration
+	nodeTTL      time.Duration
+	storage      string
+	replicas     int
+}
+
+func (s *settingsFlags) register(fs *flag.FlagSet) {
+	d := fleet.DefaultSettings()
+	fs.DurationVar(&s.ackWait, "ack-wait", d.AckWait, "time without a heartbeat after which a running scene moves to another executor")
+	fs.IntVar(&s.maxAttempts, "max-attempts", d.MaxAttempts, "attempts per scene before it becomes a dead letter")
+	fs.DurationVar(&s.retryBackoff, "retry-backoff", d.RetryBackoff, "first delay before a failed scene is retried (doubles per attempt)")
+	fs.DurationVar(&s.nodeTTL, "node-ttl", d.NodeTTL, "time after its last heartbeat that a node is shown offline")
+	fs.StringVar(&s.storage, "storage", "file", "JetStream storage of streams and buckets: file or memory")
+	fs.IntVar(&s.replicas, "replicas", d.Replicas, "copies of each stream in a NATS cluster")
+}
+
+func (s *settingsFlags) settings() (fleet.Settings, error) {
+	out := fleet.Settings{
+		AckWait: s.ackWait, MaxAttempts: s.maxAttempts, RetryBackoff: s.retryBackoff,
+		NodeTTL: s.nodeTTL, Replicas: s.replicas,
+	}
+	switch s.storage {
+	case "file":
+		out.Storage = jetstream.FileStorage
+	case "memory":
+		out.Storage = jetstream.MemoryStorage
+	default:
+		return out, fmt.Errorf("--storage %q: use file or memory", s.storage)
+	}
+	return out.Normalize()
+}
+
+// parseNode reads a --comfy value: a ComfyUI URL, then optional comma-separated
+// id=NAME, pool=POOL[+POOL…] and weight=W, e.g.
+// "http://10.0.0.5:8188,id=a100,pool=video,weight=4".
+func parseNode(v string) (fleet.NodeConfig, error) {
+	parts := strings.Split(v, ",")
+	u, err := url.Parse(strings.TrimSpace(parts[0]))
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fleet.NodeConfig{}, fmt.Errorf("--comfy %q: start with the node's http(s) URL", v)
+	}
+	n := fleet.NodeConfig{
+		ID:     strings.NewReplacer(".", "-", ":", "-", "[", "", "]", "").Replace(u.Host),
+		URL:    strings.TrimSuffix(u.String(), "/"),
+		Pools:  []string{"image", "video"},
+		Weight: 1,
+	}
+	for _, kv := range parts[1:] {
+		key, val, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok {
+			return n, fmt.Errorf("--comfy %q: %q is not key=value", v, kv)
+		}
+		switch key {
+		case "id", "name":
+			n.ID = val
+		case "pool", "pools":
+			n.Pools = strings.FieldsFunc(val, func(r rune) bool { return r == '+' || r == '|' })
+		case "weight":
+			if n.Weight, err = strconv.ParseFloat(val, 64); err != nil || n.Weight <= 0 {
+				return n, fmt.Errorf("--comfy %q: weight %q is not a positive number", v, val)
+			}
+		default:
+			return n, fmt.Errorf("--comfy %q: unknown key %q; use id, pool or weight", v, key)
+		}
+	}
+	if !fleet.ValidToken(n.ID) {
+		return n, fmt.Errorf("--comfy %q: id %q: use letters, digits, '-' and '_'", v, n.ID)
+	}
+	return n, nil
+}
+
+// serviceFlags are the flags of a service that runs against an external NATS.
+type serviceFlags struct {
+	natsURL  string
+	settings settingsFlags
+	log      logFlags
+}
+
+func (s *serviceFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&s.natsURL, "nats", nats.DefaultURL, "NATS server URL(s), comma-separated")
+	s.settings.register(fs)
+	s.log.register(fs)
+}
+
+// service holds what a single-service command needs at run time.
+type service struct {
+	conn     *nats.Conn
+	settings fleet.Settings
+	log      *slog.Logger
+	close    func()
+}
+
+// start connects to NATS and sets up logging and telemetry for the named service.
+func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer) (*service, error) {
+	log, err := s.log.logger(stderr)
+	if err != nil {
+		return nil, err
+	}
+	settings, err := s.settings.settings()
+	if err != nil {
+		return nil, err
+	}
+	shutdown, err := telemetry.Setup(ctx, "comfyfleet-"+name)
+	if err != nil {
+		return nil, err
+	}
+	nc, err := nats.Connect(s.natsURL, nats.Name("comfyfleet-"+name), nats.MaxReconnects(-1),
+		nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "url", c.ConnectedUrl()) }))
+	if err != nil {
+		_ = shutdown(ctx)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", s.natsURL, err)
+	}
+	return &service{conn: nc, settings: settings, log: log, close: func() {
+		_ = nc.Drain()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = shutdown(ctx)
+	}}, nil
+}

@@ -1,0 +1,146 @@
+// Command comfyfleet runs a fleet of ComfyUI machines as one generation service.
+//
+//	comfyfleet up            everything in one process: embedded NATS, the four
+//	                         services, simulated ComfyUI nodes unless --comfy names real ones
+//	comfyfleet intake        the HTTP API alone, against --nats
+//	comfyfleet dispatcher    the scheduler alone
+//	comfyfleet executor      drives the ComfyUI nodes named by --comfy
+//	comfyfleet notifier      completions and webhooks
+//	comfyfleet sim           one simulated ComfyUI node
+//
+// Every flag can also be set by an environment variable: COMFYFLEET_ and the flag's
+// name in upper case with '-' as '_' (COMFYFLEET_HTTP=0.0.0.0:8080). Flags win.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+)
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, args []string, stdout io.Writer) error
+}
+
+func commands() []command {
+	return []command{
+		{"up", "start the whole fleet in one process (embedded NATS, all services, simulated nodes)", runUp},
+		{"intake", "run the HTTP API against an external NATS", runIntake},
+		{"dispatcher", "run the dispatcher against an external NATS", runDispatcher},
+		{"executor", "run an executor for the ComfyUI nodes named by --comfy", runExecutor},
+		{"notifier", "run the notifier against an external NATS", runNotifier},
+		{"sim", "run one simulated ComfyUI node", runSim},
+	}
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "comfyfleet:", err)
+		}
+		os.Exit(2)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stderr)
+		if len(args) == 0 {
+			return errors.New("no command given")
+		}
+		return nil
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(ctx, args[1:], stdout)
+		}
+	}
+	usage(stderr)
+	return fmt.Errorf("unknown command %q", args[0])
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: comfyfleet <command> [flags]\n\ncommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-11s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\n'comfyfleet <command> -h' lists a command's flags and their environment variables.")
+}
+
+// parse parses args into fs after applying COMFYFLEET_* environment variables, so
+// that flags on the command line win.
+func parse(fs *flag.FlagSet, args []string) error {
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		name := envName(f.Name)
+		f.Usage += " [$" + name + "]"
+		v, ok := os.LookupEnv(name)
+		if !ok {
+			return
+		}
+		if multi, isMulti := f.Value.(*listFlag); isMulti {
+			for _, item := range strings.Fields(v) {
+				errs = append(errs, multi.Set(item))
+			}
+			return
+		}
+		if err := f.Value.Set(v); err != nil {
+			errs = append(errs, fmt.Errorf("$%s: %w", name, err))
+		}
+	})
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	return fs.Parse(args)
+}
+
+func envName(flagName string) string {
+	return "COMFYFLEET_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// listFlag is a repeatable string flag.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, " ") }
+
+func (l *listFlag) Set(v string) error {
+	*l = append(*l, v)
+	return nil
+}
+
+// logFlags are the logging flags every command has.
+type logFlags struct {
+	level  string
+	format string
+}
+
+func (l *logFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&l.level, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&l.format, "log-format", "text", "log format: text or json")
+}
+
+func (l *logFlags) logger(w io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(l.level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch l.format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: use text or json", l.format)
+}

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/workflow"
+	"github.com/comfyfleet/comfyfleet/services/dispatcher"
+	"github.com/comfyfleet/comfyfleet/services/executor"
+	"github.com/comfyfleet/comfyfleet/services/intake"
+	"github.com/comfyfleet/comfyfleet/services/notifier"
+	"github.com/comfyfleet/comfyfleet/workflows"
+)
+
+func runIntake(ctx context.Context, args []string, _ io.Writer) error {
+	fs := flag.NewFlagSet("intake", flag.ContinueOnError)
+	var sf serviceFlags
+	httpAddr := fs.String("http", "127.0.0.1:8080", "API listen address")
+	publicURL := fs.String("public-url", "", "base URL clients reach the API at (default http://<--http>)")
+	maxScenes := fs.Int("max-scenes", 100, "most scenes in one job")
+	sf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	catalog, err := workflow.Load(workflows.FS)
+	if err != nil {
+		return err
+	}
+	svc, err := sf.start(ctx, "intake", os.Stderr)
+	if err != nil {
+		return err
+	}
+	defer svc.close()
+	ln, err := net.Listen("tcp", *httpAddr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
+	}
+	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Catalog: catalog, Listener: ln,
+		PublicURL: *publicURL, MaxScenes: *maxScenes, Logger: svc.log})
+}
+
+func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
+	fs := flag.NewFlagSet("dispatcher", flag.ContinueOnError)
+	var sf serviceFlags
+	sf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	svc, err := sf.start(ctx, "dispatcher", os.Stderr)
+	if err != nil {
+		return err
+	}
+	defer svc.close()
+	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log})
+}
+
+func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
+	fs := flag.NewFlagSet("executor", flag.ContinueOnError)
+	var (
+		sf    serviceFlags
+		comfy listFlag
+	)
+	name := fs.String("name", "", "executor name in node state and logs (default host-pid)")
+	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
+	sf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	var nodes []fleet.NodeConfig
+	for _, c := range comfy {
+		n, err := parseNode(c)
+		if err != nil {
+			return err
+		}
+		nodes = append(nodes, n)
+	}
+	svc, err := sf.start(ctx, "executor", os.Stderr)
+	if err != nil {
+		return err
+	}
+	defer svc.close()
+	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name, Logger: svc.log})
+}
+
+func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
+	fs := flag.NewFlagSet("notifier", flag.ContinueOnError)
+	var sf serviceFlags
+	publicURL := fs.String("public-url", "http://127.0.0.1:8080", "the API's base URL, for output links in webhooks")
+	attempts := fs.Int("webhook-attempts", 20, "webhook attempts before a callback is given up")
+	sf.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	svc, err := sf.start(ctx, "notifier", os.Stderr)
+	if err != nil {
+		return err
+	}
+	defer svc.close()
+	return notifier.Run(ctx, notifier.Config{Conn: svc.conn, Settings: svc.settings, PublicURL: *publicURL,
+		WebhookAttempts: *attempts, Logger: svc.log})
+}

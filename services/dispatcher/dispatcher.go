@@ -1,0 +1,263 @@
+// Package dispatcher is comfyfleet's scheduler: it releases accepted scenes to the
+// work subjects of their pools, folds scene events into job state, turns scenes that
+// exhausted their deliveries into dead letters, and keeps the observed node state
+// from executor heartbeats.
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
+)
+
+const source = "comfyfleet/dispatcher"
+
+var tracer = otel.Tracer("comfyfleet/dispatcher")
+
+// Config configures the dispatcher.
+type Config struct {
+	// Conn is the NATS connection. Required.
+	Conn *nats.Conn
+	// Settings must match the other services'. Defaults to fleet.DefaultSettings.
+	Settings fleet.Settings
+	// Logger defaults to slog.Default.
+	Logger *slog.Logger
+}
+
+type dispatcher struct {
+	cfg   Config
+	log   *slog.Logger
+	js    jetstream.JetStream
+	jobs  *fleet.Jobs
+	nodes jetstream.KeyValue
+	work  jetstream.Stream
+	pub   *fleet.Publisher
+}
+
+// Run runs the dispatcher until ctx is done, then stops consuming and returns.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.Conn == nil {
+		return errors.New("dispatcher: a NATS connection is required")
+	}
+	settings, err := cfg.Settings.Normalize()
+	if err != nil {
+		return fmt.Errorf("dispatcher: %w", err)
+	}
+	cfg.Settings = settings
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	d := &dispatcher{cfg: cfg, log: cfg.Logger.With("service", "dispatcher")}
+	if d.js, err = jetstream.New(cfg.Conn); err != nil {
+		return fmt.Errorf("dispatcher: jetstream: %w", err)
+	}
+	if err := fleet.Ensure(ctx, d.js, settings); err != nil {
+		return fmt.Errorf("dispatcher: %w", err)
+	}
+	if d.jobs, err = fleet.OpenJobs(ctx, d.js); err != nil {
+		return fmt.Errorf("dispatcher: %w", err)
+	}
+	if d.nodes, err = d.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
+		return fmt.Errorf("dispatcher: open nodes bucket: %w", err)
+	}
+	if d.work, err = d.js.Stream(ctx, fleet.StreamWork); err != nil {
+		return fmt.Errorf("dispatcher: open work stream: %w", err)
+	}
+	d.pub = fleet.NewPublisher(d.js, source)
+
+	consumers := []struct {
+		stream string
+		cfg    jetstream.ConsumerConfig
+		handle fleet.Handler
+	}{
+		{fleet.StreamSubmit, fleet.SubmitConsumer(), d.route},
+		{fleet.StreamEvents, fleet.StateConsumer(), d.applyEvent},
+		{fleet.StreamDeadLetters, fleet.DeadLetterConsumer(), d.deadLetter},
+	}
+	hb, err := cfg.Conn.Subscribe(fleet.HeartbeatFilter, func(m *nats.Msg) { d.heartbeat(ctx, m) })
+	if err != nil {
+		return fmt.Errorf("dispatcher: subscribe heartbeats: %w", err)
+	}
+	defer hb.Unsubscribe()
+
+	var wg sync.WaitGroup
+	errs := make(chan error, len(consumers))
+	for _, c := range consumers {
+		cons, err := d.js.CreateOrUpdateConsumer(ctx, c.stream, c.cfg)
+		if err != nil {
+			return fmt.Errorf("dispatcher: consumer %s: %w", c.cfg.Durable, err)
+		}
+		wg.Go(func() { errs <- fleet.Consume(ctx, cons, d.log, c.handle) })
+	}
+	d.log.Info("dispatcher running")
+	wg.Wait()
+	close(errs)
+	var all []error
+	for err := range errs {
+		all = append(all, err)
+	}
+	d.log.Info("dispatcher stopped")
+	return errors.Join(all...)
+}
+
+// route releases an accepted scene to its pool's work subject.
+func (d *dispatcher) route(ctx context.Context, msg jetstream.Msg) {
+	var item fleet.WorkItem
+	if err := json.Unmarshal(msg.Data(), &item); err != nil {
+		d.log.Error("drop undecodable submit message", "subject", msg.Subject(), "err", err)
+		_ = msg.TermWithReason("undecodable")
+		return
+	}
+	ctx, span := tracer.Start(ctx, "dispatch scene", trace.WithAttributes(telemetry.SceneAttrs(item.JobID, item.Index)...),
+		trace.WithAttributes(attribute.String("comfyfleet.pool", item.Pool)))
+	defer span.End()
+	err := d.pub.JSON(ctx, fleet.WorkSubject(item.Pool), item.MsgID(), item)
+	if err == nil {
+		err = d.pub.SceneEvent(ctx, fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Type: fleet.EventQueued, Pool: item.Pool})
+	}
+	if err != nil {
+		d.fail(span, msg, fmt.Errorf("route scene %s: %w", item.MsgID(), err))
+		return
+	}
+	fleet.Ack(ctx, d.log, msg)
+}
+
+// applyEvent folds a scene event into its job and announces a job that is done.
+func (d *dispatcher) applyEvent(ctx context.Context, msg jetstream.Msg) {
+	ev, err := fleet.DecodeSceneEvent(msg.Data())
+	if err != nil {
+		d.log.Error("drop undecodable scene event", "subject", msg.Subject(), "err", err)
+		_ = msg.TermWithReason("undecodable")
+		return
+	}
+	if ev.Type == fleet.EventProgress || ev.Type == fleet.EventQueued {
+		d.applyQuiet(ctx, msg, ev)
+		return
+	}
+	ctx, span := tracer.Start(ctx, "apply scene "+string(ev.Type), trace.WithAttributes(telemetry.SceneAttrs(ev.JobID, ev.Index)...))
+	defer span.End()
+	job, err := d.update(ctx, ev)
+	if errors.Is(err, fleet.ErrJobNotFound) {
+		d.log.Warn("drop event of unknown job", "job", ev.JobID, "type", ev.Type)
+		_ = msg.TermWithReason("unknown job")
+		return
+	}
+	if err == nil && job.Status.Terminal() {
+		err = d.pub.JSON(ctx, fleet.DoneSubject(job.ID), "done."+job.ID, fleet.DoneMsg{JobID: job.ID})
+	}
+	if err != nil {
+		d.fail(span, msg, fmt.Errorf("apply %s event of scene %s: %w", ev.Type, fleet.SceneKey(ev.JobID, ev.Index), err))
+		return
+	}
+	fleet.Ack(ctx, d.log, msg)
+}
+
+// applyQuiet folds frequent events without a span of their own.
+func (d *dispatcher) applyQuiet(ctx context.Context, msg jetstream.Msg, ev fleet.SceneEvent) {
+	if _, err := d.update(ctx, ev); err != nil && !errors.Is(err, fleet.ErrJobNotFound) {
+		d.log.Warn("apply event", "type", ev.Type, "scene", fleet.SceneKey(ev.JobID, ev.Index), "err", err)
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	fleet.Ack(ctx, d.log, msg)
+}
+
+func (d *dispatcher) update(ctx context.Context, ev fleet.SceneEvent) (*fleet.Job, error) {
+	return d.jobs.Update(ctx, ev.JobID, func(j *fleet.Job) error {
+		if !j.Apply(ev) {
+			return fleet.ErrNoChange
+		}
+		return nil
+	})
+}
+
+// maxDeliveriesAdvisory is the part of the server's max-deliveries advisory we use.
+type maxDeliveriesAdvisory struct {
+	Stream     string `json:"stream"`
+	Consumer   string `json:"consumer"`
+	StreamSeq  uint64 `json:"stream_seq"`
+	Deliveries int    `json:"deliveries"`
+}
+
+// deadLetter fails a scene whose work message was delivered MaxAttempts times
+// without an acknowledgement: every executor that took it died or hung.
+func (d *dispatcher) deadLetter(ctx context.Context, msg jetstream.Msg) {
+	var adv maxDeliveriesAdvisory
+	if err := json.Unmarshal(msg.Data(), &adv); err != nil || adv.Stream != fleet.StreamWork {
+		_ = msg.TermWithReason("not a work advisory")
+		return
+	}
+	raw, err := d.work.GetMsg(ctx, adv.StreamSeq)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		fleet.Ack(ctx, d.log, msg)
+		return
+	}
+	if err != nil {
+		d.log.Warn("read dead work message", "seq", adv.StreamSeq, "err", err)
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	var item fleet.WorkItem
+	if err := json.Unmarshal(raw.Data, &item); err != nil {
+		_ = d.work.DeleteMsg(ctx, adv.StreamSeq)
+		_ = msg.TermWithReason("undecodable work message")
+		return
+	}
+	ctx, span := tracer.Start(ctx, "dead letter", trace.WithAttributes(telemetry.SceneAttrs(item.JobID, item.Index)...))
+	defer span.End()
+	err = d.pub.SceneEvent(ctx, fleet.SceneEvent{
+		JobID:   item.JobID,
+		Index:   item.Index,
+		Type:    fleet.EventFailed,
+		Attempt: adv.Deliveries,
+		Error:   fmt.Sprintf("given up after %d deliveries that were never acknowledged: every node that took the scene was lost", adv.Deliveries),
+	})
+	if err == nil {
+		err = d.work.DeleteMsg(ctx, adv.StreamSeq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			err = nil
+		}
+	}
+	if err != nil {
+		d.fail(span, msg, fmt.Errorf("dead letter %s: %w", item.MsgID(), err))
+		return
+	}
+	d.log.Warn("scene dead-lettered", "scene", item.MsgID(), "deliveries", adv.Deliveries)
+	fleet.Ack(ctx, d.log, msg)
+}
+
+// heartbeat records a node's observed state; the bucket's TTL forgets nodes whose
+// heartbeats stop.
+func (d *dispatcher) heartbeat(ctx context.Context, m *nats.Msg) {
+	var st fleet.NodeStatus
+	if err := json.Unmarshal(m.Data, &st); err != nil || !fleet.ValidToken(st.ID) {
+		d.log.Warn("drop malformed heartbeat", "subject", m.Subject)
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := d.nodes.Put(ctx, st.ID, m.Data); err != nil && ctx.Err() == nil {
+		d.log.Warn("record heartbeat", "node", st.ID, "err", err)
+	}
+}
+
+func (d *dispatcher) fail(span trace.Span, msg jetstream.Msg, err error) {
+	span.RecordError(err)
+	span.SetStatus(codes.Error, err.Error())
+	d.log.Warn("retry message", "subject", msg.Subject(), "err", err)
+	_ = msg.NakWithDelay(time.Second)
+}

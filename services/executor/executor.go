@@ -1,0 +1,224 @@
+// Package executor drives ComfyUI nodes: for each node it pulls scenes from the work
+// subjects of the node's pools, runs them with the ComfyUI client while keeping the
+// work message alive, stores the outputs, and publishes the scene's events. It also
+// reports each node's state as heartbeats.
+package executor
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfy"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+var tracer = otel.Tracer("comfyfleet/executor")
+
+// Config configures an executor.
+type Config struct {
+	// Conn is the NATS connection. Required.
+	Conn *nats.Conn
+	// Settings must match the other services'. Defaults to fleet.DefaultSettings.
+	Settings fleet.Settings
+	// Nodes are the ComfyUI servers this executor drives; it registers them at start.
+	// At least one is required.
+	Nodes []fleet.NodeConfig
+	// Name identifies this executor in node state and logs. Defaults to host-pid.
+	Name string
+	// HeartbeatInterval is how often each node is probed and its state reported.
+	// Defaults to 1s.
+	HeartbeatInterval time.Duration
+	// ProgressInterval is the least time between two progress events of a scene.
+	// Defaults to 250ms.
+	ProgressInterval time.Duration
+	// HTTPClient talks to ComfyUI. Defaults to an instrumented client without a
+	// timeout (prompts run for minutes; each call carries its own context).
+	HTTPClient *http.Client
+	// Logger defaults to slog.Default.
+	Logger *slog.Logger
+}
+
+func (c *Config) fill() error {
+	if c.Conn == nil {
+		return errors.New("executor: a NATS connection is required")
+	}
+	if len(c.Nodes) == 0 {
+		return errors.New("executor: no ComfyUI node to drive; name one with --comfy URL")
+	}
+	seen := map[string]bool{}
+	for i, n := range c.Nodes {
+		if !fleet.ValidToken(n.ID) {
+			return fmt.Errorf("executor: node %d: id %q: use letters, digits, '-' and '_'", i, n.ID)
+		}
+		if seen[n.ID] {
+			return fmt.Errorf("executor: node id %q given twice", n.ID)
+		}
+		seen[n.ID] = true
+		if len(n.Pools) == 0 {
+			return fmt.Errorf("executor: node %s serves no pool", n.ID)
+		}
+		for _, p := range n.Pools {
+			if !fleet.ValidToken(p) {
+				return fmt.Errorf("executor: node %s: pool %q: use letters, digits, '-' and '_'", n.ID, p)
+			}
+		}
+	}
+	s, err := c.Settings.Normalize()
+	if err != nil {
+		return fmt.Errorf("executor: %w", err)
+	}
+	c.Settings = s
+	if c.Name == "" {
+		host, _ := os.Hostname()
+		c.Name = fmt.Sprintf("%s-%d", host, os.Getpid())
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = time.Second
+	}
+	if c.ProgressInterval == 0 {
+		c.ProgressInterval = 250 * time.Millisecond
+	}
+	if c.HTTPClient == nil {
+		c.HTTPClient = &http.Client{Transport: otelhttp.NewTransport(http.DefaultTransport)}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+type executor struct {
+	cfg       Config
+	log       *slog.Logger
+	nc        *nats.Conn
+	jobs      *fleet.Jobs
+	outputs   jetstream.ObjectStore
+	pub       *fleet.Publisher
+	consumers map[string]jetstream.Consumer
+}
+
+// Run drives the nodes until ctx is done. Then it stops pulling, hands running scenes
+// back for redelivery at once (interrupting them on their nodes), and returns.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.fill(); err != nil {
+		return err
+	}
+	js, err := jetstream.New(cfg.Conn)
+	if err != nil {
+		return fmt.Errorf("executor: jetstream: %w", err)
+	}
+	if err := fleet.Ensure(ctx, js, cfg.Settings); err != nil {
+		return fmt.Errorf("executor: %w", err)
+	}
+	e := &executor{
+		cfg:       cfg,
+		log:       cfg.Logger.With("service", "executor", "executor", cfg.Name),
+		nc:        cfg.Conn,
+		pub:       fleet.NewPublisher(js, "comfyfleet/executor/"+cfg.Name),
+		consumers: map[string]jetstream.Consumer{},
+	}
+	if e.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
+		return fmt.Errorf("executor: %w", err)
+	}
+	if e.outputs, err = js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
+		return fmt.Errorf("executor: open outputs: %w", err)
+	}
+	registry, err := js.KeyValue(ctx, fleet.BucketRegistry)
+	if err != nil {
+		return fmt.Errorf("executor: open registry: %w", err)
+	}
+	nodes := make([]*node, len(cfg.Nodes))
+	for i, nc := range cfg.Nodes {
+		if err := register(ctx, registry, nc); err != nil {
+			return fmt.Errorf("executor: %w", err)
+		}
+		for _, p := range nc.Pools {
+			if e.consumers[p] != nil {
+				continue
+			}
+			cons, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamWork, fleet.WorkConsumer(p, cfg.Settings))
+			if err != nil {
+				return fmt.Errorf("executor: consumer for pool %s: %w", p, err)
+			}
+			e.consumers[p] = cons
+		}
+		client := comfy.New(nc.URL, comfy.WithHTTPClient(cfg.HTTPClient), comfy.WithLogger(e.log),
+			comfy.WithClientID(fmt.Sprintf("comfyfleet-%s-%s", cfg.Name, nc.ID)))
+		nodes[i] = newNode(nc, client, cfg.Name)
+	}
+
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		wg.Go(func() { e.heartbeat(ctx, n) })
+		wg.Go(func() { e.serve(ctx, n) })
+	}
+	e.log.Info("executor running", "nodes", len(nodes))
+	wg.Wait()
+	e.log.Info("executor stopped")
+	return nil
+}
+
+func register(ctx context.Context, registry jetstream.KeyValue, nc fleet.NodeConfig) error {
+	b, err := json.Marshal(nc)
+	if err != nil {
+		return fmt.Errorf("encode node %s: %w", nc.ID, err)
+	}
+	if _, err := registry.Put(ctx, nc.ID, b); err != nil {
+		return fmt.Errorf("register node %s: %w", nc.ID, err)
+	}
+	return nil
+}
+
+// serve pulls and runs one scene at a time for n while n is healthy.
+func (e *executor) serve(ctx context.Context, n *node) {
+	pools := make([]jetstream.Consumer, 0, len(n.cfg.Pools))
+	for _, p := range n.cfg.Pools {
+		pools = append(pools, e.consumers[p])
+	}
+	// One pool: wait on it. Several: visit each briefly in turn.
+	wait := time.Second
+	if len(pools) > 1 {
+		wait = 100 * time.Millisecond
+	}
+	for ctx.Err() == nil {
+		if !n.waitHealthy(ctx) {
+			return
+		}
+		for _, cons := range pools {
+			batch, err := cons.Fetch(1, jetstream.FetchMaxWait(wait))
+			if err != nil {
+				e.log.Warn("fetch work", "node", n.cfg.ID, "err", err)
+				pause(ctx, wait)
+				continue
+			}
+			for msg := range batch.Messages() {
+				e.run(ctx, n, msg)
+			}
+			if ctx.Err() != nil {
+				return
+			}
+		}
+	}
+}
+
+// pause waits d or until ctx is done.
+func pause(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}

@@ -1,0 +1,240 @@
+package executor
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"mime"
+	"path"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfy"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
+)
+
+// run executes one delivered scene on n and decides its message: ack on success,
+// nak with back-off on a transient failure, term on a permanent one or the last
+// attempt, and a plain nak (at once) when the executor is stopping.
+func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
+	md, err := msg.Metadata()
+	if err != nil {
+		e.log.Error("work message without metadata", "err", err)
+		_ = msg.Nak()
+		return
+	}
+	attempt := int(md.NumDelivered)
+	var item fleet.WorkItem
+	if err := json.Unmarshal(msg.Data(), &item); err != nil {
+		e.log.Error("drop undecodable work message", "subject", msg.Subject(), "err", err)
+		_ = msg.TermWithReason("undecodable")
+		return
+	}
+	stopKeepAlive := e.keepAlive(msg)
+	defer stopKeepAlive()
+
+	ctx = telemetry.Extract(ctx, msg.Headers())
+	ctx, span := tracer.Start(ctx, "execute scene", trace.WithAttributes(telemetry.SceneAttrs(item.JobID, item.Index)...),
+		trace.WithAttributes(attribute.String("comfyfleet.node", n.cfg.ID), attribute.Int("comfyfleet.attempt", attempt)))
+	defer span.End()
+	log := e.log.With("scene", item.MsgID(), "node", n.cfg.ID, "attempt", attempt)
+
+	if done, err := e.alreadyTerminal(ctx, item); err == nil && done {
+		log.Info("scene already terminal; dropping its redelivery")
+		fleet.Ack(ctx, e.log, msg)
+		return
+	}
+	n.setScene(item.MsgID())
+	defer n.setScene("")
+	event := func(typ fleet.EventType) fleet.SceneEvent {
+		return fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Type: typ, Attempt: attempt, Node: n.cfg.ID}
+	}
+	if err := e.pub.SceneEvent(ctx, event(fleet.EventStarted)); err != nil {
+		log.Warn("publish started event", "err", err)
+	}
+
+	// The attempt ends early when the node is found dead, not only when we stop.
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	lost := n.lost()
+	go func() {
+		select {
+		case <-lost:
+			cancel(errNodeLost)
+		case <-runCtx.Done():
+		}
+	}()
+
+	start := time.Now()
+	promptID := comfy.PromptID(item.JobID, strconv.Itoa(item.Index), strconv.Itoa(attempt))
+	res, err := n.client.Run(runCtx, item.Graph, promptID, e.progress(ctx, item, attempt, n.cfg.ID))
+	var outputs []fleet.Output
+	if err == nil {
+		outputs, err = e.store(runCtx, n, item, res.Outputs)
+	}
+	elapsed := time.Since(start)
+	if cause := context.Cause(runCtx); errors.Is(cause, errNodeLost) && ctx.Err() == nil {
+		err = fmt.Errorf("node %s: %w", n.cfg.ID, errNodeLost)
+	}
+
+	if ctx.Err() != nil {
+		log.Info("stopping: handing the scene back")
+		_ = msg.Nak()
+		return
+	}
+	if err == nil {
+		ev := event(fleet.EventCompleted)
+		ev.Outputs, ev.Duration = outputs, elapsed
+		if err := e.pub.SceneEvent(ctx, ev); err != nil {
+			log.Warn("publish completed event; the scene will run again", "err", err)
+			_ = msg.NakWithDelay(e.cfg.Settings.RetryDelay(attempt))
+			return
+		}
+		n.finished(elapsed)
+		fleet.Ack(ctx, e.log, msg)
+		log.Info("scene completed", "outputs", len(outputs), "seconds", elapsed.Seconds())
+		return
+	}
+
+	span.RecordError(err)
+	span.SetStatus(codes.Error, err.Error())
+	permanent := comfy.IsPermanent(err)
+	if !permanent {
+		e.probe(ctx, n)
+	}
+	if permanent || attempt >= e.cfg.Settings.MaxAttempts {
+		ev := event(fleet.EventFailed)
+		ev.Error = err.Error()
+		if err := e.pub.SceneEvent(ctx, ev); err != nil {
+			log.Warn("publish failed event", "err", err)
+			_ = msg.NakWithDelay(e.cfg.Settings.RetryDelay(attempt))
+			return
+		}
+		_ = msg.TermWithReason("failed")
+		log.Warn("scene failed", "permanent", permanent, "err", err)
+		return
+	}
+	ev := event(fleet.EventRetrying)
+	ev.Error = err.Error()
+	if err := e.pub.SceneEvent(ctx, ev); err != nil {
+		log.Warn("publish retrying event", "err", err)
+	}
+	delay := e.cfg.Settings.RetryDelay(attempt)
+	_ = msg.NakWithDelay(delay)
+	log.Warn("scene attempt failed; retrying", "in", delay, "err", err)
+}
+
+// errNodeLost ends an attempt whose node stopped answering its probes.
+var errNodeLost = errors.New("node stopped answering during the scene")
+
+// keepAlive marks msg in progress every heartbeat interval until the returned
+// function is called.
+func (e *executor) keepAlive(msg jetstream.Msg) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(e.cfg.Settings.HeartbeatInterval())
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if err := msg.InProgress(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+					e.log.Warn("mark scene in progress", "subject", msg.Subject(), "err", err)
+				}
+			}
+		}
+	})
+	return func() { close(done); wg.Wait() }
+}
+
+// alreadyTerminal reports whether the scene has ended, as for a redelivery after
+// the completion was recorded but the acknowledgement lost.
+func (e *executor) alreadyTerminal(ctx context.Context, item fleet.WorkItem) (bool, error) {
+	job, _, err := e.jobs.Get(ctx, item.JobID)
+	if err != nil {
+		return false, err
+	}
+	return item.Index < len(job.Scenes) && job.Scenes[item.Index].Status.Terminal(), nil
+}
+
+// progress returns the callback that publishes a scene's progress, at most once per
+// ProgressInterval and always for the last step.
+func (e *executor) progress(ctx context.Context, item fleet.WorkItem, attempt int, node string) func(comfy.Progress) {
+	var last time.Time
+	return func(p comfy.Progress) {
+		if p.Max <= 0 {
+			return
+		}
+		final := p.Value >= p.Max-1
+		if !final && time.Since(last) < e.cfg.ProgressInterval {
+			return
+		}
+		last = time.Now()
+		ev := fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Type: fleet.EventProgress, Attempt: attempt, Node: node,
+			Progress: &fleet.Progress{Value: p.Value + 1, Max: p.Max, Node: p.Node}}
+		if err := e.pub.SceneEvent(ctx, ev); err != nil {
+			e.log.Debug("publish progress", "scene", item.MsgID(), "err", err)
+		}
+	}
+}
+
+// store copies the prompt's output files from the node into the object store.
+func (e *executor) store(ctx context.Context, n *node, item fleet.WorkItem, outs []comfy.Output) ([]fleet.Output, error) {
+	ctx, span := tracer.Start(ctx, "store outputs", trace.WithAttributes(attribute.Int("comfyfleet.outputs", len(outs))))
+	defer span.End()
+	stored := make([]fleet.Output, 0, len(outs))
+	names := map[string]bool{}
+	for _, o := range outs {
+		if o.File.Filename == "" {
+			continue
+		}
+		name := o.File.Filename
+		if names[name] {
+			name = fmt.Sprintf("%s_%s", o.NodeID, name)
+		}
+		names[name] = true
+		body, contentType, err := n.client.View(ctx, o.File)
+		if err != nil {
+			return nil, fmt.Errorf("fetch output %s from node %s: %w", o.File.Filename, n.cfg.ID, err)
+		}
+		if contentType == "" || contentType == "application/octet-stream" {
+			if t := mime.TypeByExtension(path.Ext(name)); t != "" {
+				contentType = t
+			}
+		}
+		info, err := e.outputs.Put(ctx, jetstream.ObjectMeta{
+			Name:     fleet.OutputKey(item.JobID, item.Index, name),
+			Metadata: map[string]string{"content-type": contentType},
+		}, body)
+		body.Close()
+		if err != nil {
+			return nil, fmt.Errorf("store output %s: %w", name, err)
+		}
+		stored = append(stored, fleet.Output{Name: name, ContentType: contentType, Size: int64(info.Size), Kind: o.Kind, NodeID: o.NodeID})
+	}
+	return stored, nil
+}
+
+// probe checks n at once after a transient failure, so that a dead node stops pulling
+// work before its next heartbeat.
+func (e *executor) probe(ctx context.Context, n *node) {
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.HeartbeatInterval)
+	defer cancel()
+	stats, err := n.client.SystemStats(ctx)
+	if err != nil {
+		n.setHealth(err, nil)
+		return
+	}
+	n.setHealth(nil, &stats)
+}

@@ -1,0 +1,163 @@
+// Package intake is comfyfleet's HTTP API: it validates jobs, records them, hands
+// their scenes to the dispatcher, and serves job state, outputs and nodes.
+package intake
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/danielgtaylor/huma/v2"
+	"github.com/danielgtaylor/huma/v2/adapters/humago"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/workflow"
+)
+
+var tracer = otel.Tracer("comfyfleet/intake")
+
+// Version is the API version shown in the OpenAPI document.
+const Version = "0.1.0"
+
+// Config configures the intake.
+type Config struct {
+	// Conn is the NATS connection. Required.
+	Conn *nats.Conn
+	// Settings must match the other services'. Defaults to fleet.DefaultSettings.
+	Settings fleet.Settings
+	// Catalog holds the workflow templates scenes may name. Required.
+	Catalog *workflow.Catalog
+	// Listener is where the API is served. Required.
+	Listener net.Listener
+	// PublicURL is the base URL clients reach the API at, used in Location headers and
+	// download links. Defaults to "http://" + the listener's address.
+	PublicURL string
+	// MaxScenes caps the scenes of one job. Defaults to 100.
+	MaxScenes int
+	// ShutdownTimeout bounds how long running requests may finish after ctx ends.
+	// Defaults to 10s.
+	ShutdownTimeout time.Duration
+	// Logger defaults to slog.Default.
+	Logger *slog.Logger
+}
+
+func (c *Config) fill() error {
+	if c.Conn == nil || c.Catalog == nil || c.Listener == nil {
+		return errors.New("intake: a NATS connection, a workflow catalog and a listener are required")
+	}
+	s, err := c.Settings.Normalize()
+	if err != nil {
+		return fmt.Errorf("intake: %w", err)
+	}
+	c.Settings = s
+	if c.PublicURL == "" {
+		c.PublicURL = "http://" + c.Listener.Addr().String()
+	}
+	if c.MaxScenes == 0 {
+		c.MaxScenes = 100
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = 10 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+type intake struct {
+	cfg      Config
+	log      *slog.Logger
+	nc       *nats.Conn
+	js       jetstream.JetStream
+	jobs     *fleet.Jobs
+	nodes    jetstream.KeyValue
+	registry jetstream.KeyValue
+	outputs  jetstream.ObjectStore
+	pub      *fleet.Publisher
+}
+
+// Run serves the API until ctx is done, then lets running requests finish.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.fill(); err != nil {
+		return err
+	}
+	in, err := open(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	mux := http.NewServeMux()
+	newAPI(mux, in)
+	srv := &http.Server{
+		Handler:           otelhttp.NewHandler(mux, "intake", otelhttp.WithSpanNameFormatter(spanName)),
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(cfg.Listener) }()
+	in.log.Info("intake listening", "addr", cfg.Listener.Addr().String(), "docs", cfg.PublicURL+"/docs")
+	select {
+	case err := <-errc:
+		return fmt.Errorf("intake: serve: %w", err)
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
+	defer cancel()
+	err = srv.Shutdown(shutdownCtx)
+	<-errc
+	in.log.Info("intake stopped")
+	if err != nil {
+		return fmt.Errorf("intake: shutdown: %w", err)
+	}
+	return nil
+}
+
+func spanName(_ string, r *http.Request) string {
+	if r.Pattern != "" {
+		return r.Pattern
+	}
+	return r.Method
+}
+
+func open(ctx context.Context, cfg Config) (*intake, error) {
+	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn}
+	var err error
+	if in.js, err = jetstream.New(cfg.Conn); err != nil {
+		return nil, fmt.Errorf("intake: jetstream: %w", err)
+	}
+	if err := fleet.Ensure(ctx, in.js, cfg.Settings); err != nil {
+		return nil, fmt.Errorf("intake: %w", err)
+	}
+	if in.jobs, err = fleet.OpenJobs(ctx, in.js); err != nil {
+		return nil, fmt.Errorf("intake: %w", err)
+	}
+	if in.nodes, err = in.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
+		return nil, fmt.Errorf("intake: open nodes bucket: %w", err)
+	}
+	if in.registry, err = in.js.KeyValue(ctx, fleet.BucketRegistry); err != nil {
+		return nil, fmt.Errorf("intake: open registry bucket: %w", err)
+	}
+	if in.outputs, err = in.js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
+		return nil, fmt.Errorf("intake: open outputs: %w", err)
+	}
+	in.pub = fleet.NewPublisher(in.js, "comfyfleet/intake")
+	return in, nil
+}
+
+// newAPI registers the API's routes, its OpenAPI document (/openapi.json,
+// /openapi.yaml) and docs (/docs) on mux.
+func newAPI(mux *http.ServeMux, in *intake) huma.API {
+	config := huma.DefaultConfig("comfyfleet", Version)
+	config.Info.Description = "One generation service over a fleet of ComfyUI machines: submit jobs of scenes, follow them, download outputs, get a callback when done."
+	api := humago.New(mux, config)
+	in.addRoutes(api)
+	return api
+}

@@ -1,0 +1,409 @@
+package intake
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"slices"
+	"time"
+
+	"github.com/danielgtaylor/huma/v2"
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/comfyfleet/comfyfleet/pkg/api"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/workflow"
+)
+
+func (in *intake) addRoutes(a huma.API) {
+	huma.Register(a, huma.Operation{
+		OperationID:   "create-job",
+		Method:        http.MethodPost,
+		Path:          "/v1/jobs",
+		Summary:       "Submit a job of scenes",
+		Description:   "Accepts the job and returns at once; its scenes run in parallel on the fleet. The job is POSTed to callback_url when every scene is done.",
+		Tags:          []string{"jobs"},
+		DefaultStatus: http.StatusAccepted,
+		MaxBodyBytes:  8 << 20,
+	}, in.createJob)
+	huma.Register(a, huma.Operation{
+		OperationID: "get-job",
+		Method:      http.MethodGet,
+		Path:        "/v1/jobs/{id}",
+		Summary:     "Get a job and its scenes",
+		Tags:        []string{"jobs"},
+	}, in.getJob)
+	huma.Register(a, huma.Operation{
+		OperationID: "get-output",
+		Method:      http.MethodGet,
+		Path:        "/v1/jobs/{id}/scenes/{index}/outputs/{name}",
+		Summary:     "Download an output file of a scene",
+		Tags:        []string{"jobs"},
+		Responses: map[string]*huma.Response{
+			"200": {Description: "The file, with its content type.", Content: map[string]*huma.MediaType{"application/octet-stream": {}}},
+		},
+	}, in.getOutput)
+	huma.Register(a, huma.Operation{
+		OperationID: "list-nodes",
+		Method:      http.MethodGet,
+		Path:        "/v1/nodes",
+		Summary:     "List the ComfyUI nodes and their state",
+		Tags:        []string{"nodes"},
+	}, in.listNodes)
+	huma.Register(a, huma.Operation{
+		OperationID: "list-workflows",
+		Method:      http.MethodGet,
+		Path:        "/v1/workflows",
+		Summary:     "List the workflow templates and their parameters",
+		Tags:        []string{"workflows"},
+	}, in.listWorkflows)
+	huma.Register(a, huma.Operation{
+		OperationID: "healthz",
+		Method:      http.MethodGet,
+		Path:        "/healthz",
+		Summary:     "Liveness: the process serves requests",
+		Tags:        []string{"health"},
+	}, func(context.Context, *struct{}) (*healthOutput, error) {
+		return &healthOutput{Body: health{Status: "ok"}}, nil
+	})
+	huma.Register(a, huma.Operation{
+		OperationID: "readyz",
+		Method:      http.MethodGet,
+		Path:        "/readyz",
+		Summary:     "Readiness: NATS and JetStream answer",
+		Tags:        []string{"health"},
+	}, in.ready)
+}
+
+// SceneInput is one scene of a job request.
+type SceneInput struct {
+	Workflow string         `json:"workflow,omitempty" doc:"Name of a workflow template (GET /v1/workflows). Give this or graph."`
+	Params   map[string]any `json:"params,omitempty" doc:"Values of the template's named parameters."`
+	Graph    map[string]any `json:"graph,omitempty" doc:"A ComfyUI API-format graph: node id to {class_type, inputs}. Give this or workflow."`
+	Pool     string         `json:"pool,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Pool of nodes to run on. Defaults to the template's pool, or image."`
+}
+
+// JobInput is the body of a job request.
+type JobInput struct {
+	Priority    int          `json:"priority,omitempty" minimum:"1" maximum:"10" default:"5" doc:"1 (lowest) to 10."`
+	CallbackURL string       `json:"callback_url,omitempty" maxLength:"2048" doc:"http(s) URL that receives the finished job as a POST."`
+	Scenes      []SceneInput `json:"scenes" minItems:"1" doc:"The scenes, run in parallel."`
+}
+
+type createJobInput struct {
+	Body JobInput
+}
+
+type jobOutput struct {
+	Location string `header:"Location" doc:"URL of the job."`
+	Body     api.Job
+}
+
+type resolved struct {
+	spec  fleet.SceneSpec
+	pool  string
+	graph fleet.Graph
+}
+
+// resolve checks every scene and renders its graph; errors name the offending field.
+func (in *intake) resolve(body *JobInput) ([]resolved, []error) {
+	var errs []error
+	detail := func(loc, msg string, v any) {
+		errs = append(errs, &huma.ErrorDetail{Location: loc, Message: msg, Value: v})
+	}
+	if len(body.Scenes) > in.cfg.MaxScenes {
+		detail("body.scenes", fmt.Sprintf("has %d scenes; at most %d per job", len(body.Scenes), in.cfg.MaxScenes), len(body.Scenes))
+	}
+	if body.CallbackURL != "" {
+		if msg := checkCallbackURL(body.CallbackURL); msg != "" {
+			detail("body.callback_url", msg, body.CallbackURL)
+		}
+	}
+	out := make([]resolved, len(body.Scenes))
+	for i, s := range body.Scenes {
+		at := fmt.Sprintf("body.scenes[%d]", i)
+		r := resolved{spec: fleet.SceneSpec{Workflow: s.Workflow, Params: s.Params, Pool: s.Pool}, pool: s.Pool}
+		switch {
+		case s.Workflow != "" && s.Graph != nil:
+			detail(at, "give either workflow or graph, not both", nil)
+		case s.Workflow != "":
+			tpl, ok := in.cfg.Catalog.Get(s.Workflow)
+			if !ok {
+				detail(at+".workflow", fmt.Sprintf("unknown workflow; known: %v", in.cfg.Catalog.Names()), s.Workflow)
+				continue
+			}
+			g, err := tpl.Render(s.Params)
+			var pe *workflow.ParamError
+			if errors.As(err, &pe) {
+				detail(at+".params."+pe.Param, pe.Message, pe.Value)
+				continue
+			}
+			r.graph = g
+			if r.pool == "" {
+				r.pool = tpl.Pool
+			}
+		case s.Graph != nil:
+			if len(s.Params) > 0 {
+				detail(at+".params", "params apply to a workflow template, not to a raw graph", nil)
+			}
+			if err := workflow.ValidateGraph(s.Graph); err != nil {
+				loc := at + ".graph"
+				var ge *workflow.GraphError
+				if errors.As(err, &ge) && ge.Node != "" {
+					loc += "." + ge.Node
+				}
+				detail(loc, "is not a ComfyUI API-format graph: "+err.Error(), nil)
+				continue
+			}
+			r.graph, r.spec.Graph = s.Graph, s.Graph
+		default:
+			detail(at, "give a workflow (with params) or a graph", nil)
+		}
+		if r.pool == "" {
+			r.pool = workflow.DefaultPool
+		}
+		out[i] = r
+	}
+	return out, errs
+}
+
+func checkCallbackURL(raw string) string {
+	u, err := url.Parse(raw)
+	switch {
+	case err != nil:
+		return "is not a URL: " + err.Error()
+	case u.Scheme != "http" && u.Scheme != "https":
+		return "must be an absolute http or https URL"
+	case u.Host == "" || u.Hostname() == "":
+		return "has no host"
+	case u.User != nil:
+		return "must not carry credentials"
+	}
+	return ""
+}
+
+func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOutput, error) {
+	scenes, errs := in.resolve(&input.Body)
+	if len(errs) > 0 {
+		return nil, huma.Error422UnprocessableEntity("validation failed", errs...)
+	}
+	id, err := uuid.NewV7()
+	if err != nil {
+		return nil, fmt.Errorf("job id: %w", err)
+	}
+	ctx, span := tracer.Start(ctx, "create job", trace.WithAttributes(
+		attribute.String("comfyfleet.job", id.String()), attribute.Int("comfyfleet.scenes", len(scenes))))
+	defer span.End()
+	now := time.Now().UTC()
+	job := &fleet.Job{
+		ID:          id.String(),
+		Status:      fleet.StatusQueued,
+		Priority:    input.Body.Priority,
+		CallbackURL: input.Body.CallbackURL,
+		Scenes:      make([]fleet.Scene, len(scenes)),
+		CreatedAt:   now,
+		UpdatedAt:   now,
+	}
+	for i, s := range scenes {
+		job.Scenes[i] = fleet.Scene{Index: i, Spec: s.spec, Pool: s.pool, Status: fleet.StatusQueued, QueuedAt: now}
+	}
+	if err := in.jobs.Create(ctx, job); err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot record the job now; retry", err)
+	}
+	for i, s := range scenes {
+		item := fleet.WorkItem{
+			JobID: job.ID, Index: i, Priority: job.Priority, Pool: s.pool,
+			Workflow: s.spec.Workflow, Graph: s.graph, SubmittedAt: now,
+		}
+		if err := in.pub.JSON(ctx, fleet.SubmitSubject(job.ID, i), item.MsgID(), item); err != nil {
+			return nil, huma.Error503ServiceUnavailable("cannot queue the job's scenes now; retry", err)
+		}
+	}
+	in.log.Info("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority)
+	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
+}
+
+type jobIDInput struct {
+	ID string `path:"id" doc:"Job id."`
+}
+
+func (in *intake) getJob(ctx context.Context, input *jobIDInput) (*jobOutput, error) {
+	job, _, err := in.jobs.Get(ctx, input.ID)
+	if errors.Is(err, fleet.ErrJobNotFound) {
+		return nil, huma.Error404NotFound("no job " + input.ID)
+	}
+	if err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+	}
+	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
+}
+
+type outputInput struct {
+	ID    string `path:"id" doc:"Job id."`
+	Index int    `path:"index" minimum:"0" doc:"Scene index."`
+	Name  string `path:"name" doc:"Output file name."`
+}
+
+func (in *intake) getOutput(ctx context.Context, input *outputInput) (*huma.StreamResponse, error) {
+	job, _, err := in.jobs.Get(ctx, input.ID)
+	if errors.Is(err, fleet.ErrJobNotFound) {
+		return nil, huma.Error404NotFound("no job " + input.ID)
+	}
+	if err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+	}
+	if input.Index >= len(job.Scenes) {
+		return nil, huma.Error404NotFound(fmt.Sprintf("job %s has no scene %d", input.ID, input.Index))
+	}
+	i := slices.IndexFunc(job.Scenes[input.Index].Outputs, func(o fleet.Output) bool { return o.Name == input.Name })
+	if i < 0 {
+		return nil, huma.Error404NotFound(fmt.Sprintf("scene %d of job %s has no output %q", input.Index, input.ID, input.Name))
+	}
+	meta := job.Scenes[input.Index].Outputs[i]
+	obj, err := in.outputs.Get(ctx, fleet.OutputKey(job.ID, input.Index, meta.Name))
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return nil, huma.Error404NotFound("output is gone from the store")
+	}
+	if err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot read the output now; retry", err)
+	}
+	return &huma.StreamResponse{Body: func(hc huma.Context) {
+		defer obj.Close()
+		hc.SetHeader("Content-Type", meta.ContentType)
+		hc.SetHeader("Content-Length", fmt.Sprint(meta.Size))
+		hc.SetHeader("Content-Disposition", fmt.Sprintf("inline; filename=%q", meta.Name))
+		if _, err := io.Copy(hc.BodyWriter(), obj); err != nil {
+			in.log.Warn("stream output", "job", job.ID, "name", meta.Name, "err", err)
+		}
+	}}, nil
+}
+
+// Node is a node as the API shows it: its desired configuration and what it was last
+// seen doing.
+type Node struct {
+	fleet.NodeConfig
+	State           fleet.NodeState `json:"state" enum:"online,busy,offline" doc:"offline when no heartbeat arrived within the node TTL."`
+	Executor        string          `json:"executor,omitempty"`
+	Scene           string          `json:"scene,omitempty" doc:"job.index of the running scene."`
+	QueueRemaining  int             `json:"queue_remaining"`
+	VRAMTotal       int64           `json:"vram_total,omitempty"`
+	VRAMFree        int64           `json:"vram_free,omitempty"`
+	Device          string          `json:"device,omitempty"`
+	ScenesDone      int             `json:"scenes_done"`
+	SecondsPerScene float64         `json:"seconds_per_scene,omitempty"`
+	Error           string          `json:"error,omitempty"`
+	LastHeartbeat   *time.Time      `json:"last_heartbeat,omitempty"`
+}
+
+type nodesOutput struct {
+	Body struct {
+		Nodes []Node `json:"nodes"`
+	}
+}
+
+func (in *intake) listNodes(ctx context.Context, _ *struct{}) (*nodesOutput, error) {
+	configs, err := readAll[fleet.NodeConfig](ctx, in.registry)
+	if err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
+	}
+	observed, err := readAll[fleet.NodeStatus](ctx, in.nodes)
+	if err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot read node state now; retry", err)
+	}
+	out := &nodesOutput{}
+	out.Body.Nodes = []Node{}
+	for id, cfg := range configs {
+		n := Node{NodeConfig: cfg, State: fleet.NodeOffline}
+		if st, ok := observed[id]; ok {
+			hb := st.Heartbeat
+			n.State, n.Executor, n.Scene, n.QueueRemaining = st.State, st.Executor, st.Scene, st.QueueRemaining
+			n.VRAMTotal, n.VRAMFree, n.Device, n.ScenesDone = st.VRAMTotal, st.VRAMFree, st.Device, st.ScenesDone
+			n.SecondsPerScene, n.Error, n.LastHeartbeat = st.SecondsPerScene, st.Error, &hb
+		}
+		out.Body.Nodes = append(out.Body.Nodes, n)
+	}
+	slices.SortFunc(out.Body.Nodes, func(a, b Node) int {
+		if a.ID < b.ID {
+			return -1
+		}
+		if a.ID > b.ID {
+			return 1
+		}
+		return 0
+	})
+	return out, nil
+}
+
+func readAll[T any](ctx context.Context, kv jetstream.KeyValue) (map[string]T, error) {
+	lister, err := kv.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list keys: %w", err)
+	}
+	defer lister.Stop()
+	out := map[string]T{}
+	for key := range lister.Keys() {
+		e, err := kv.Get(ctx, key)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("get %s: %w", key, err)
+		}
+		var v T
+		if err := json.Unmarshal(e.Value(), &v); err != nil {
+			return nil, fmt.Errorf("decode %s: %w", key, err)
+		}
+		out[key] = v
+	}
+	return out, nil
+}
+
+// WorkflowInfo describes a template and its parameters.
+type WorkflowInfo struct {
+	Name        string                    `json:"name"`
+	Description string                    `json:"description,omitempty"`
+	Pool        string                    `json:"pool"`
+	Params      map[string]workflow.Param `json:"params"`
+}
+
+type workflowsOutput struct {
+	Body struct {
+		Workflows []WorkflowInfo `json:"workflows"`
+	}
+}
+
+func (in *intake) listWorkflows(context.Context, *struct{}) (*workflowsOutput, error) {
+	out := &workflowsOutput{}
+	out.Body.Workflows = []WorkflowInfo{}
+	for _, t := range in.cfg.Catalog.List() {
+		out.Body.Workflows = append(out.Body.Workflows, WorkflowInfo{Name: t.Name, Description: t.Description, Pool: t.Pool, Params: t.Params})
+	}
+	return out, nil
+}
+
+type health struct {
+	Status string `json:"status"`
+}
+
+type healthOutput struct {
+	Body health
+}
+
+func (in *intake) ready(ctx context.Context, _ *struct{}) (*healthOutput, error) {
+	if !in.nc.IsConnected() {
+		return nil, huma.Error503ServiceUnavailable("not connected to NATS")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := in.js.AccountInfo(ctx); err != nil {
+		return nil, huma.Error503ServiceUnavailable("JetStream does not answer", err)
+	}
+	return &healthOutput{Body: health{Status: "ready"}}, nil
+}
