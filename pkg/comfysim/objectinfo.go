@@ -1,0 +1,235 @@
+package comfysim
+
+import (
+	_ "embed"
+	"encoding/json"
+	"fmt"
+	"sort"
+)
+
+// objectInfoJSON is the /object_info table: the model-free classes are
+// copied from a real server's answer, the model classes follow ComfyUI's
+// nodes.py and the VideoHelperSuite custom node.
+//
+//go:embed objectinfo.json
+var objectInfoJSON []byte
+
+// inputSpec is one declared input of a node class.
+type inputSpec struct {
+	Name     string
+	Required bool
+	// Raw is the spec as object_info shows it: [type] or [type, options].
+	Raw json.RawMessage
+	// Type is "INT", "IMAGE", ...; empty for a combo.
+	Type string
+	// Choices lists a combo's options.
+	Choices []string
+	Options []member
+}
+
+// isCombo reports whether the input takes one of a list of values.
+func (in *inputSpec) isCombo() bool { return in.Type == "" }
+
+// option returns the raw value of an option such as "min" or "default".
+func (in *inputSpec) option(name string) (json.RawMessage, bool) {
+	return lookup(in.Options, name)
+}
+
+// config is the spec as validation errors quote it: [type, options],
+// with {} when the class declares no options.
+func (in *inputSpec) config() []any {
+	parts, _ := parseArray(in.Raw)
+	if len(parts) >= 2 {
+		return []any{parts[0], parts[1]}
+	}
+	return []any{parts[0], obj{}}
+}
+
+// nodeClass is one entry of the object_info table.
+type nodeClass struct {
+	Name       string
+	info       []member
+	Inputs     []inputSpec
+	Outputs    []string
+	OutputNode bool
+}
+
+// input returns the declared input called name.
+func (c *nodeClass) input(name string) (*inputSpec, bool) {
+	for i := range c.Inputs {
+		if c.Inputs[i].Name == name {
+			return &c.Inputs[i], true
+		}
+	}
+	return nil, false
+}
+
+// hidden returns the hidden inputs the class declares, such as
+// {"prompt": "PROMPT"}.
+func (c *nodeClass) hidden() []member {
+	inputRaw, _ := lookup(c.info, "input")
+	cats, _ := parseObject(inputRaw)
+	raw, ok := lookup(cats, "hidden")
+	if !ok {
+		return nil
+	}
+	ms, _ := parseObject(raw)
+	return ms
+}
+
+// render builds the object_info entry, replacing the option lists of
+// inputs named in choices (LoadImage lists the files in the input folder).
+func (c *nodeClass) render(choices map[string][]string) obj {
+	out := membersObj(c.info)
+	if len(choices) == 0 {
+		return out
+	}
+	inputRaw, _ := lookup(c.info, "input")
+	cats, _ := parseObject(inputRaw)
+	catObj := make(obj, 0, len(cats))
+	for _, cat := range cats {
+		inputs, _ := parseObject(cat.Raw)
+		inObj := membersObj(inputs)
+		for i, m := range inObj {
+			list, ok := choices[m.K]
+			if !ok {
+				continue
+			}
+			parts, _ := parseArray(m.V.(json.RawMessage))
+			spec := []any{list}
+			for _, p := range parts[1:] {
+				spec = append(spec, p)
+			}
+			inObj[i].V = spec
+		}
+		catObj = append(catObj, kv{cat.Key, inObj})
+	}
+	return out.set("input", catObj)
+}
+
+// classTable holds the known node classes in object_info order.
+type classTable struct {
+	order  []string
+	byName map[string]*nodeClass
+}
+
+// classes is parsed once from the embedded table; a malformed table is a
+// build defect, caught by the package tests.
+var classes = mustLoadClasses(objectInfoJSON)
+
+func mustLoadClasses(raw []byte) *classTable {
+	t, err := loadClasses(raw)
+	if err != nil {
+		panic(fmt.Sprintf("comfysim: embedded objectinfo.json: %v", err))
+	}
+	return t
+}
+
+func loadClasses(raw []byte) (*classTable, error) {
+	entries, err := parseObject(raw)
+	if err != nil {
+		return nil, fmt.Errorf("parse table: %w", err)
+	}
+	t := &classTable{byName: map[string]*nodeClass{}}
+	for _, e := range entries {
+		c, err := loadClass(e.Key, e.Raw)
+		if err != nil {
+			return nil, fmt.Errorf("class %s: %w", e.Key, err)
+		}
+		t.order = append(t.order, e.Key)
+		t.byName[e.Key] = c
+	}
+	return t, nil
+}
+
+func loadClass(name string, raw json.RawMessage) (*nodeClass, error) {
+	info, err := parseObject(raw)
+	if err != nil {
+		return nil, err
+	}
+	c := &nodeClass{Name: name, info: info}
+	if v, ok := lookup(info, "output"); ok {
+		if err := json.Unmarshal(v, &c.Outputs); err != nil {
+			return nil, fmt.Errorf("output: %w", err)
+		}
+	}
+	if v, ok := lookup(info, "output_node"); ok {
+		c.OutputNode = pyTruthy(v)
+	}
+	inputRaw, _ := lookup(info, "input")
+	cats, err := parseObject(inputRaw)
+	if err != nil {
+		return nil, fmt.Errorf("input: %w", err)
+	}
+	for _, cat := range []string{"required", "optional"} {
+		catRaw, ok := lookup(cats, cat)
+		if !ok {
+			continue
+		}
+		inputs, err := parseObject(catRaw)
+		if err != nil {
+			return nil, fmt.Errorf("input.%s: %w", cat, err)
+		}
+		for _, in := range inputs {
+			spec, err := loadInput(in, cat == "required")
+			if err != nil {
+				return nil, fmt.Errorf("input %s: %w", in.Key, err)
+			}
+			c.Inputs = append(c.Inputs, spec)
+		}
+	}
+	return c, nil
+}
+
+func loadInput(m member, required bool) (inputSpec, error) {
+	spec := inputSpec{Name: m.Key, Required: required, Raw: m.Raw}
+	parts, ok := parseArray(m.Raw)
+	if !ok || len(parts) == 0 {
+		return spec, fmt.Errorf("spec is not a non-empty list")
+	}
+	if t, ok := jsonString(parts[0]); ok {
+		spec.Type = t
+	} else if err := json.Unmarshal(parts[0], &spec.Choices); err != nil {
+		return spec, fmt.Errorf("type: %w", err)
+	}
+	if len(parts) > 1 {
+		opts, err := parseObject(parts[1])
+		if err != nil {
+			return spec, fmt.Errorf("options: %w", err)
+		}
+		spec.Options = opts
+	}
+	return spec, nil
+}
+
+// imageExtensions are the files LoadImage offers, as ComfyUI filters its
+// input folder by content type.
+var imageExtensions = map[string]bool{
+	".png": true, ".jpg": true, ".jpeg": true, ".webp": true, ".gif": true, ".bmp": true, ".tif": true, ".tiff": true,
+}
+
+// objectInfo returns the object_info entry of one class, or of all when
+// name is empty.
+func (s *Server) objectInfo(name string) obj {
+	inputs := s.files.list(dirInput, "")
+	images := make([]string, 0, len(inputs))
+	for _, f := range inputs {
+		if imageExtensions[extOf(f)] {
+			images = append(images, f)
+		}
+	}
+	sort.Strings(images)
+	dynamic := map[string]map[string][]string{"LoadImage": {"image": images}}
+	if name != "" {
+		c, ok := classes.byName[name]
+		if !ok {
+			return obj{}
+		}
+		return obj{{name, c.render(dynamic[name])}}
+	}
+	out := make(obj, 0, len(classes.order))
+	for _, n := range classes.order {
+		out = append(out, kv{n, classes.byName[n].render(dynamic[n])})
+	}
+	return out
+}

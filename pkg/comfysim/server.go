@@ -1,0 +1,395 @@
+package comfysim
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Config describes the simulated machine. The zero value is usable.
+type Config struct {
+	// Name is the GPU model, shown in /system_stats as devices[0].name
+	// "cuda:0 <Name>". Defaults to "sim".
+	Name string
+	// Speed is the relative GPU speed: 2 runs every node twice as fast.
+	// Defaults to 1.
+	Speed float64
+	// StepDuration is the time of one sampler step at Speed 1. Defaults
+	// to 150ms (a 20-step KSampler takes 3 s); a negative value means no
+	// delay.
+	StepDuration time.Duration
+	// NodeDuration is the time of each non-sampler node at Speed 1.
+	// Defaults to 1ms; a negative value means no delay.
+	NodeDuration time.Duration
+	// FailureRate is the probability that a prompt ends in an
+	// execution_error. Defaults to 0.
+	FailureRate float64
+	// OOMRate is the probability that a prompt ends in an out-of-memory
+	// execution_error (exception_type "torch.OutOfMemoryError"). Defaults
+	// to 0.
+	OOMRate float64
+	// Rand (math/rand/v2) is the source of failures, prompt ids and
+	// temporary file names; the server serialises its use. Defaults to a
+	// source seeded from the clock.
+	Rand *rand.Rand
+	// VRAMTotal is the GPU memory in bytes reported by /system_stats.
+	// Defaults to 24 GiB.
+	VRAMTotal int64
+	// Addr is the listen address. Defaults to "127.0.0.1:0".
+	Addr string
+	// Logger receives the simulator's logs; routine events are logged at
+	// Debug, anomalies at Warn. Defaults to slog.Default().
+	Logger *slog.Logger
+	// DisableCache makes every prompt execute all its nodes, like
+	// ComfyUI's --cache-none, instead of reusing the outputs of nodes
+	// whose inputs did not change since the previous prompt. Defaults
+	// to false.
+	DisableCache bool
+}
+
+func (c Config) withDefaults() Config {
+	if c.Name == "" {
+		c.Name = "sim"
+	}
+	if c.Speed <= 0 || math.IsNaN(c.Speed) || math.IsInf(c.Speed, 0) {
+		c.Speed = 1
+	}
+	switch {
+	case c.StepDuration == 0:
+		c.StepDuration = 150 * time.Millisecond
+	case c.StepDuration < 0:
+		c.StepDuration = 0
+	}
+	switch {
+	case c.NodeDuration == 0:
+		c.NodeDuration = time.Millisecond
+	case c.NodeDuration < 0:
+		c.NodeDuration = 0
+	}
+	if c.Rand == nil {
+		now := uint64(time.Now().UnixNano())
+		c.Rand = rand.New(rand.NewPCG(now, now>>17|1))
+	}
+	if c.VRAMTotal <= 0 {
+		c.VRAMTotal = 24 << 30
+	}
+	if c.Addr == "" {
+		c.Addr = "127.0.0.1:0"
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return c
+}
+
+// Stats counts what the server did since Start, across restarts.
+type Stats struct {
+	// Prompts is the number of prompts accepted by POST /prompt.
+	Prompts int
+	// Completed is the number of prompts that ended in execution_success.
+	Completed int
+	// Failed is the number of prompts that ended in execution_error.
+	Failed int
+	// Interrupted is the number of prompts that ended in
+	// execution_interrupted.
+	Interrupted int
+	// Rendered lists the ids of the prompts that ran to success, in the
+	// order they finished.
+	Rendered []string
+}
+
+// Server is a simulated ComfyUI server listening on a real socket.
+type Server struct {
+	cfg   Config
+	log   *slog.Logger
+	files *fileStore
+	speed atomic.Uint64
+
+	rngMu sync.Mutex
+	rng   *rand.Rand
+
+	// life serialises Close, Kill and Restart; mu guards the fields
+	// below it for quick reads.
+	life   sync.Mutex
+	mu     sync.Mutex
+	addr   string
+	inst   *instance
+	closed bool
+
+	statsMu sync.Mutex
+	stats   Stats
+}
+
+// Start listens on cfg.Addr and serves in the background until Close.
+func Start(cfg Config) (*Server, error) {
+	cfg = cfg.withDefaults()
+	s := &Server{cfg: cfg, log: cfg.Logger, files: newFileStore(), rng: cfg.Rand}
+	s.speed.Store(math.Float64bits(cfg.Speed))
+	example, err := encodePNG(64, 64, colorOf(0x808080), nil)
+	if err != nil {
+		return nil, fmt.Errorf("comfysim: %w", err)
+	}
+	s.files.put(dirInput, "", "example.png", example)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.launchLocked(cfg.Addr); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Server) launchLocked(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("comfysim: listen on %s: %w", addr, err)
+	}
+	s.addr = ln.Addr().String()
+	s.inst = newInstance(s, ln)
+	s.inst.start()
+	return nil
+}
+
+// URL returns the server's base URL, such as "http://127.0.0.1:8188".
+// It stays the same across Kill and Restart.
+func (s *Server) URL() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return "http://" + s.addr
+}
+
+// Close shuts the server down gracefully: it stops accepting, closes
+// websockets with a close frame, aborts the running prompt and waits for
+// every goroutine it started. Calling it again does nothing.
+func (s *Server) Close() error {
+	s.life.Lock()
+	defer s.life.Unlock()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	inst := s.inst
+	s.inst = nil
+	s.mu.Unlock()
+	if inst == nil {
+		return nil
+	}
+	if err := inst.shutdown(false); err != nil {
+		return fmt.Errorf("comfysim: close: %w", err)
+	}
+	return nil
+}
+
+// Kill simulates a crash: the listener and every open connection, HTTP
+// and websocket, are closed at once, and the running prompt is abandoned
+// without another message. The queue, the history and the node cache are
+// lost, as a real ComfyUI loses them; stored files are kept.
+func (s *Server) Kill() {
+	s.life.Lock()
+	defer s.life.Unlock()
+	s.mu.Lock()
+	inst := s.inst
+	s.inst = nil
+	s.mu.Unlock()
+	if inst != nil {
+		if err := inst.shutdown(true); err != nil {
+			s.log.Debug("comfysim: kill", "err", err)
+		}
+	}
+}
+
+// Restart brings a killed server back on the same address, with an empty
+// queue and history, as a restarted ComfyUI process.
+func (s *Server) Restart() error {
+	s.life.Lock()
+	defer s.life.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("comfysim: restart after Close")
+	}
+	if s.inst != nil {
+		return errors.New("comfysim: restart of a running server; Kill it first")
+	}
+	s.files.clear(dirTemp)
+	return s.launchLocked(s.addr)
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Server) Stats() Stats {
+	s.statsMu.Lock()
+	defer s.statsMu.Unlock()
+	out := s.stats
+	out.Rendered = append([]string(nil), s.stats.Rendered...)
+	return out
+}
+
+// SetSpeed changes the relative GPU speed from the next step or node on;
+// values that are not positive reset it to 1.
+func (s *Server) SetSpeed(f float64) {
+	if f <= 0 || math.IsNaN(f) || math.IsInf(f, 0) {
+		f = 1
+	}
+	s.speed.Store(math.Float64bits(f))
+}
+
+// scaled divides a duration at Speed 1 by the current speed.
+func (s *Server) scaled(d time.Duration) time.Duration {
+	return time.Duration(float64(d) / math.Float64frombits(s.speed.Load()))
+}
+
+func (s *Server) countStats(f func(*Stats)) {
+	s.statsMu.Lock()
+	defer s.statsMu.Unlock()
+	f(&s.stats)
+}
+
+// random runs f with the server's random source.
+func (s *Server) random(f func(r *rand.Rand)) {
+	s.rngMu.Lock()
+	defer s.rngMu.Unlock()
+	f(s.rng)
+}
+
+// randReader adapts the random source to io.Reader for uuid.
+type randReader struct{ s *Server }
+
+func (r randReader) Read(p []byte) (int, error) {
+	r.s.random(func(rng *rand.Rand) {
+		for i := range p {
+			p[i] = byte(rng.Uint32())
+		}
+	})
+	return len(p), nil
+}
+
+// newPromptID returns a random UUID4, as the real server generates.
+func (s *Server) newPromptID() string {
+	id, err := uuid.NewRandomFromReader(randReader{s})
+	if err != nil {
+		return uuid.NewString()
+	}
+	return id.String()
+}
+
+// newSID returns a client id for a websocket without clientId.
+func (s *Server) newSID() string {
+	id, err := uuid.NewRandomFromReader(randReader{s})
+	if err != nil {
+		id = uuid.New()
+	}
+	return hex.EncodeToString(id[:])
+}
+
+// instance is one lifetime of the server process, from launch to Kill or
+// Close: the listener, the queue and history, the websockets and the
+// worker that executes prompts.
+type instance struct {
+	s      *Server
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+	// killCtx ends only with Kill: it aborts websocket writes, which a
+	// graceful Close lets finish.
+	killCtx context.Context
+	kill    context.CancelFunc
+	ln      net.Listener
+	addr    string
+	srv     *http.Server
+	hub     *hub
+	q       *promptQueue
+	gpu     *gpuState
+	cache   map[string]*cacheEntry
+	killed  atomic.Bool
+
+	trackMu  sync.Mutex
+	stopping bool
+	wg       sync.WaitGroup
+}
+
+func newInstance(s *Server, ln net.Listener) *instance {
+	ctx, cancel := context.WithCancel(context.Background())
+	killCtx, kill := context.WithCancel(context.Background())
+	in := &instance{
+		s:       s,
+		log:     s.log,
+		ctx:     ctx,
+		cancel:  cancel,
+		killCtx: killCtx,
+		kill:    kill,
+		ln:      ln,
+		addr:    ln.Addr().String(),
+		hub:     newHub(s.log),
+		gpu:     newGPU(s.cfg.VRAMTotal),
+		cache:   map[string]*cacheEntry{},
+	}
+	in.q = newPromptQueue(in.hub)
+	in.srv = &http.Server{
+		Handler:           http.HandlerFunc(in.serveHTTP),
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	return in
+}
+
+func (in *instance) start() {
+	in.wg.Add(2)
+	go func() {
+		defer in.wg.Done()
+		if err := in.srv.Serve(in.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			in.log.Warn("comfysim: serve", "err", err)
+		}
+	}()
+	go func() {
+		defer in.wg.Done()
+		in.work()
+	}()
+}
+
+// track registers a goroutine that Close and Kill must wait for; it
+// fails once shutdown has begun.
+func (in *instance) track() bool {
+	in.trackMu.Lock()
+	defer in.trackMu.Unlock()
+	if in.stopping {
+		return false
+	}
+	in.wg.Add(1)
+	return true
+}
+
+func (in *instance) shutdown(kill bool) error {
+	in.trackMu.Lock()
+	in.stopping = true
+	in.trackMu.Unlock()
+	in.killed.Store(kill)
+	in.hub.stop()
+	if kill {
+		in.kill()
+	}
+	in.cancel()
+	var err error
+	if kill {
+		err = in.srv.Close()
+	} else {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = in.srv.Shutdown(ctx)
+		cancel()
+	}
+	in.wg.Wait()
+	in.kill()
+	return err
+}

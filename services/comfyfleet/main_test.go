@@ -1,0 +1,100 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"flag"
+	"io"
+	"net/http"
+	"reflect"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// TestUpStartsTheFleetAndStopsOnCancel runs `comfyfleet up` as the README does, on
+// free ports, and checks that it serves and stops cleanly.
+func TestUpStartsTheFleetAndStopsOnCancel(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, w := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"up", "--data", t.TempDir(), "--http", "127.0.0.1:0", "--nats-port", "-1",
+			"--sim-step", "5ms", "--log-level", "warn"}, w, io.Discard)
+		w.Close()
+	}()
+	apiLine := regexp.MustCompile(`API\s+(http://\S+)/v1/jobs`)
+	sc := bufio.NewScanner(r)
+	var api string
+	sims := 0
+	for sc.Scan() && (api == "" || sims < 3) {
+		if m := apiLine.FindStringSubmatch(sc.Text()); m != nil {
+			api = m[1]
+		}
+		if regexp.MustCompile(`sim-\d\s+http://`).MatchString(sc.Text()) {
+			sims++
+		}
+	}
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	if api == "" || sims != 3 {
+		t.Fatalf("banner gave API %q and %d simulated nodes, want an API and 3", api, sims)
+	}
+	for _, path := range []string{"/readyz", "/openapi.json", "/docs", "/v1/workflows"} {
+		resp, err := http.Get(api + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("GET %s: %s", path, resp.Status)
+		}
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("up returned %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("up still running 20s after cancel")
+	}
+}
+
+func TestParseNode(t *testing.T) {
+	t.Parallel()
+	got, err := parseNode("http://10.0.0.5:8188/,id=a100,pool=image+video,weight=4")
+	want := fleet.NodeConfig{ID: "a100", URL: "http://10.0.0.5:8188", Pools: []string{"image", "video"}, Weight: 4}
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Errorf("parseNode = %+v, %v; want %+v", got, err, want)
+	}
+	got, err = parseNode("http://gpu-7.lan:8188")
+	if err != nil || got.ID != "gpu-7-lan-8188" || len(got.Pools) != 2 || got.Weight != 1 {
+		t.Errorf("defaults: %+v, %v", got, err)
+	}
+	for _, bad := range []string{"gpu:8188", "ftp://x", "http://x,weight=0", "http://x,colour=red", "http://x,id=a.b", "http://x,novalue"} {
+		if _, err := parseNode(bad); err == nil {
+			t.Errorf("parseNode(%q) accepted it", bad)
+		}
+	}
+}
+
+func TestFlagsFromEnvironmentYieldToTheCommandLine(t *testing.T) {
+	t.Setenv("COMFYFLEET_HTTP", "0.0.0.0:9999")
+	t.Setenv("COMFYFLEET_SIM", "5")
+	t.Setenv("COMFYFLEET_COMFY", "http://a:1 http://b:2")
+	fs := flag.NewFlagSet("x", flag.ContinueOnError)
+	httpAddr := fs.String("http", "127.0.0.1:8080", "")
+	sims := fs.Int("sim", 3, "")
+	var comfy listFlag
+	fs.Var(&comfy, "comfy", "")
+	if err := parse(fs, []string{"--sim", "2"}); err != nil {
+		t.Fatal(err)
+	}
+	if *httpAddr != "0.0.0.0:9999" || *sims != 2 || len(comfy) != 2 {
+		t.Errorf("http %q sim %d comfy %v; want the environment's http, the flag's sim, two nodes", *httpAddr, *sims, comfy)
+	}
+}

@@ -1,0 +1,247 @@
+package stack_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"image/png"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel/attribute"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+)
+
+func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1, 1, 2))
+
+	job, resp := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 6, 20))
+	if loc := resp.Header.Get("Location"); loc != b.stack.APIURL+"/v1/jobs/"+job.ID {
+		t.Errorf("Location = %q", loc)
+	}
+	if job.Status != "queued" || len(job.Scenes) != 6 {
+		t.Fatalf("accepted job = %+v", job)
+	}
+
+	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	if hook.Body.Type != "job.completed" || hook.Body.Job.Status != "succeeded" {
+		t.Fatalf("webhook %s: job %s", hook.Body.Type, hook.Body.Job.Status)
+	}
+	if hook.ID != "job."+job.ID+".completed" {
+		t.Errorf("webhook-id = %q", hook.ID)
+	}
+	nodes := map[string]int{}
+	for _, s := range hook.Body.Job.Scenes {
+		if s.Status != "succeeded" || len(s.Outputs) == 0 {
+			t.Fatalf("scene %d: %s with %d outputs (%s)", s.Index, s.Status, len(s.Outputs), s.Error)
+		}
+		nodes[s.Node]++
+		for _, o := range s.Outputs {
+			res, err := http.Get(o.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "image/png" {
+				t.Fatalf("GET %s: %s %s", o.URL, res.Status, ct)
+			}
+			if _, err := png.Decode(res.Body); err != nil {
+				t.Fatalf("output %s of scene %d is not a PNG: %v", o.Name, s.Index, err)
+			}
+			res.Body.Close()
+		}
+	}
+	if len(nodes) != 3 {
+		t.Errorf("scenes ran on %v, want all three nodes", nodes)
+	}
+	if got := getJob(t, b.stack.APIURL, job.ID); got.Status != "succeeded" || got.FinishedAt == nil {
+		t.Errorf("GET job after webhook: %s", got.Status)
+	}
+
+	// The completion event is in the events stream, once.
+	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventCompleted)); n != 1 {
+		t.Errorf("%d job-completed events, want 1", n)
+	}
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.js) }, "notifier still has deliveries pending")
+	if n := b.hooks.count(job.ID); n != 1 {
+		t.Errorf("webhook delivered %d times, want once", n)
+	}
+
+	// One trace follows scene 0 from the HTTP request to the webhook.
+	var byScope map[string]trace.TraceID
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		byScope = sceneTraces(spans.Ended(), job.ID, 0)
+		return len(byScope) == 4
+	}, "spans of scene 0 by service: %v", func() any { return byScope })
+	want := byScope["comfyfleet/intake"]
+	for scope, id := range byScope {
+		if id != want {
+			t.Errorf("%s span of scene 0 is in trace %s, intake's in %s", scope, id, want)
+		}
+	}
+}
+
+// sceneTraces maps each service's tracer to the trace id of its spans of scene index
+// of job (spans about the whole job count for every scene).
+func sceneTraces(ended []sdktrace.ReadOnlySpan, job string, index int) map[string]trace.TraceID {
+	out := map[string]trace.TraceID{}
+	for _, s := range ended {
+		var isJob, otherScene bool
+		for _, kv := range s.Attributes() {
+			switch kv.Key {
+			case attribute.Key("comfyfleet.job"):
+				isJob = kv.Value.AsString() == job
+			case attribute.Key("comfyfleet.scene"):
+				otherScene = int(kv.Value.AsInt64()) != index
+			}
+		}
+		if isJob && !otherScene {
+			out[s.InstrumentationScope().Name] = s.SpanContext().TraceID()
+		}
+	}
+	return out
+}
+
+func TestSceneSurvivesItsNodeDyingMidScene(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1, 1, 1))
+	started := make(chan *nats.Msg, 16)
+	sub, err := b.nc.ChanSubscribe("fleet.evt.scene.*.*.started", started)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+
+	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 3, 100))
+	var victim fleet.SceneEvent
+	select {
+	case m := <-started:
+		if victim, err = fleet.DecodeSceneEvent(m.Data); err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no scene started")
+	}
+	killed := false
+	for i, n := range b.stack.Nodes {
+		if n.ID == victim.Node {
+			b.stack.Sims[i].Kill()
+			killed = true
+		}
+	}
+	if !killed {
+		t.Fatalf("no simulated node named %q", victim.Node)
+	}
+
+	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	if hook.Body.Job.Status != "succeeded" {
+		t.Fatalf("job %s after its node died: %+v", hook.Body.Job.Status, hook.Body.Job.Scenes)
+	}
+	s := hook.Body.Job.Scenes[victim.Index]
+	if s.Node == victim.Node || s.Attempts < 2 || len(s.Failures) == 0 || s.Failures[0].Node != victim.Node {
+		t.Errorf("scene %d: node %s, attempts %d, failures %+v; want it finished elsewhere after failing on %s",
+			victim.Index, s.Node, s.Attempts, s.Failures, victim.Node)
+	}
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.js) }, "notifier still has deliveries pending")
+	for i := range hook.Body.Job.Scenes {
+		if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, i, fleet.EventCompleted)); n != 1 {
+			t.Errorf("scene %d: %d completed events, want 1", i, n)
+		}
+	}
+	if n := b.hooks.count(job.ID); n != 1 {
+		t.Errorf("webhook delivered %d times, want once", n)
+	}
+}
+
+func TestProblemDetailsNameTheField(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1))
+	graph := func(g any) map[string]any { return map[string]any{"scenes": []any{map[string]any{"graph": g}}} }
+	for name, tc := range map[string]struct {
+		body     any
+		location string
+	}{
+		"no scenes":         {map[string]any{"scenes": []any{}}, "body.scenes"},
+		"scenes missing":    {map[string]any{"priority": 3}, "body"},
+		"unknown workflow":  {map[string]any{"scenes": []any{map[string]any{"workflow": "nope"}}}, "body.scenes[0].workflow"},
+		"unknown parameter": {map[string]any{"scenes": []any{map[string]any{"workflow": "txt2img", "params": map[string]any{"colour": 1}}}}, "body.scenes[0].params.colour"},
+		"steps too high":    {map[string]any{"scenes": []any{map[string]any{"workflow": "txt2img", "params": map[string]any{"steps": 1000}}}}, "body.scenes[0].params.steps"},
+		"graph not comfy":   {graph(map[string]any{"1": map[string]any{"inputs": map[string]any{}}}), "body.scenes[0].graph.1"},
+		"graph is a list":   {graph([]any{1, 2}), "body.scenes[0].graph"},
+		"priority 11":       {map[string]any{"priority": 11, "scenes": []any{map[string]any{"workflow": "demo"}}}, "body.priority"},
+		"priority 0":        {map[string]any{"priority": 0, "scenes": []any{map[string]any{"workflow": "demo"}}}, "body.priority"},
+		"callback not url":  {map[string]any{"callback_url": "not a url", "scenes": []any{map[string]any{"workflow": "demo"}}}, "body.callback_url"},
+		"callback ftp":      {map[string]any{"callback_url": "ftp://example.com/x", "scenes": []any{map[string]any{"workflow": "demo"}}}, "body.callback_url"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			body, _ := json.Marshal(tc.body)
+			resp, err := http.Post(b.stack.APIURL+"/v1/jobs", "application/json", bytes.NewReader(body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			var problem struct {
+				Status int `json:"status"`
+				Errors []struct {
+					Location string `json:"location"`
+					Message  string `json:"message"`
+				} `json:"errors"`
+			}
+			if err := json.NewDecoder(resp.Body).Decode(&problem); err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode != http.StatusUnprocessableEntity || resp.Header.Get("Content-Type") != "application/problem+json" {
+				t.Fatalf("%s %s, want 422 problem JSON", resp.Status, resp.Header.Get("Content-Type"))
+			}
+			for _, e := range problem.Errors {
+				// A missing property is reported at its parent, with its name in the message.
+				if e.Location == tc.location && (tc.location != "body" || strings.Contains(e.Message, "scenes")) {
+					return
+				}
+			}
+			t.Errorf("no error at %s: %+v", tc.location, problem.Errors)
+		})
+	}
+}
+
+func TestExecutorLostWithoutAckHandsSceneToAnother(t *testing.T) {
+	t.Parallel()
+	f := startParts(t, 2)
+	started := make(chan *nats.Msg, 16)
+	sub, err := f.nc.ChanSubscribe("fleet.evt.scene.*.*.started", started)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+
+	job, _ := postJob(t, f.apiURL, sceneJob(f.hooks.URL, 1, 100))
+	var first fleet.SceneEvent
+	select {
+	case m := <-started:
+		first, _ = fleet.DecodeSceneEvent(m.Data)
+	case <-time.After(30 * time.Second):
+		t.Fatal("no scene started")
+	}
+	f.crashExecutorOf(first.Node)
+	lostAt := time.Now()
+
+	hook := f.hooks.wait(t, job.ID, 60*time.Second)
+	s := hook.Body.Job.Scenes[0]
+	if hook.Body.Job.Status != "succeeded" || s.Node == first.Node || s.Attempts != 2 {
+		t.Fatalf("job %s, scene on %s after %d attempts; want success on the other node after 2", hook.Body.Job.Status, s.Node, s.Attempts)
+	}
+	t.Logf("scene finished %.1fs after its executor was lost", time.Since(lostAt).Seconds())
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, f.js) }, "notifier still has deliveries pending")
+	if n := countSubject(t, f.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, 0, fleet.EventCompleted)); n != 1 {
+		t.Errorf("%d completed events, want 1", n)
+	}
+	if n := f.hooks.count(job.ID); n != 1 {
+		t.Errorf("webhook delivered %d times, want once", n)
+	}
+}
