@@ -101,7 +101,7 @@ func WithReconnectBackoff(lo, hi time.Duration) Option {
 func New(baseURL string, opts ...Option) *Client {
 	c := &Client{
 		base:             strings.TrimRight(baseURL, "/"),
-		http:             &http.Client{},
+		http:             &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()},
 		clientID:         "comfyfleet-" + uuid.NewString(),
 		log:              slog.Default(),
 		pollInterval:     time.Second,

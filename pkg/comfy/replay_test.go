@@ -534,6 +534,7 @@ const testClientID = "acceptance-8e35a1d2"
 
 func newTestClient(t testing.TB, rp *replay, opts ...Option) *Client {
 	c := New(rp.URL(), append([]Option{
+		WithHTTPClient(rp.srv.Client()),
 		WithClientID(testClientID),
 		WithLogger(testLogger(t)),
 		WithPollInterval(20 * time.Millisecond),

@@ -45,3 +45,12 @@ func Ack(ctx context.Context, log *slog.Logger, msg jetstream.Msg) {
 		log.Warn("ack", "subject", msg.Subject(), "err", err)
 	}
 }
+
+// IgnoreStop returns nil for an error that only says ctx ended: a service asked to
+// stop while it was still starting has stopped cleanly.
+func IgnoreStop(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)) {
+		return nil
+	}
+	return err
+}

@@ -14,6 +14,10 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
+// testClient has a transport of its own: httptest servers closing in parallel tests
+// close the idle connections of http.DefaultTransport, under any request in flight.
+var testClient = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+
 // TestUpStartsTheFleetAndStopsOnCancel runs `comfyfleet up` as the README does, on
 // free ports, and checks that it serves and stops cleanly.
 func TestUpStartsTheFleetAndStopsOnCancel(t *testing.T) {
@@ -44,7 +48,7 @@ func TestUpStartsTheFleetAndStopsOnCancel(t *testing.T) {
 		t.Fatalf("banner gave API %q and %d simulated nodes, want an API and 3", api, sims)
 	}
 	for _, path := range []string{"/readyz", "/openapi.json", "/docs", "/v1/workflows"} {
-		resp, err := http.Get(api + path)
+		resp, err := testClient.Get(api + path)
 		if err != nil {
 			t.Fatal(err)
 		}

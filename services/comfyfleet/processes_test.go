@@ -150,7 +150,7 @@ func TestServicesAsSeparateProcesses(t *testing.T) {
 		scenes = append(scenes, map[string]any{"workflow": "txt2img", "params": map[string]any{"seed": i, "steps": 10, "width": 64, "height": 64}})
 	}
 	body, _ := json.Marshal(map[string]any{"callback_url": receiver.URL, "scenes": scenes})
-	resp, err := http.Post(apiURL+"/v1/jobs", "application/json", bytes.NewReader(body))
+	resp, err := testClient.Post(apiURL+"/v1/jobs", "application/json", bytes.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +170,7 @@ func TestServicesAsSeparateProcesses(t *testing.T) {
 		if len(ran) != 2 {
 			t.Errorf("scenes ran on %v, want both nodes", ran)
 		}
-		out, err := http.Get(h.Job.Scenes[0].Outputs[0].URL)
+		out, err := testClient.Get(h.Job.Scenes[0].Outputs[0].URL)
 		if err != nil {
 			t.Fatal(err)
 		}

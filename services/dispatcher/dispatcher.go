@@ -18,6 +18,7 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -46,10 +47,16 @@ type dispatcher struct {
 	nodes jetstream.KeyValue
 	work  jetstream.Stream
 	pub   *fleet.Publisher
+	// deadLetters counts scenes failed because every delivery went unacknowledged.
+	deadLetters metric.Int64Counter
 }
 
 // Run runs the dispatcher until ctx is done, then stops consuming and returns.
 func Run(ctx context.Context, cfg Config) error {
+	return fleet.IgnoreStop(ctx, run(ctx, cfg))
+}
+
+func run(ctx context.Context, cfg Config) error {
 	if cfg.Conn == nil {
 		return errors.New("dispatcher: a NATS connection is required")
 	}
@@ -78,6 +85,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("dispatcher: open work stream: %w", err)
 	}
 	d.pub = fleet.NewPublisher(d.js, source)
+	if d.deadLetters, err = otel.Meter("comfyfleet/dispatcher").Int64Counter("comfyfleet.scene.dead_letters",
+		metric.WithDescription("Scenes failed because every delivery went unacknowledged.")); err != nil {
+		return fmt.Errorf("dispatcher metrics: %w", err)
+	}
 
 	consumers := []struct {
 		stream string
@@ -237,6 +248,7 @@ func (d *dispatcher) deadLetter(ctx context.Context, msg jetstream.Msg) {
 		return
 	}
 	d.log.Warn("scene dead-lettered", "scene", item.MsgID(), "deliveries", adv.Deliveries)
+	d.deadLetters.Add(ctx, 1)
 	fleet.Ack(ctx, d.log, msg)
 }
 

@@ -91,7 +91,7 @@ func (c *Config) fill() error {
 		c.ProgressInterval = 250 * time.Millisecond
 	}
 	if c.HTTPClient == nil {
-		c.HTTPClient = &http.Client{Transport: otelhttp.NewTransport(http.DefaultTransport)}
+		c.HTTPClient = &http.Client{Transport: otelhttp.NewTransport(http.DefaultTransport.(*http.Transport).Clone())}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -107,11 +107,16 @@ type executor struct {
 	outputs   jetstream.ObjectStore
 	pub       *fleet.Publisher
 	consumers map[string]jetstream.Consumer
+	metrics   metrics
 }
 
 // Run drives the nodes until ctx is done. Then it stops pulling, hands running scenes
 // back for redelivery at once (interrupting them on their nodes), and returns.
 func Run(ctx context.Context, cfg Config) error {
+	return fleet.IgnoreStop(ctx, run(ctx, cfg))
+}
+
+func run(ctx context.Context, cfg Config) error {
 	if err := cfg.fill(); err != nil {
 		return err
 	}
@@ -131,6 +136,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if e.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
 		return fmt.Errorf("executor: %w", err)
+	}
+	if e.metrics, err = newMetrics(); err != nil {
+		return err
 	}
 	if e.outputs, err = js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
 		return fmt.Errorf("executor: open outputs: %w", err)

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
@@ -88,6 +89,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 
 	if ctx.Err() != nil {
 		log.Info("stopping: handing the scene back")
+		e.metrics.attempt(context.WithoutCancel(ctx), n.cfg.ID, "handed_back")
 		_ = msg.Nak()
 		return
 	}
@@ -100,6 +102,8 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 			return
 		}
 		n.finished(elapsed)
+		e.metrics.attempt(ctx, n.cfg.ID, "completed")
+		e.metrics.duration.Record(ctx, elapsed.Seconds(), metric.WithAttributes(attribute.String("node", n.cfg.ID)))
 		fleet.Ack(ctx, e.log, msg)
 		log.Info("scene completed", "outputs", len(outputs), "seconds", elapsed.Seconds())
 		return
@@ -119,6 +123,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 			_ = msg.NakWithDelay(e.cfg.Settings.RetryDelay(attempt))
 			return
 		}
+		e.metrics.attempt(ctx, n.cfg.ID, "failed")
 		_ = msg.TermWithReason("failed")
 		log.Warn("scene failed", "permanent", permanent, "err", err)
 		return
@@ -129,6 +134,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 		log.Warn("publish retrying event", "err", err)
 	}
 	delay := e.cfg.Settings.RetryDelay(attempt)
+	e.metrics.attempt(ctx, n.cfg.ID, "retrying")
 	_ = msg.NakWithDelay(delay)
 	log.Warn("scene attempt failed; retrying", "in", delay, "err", err)
 }

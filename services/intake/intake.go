@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/metric"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
@@ -83,10 +84,15 @@ type intake struct {
 	registry jetstream.KeyValue
 	outputs  jetstream.ObjectStore
 	pub      *fleet.Publisher
+	accepted metric.Int64Counter
 }
 
 // Run serves the API until ctx is done, then lets running requests finish.
 func Run(ctx context.Context, cfg Config) error {
+	return fleet.IgnoreStop(ctx, run(ctx, cfg))
+}
+
+func run(ctx context.Context, cfg Config) error {
 	if err := cfg.fill(); err != nil {
 		return err
 	}
@@ -149,6 +155,10 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 		return nil, fmt.Errorf("intake: open outputs: %w", err)
 	}
 	in.pub = fleet.NewPublisher(in.js, "comfyfleet/intake")
+	if in.accepted, err = otel.Meter("comfyfleet/intake").Int64Counter("comfyfleet.scenes.accepted",
+		metric.WithDescription("Scenes accepted, by pool.")); err != nil {
+		return nil, fmt.Errorf("intake metrics: %w", err)
+	}
 	return in, nil
 }
 

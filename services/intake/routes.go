@@ -15,6 +15,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
@@ -225,6 +226,7 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 		if err := in.pub.JSON(ctx, fleet.SubmitSubject(job.ID, i), item.MsgID(), item); err != nil {
 			return nil, huma.Error503ServiceUnavailable("cannot queue the job's scenes now; retry", err)
 		}
+		in.accepted.Add(ctx, 1, metric.WithAttributes(attribute.String("pool", s.pool)))
 	}
 	in.log.Info("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority)
 	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil

@@ -21,6 +21,7 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
@@ -70,7 +71,7 @@ func (c *Config) fill() error {
 	if c.HTTPClient == nil {
 		c.HTTPClient = &http.Client{
 			Timeout:       10 * time.Second,
-			Transport:     otelhttp.NewTransport(http.DefaultTransport),
+			Transport:     otelhttp.NewTransport(http.DefaultTransport.(*http.Transport).Clone()),
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		}
 	}
@@ -90,14 +91,19 @@ func (c *Config) fill() error {
 }
 
 type notifier struct {
-	cfg  Config
-	log  *slog.Logger
-	jobs *fleet.Jobs
-	pub  *fleet.Publisher
+	cfg      Config
+	log      *slog.Logger
+	jobs     *fleet.Jobs
+	pub      *fleet.Publisher
+	webhooks metric.Int64Counter
 }
 
 // Run runs the notifier until ctx is done.
 func Run(ctx context.Context, cfg Config) error {
+	return fleet.IgnoreStop(ctx, run(ctx, cfg))
+}
+
+func run(ctx context.Context, cfg Config) error {
 	if err := cfg.fill(); err != nil {
 		return err
 	}
@@ -111,6 +117,10 @@ func Run(ctx context.Context, cfg Config) error {
 	n := &notifier{cfg: cfg, log: cfg.Logger.With("service", "notifier"), pub: fleet.NewPublisher(js, source)}
 	if n.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
 		return fmt.Errorf("notifier: %w", err)
+	}
+	if n.webhooks, err = otel.Meter("comfyfleet/notifier").Int64Counter("comfyfleet.webhook.attempts",
+		metric.WithDescription("Webhook delivery attempts by outcome: delivered, retrying or given_up.")); err != nil {
+		return fmt.Errorf("notifier metrics: %w", err)
 	}
 	cons, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts))
 	if err != nil {
@@ -157,17 +167,21 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) {
 		return
 	}
 	err = n.deliver(ctx, job, typ)
+	outcome := "retrying"
 	switch {
 	case err == nil:
+		outcome = "delivered"
 		n.log.Info("webhook delivered", "job", job.ID, "attempt", attempt)
 		fleet.Ack(ctx, n.log, msg)
 	case attempt >= n.cfg.WebhookAttempts || errors.Is(err, errGone):
+		outcome = "given_up"
 		span.RecordError(err)
 		n.log.Error("webhook given up", "job", job.ID, "attempts", attempt, "err", err)
 		_ = msg.TermWithReason("webhook given up")
 	default:
 		n.retry(span, msg, attempt, err)
 	}
+	n.webhooks.Add(ctx, 1, metric.WithAttributes(attribute.String("outcome", outcome)))
 }
 
 func (n *notifier) retry(span trace.Span, msg jetstream.Msg, attempt int, err error) {

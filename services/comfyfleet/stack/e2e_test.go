@@ -44,7 +44,7 @@ func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 		}
 		nodes[s.Node]++
 		for _, o := range s.Outputs {
-			res, err := http.Get(o.URL)
+			res, err := client.Get(o.URL)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -72,6 +72,26 @@ func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 	if n := b.hooks.count(job.ID); n != 1 {
 		t.Errorf("webhook delivered %d times, want once", n)
 	}
+
+	var listed struct {
+		Nodes []struct {
+			ID         string `json:"id"`
+			State      string `json:"state"`
+			ScenesDone int    `json:"scenes_done"`
+			VRAMTotal  int64  `json:"vram_total"`
+		} `json:"nodes"`
+	}
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		getJSON(t, b.stack.APIURL+"/v1/nodes", &listed)
+		done := 0
+		for _, n := range listed.Nodes {
+			if n.State != "online" || n.VRAMTotal == 0 {
+				return false
+			}
+			done += n.ScenesDone
+		}
+		return len(listed.Nodes) == 3 && done == 6
+	}, "GET /v1/nodes: %+v, want 3 online nodes with VRAM that ran 6 scenes", &listed)
 
 	// One trace follows scene 0 from the HTTP request to the webhook.
 	var byScope map[string]trace.TraceID
@@ -181,7 +201,7 @@ func TestProblemDetailsNameTheField(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			body, _ := json.Marshal(tc.body)
-			resp, err := http.Post(b.stack.APIURL+"/v1/jobs", "application/json", bytes.NewReader(body))
+			resp, err := client.Post(b.stack.APIURL+"/v1/jobs", "application/json", bytes.NewReader(body))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -243,5 +263,50 @@ func TestExecutorLostWithoutAckHandsSceneToAnother(t *testing.T) {
 	}
 	if n := f.hooks.count(job.ID); n != 1 {
 		t.Errorf("webhook delivered %d times, want once", n)
+	}
+}
+
+func TestWebhookIsRetriedUntilTheReceiverAcceptsIt(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1))
+	b.hooks.refuse = 2
+	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 1, 5))
+	b.hooks.wait(t, job.ID, 60*time.Second)
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.js) }, "notifier still has deliveries pending")
+	got := b.hooks.deliveries(job.ID)
+	if len(got) != 3 {
+		t.Fatalf("%d delivery attempts, want 2 refused and 1 accepted", len(got))
+	}
+	for _, d := range got {
+		if d.ID != got[0].ID {
+			t.Errorf("webhook-id changed between attempts: %q then %q", got[0].ID, d.ID)
+		}
+	}
+}
+
+func TestGraphRejectedByComfyUIFailsOnceWithItsErrors(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1, 1))
+	body := map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+		map[string]any{"graph": map[string]any{
+			"1": map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}},
+			"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "x"}},
+		}},
+		map[string]any{"workflow": "demo"},
+	}}
+	job, _ := postJob(t, b.stack.APIURL, body)
+	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	if hook.Body.Type != "job.failed" || hook.Body.Job.Status != "failed" {
+		t.Fatalf("webhook %s, job %s; want job.failed", hook.Body.Type, hook.Body.Job.Status)
+	}
+	bad, good := hook.Body.Job.Scenes[0], hook.Body.Job.Scenes[1]
+	if bad.Status != "failed" || bad.Attempts != 1 || !strings.Contains(bad.Error, "NoSuchNode") {
+		t.Errorf("rejected scene: %s after %d attempts: %q; want failed at once with the server's message", bad.Status, bad.Attempts, bad.Error)
+	}
+	if good.Status != "succeeded" {
+		t.Errorf("the other scene: %s; a failed scene must not block it", good.Status)
+	}
+	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventFailed)); n != 1 {
+		t.Errorf("%d job-failed events, want 1", n)
 	}
 }

@@ -27,6 +27,10 @@ import (
 	"github.com/comfyfleet/comfyfleet/services/notifier"
 )
 
+// client has a transport of its own: httptest servers closing in parallel tests
+// close the idle connections of http.DefaultTransport, under any request in flight.
+var client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+
 // spans records every span of the test process.
 var spans = tracetest.NewSpanRecorder()
 
@@ -103,6 +107,9 @@ type hookReceiver struct {
 	mu  sync.Mutex
 	got []receivedHook
 	ch  chan receivedHook
+	// refuse answers this many deliveries with 409 "running already", as n8n does
+	// before it has parked the execution.
+	refuse int
 }
 
 type receivedHook struct {
@@ -121,12 +128,33 @@ func newHookReceiver(t *testing.T) *hookReceiver {
 		rh := receivedHook{ID: r.Header.Get("webhook-id"), Body: body}
 		h.mu.Lock()
 		h.got = append(h.got, rh)
+		refused := h.refuse > 0
+		if refused {
+			h.refuse--
+		}
 		h.mu.Unlock()
+		if refused {
+			http.Error(w, `{"code":409,"message":"The execution is running already"}`, http.StatusConflict)
+			return
+		}
 		h.ch <- rh
 	}))
 	t.Cleanup(srv.Close)
 	h.URL = srv.URL + "/hook"
 	return h
+}
+
+// deliveries returns every delivery attempt of job, refused ones included.
+func (h *hookReceiver) deliveries(job string) []receivedHook {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []receivedHook
+	for _, g := range h.got {
+		if g.Body.Job.ID == job {
+			out = append(out, g)
+		}
+	}
+	return out
 }
 
 func (h *hookReceiver) count(job string) int {
@@ -160,7 +188,7 @@ func (h *hookReceiver) wait(t *testing.T, job string, within time.Duration) rece
 func postJob(t *testing.T, apiURL string, body any) (api.Job, *http.Response) {
 	t.Helper()
 	b, _ := json.Marshal(body)
-	resp, err := http.Post(apiURL+"/v1/jobs", "application/json", bytes.NewReader(b))
+	resp, err := client.Post(apiURL+"/v1/jobs", "application/json", bytes.NewReader(b))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +206,7 @@ func postJob(t *testing.T, apiURL string, body any) (api.Job, *http.Response) {
 
 func getJob(t *testing.T, apiURL, id string) api.Job {
 	t.Helper()
-	resp, err := http.Get(apiURL + "/v1/jobs/" + id)
+	resp, err := client.Get(apiURL + "/v1/jobs/" + id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,6 +219,21 @@ func getJob(t *testing.T, apiURL, id string) api.Job {
 		t.Fatal(err)
 	}
 	return job
+}
+
+func getJSON(t *testing.T, url string, v any) {
+	t.Helper()
+	resp, err := client.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // countSubject counts the messages stored in stream on subject.
@@ -225,7 +268,7 @@ func settled(t *testing.T, js jetstream.JetStream) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return info.NumPending == 0 && info.NumAckPending == 0 && info.NumRedelivered == 0
+	return info.NumPending == 0 && info.NumAckPending == 0
 }
 
 func sceneJob(callback string, n, steps int) map[string]any {
