@@ -48,11 +48,14 @@ type Scene struct {
 
 // Job is the state of a job, kept in BucketJobs.
 type Job struct {
-	ID          string     `json:"id"`
-	Tenant      string     `json:"tenant,omitempty"`
-	Status      Status     `json:"status"`
-	Priority    int        `json:"priority"`
-	CallbackURL string     `json:"callback_url,omitempty"`
+	ID          string `json:"id"`
+	Tenant      string `json:"tenant,omitempty"`
+	Status      Status `json:"status"`
+	Priority    int    `json:"priority"`
+	CallbackURL string `json:"callback_url,omitempty"`
+	// RequestHash fingerprints the request that created the job, to tell a replayed
+	// Idempotency-Key from a reused one.
+	RequestHash string     `json:"request_hash,omitempty"`
 	Scenes      []Scene    `json:"scenes"`
 	CreatedAt   time.Time  `json:"created_at"`
 	UpdatedAt   time.Time  `json:"updated_at"`

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/danielgtaylor/huma/v2"
-	"github.com/google/uuid"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
@@ -99,11 +98,13 @@ type JobInput struct {
 }
 
 type createJobInput struct {
-	Body JobInput
+	IdempotencyKey string `header:"Idempotency-Key" maxLength:"255" doc:"Makes retries safe: the same key with the same body returns the same job; with another body, 409."`
+	Body           JobInput
 }
 
 type jobOutput struct {
 	Location string `header:"Location" doc:"URL of the job."`
+	Replayed string `header:"Idempotent-Replayed" doc:"true when an Idempotency-Key returned a job created before."`
 	Body     api.Job
 }
 
@@ -195,16 +196,21 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 	if len(errs) > 0 {
 		return nil, huma.Error422UnprocessableEntity("validation failed", errs...)
 	}
-	id, err := uuid.NewV7()
+	id, err := newJobID(input.IdempotencyKey)
 	if err != nil {
-		return nil, fmt.Errorf("job id: %w", err)
+		return nil, err
+	}
+	hash, err := requestHash(input.Body)
+	if err != nil {
+		return nil, err
 	}
 	ctx, span := tracer.Start(ctx, "create job", trace.WithAttributes(
-		attribute.String("comfyfleet.job", id.String()), attribute.Int("comfyfleet.scenes", len(scenes))))
+		attribute.String("comfyfleet.job", id), attribute.Int("comfyfleet.scenes", len(scenes))))
 	defer span.End()
 	now := time.Now().UTC()
 	job := &fleet.Job{
-		ID:          id.String(),
+		ID:          id,
+		RequestHash: hash,
 		Status:      fleet.StatusQueued,
 		Priority:    input.Body.Priority,
 		CallbackURL: input.Body.CallbackURL,
@@ -215,21 +221,40 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 	for i, s := range scenes {
 		job.Scenes[i] = fleet.Scene{Index: i, Spec: s.spec, Pool: s.pool, Status: fleet.StatusQueued, QueuedAt: now}
 	}
-	if err := in.jobs.Create(ctx, job); err != nil {
+	out := &jobOutput{}
+	err = in.jobs.Create(ctx, job)
+	if errors.Is(err, jetstream.ErrKeyExists) && input.IdempotencyKey != "" {
+		if job, _, err = in.jobs.Get(ctx, id); err != nil {
+			return nil, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+		}
+		if job.RequestHash != hash {
+			return nil, huma.Error409Conflict("Idempotency-Key was already used with another request")
+		}
+		out.Replayed = "true"
+		// Queue the scenes again in case the first request stopped half-way; within
+		// the duplicate window the message ids make this a no-op otherwise.
+		if time.Since(job.CreatedAt) > in.cfg.Settings.DuplicateWindow {
+			out.Location, out.Body = in.cfg.PublicURL+api.JobPath(job.ID), api.FromJob(job, in.cfg.PublicURL)
+			return out, nil
+		}
+	} else if err != nil {
 		return nil, huma.Error503ServiceUnavailable("cannot record the job now; retry", err)
 	}
 	for i, s := range scenes {
 		item := fleet.WorkItem{
 			JobID: job.ID, Index: i, Priority: job.Priority, Pool: s.pool,
-			Workflow: s.spec.Workflow, Graph: s.graph, SubmittedAt: now,
+			Workflow: s.spec.Workflow, Graph: s.graph, SubmittedAt: job.CreatedAt,
 		}
 		if err := in.pub.JSON(ctx, fleet.SubmitSubject(job.ID, i), item.MsgID(), item); err != nil {
 			return nil, huma.Error503ServiceUnavailable("cannot queue the job's scenes now; retry", err)
 		}
-		in.accepted.Add(ctx, 1, metric.WithAttributes(attribute.String("pool", s.pool)))
+		if out.Replayed == "" {
+			in.accepted.Add(ctx, 1, metric.WithAttributes(attribute.String("pool", s.pool)))
+		}
 	}
-	in.log.Info("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority)
-	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
+	in.log.Info("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority, "replayed", out.Replayed != "")
+	out.Location, out.Body = in.cfg.PublicURL+api.JobPath(job.ID), api.FromJob(job, in.cfg.PublicURL)
+	return out, nil
 }
 
 type jobIDInput struct {

@@ -1,0 +1,132 @@
+package intake_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/pkg/workflow"
+	"github.com/comfyfleet/comfyfleet/services/intake"
+)
+
+var client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+
+// startIntake serves the API alone until the returned stop is called.
+func startIntake(t *testing.T, nc *nats.Conn) (url string, stop func()) {
+	t.Helper()
+	catalog, err := workflow.Load(os.DirFS("../../workflows"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- intake.Run(ctx, intake.Config{Conn: nc, Catalog: catalog, Listener: ln}) }()
+	stop = func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("intake: %v", err)
+		}
+	}
+	return "http://" + ln.Addr().String(), stop
+}
+
+type reply struct {
+	status   int
+	id       string
+	replayed string
+}
+
+func post(t *testing.T, url, key string, body any) reply {
+	b, _ := json.Marshal(body)
+	req, _ := http.NewRequest(http.MethodPost, url+"/v1/jobs", bytes.NewReader(b))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", key)
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Error(err)
+		return reply{}
+	}
+	defer resp.Body.Close()
+	var job struct {
+		ID string `json:"id"`
+	}
+	_ = json.NewDecoder(resp.Body).Decode(&job)
+	return reply{resp.StatusCode, job.ID, resp.Header.Get("Idempotent-Replayed")}
+}
+
+func submitted(t *testing.T, js jetstream.JetStream) uint64 {
+	s, err := js.Stream(context.Background(), fleet.StreamSubmit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Msgs
+}
+
+func TestIdempotencyKeyCreatesOneJobAcrossConcurrentRetriesAndRestarts(t *testing.T) {
+	t.Parallel()
+	_, nc, js := fleettest.Fleet(t, fleet.Settings{})
+	body := map[string]any{"scenes": []any{
+		map[string]any{"workflow": "demo"},
+		map[string]any{"workflow": "txt2img", "params": map[string]any{"prompt": "fox", "seed": 7}},
+	}}
+	url, stop := startIntake(t, nc)
+
+	const n = 8
+	replies := make([]reply, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { replies[i] = post(t, url, "order-42", body) })
+	}
+	wg.Wait()
+	fresh := 0
+	for _, r := range replies {
+		if r.status != http.StatusAccepted || r.id != replies[0].id {
+			t.Fatalf("concurrent replies %+v: want 202 and one job id", replies)
+		}
+		if r.replayed == "" {
+			fresh++
+		}
+	}
+	if fresh != 1 {
+		t.Errorf("%d requests created the job, want exactly 1", fresh)
+	}
+	if got := submitted(t, js); got != 2 {
+		t.Errorf("%d scenes queued, want 2", got)
+	}
+
+	stop()
+	url, stop = startIntake(t, nc)
+	defer stop()
+	if r := post(t, url, "order-42", body); r.status != http.StatusAccepted || r.id != replies[0].id || r.replayed != "true" {
+		t.Errorf("after an intake restart: %+v, want the same job replayed", r)
+	}
+	if got := submitted(t, js); got != 2 {
+		t.Errorf("%d scenes queued after the replay, want still 2", got)
+	}
+
+	other := map[string]any{"scenes": []any{map[string]any{"workflow": "demo", "params": map[string]any{"size": 64}}}}
+	if r := post(t, url, "order-42", other); r.status != http.StatusConflict {
+		t.Errorf("same key, another body: %d, want 409", r.status)
+	}
+	if r := post(t, url, "order-43", body); r.status != http.StatusAccepted || r.id == replies[0].id {
+		t.Errorf("another key: %+v, want a new job", r)
+	}
+}
