@@ -47,11 +47,13 @@ type Event struct {
 
 // SceneEvent is the data of a scene event.
 type SceneEvent struct {
-	JobID   string    `json:"job_id"`
-	Index   int       `json:"index"`
-	Type    EventType `json:"type"`
-	Attempt int       `json:"attempt,omitempty"`
-	Node    string    `json:"node,omitempty"`
+	JobID string    `json:"job_id"`
+	Index int       `json:"index"`
+	Type  EventType `json:"type"`
+	// Retry is the run of the scene the event belongs to (see WorkItem.Retry).
+	Retry   int    `json:"retry,omitempty"`
+	Attempt int    `json:"attempt,omitempty"`
+	Node    string `json:"node,omitempty"`
 	// Pool is set on queued events.
 	Pool     string    `json:"pool,omitempty"`
 	Progress *Progress `json:"progress,omitempty"`
@@ -62,10 +64,10 @@ type SceneEvent struct {
 	Time     time.Time     `json:"time"`
 }
 
-// ID is the event's stable id: one per scene for queued and terminal events, one per
-// attempt for started and retrying, one per step for progress.
+// ID is the event's stable id: one per scene and run for queued and terminal events,
+// one per attempt for started and retrying, one per step for progress.
 func (e SceneEvent) ID() string {
-	base := fmt.Sprintf("scene.%s.%d.%s", e.JobID, e.Index, e.Type)
+	base := fmt.Sprintf("scene.%s.%d.%s%s", e.JobID, e.Index, e.Type, retrySuffix(e.Retry))
 	switch e.Type {
 	case EventStarted, EventRetrying:
 		return fmt.Sprintf("%s.%d", base, e.Attempt)
@@ -103,8 +105,11 @@ type JobEvent struct {
 	Job  Job       `json:"job"`
 }
 
-// JobEventID is the stable id of the job event of type t.
-func JobEventID(job string, t EventType) string { return "job." + job + "." + string(t) }
+// JobEventID is the stable id of the job event of type t in the job's round (see
+// Job.Round).
+func JobEventID(job string, t EventType, round int) string {
+	return "job." + job + "." + string(t) + retrySuffix(round)
+}
 
 // Envelope wraps the job event as a CloudEvent from source.
 func (e JobEvent) Envelope(source string) (Event, error) {
@@ -114,7 +119,7 @@ func (e JobEvent) Envelope(source string) (Event, error) {
 	}
 	return Event{
 		SpecVersion:     "1.0",
-		ID:              JobEventID(e.Job.ID, e.Type),
+		ID:              JobEventID(e.Job.ID, e.Type, e.Job.Round),
 		Source:          source,
 		Type:            CloudEventType("job", e.Type),
 		Subject:         "jobs/" + e.Job.ID,

@@ -1,6 +1,10 @@
 package fleet
 
-import "time"
+import (
+	"errors"
+	"fmt"
+	"time"
+)
 
 // Status is the state of a scene or a job.
 type Status string
@@ -31,12 +35,14 @@ type Attempt struct {
 
 // Scene is the state of one scene of a job.
 type Scene struct {
-	Index      int        `json:"index"`
-	Spec       SceneSpec  `json:"spec"`
-	Pool       string     `json:"pool"`
-	Status     Status     `json:"status"`
-	Node       string     `json:"node,omitempty"`
-	Attempts   int        `json:"attempts"`
+	Index    int       `json:"index"`
+	Spec     SceneSpec `json:"spec"`
+	Pool     string    `json:"pool"`
+	Status   Status    `json:"status"`
+	Node     string    `json:"node,omitempty"`
+	Attempts int       `json:"attempts"`
+	// Retries counts the runs started by hand after the scene failed.
+	Retries    int        `json:"retries,omitempty"`
 	Progress   *Progress  `json:"progress,omitempty"`
 	Error      string     `json:"error,omitempty"`
 	Failures   []Attempt  `json:"failures,omitempty"`
@@ -60,6 +66,8 @@ type Job struct {
 	CreatedAt   time.Time  `json:"created_at"`
 	UpdatedAt   time.Time  `json:"updated_at"`
 	FinishedAt  *time.Time `json:"finished_at,omitempty"`
+	// Round counts how often the job was reopened by a scene retry.
+	Round int `json:"round,omitempty"`
 }
 
 // Apply folds a scene event into the job and reports whether anything changed.
@@ -71,7 +79,7 @@ func (j *Job) Apply(e SceneEvent) bool {
 		return false
 	}
 	s := &j.Scenes[e.Index]
-	stale := e.Attempt < s.Attempts && e.Type != EventCompleted
+	stale := e.Retry < s.Retries || e.Attempt < s.Attempts && e.Type != EventCompleted
 	if s.Status.Terminal() || stale {
 		return false
 	}
@@ -125,6 +133,30 @@ func (j *Job) Apply(e SceneEvent) bool {
 	j.UpdatedAt = at
 	j.settle(at)
 	return true
+}
+
+// ErrNotRetryable is returned by Reopen for a scene that has not failed.
+var ErrNotRetryable = errors.New("only a failed scene can be retried")
+
+// Reopen queues scene index of a failed job again, keeping its attempts and
+// failures, and returns the work item's run number. A scene already reopened and
+// not yet started again is returned as it is, so a retried request is harmless.
+func (j *Job) Reopen(index int, at time.Time) (retry int, err error) {
+	if index < 0 || index >= len(j.Scenes) {
+		return 0, fmt.Errorf("job %s has no scene %d", j.ID, index)
+	}
+	s := &j.Scenes[index]
+	if s.Status == StatusQueued && s.Retries > 0 {
+		return s.Retries, nil
+	}
+	if s.Status != StatusFailed {
+		return 0, fmt.Errorf("scene %d is %s: %w", index, s.Status, ErrNotRetryable)
+	}
+	s.Retries++
+	s.Status, s.Error, s.Progress, s.FinishedAt, s.QueuedAt = StatusQueued, "", nil, nil, at
+	j.Round++
+	j.Status, j.FinishedAt, j.UpdatedAt = StatusRunning, nil, at
+	return s.Retries, nil
 }
 
 // settle derives the job's status from its scenes.

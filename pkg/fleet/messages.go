@@ -28,10 +28,23 @@ type WorkItem struct {
 	Workflow    string    `json:"workflow,omitempty"`
 	Graph       Graph     `json:"graph"`
 	SubmittedAt time.Time `json:"submitted_at"`
+	// Retry is how many times the scene was run again by hand after it failed; 0 for
+	// its first run.
+	Retry int `json:"retry,omitempty"`
+	// AttemptBase is the number of attempts made in earlier runs, so attempts keep
+	// counting up across retries.
+	AttemptBase int `json:"attempt_base,omitempty"`
 }
 
 // MsgID is the JetStream de-duplication id of the scene's submit and work messages.
-func (w WorkItem) MsgID() string { return SceneKey(w.JobID, w.Index) }
+func (w WorkItem) MsgID() string { return SceneKey(w.JobID, w.Index) + retrySuffix(w.Retry) }
+
+func retrySuffix(retry int) string {
+	if retry == 0 {
+		return ""
+	}
+	return ".r" + strconv.Itoa(retry)
+}
 
 // SceneKey names scene index of job in message ids and logs.
 func SceneKey(job string, index int) string { return job + "." + strconv.Itoa(index) }
@@ -97,4 +110,26 @@ type NodeStatus struct {
 // DoneMsg tells the notifier that a job reached a terminal state.
 type DoneMsg struct {
 	JobID string `json:"job_id"`
+	// Round counts how often the job was reopened by a scene retry before it ended.
+	Round int `json:"round,omitempty"`
 }
+
+// MsgID is the de-duplication id of the done message: one per job and round.
+func (d DoneMsg) MsgID() string { return "done." + d.JobID + retrySuffix(d.Round) }
+
+// DeadLetter is a scene that failed for good, kept in BucketDeadLetters until it is
+// retried.
+type DeadLetter struct {
+	JobID    string    `json:"job_id"`
+	Index    int       `json:"index"`
+	Tenant   string    `json:"tenant,omitempty"`
+	Workflow string    `json:"workflow,omitempty"`
+	Pool     string    `json:"pool"`
+	Error    string    `json:"error"`
+	Attempts int       `json:"attempts"`
+	Failures []Attempt `json:"failures"`
+	FailedAt time.Time `json:"failed_at"`
+}
+
+// DeadLetterKey is the key of scene index of job in BucketDeadLetters.
+func DeadLetterKey(job string, index int) string { return SceneKey(job, index) }

@@ -63,6 +63,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketJobs, Description: "job state, changed by compare-and-set", History: 1},
 		{Bucket: BucketNodes, Description: "observed node state", History: 1, TTL: s.NodeTTL},
 		{Bucket: BucketRegistry, Description: "desired node configuration", History: 1},
+		{Bucket: BucketDeadLetters, Description: "scenes that failed for good", History: 1},
 	}
 	for _, cfg := range buckets {
 		cfg.Storage = s.Storage

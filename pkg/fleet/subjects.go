@@ -26,6 +26,9 @@ const (
 	BucketNodes = "fleet_nodes"
 	// BucketRegistry maps a node id to its desired NodeConfig.
 	BucketRegistry = "fleet_registry"
+	// BucketDeadLetters maps DeadLetterKey to the DeadLetter of a scene that failed
+	// for good.
+	BucketDeadLetters = "fleet_deadletters"
 	// ObjectOutputs stores scene outputs under OutputKey names.
 	ObjectOutputs = "fleet_outputs"
 )

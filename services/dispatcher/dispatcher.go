@@ -45,6 +45,7 @@ type dispatcher struct {
 	js    jetstream.JetStream
 	jobs  *fleet.Jobs
 	nodes jetstream.KeyValue
+	dead  jetstream.KeyValue
 	work  jetstream.Stream
 	pub   *fleet.Publisher
 	// deadLetters counts scenes failed because every delivery went unacknowledged.
@@ -80,6 +81,9 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	if d.nodes, err = d.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
 		return fmt.Errorf("dispatcher: open nodes bucket: %w", err)
+	}
+	if d.dead, err = d.js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
+		return fmt.Errorf("dispatcher: open dead letters bucket: %w", err)
 	}
 	if d.work, err = d.js.Stream(ctx, fleet.StreamWork); err != nil {
 		return fmt.Errorf("dispatcher: open work stream: %w", err)
@@ -138,7 +142,7 @@ func (d *dispatcher) route(ctx context.Context, msg jetstream.Msg) {
 	defer span.End()
 	err := d.pub.JSON(ctx, fleet.WorkSubject(item.Pool), item.MsgID(), item)
 	if err == nil {
-		err = d.pub.SceneEvent(ctx, fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Type: fleet.EventQueued, Pool: item.Pool})
+		err = d.pub.SceneEvent(ctx, fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: fleet.EventQueued, Pool: item.Pool})
 	}
 	if err != nil {
 		d.fail(span, msg, fmt.Errorf("route scene %s: %w", item.MsgID(), err))
@@ -167,8 +171,12 @@ func (d *dispatcher) applyEvent(ctx context.Context, msg jetstream.Msg) {
 		_ = msg.TermWithReason("unknown job")
 		return
 	}
+	if err == nil && ev.Type == fleet.EventFailed && job.Scenes[ev.Index].Status == fleet.StatusFailed {
+		err = d.recordDeadLetter(ctx, job, ev.Index)
+	}
 	if err == nil && job.Status.Terminal() {
-		err = d.pub.JSON(ctx, fleet.DoneSubject(job.ID), "done."+job.ID, fleet.DoneMsg{JobID: job.ID})
+		done := fleet.DoneMsg{JobID: job.ID, Round: job.Round}
+		err = d.pub.JSON(ctx, fleet.DoneSubject(job.ID), done.MsgID(), done)
 	}
 	if err != nil {
 		d.fail(span, msg, fmt.Errorf("apply %s event of scene %s: %w", ev.Type, fleet.SceneKey(ev.JobID, ev.Index), err))
@@ -194,6 +202,24 @@ func (d *dispatcher) update(ctx context.Context, ev fleet.SceneEvent) (*fleet.Jo
 		}
 		return nil
 	})
+}
+
+// recordDeadLetter keeps a failed scene where GET /v1/deadletters finds it. It runs
+// again for a redelivered event, so the record survives a crash after the update.
+func (d *dispatcher) recordDeadLetter(ctx context.Context, job *fleet.Job, index int) error {
+	s := job.Scenes[index]
+	dl := fleet.DeadLetter{
+		JobID: job.ID, Index: index, Tenant: job.Tenant, Workflow: s.Spec.Workflow, Pool: s.Pool,
+		Error: s.Error, Attempts: s.Attempts, Failures: s.Failures, FailedAt: job.UpdatedAt,
+	}
+	b, err := json.Marshal(dl)
+	if err != nil {
+		return fmt.Errorf("encode dead letter: %w", err)
+	}
+	if _, err := d.dead.Put(ctx, fleet.DeadLetterKey(job.ID, index), b); err != nil {
+		return fmt.Errorf("record dead letter: %w", err)
+	}
+	return nil
 }
 
 // maxDeliveriesAdvisory is the part of the server's max-deliveries advisory we use.
@@ -233,8 +259,9 @@ func (d *dispatcher) deadLetter(ctx context.Context, msg jetstream.Msg) {
 	err = d.pub.SceneEvent(ctx, fleet.SceneEvent{
 		JobID:   item.JobID,
 		Index:   item.Index,
+		Retry:   item.Retry,
 		Type:    fleet.EventFailed,
-		Attempt: adv.Deliveries,
+		Attempt: item.AttemptBase + adv.Deliveries,
 		Error:   fmt.Sprintf("given up after %d deliveries that were never acknowledged: every node that took the scene was lost", adv.Deliveries),
 	})
 	if err == nil {

@@ -33,13 +33,15 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 		_ = msg.Nak()
 		return
 	}
-	attempt := int(md.NumDelivered)
 	var item fleet.WorkItem
 	if err := json.Unmarshal(msg.Data(), &item); err != nil {
 		e.log.Error("drop undecodable work message", "subject", msg.Subject(), "err", err)
 		_ = msg.TermWithReason("undecodable")
 		return
 	}
+	// Deliveries count this run's tries; attempts keep counting across retries.
+	delivered := int(md.NumDelivered)
+	attempt := item.AttemptBase + delivered
 	stopKeepAlive := e.keepAlive(msg)
 	defer stopKeepAlive()
 
@@ -57,7 +59,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	n.setScene(item.MsgID())
 	defer n.setScene("")
 	event := func(typ fleet.EventType) fleet.SceneEvent {
-		return fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Type: typ, Attempt: attempt, Node: n.cfg.ID}
+		return fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: typ, Attempt: attempt, Node: n.cfg.ID}
 	}
 	if err := e.pub.SceneEvent(ctx, event(fleet.EventStarted)); err != nil {
 		log.Warn("publish started event", "err", err)
@@ -115,7 +117,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	if !permanent {
 		e.probe(ctx, n)
 	}
-	if permanent || attempt >= e.cfg.Settings.MaxAttempts {
+	if permanent || delivered >= e.cfg.Settings.MaxAttempts {
 		ev := event(fleet.EventFailed)
 		ev.Error = err.Error()
 		if err := e.pub.SceneEvent(ctx, ev); err != nil {
@@ -187,7 +189,7 @@ func (e *executor) progress(ctx context.Context, item fleet.WorkItem, attempt in
 			return
 		}
 		last = time.Now()
-		ev := fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Type: fleet.EventProgress, Attempt: attempt, Node: node,
+		ev := fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: fleet.EventProgress, Attempt: attempt, Node: node,
 			Progress: &fleet.Progress{Value: p.Value + 1, Max: p.Max, Node: p.Node}}
 		if err := e.pub.SceneEvent(ctx, ev); err != nil {
 			e.log.Debug("publish progress", "scene", item.MsgID(), "err", err)

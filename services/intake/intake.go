@@ -82,6 +82,7 @@ type intake struct {
 	jobs     *fleet.Jobs
 	nodes    jetstream.KeyValue
 	registry jetstream.KeyValue
+	dead     jetstream.KeyValue
 	outputs  jetstream.ObjectStore
 	pub      *fleet.Publisher
 	accepted metric.Int64Counter
@@ -150,6 +151,9 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	}
 	if in.registry, err = in.js.KeyValue(ctx, fleet.BucketRegistry); err != nil {
 		return nil, fmt.Errorf("intake: open registry bucket: %w", err)
+	}
+	if in.dead, err = in.js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
+		return nil, fmt.Errorf("intake: open dead letters bucket: %w", err)
 	}
 	if in.outputs, err = in.js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
 		return nil, fmt.Errorf("intake: open outputs: %w", err)

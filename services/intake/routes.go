@@ -23,6 +23,7 @@ import (
 )
 
 func (in *intake) addRoutes(a huma.API) {
+	in.addDeadLetterRoutes(a)
 	huma.Register(a, huma.Operation{
 		OperationID:   "create-job",
 		Method:        http.MethodPost,

@@ -157,6 +157,11 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) {
 		n.retry(span, msg, attempt, err)
 		return
 	}
+	if !job.Status.Terminal() || job.Round > done.Round {
+		n.log.Info("job reopened by a retry since it ended; its next end will be announced", "job", job.ID)
+		fleet.Ack(ctx, n.log, msg)
+		return
+	}
 	typ := jobEventType(job.Status)
 	if err := n.pub.JobEvent(ctx, fleet.JobEvent{Type: typ, Job: *job}); err != nil {
 		n.retry(span, msg, attempt, err)
@@ -210,7 +215,7 @@ func (n *notifier) deliver(ctx context.Context, job *fleet.Job, typ fleet.EventT
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "comfyfleet-notifier")
-	req.Header.Set("webhook-id", fleet.JobEventID(job.ID, typ))
+	req.Header.Set("webhook-id", fleet.JobEventID(job.ID, typ, job.Round))
 	req.Header.Set("webhook-timestamp", strconv.FormatInt(time.Now().Unix(), 10))
 	resp, err := n.cfg.HTTPClient.Do(req)
 	if err != nil {

@@ -30,6 +30,7 @@ type parts struct {
 	js     jetstream.JetStream
 	hooks  *hookReceiver
 
+	sims      []*comfysim.Server
 	mu        sync.Mutex
 	executors map[string]*lostExecutor
 }
@@ -39,7 +40,22 @@ type lostExecutor struct {
 	cancel context.CancelFunc
 }
 
+// simSpec is one simulated node of startPartsWith, driven by an executor of its own.
+type simSpec struct {
+	sim   comfysim.Config
+	pools []string
+}
+
 func startParts(t *testing.T, executors int) *parts {
+	t.Helper()
+	specs := make([]simSpec, executors)
+	for i := range specs {
+		specs[i] = simSpec{sim: comfysim.Config{StepDuration: 10 * time.Millisecond}, pools: []string{"image", "video"}}
+	}
+	return startPartsWith(t, specs...)
+}
+
+func startPartsWith(t *testing.T, specs ...simSpec) *parts {
 	t.Helper()
 	settings := testSettings()
 	log := testLogger(t)
@@ -79,13 +95,15 @@ func startParts(t *testing.T, executors int) *parts {
 	run("intake", func() error {
 		return intake.Run(ctx, intake.Config{Conn: in, Settings: settings, Catalog: catalog, Listener: ln, Logger: log})
 	})
-	for i := range executors {
-		sim, err := comfysim.Start(comfysim.Config{Name: fmt.Sprintf("sim-%d", i), StepDuration: 10 * time.Millisecond})
+	for i, spec := range specs {
+		spec.sim.Name = fmt.Sprintf("sim-%d", i)
+		sim, err := comfysim.Start(spec.sim)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { sim.Close() })
-		node := fleet.NodeConfig{ID: fmt.Sprintf("sim-%d", i), URL: sim.URL(), Pools: []string{"image", "video"}, Weight: 1}
+		p.sims = append(p.sims, sim)
+		node := fleet.NodeConfig{ID: spec.sim.Name, URL: sim.URL(), Pools: spec.pools, Weight: 1}
 		ec := connect()
 		ectx, ecancel := context.WithCancel(ctx)
 		p.executors[node.ID] = &lostExecutor{nc: ec, cancel: ecancel}
