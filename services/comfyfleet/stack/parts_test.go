@@ -57,7 +57,11 @@ func startParts(t *testing.T, executors int) *parts {
 
 func startPartsWith(t *testing.T, specs ...simSpec) *parts {
 	t.Helper()
-	settings := testSettings()
+	return startPartsSettings(t, testSettings(), specs...)
+}
+
+func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec) *parts {
+	t.Helper()
 	log := testLogger(t)
 	srv, nc, js := fleettest.Fleet(t, settings)
 	catalog, err := workflow.Load(workflows.FS)
@@ -65,14 +69,24 @@ func startPartsWith(t *testing.T, specs ...simSpec) *parts {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	t.Cleanup(func() { cancel(); wg.Wait() })
+	var (
+		wg    sync.WaitGroup
+		conns []*nats.Conn
+	)
+	// Services stop before their connections close.
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
 	connect := func() *nats.Conn {
 		c, err := nats.Connect(srv.ClientURL())
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(c.Close)
+		conns = append(conns, c)
 		return c
 	}
 	run := func(name string, f func() error) {
@@ -113,6 +127,13 @@ func startPartsWith(t *testing.T, specs ...simSpec) *parts {
 		})
 	}
 	return p
+}
+
+// stopExecutorOf stops the executor driving node as SIGTERM does.
+func (p *parts) stopExecutorOf(node string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.executors[node].cancel()
 }
 
 // crashExecutorOf loses the executor driving node as a crash would: its connection
