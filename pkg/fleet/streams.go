@@ -64,6 +64,8 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketNodes, Description: "observed node state", History: 1, TTL: s.NodeTTL},
 		{Bucket: BucketRegistry, Description: "desired node configuration", History: 1},
 		{Bucket: BucketDeadLetters, Description: "scenes that failed for good", History: 1},
+		{Bucket: BucketAPIKeys, Description: "API keys by hash", History: 1},
+		{Bucket: BucketTenants, Description: "tenants and their webhook secrets", History: 1},
 	}
 	for _, cfg := range buckets {
 		cfg.Storage = s.Storage

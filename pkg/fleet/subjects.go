@@ -26,6 +26,10 @@ const (
 	BucketNodes = "fleet_nodes"
 	// BucketRegistry maps a node id to its desired NodeConfig.
 	BucketRegistry = "fleet_registry"
+	// BucketAPIKeys maps the SHA-256 of an API key to what it stands for.
+	BucketAPIKeys = "fleet_apikeys"
+	// BucketTenants maps a tenant name to its webhook secret.
+	BucketTenants = "fleet_tenants"
 	// BucketDeadLetters maps DeadLetterKey to the DeadLetter of a scene that failed
 	// for good.
 	BucketDeadLetters = "fleet_deadletters"

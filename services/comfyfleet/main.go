@@ -7,6 +7,7 @@
 //	comfyfleet executor      drives the ComfyUI nodes named by --comfy
 //	comfyfleet notifier      completions and webhooks
 //	comfyfleet sim           one simulated ComfyUI node
+//	comfyfleet bench NAME    a benchmark that prints a table (failover)
 //
 // Every flag can also be set by an environment variable: COMFYFLEET_ and the flag's
 // name in upper case with '-' as '_' (COMFYFLEET_HTTP=0.0.0.0:8080). Flags win.
@@ -39,6 +40,7 @@ func commands() []command {
 		{"executor", "run an executor for the ComfyUI nodes named by --comfy", runExecutor},
 		{"notifier", "run the notifier against an external NATS", runNotifier},
 		{"sim", "run one simulated ComfyUI node", runSim},
+		{"bench", "run a benchmark and print its table: failover", runBench},
 	}
 }
 

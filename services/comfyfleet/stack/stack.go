@@ -50,6 +50,8 @@ type Config struct {
 	Settings fleet.Settings
 	// Executor tunes the executor; its Conn, Settings, Nodes and Logger are set here.
 	Executor executor.Config
+	// NoExecutor leaves the nodes to executors run elsewhere (as separate processes).
+	NoExecutor bool
 	// Notifier tunes the notifier; its Conn, Settings, PublicURL and Logger are set here.
 	Notifier notifier.Config
 	// Logger defaults to slog.Default.
@@ -171,6 +173,9 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		}},
 	}
 	for _, svc := range services {
+		if svc.name == "executor" && cfg.NoExecutor {
+			continue
+		}
 		nc, err := connect(svc.name)
 		if err != nil {
 			ln.Close()
