@@ -156,8 +156,11 @@ func (s *Store) Tenant(ctx context.Context, name string) (Tenant, error) {
 	}
 }
 
-// hashKey is the bucket key of an API key: its SHA-256. Keys carry 256 random
-// bits, so a fast hash is enough to keep a stolen bucket from revealing them.
+// KeyID names an API key without revealing it: its SHA-256, which is also its
+// bucket key. Keys carry 256 random bits, so a fast hash is enough to keep a stolen
+// bucket from revealing them.
+func KeyID(plain string) string { return hashKey(plain) }
+
 func hashKey(plain string) string {
 	sum := sha256.Sum256([]byte(plain))
 	return hex.EncodeToString(sum[:])

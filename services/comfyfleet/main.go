@@ -8,6 +8,7 @@
 //	comfyfleet notifier      completions and webhooks
 //	comfyfleet sim           one simulated ComfyUI node
 //	comfyfleet bench NAME    a benchmark that prints a table (failover)
+//	comfyfleet apikey create an API key for a tenant and role
 //
 // Every flag can also be set by an environment variable: COMFYFLEET_ and the flag's
 // name in upper case with '-' as '_' (COMFYFLEET_HTTP=0.0.0.0:8080). Flags win.
@@ -41,6 +42,7 @@ func commands() []command {
 		{"notifier", "run the notifier against an external NATS", runNotifier},
 		{"sim", "run one simulated ComfyUI node", runSim},
 		{"bench", "run a benchmark and print its table: failover", runBench},
+		{"apikey", "create an API key: apikey create --tenant NAME --role read|submit|admin", runAPIKey},
 	}
 }
 

@@ -127,12 +127,14 @@ func TestServicesAsSeparateProcesses(t *testing.T) {
 		sims = append(sims, sim)
 		nodes = append(nodes, "--comfy", fmt.Sprintf("%s,id=gpu%d", sim.await(t, simURL), i))
 	}
-	intake := startProc(t, bin, "intake", append([]string{"intake", "--http", "127.0.0.1:0"}, common...)...)
+	keyOut := startProc(t, bin, "apikey", "apikey", "create", "--nats", natsURL, "--tenant", "studio", "--role", "submit")
+	key := keyOut.await(t, regexp.MustCompile(`^\s+(cf_\S+)$`))
+	intake := startProc(t, bin, "intake", append([]string{"intake", "--http", "127.0.0.1:0", "--allow-callback", "127.0.0.1"}, common...)...)
 	apiURL := "http://" + intake.await(t, regexp.MustCompile(`"msg":"intake listening".*"addr":"([^"]+)"`))
 	services := []*proc{
 		intake,
 		startProc(t, bin, "dispatcher", append([]string{"dispatcher"}, common...)...),
-		startProc(t, bin, "notifier", append([]string{"notifier", "--public-url", apiURL}, common...)...),
+		startProc(t, bin, "notifier", append([]string{"notifier", "--public-url", apiURL, "--allow-callback", "127.0.0.1"}, common...)...),
 		startProc(t, bin, "executor", append(append([]string{"executor", "--name", "ex1"}, common...), nodes...)...),
 	}
 
@@ -150,7 +152,10 @@ func TestServicesAsSeparateProcesses(t *testing.T) {
 		scenes = append(scenes, map[string]any{"workflow": "txt2img", "params": map[string]any{"seed": i, "steps": 10, "width": 64, "height": 64}})
 	}
 	body, _ := json.Marshal(map[string]any{"callback_url": receiver.URL, "scenes": scenes})
-	resp, err := testClient.Post(apiURL+"/v1/jobs", "application/json", bytes.NewReader(body))
+	req, _ := http.NewRequest(http.MethodPost, apiURL+"/v1/jobs", bytes.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := testClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +175,9 @@ func TestServicesAsSeparateProcesses(t *testing.T) {
 		if len(ran) != 2 {
 			t.Errorf("scenes ran on %v, want both nodes", ran)
 		}
-		out, err := testClient.Get(h.Job.Scenes[0].Outputs[0].URL)
+		get, _ := http.NewRequest(http.MethodGet, h.Job.Scenes[0].Outputs[0].URL, nil)
+		get.Header.Set("Authorization", "Bearer "+key)
+		out, err := testClient.Do(get)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
@@ -23,6 +24,9 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	httpAddr := fs.String("http", "127.0.0.1:8080", "API listen address")
 	publicURL := fs.String("public-url", "", "base URL clients reach the API at (default http://<--http>)")
 	maxScenes := fs.Int("max-scenes", 100, "most scenes in one job")
+	rateKey := fs.Float64("rate", 20, "requests a second allowed per API key (burst twice that)")
+	var allow listFlag
+	fs.Var(&allow, "allow-callback", "internal address or CIDR prefix that callback URLs may reach, e.g. an n8n host (repeatable)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -30,6 +34,10 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	catalog, err := workflow.Load(workflows.FS)
 	if err != nil {
 		return err
+	}
+	allowed, err := callback.ParsePrefixes(allow)
+	if err != nil {
+		return fmt.Errorf("--allow-callback: %w", err)
 	}
 	svc, err := sf.start(ctx, "intake", os.Stderr)
 	if err != nil {
@@ -41,7 +49,8 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
 	}
 	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Catalog: catalog, Listener: ln,
-		PublicURL: *publicURL, MaxScenes: *maxScenes, Logger: svc.log})
+		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: callback.NewGuard(allowed...),
+		RatePerKey: *rateKey, RateBurst: int(2 * *rateKey), Logger: svc.log})
 }
 
 func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
@@ -92,9 +101,15 @@ func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
 	var sf serviceFlags
 	publicURL := fs.String("public-url", "http://127.0.0.1:8080", "the API's base URL, for output links in webhooks")
 	attempts := fs.Int("webhook-attempts", 20, "webhook attempts before a callback is given up")
+	var allow listFlag
+	fs.Var(&allow, "allow-callback", "internal address or CIDR prefix that webhooks may reach, e.g. an n8n host (repeatable)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	allowed, err := callback.ParsePrefixes(allow)
+	if err != nil {
+		return fmt.Errorf("--allow-callback: %w", err)
 	}
 	svc, err := sf.start(ctx, "notifier", os.Stderr)
 	if err != nil {
@@ -102,5 +117,5 @@ func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
 	}
 	defer svc.close()
 	return notifier.Run(ctx, notifier.Config{Conn: svc.conn, Settings: svc.settings, PublicURL: *publicURL,
-		WebhookAttempts: *attempts, Logger: svc.log})
+		WebhookAttempts: *attempts, CallbackGuard: callback.NewGuard(allowed...), Logger: svc.log})
 }

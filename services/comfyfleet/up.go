@@ -5,9 +5,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"os"
 	"time"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
@@ -24,11 +27,14 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		sync      = fs.String("sync", "2m", `file store sync policy: "always" (fsync each write) or an interval`)
 		sims      = fs.Int("sim", 3, "simulated ComfyUI nodes to start when no --comfy is given (speeds 1, 1, 2, 1, 1, 2, …)")
 		simStep   = fs.Duration("sim-step", 150*time.Millisecond, "time of one sampler step on a simulated node of speed 1")
+		auth      = fs.String("auth", "", `"open" (no API keys; only allowed on a loopback --http) or "keys" (default: open on loopback, keys otherwise)`)
 		comfy     listFlag
+		allow     = listFlag{"127.0.0.0/8", "::1"}
 		settings  settingsFlags
 		logs      logFlags
 	)
 	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
+	fs.Var(&allow, "allow-callback", "internal addresses or CIDR prefixes that callback URLs may reach (repeatable; default loopback)")
 	settings.register(fs)
 	logs.register(fs)
 	if err := parse(fs, args); err != nil {
@@ -42,9 +48,17 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	open, err := openAPI(*auth, *httpAddr)
+	if err != nil {
+		return err
+	}
+	allowed, err := callback.ParsePrefixes(allow)
+	if err != nil {
+		return fmt.Errorf("--allow-callback: %w", err)
+	}
 	cfg := stack.Config{
 		DataDir: *dataDir, NATSHost: *natsHost, NATSPort: *natsPort, Sync: *sync,
-		HTTPAddr: *httpAddr, PublicURL: *publicURL, Settings: st, Logger: log,
+		HTTPAddr: *httpAddr, PublicURL: *publicURL, Open: open, CallbackAllow: allowed, Settings: st, Logger: log,
 	}
 	for _, c := range comfy {
 		n, err := parseNode(c)
@@ -84,9 +98,34 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	printBanner(stdout, s)
+	if open {
+		fmt.Fprintln(stdout, "The API is open: no API key needed, on loopback only. --auth keys requires keys (comfyfleet apikey create).")
+	}
 	<-ctx.Done()
 	fmt.Fprintln(stdout, "stopping…")
 	return s.Wait()
+}
+
+// openAPI decides whether the API runs without keys: only ever on loopback.
+func openAPI(auth, httpAddr string) (bool, error) {
+	host, _, err := net.SplitHostPort(httpAddr)
+	if err != nil {
+		return false, fmt.Errorf("--http %q: %w", httpAddr, err)
+	}
+	ip, err := netip.ParseAddr(host)
+	loopback := host == "localhost" || err == nil && ip.IsLoopback()
+	switch auth {
+	case "keys":
+		return false, nil
+	case "open":
+		if !loopback {
+			return false, fmt.Errorf("--auth open serves anyone who reaches %s: only allowed on a loopback address", httpAddr)
+		}
+		return true, nil
+	case "":
+		return loopback, nil
+	}
+	return false, fmt.Errorf("--auth %q: use open or keys", auth)
 }
 
 func printBanner(w io.Writer, s *stack.Stack) {

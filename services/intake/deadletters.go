@@ -13,19 +13,20 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
 
 func (in *intake) addDeadLetterRoutes(a huma.API) {
-	huma.Register(a, huma.Operation{
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "list-dead-letters",
 		Method:      http.MethodGet,
 		Path:        "/v1/deadletters",
 		Summary:     "List the scenes that failed for good",
 		Description: "Each failed scene with every attempt's node and error, newest first. A retried scene leaves the list.",
 		Tags:        []string{"jobs"},
-	}, in.listDeadLetters)
-	huma.Register(a, huma.Operation{
+	}), in.listDeadLetters)
+	huma.Register(a, secured(tenancy.RoleSubmit, huma.Operation{
 		OperationID:   "retry-scene",
 		Method:        http.MethodPost,
 		Path:          "/v1/jobs/{id}/scenes/{index}/retry",
@@ -33,7 +34,7 @@ func (in *intake) addDeadLetterRoutes(a huma.API) {
 		Description:   "Queues the scene again with fresh attempts; the job runs again and calls back when it ends anew.",
 		Tags:          []string{"jobs"},
 		DefaultStatus: http.StatusAccepted,
-	}, in.retryScene)
+	}), in.retryScene)
 }
 
 type deadLettersOutput struct {
@@ -49,8 +50,11 @@ func (in *intake) listDeadLetters(ctx context.Context, _ *struct{}) (*deadLetter
 	}
 	out := &deadLettersOutput{}
 	out.Body.DeadLetters = make([]fleet.DeadLetter, 0, len(dead))
+	tenant := caller(ctx).Tenant
 	for _, dl := range dead {
-		out.Body.DeadLetters = append(out.Body.DeadLetters, dl)
+		if dl.Tenant == tenant {
+			out.Body.DeadLetters = append(out.Body.DeadLetters, dl)
+		}
 	}
 	slices.SortFunc(out.Body.DeadLetters, func(a, b fleet.DeadLetter) int { return b.FailedAt.Compare(a.FailedAt) })
 	return out, nil
@@ -64,6 +68,9 @@ type sceneInput struct {
 func (in *intake) retryScene(ctx context.Context, input *sceneInput) (*jobOutput, error) {
 	var item fleet.WorkItem
 	job, err := in.jobs.Update(ctx, input.ID, func(j *fleet.Job) error {
+		if j.Tenant != caller(ctx).Tenant {
+			return fleet.ErrJobNotFound
+		}
 		if input.Index >= len(j.Scenes) {
 			return huma.Error404NotFound(fmt.Sprintf("job %s has no scene %d", j.ID, input.Index))
 		}

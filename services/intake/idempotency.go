@@ -13,11 +13,11 @@ import (
 var idempotencyNamespace = uuid.MustParse("4f0d1f3e-5b8a-4c2e-9a51-7c1f6a0b2d93")
 
 // newJobID returns a fresh time-ordered id, or, for a request with an
-// Idempotency-Key, the id that key always maps to: recording the job is then itself
-// the atomic check that the key is new.
-func newJobID(key string) (string, error) {
+// Idempotency-Key, the id that the tenant's key always maps to: recording the job is
+// then itself the atomic check that the key is new.
+func newJobID(tenant, key string) (string, error) {
 	if key != "" {
-		return uuid.NewSHA1(idempotencyNamespace, []byte("key/"+key)).String(), nil
+		return uuid.NewSHA1(idempotencyNamespace, []byte("key/"+tenant+"/"+key)).String(), nil
 	}
 	id, err := uuid.NewV7()
 	if err != nil {

@@ -19,7 +19,11 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/metric"
 
+	"golang.org/x/time/rate"
+
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
 
@@ -43,6 +47,17 @@ type Config struct {
 	PublicURL string
 	// MaxScenes caps the scenes of one job. Defaults to 100.
 	MaxScenes int
+	// Open serves without API keys, every caller acting as the admin of the default
+	// tenant: for a single user on loopback only. Defaults to false: every API call
+	// needs a key (comfyfleet apikey create).
+	Open bool
+	// CallbackGuard decides which callback URLs are accepted. Defaults to a guard
+	// that refuses loopback, private, link-local and metadata addresses.
+	CallbackGuard *callback.Guard
+	// RatePerKey and RateBurst bound each API key's requests a second. Default to 20
+	// and 40.
+	RatePerKey float64
+	RateBurst  int
 	// ShutdownTimeout bounds how long running requests may finish after ctx ends.
 	// Defaults to 10s.
 	ShutdownTimeout time.Duration
@@ -65,6 +80,15 @@ func (c *Config) fill() error {
 	if c.MaxScenes == 0 {
 		c.MaxScenes = 100
 	}
+	if c.CallbackGuard == nil {
+		c.CallbackGuard = callback.NewGuard()
+	}
+	if c.RatePerKey == 0 {
+		c.RatePerKey = 20
+	}
+	if c.RateBurst == 0 {
+		c.RateBurst = 40
+	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 10 * time.Second
 	}
@@ -85,6 +109,8 @@ type intake struct {
 	dead     jetstream.KeyValue
 	outputs  jetstream.ObjectStore
 	pub      *fleet.Publisher
+	keys     *tenancy.Store
+	limits   *limiters
 	accepted metric.Int64Counter
 }
 
@@ -111,6 +137,9 @@ func run(ctx context.Context, cfg Config) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(cfg.Listener) }()
 	in.log.Info("intake listening", "addr", cfg.Listener.Addr().String(), "docs", cfg.PublicURL+"/docs")
+	if cfg.Open {
+		in.log.Warn("the API is open: no API key is needed, every caller is admin of the default tenant; use it on loopback only")
+	}
 	select {
 	case err := <-errc:
 		return fmt.Errorf("intake: serve: %w", err)
@@ -159,6 +188,10 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 		return nil, fmt.Errorf("intake: open outputs: %w", err)
 	}
 	in.pub = fleet.NewPublisher(in.js, "comfyfleet/intake")
+	if in.keys, err = tenancy.Open(ctx, in.js); err != nil {
+		return nil, fmt.Errorf("intake: %w", err)
+	}
+	in.limits = &limiters{perSecond: cfg.RatePerKey, burst: cfg.RateBurst, byKey: map[string]*rate.Limiter{}}
 	if in.accepted, err = otel.Meter("comfyfleet/intake").Int64Counter("comfyfleet.scenes.accepted",
 		metric.WithDescription("Scenes accepted, by pool.")); err != nil {
 		return nil, fmt.Errorf("intake metrics: %w", err)
@@ -171,7 +204,11 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 func newAPI(mux *http.ServeMux, in *intake) huma.API {
 	config := huma.DefaultConfig("comfyfleet", Version)
 	config.Info.Description = "One generation service over a fleet of ComfyUI machines: submit jobs of scenes, follow them, download outputs, get a callback when done."
+	config.Components.SecuritySchemes = map[string]*huma.SecurityScheme{
+		"bearer": {Type: "http", Scheme: "bearer", Description: "An API key: comfyfleet apikey create --tenant NAME --role read|submit|admin."},
+	}
 	api := humago.New(mux, config)
+	api.UseMiddleware(in.authenticate(api))
 	in.addRoutes(api)
 	return api
 }

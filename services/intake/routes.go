@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"slices"
 	"time"
 
@@ -19,12 +18,13 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
 
 func (in *intake) addRoutes(a huma.API) {
 	in.addDeadLetterRoutes(a)
-	huma.Register(a, huma.Operation{
+	huma.Register(a, secured(tenancy.RoleSubmit, huma.Operation{
 		OperationID:   "create-job",
 		Method:        http.MethodPost,
 		Path:          "/v1/jobs",
@@ -33,15 +33,15 @@ func (in *intake) addRoutes(a huma.API) {
 		Tags:          []string{"jobs"},
 		DefaultStatus: http.StatusAccepted,
 		MaxBodyBytes:  8 << 20,
-	}, in.createJob)
-	huma.Register(a, huma.Operation{
+	}), in.createJob)
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "get-job",
 		Method:      http.MethodGet,
 		Path:        "/v1/jobs/{id}",
 		Summary:     "Get a job and its scenes",
 		Tags:        []string{"jobs"},
-	}, in.getJob)
-	huma.Register(a, huma.Operation{
+	}), in.getJob)
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "get-output",
 		Method:      http.MethodGet,
 		Path:        "/v1/jobs/{id}/scenes/{index}/outputs/{name}",
@@ -50,21 +50,21 @@ func (in *intake) addRoutes(a huma.API) {
 		Responses: map[string]*huma.Response{
 			"200": {Description: "The file, with its content type.", Content: map[string]*huma.MediaType{"application/octet-stream": {}}},
 		},
-	}, in.getOutput)
-	huma.Register(a, huma.Operation{
+	}), in.getOutput)
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "list-nodes",
 		Method:      http.MethodGet,
 		Path:        "/v1/nodes",
 		Summary:     "List the ComfyUI nodes and their state",
 		Tags:        []string{"nodes"},
-	}, in.listNodes)
-	huma.Register(a, huma.Operation{
+	}), in.listNodes)
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "list-workflows",
 		Method:      http.MethodGet,
 		Path:        "/v1/workflows",
 		Summary:     "List the workflow templates and their parameters",
 		Tags:        []string{"workflows"},
-	}, in.listWorkflows)
+	}), in.listWorkflows)
 	huma.Register(a, huma.Operation{
 		OperationID: "healthz",
 		Method:      http.MethodGet,
@@ -116,7 +116,7 @@ type resolved struct {
 }
 
 // resolve checks every scene and renders its graph; errors name the offending field.
-func (in *intake) resolve(body *JobInput) ([]resolved, []error) {
+func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []error) {
 	var errs []error
 	detail := func(loc, msg string, v any) {
 		errs = append(errs, &huma.ErrorDetail{Location: loc, Message: msg, Value: v})
@@ -125,8 +125,8 @@ func (in *intake) resolve(body *JobInput) ([]resolved, []error) {
 		detail("body.scenes", fmt.Sprintf("has %d scenes; at most %d per job", len(body.Scenes), in.cfg.MaxScenes), len(body.Scenes))
 	}
 	if body.CallbackURL != "" {
-		if msg := checkCallbackURL(body.CallbackURL); msg != "" {
-			detail("body.callback_url", msg, body.CallbackURL)
+		if err := in.cfg.CallbackGuard.CheckURL(ctx, body.CallbackURL); err != nil {
+			detail("body.callback_url", err.Error(), body.CallbackURL)
 		}
 	}
 	out := make([]resolved, len(body.Scenes))
@@ -177,27 +177,13 @@ func (in *intake) resolve(body *JobInput) ([]resolved, []error) {
 	return out, errs
 }
 
-func checkCallbackURL(raw string) string {
-	u, err := url.Parse(raw)
-	switch {
-	case err != nil:
-		return "is not a URL: " + err.Error()
-	case u.Scheme != "http" && u.Scheme != "https":
-		return "must be an absolute http or https URL"
-	case u.Host == "" || u.Hostname() == "":
-		return "has no host"
-	case u.User != nil:
-		return "must not carry credentials"
-	}
-	return ""
-}
-
 func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOutput, error) {
-	scenes, errs := in.resolve(&input.Body)
+	scenes, errs := in.resolve(ctx, &input.Body)
 	if len(errs) > 0 {
 		return nil, huma.Error422UnprocessableEntity("validation failed", errs...)
 	}
-	id, err := newJobID(input.IdempotencyKey)
+	tenant := caller(ctx).Tenant
+	id, err := newJobID(tenant, input.IdempotencyKey)
 	if err != nil {
 		return nil, err
 	}
@@ -211,6 +197,7 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 	now := time.Now().UTC()
 	job := &fleet.Job{
 		ID:          id,
+		Tenant:      tenant,
 		RequestHash: hash,
 		Status:      fleet.StatusQueued,
 		Priority:    input.Body.Priority,
@@ -243,7 +230,7 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 	}
 	for i, s := range scenes {
 		item := fleet.WorkItem{
-			JobID: job.ID, Index: i, Priority: job.Priority, Pool: s.pool,
+			JobID: job.ID, Index: i, Tenant: job.Tenant, Priority: job.Priority, Pool: s.pool,
 			Workflow: s.spec.Workflow, Graph: s.graph, SubmittedAt: job.CreatedAt,
 		}
 		if err := in.pub.JSON(ctx, fleet.SubmitSubject(job.ID, i), item.MsgID(), item); err != nil {
@@ -263,12 +250,9 @@ type jobIDInput struct {
 }
 
 func (in *intake) getJob(ctx context.Context, input *jobIDInput) (*jobOutput, error) {
-	job, _, err := in.jobs.Get(ctx, input.ID)
-	if errors.Is(err, fleet.ErrJobNotFound) {
-		return nil, huma.Error404NotFound("no job " + input.ID)
-	}
+	job, err := in.tenantJob(ctx, input.ID)
 	if err != nil {
-		return nil, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+		return nil, err
 	}
 	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
 }
@@ -280,12 +264,9 @@ type outputInput struct {
 }
 
 func (in *intake) getOutput(ctx context.Context, input *outputInput) (*huma.StreamResponse, error) {
-	job, _, err := in.jobs.Get(ctx, input.ID)
-	if errors.Is(err, fleet.ErrJobNotFound) {
-		return nil, huma.Error404NotFound("no job " + input.ID)
-	}
+	job, err := in.tenantJob(ctx, input.ID)
 	if err != nil {
-		return nil, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+		return nil, err
 	}
 	if input.Index >= len(job.Scenes) {
 		return nil, huma.Error404NotFound(fmt.Sprintf("job %s has no scene %d", input.ID, input.Index))

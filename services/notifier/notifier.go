@@ -25,7 +25,9 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 )
 
 const source = "comfyfleet/notifier"
@@ -41,8 +43,12 @@ type Config struct {
 	// PublicURL is the API's base URL, used for output links in webhooks.
 	// Defaults to "http://127.0.0.1:8080".
 	PublicURL string
-	// HTTPClient sends webhooks. Defaults to a client with a 10s timeout that does not
-	// follow redirects.
+	// CallbackGuard decides which addresses webhooks may reach, checked at connect
+	// time for every connection and redirect. Defaults to a guard that refuses
+	// loopback, private, link-local and metadata addresses.
+	CallbackGuard *callback.Guard
+	// HTTPClient sends webhooks. Defaults to CallbackGuard's client with a 10s
+	// timeout.
 	HTTPClient *http.Client
 	// WebhookBackoff is the first delay between webhook attempts; it doubles up to
 	// WebhookMaxBackoff. Defaults to 1s.
@@ -68,12 +74,13 @@ func (c *Config) fill() error {
 	if c.PublicURL == "" {
 		c.PublicURL = "http://127.0.0.1:8080"
 	}
+	if c.CallbackGuard == nil {
+		c.CallbackGuard = callback.NewGuard()
+	}
 	if c.HTTPClient == nil {
-		c.HTTPClient = &http.Client{
-			Timeout:       10 * time.Second,
-			Transport:     otelhttp.NewTransport(http.DefaultTransport.(*http.Transport).Clone()),
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		}
+		c.HTTPClient = c.CallbackGuard.Client(10*time.Second, func(rt http.RoundTripper) http.RoundTripper {
+			return otelhttp.NewTransport(rt)
+		})
 	}
 	if c.WebhookBackoff == 0 {
 		c.WebhookBackoff = time.Second
@@ -94,6 +101,7 @@ type notifier struct {
 	cfg      Config
 	log      *slog.Logger
 	jobs     *fleet.Jobs
+	tenants  *tenancy.Store
 	pub      *fleet.Publisher
 	webhooks metric.Int64Counter
 }
@@ -116,6 +124,9 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	n := &notifier{cfg: cfg, log: cfg.Logger.With("service", "notifier"), pub: fleet.NewPublisher(js, source)}
 	if n.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
+		return fmt.Errorf("notifier: %w", err)
+	}
+	if n.tenants, err = tenancy.Open(ctx, js); err != nil {
 		return fmt.Errorf("notifier: %w", err)
 	}
 	if n.webhooks, err = otel.Meter("comfyfleet/notifier").Int64Counter("comfyfleet.webhook.attempts",
@@ -200,8 +211,9 @@ func (n *notifier) retry(span trace.Span, msg jetstream.Msg, attempt int, err er
 // errGone marks a receiver that answered 410 Gone: it wants no more attempts.
 var errGone = errors.New("receiver answered 410 Gone")
 
-// deliver POSTs the job to its callback URL. The webhook-id header is the same on
-// every attempt, so a receiver can drop repeats.
+// deliver POSTs the job to its callback URL, signed per Standard Webhooks with the
+// tenant's secret. The webhook-id header is the same on every attempt, so a
+// receiver can drop repeats.
 func (n *notifier) deliver(ctx context.Context, job *fleet.Job, typ fleet.EventType) error {
 	ctx, span := tracer.Start(ctx, "deliver webhook", trace.WithSpanKind(trace.SpanKindClient))
 	defer span.End()
@@ -209,14 +221,28 @@ func (n *notifier) deliver(ctx context.Context, job *fleet.Job, typ fleet.EventT
 	if err != nil {
 		return fmt.Errorf("encode webhook of job %s: %w", job.ID, err)
 	}
+	tenant := job.Tenant
+	if tenant == "" {
+		tenant = tenancy.DefaultTenant
+	}
+	t, err := n.tenants.Tenant(ctx, tenant)
+	if err != nil {
+		return fmt.Errorf("webhook secret of tenant %s: %w", tenant, err)
+	}
+	id, now := fleet.JobEventID(job.ID, typ, job.Round), time.Now()
+	signature, err := tenancy.Sign(t.WebhookSecret, id, now, body)
+	if err != nil {
+		return fmt.Errorf("sign webhook of job %s: %w", job.ID, err)
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, job.CallbackURL, bytes.NewReader(body))
 	if err != nil {
 		return fmt.Errorf("webhook request of job %s: %w", job.ID, err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "comfyfleet-notifier")
-	req.Header.Set("webhook-id", fleet.JobEventID(job.ID, typ, job.Round))
-	req.Header.Set("webhook-timestamp", strconv.FormatInt(time.Now().Unix(), 10))
+	req.Header.Set("webhook-id", id)
+	req.Header.Set("webhook-timestamp", strconv.FormatInt(now.Unix(), 10))
+	req.Header.Set("webhook-signature", signature)
 	resp, err := n.cfg.HTTPClient.Do(req)
 	if err != nil {
 		return fmt.Errorf("post webhook of job %s: %w", job.ID, err)

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"sync"
 	"testing"
@@ -44,6 +45,9 @@ func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
+// loopback lets callbacks reach the tests' receivers.
+var loopback = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+
 // testSettings make failover fast enough for tests.
 func testSettings() fleet.Settings {
 	return fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 100 * time.Millisecond, NodeTTL: 3 * time.Second}
@@ -70,14 +74,16 @@ func startStack(t *testing.T, sims []comfysim.Config) *bundle {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	s, err := stack.Start(ctx, stack.Config{
-		DataDir:  t.TempDir(),
-		NATSPort: -1,
-		HTTPAddr: "127.0.0.1:0",
-		Sims:     sims,
-		Settings: testSettings(),
-		Executor: executor.Config{HeartbeatInterval: 200 * time.Millisecond},
-		Notifier: notifier.Config{WebhookBackoff: 50 * time.Millisecond},
-		Logger:   testLogger(t),
+		DataDir:       t.TempDir(),
+		NATSPort:      -1,
+		HTTPAddr:      "127.0.0.1:0",
+		Open:          true,
+		CallbackAllow: loopback,
+		Sims:          sims,
+		Settings:      testSettings(),
+		Executor:      executor.Config{HeartbeatInterval: 200 * time.Millisecond},
+		Notifier:      notifier.Config{WebhookBackoff: 50 * time.Millisecond},
+		Logger:        testLogger(t),
 	})
 	if err != nil {
 		cancel()
@@ -113,19 +119,24 @@ type hookReceiver struct {
 }
 
 type receivedHook struct {
-	ID   string
-	Body api.Webhook
+	ID        string
+	Timestamp string
+	Signature string
+	Raw       []byte
+	Body      api.Webhook
 }
 
 func newHookReceiver(t *testing.T) *hookReceiver {
 	h := &hookReceiver{ch: make(chan receivedHook, 100)}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		raw, _ := io.ReadAll(r.Body)
 		var body api.Webhook
-		if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+		if err := json.Unmarshal(raw, &body); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		rh := receivedHook{ID: r.Header.Get("webhook-id"), Body: body}
+		rh := receivedHook{ID: r.Header.Get("webhook-id"), Timestamp: r.Header.Get("webhook-timestamp"),
+			Signature: r.Header.Get("webhook-signature"), Raw: raw, Body: body}
 		h.mu.Lock()
 		h.got = append(h.got, rh)
 		refused := h.refuse > 0

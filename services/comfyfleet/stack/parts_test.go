@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
@@ -104,10 +105,12 @@ func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec)
 	dc, nt, in := connect(), connect(), connect()
 	run("dispatcher", func() error { return dispatcher.Run(ctx, dispatcher.Config{Conn: dc, Settings: settings, Logger: log}) })
 	run("notifier", func() error {
-		return notifier.Run(ctx, notifier.Config{Conn: nt, Settings: settings, PublicURL: p.apiURL, WebhookBackoff: 50 * time.Millisecond, Logger: log})
+		return notifier.Run(ctx, notifier.Config{Conn: nt, Settings: settings, PublicURL: p.apiURL, WebhookBackoff: 50 * time.Millisecond,
+			CallbackGuard: callback.NewGuard(loopback...), Logger: log})
 	})
 	run("intake", func() error {
-		return intake.Run(ctx, intake.Config{Conn: in, Settings: settings, Catalog: catalog, Listener: ln, Logger: log})
+		return intake.Run(ctx, intake.Config{Conn: in, Settings: settings, Catalog: catalog, Listener: ln, Open: true,
+			CallbackGuard: callback.NewGuard(loopback...), Logger: log})
 	})
 	for i, spec := range specs {
 		spec.sim.Name = fmt.Sprintf("sim-%d", i)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
@@ -41,6 +43,11 @@ type Config struct {
 	HTTPAddr string
 	// PublicURL is the API's base URL as clients reach it. Defaults to http://HTTPAddr.
 	PublicURL string
+	// Open serves the API without API keys (see intake.Config.Open).
+	Open bool
+	// CallbackAllow are the internal addresses callbacks may reach anyway (e.g.
+	// 127.0.0.0/8 for a local n8n). Defaults to none.
+	CallbackAllow []netip.Prefix
 	// Comfy names real ComfyUI nodes. When empty, Sims are started instead.
 	Comfy []fleet.NodeConfig
 	// Sims are the simulated nodes to start when Comfy is empty; each serves the
@@ -48,6 +55,8 @@ type Config struct {
 	Sims []comfysim.Config
 	// Settings are shared by every service. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
+	// Intake tunes the intake (MaxScenes, RatePerKey, RateBurst); the rest is set here.
+	Intake intake.Config
 	// Executor tunes the executor; its Conn, Settings, Nodes and Logger are set here.
 	Executor executor.Config
 	// NoExecutor leaves the nodes to executors run elsewhere (as separate processes).
@@ -155,9 +164,12 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		return nil, err
 	}
 
-	ex, nt := cfg.Executor, cfg.Notifier
+	guard := callback.NewGuard(cfg.CallbackAllow...)
+	in, ex, nt := cfg.Intake, cfg.Executor, cfg.Notifier
+	in.Settings, in.Catalog, in.Listener, in.PublicURL = cfg.Settings, catalog, ln, cfg.PublicURL
+	in.Open, in.CallbackGuard, in.Logger = cfg.Open, guard, cfg.Logger
 	ex.Settings, ex.Nodes, ex.Logger = cfg.Settings, s.Nodes, cfg.Logger
-	nt.Settings, nt.PublicURL, nt.Logger = cfg.Settings, cfg.PublicURL, cfg.Logger
+	nt.Settings, nt.PublicURL, nt.Logger, nt.CallbackGuard = cfg.Settings, cfg.PublicURL, cfg.Logger, guard
 	services := []struct {
 		name string
 		run  func(context.Context, *nats.Conn) error
@@ -167,10 +179,7 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		}},
 		{"notifier", func(ctx context.Context, nc *nats.Conn) error { nt.Conn = nc; return notifier.Run(ctx, nt) }},
 		{"executor", func(ctx context.Context, nc *nats.Conn) error { ex.Conn = nc; return executor.Run(ctx, ex) }},
-		{"intake", func(ctx context.Context, nc *nats.Conn) error {
-			return intake.Run(ctx, intake.Config{Conn: nc, Settings: cfg.Settings, Catalog: catalog, Listener: ln,
-				PublicURL: cfg.PublicURL, Logger: cfg.Logger})
-		}},
+		{"intake", func(ctx context.Context, nc *nats.Conn) error { in.Conn = nc; return intake.Run(ctx, in) }},
 	}
 	for _, svc := range services {
 		if svc.name == "executor" && cfg.NoExecutor {
