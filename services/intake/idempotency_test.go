@@ -35,8 +35,10 @@ func startIntake(t *testing.T, nc *nats.Conn) (url string, stop func()) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- intake.Run(ctx, intake.Config{Conn: nc, Catalog: catalog, Listener: ln, Open: true,
-		Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))}) }()
+	go func() {
+		done <- intake.Run(ctx, intake.Config{Conn: nc, Catalog: catalog, Listener: ln, Open: true,
+			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	}()
 	stop = func() {
 		cancel()
 		if err := <-done; err != nil {
