@@ -71,6 +71,9 @@ func (in *instance) work() {
 			}
 		})
 		in.q.finish(r, e.historyEntry(out))
+		if out == outcomeSuccess && in.s.cfg.OnRendered != nil {
+			in.s.cfg.OnRendered(e.pid)
+		}
 		e.send("executing", obj{{"node", nil}, {"prompt_id", e.pid}})
 		in.log.Debug("comfysim: prompt done", "prompt_id", e.pid, "outcome", out)
 	}

@@ -56,6 +56,9 @@ type Config struct {
 	// whose inputs did not change since the previous prompt. Defaults
 	// to false.
 	DisableCache bool
+	// OnRendered, if set, is called with the id of each prompt that ran to
+	// success, after its history is recorded. Defaults to nil.
+	OnRendered func(promptID string)
 }
 
 func (c Config) withDefaults() Config {

@@ -98,12 +98,16 @@ func WorkConsumer(pool string, s Settings) jetstream.ConsumerConfig {
 	}
 }
 
+// The dispatcher's handlers take milliseconds; a short AckWait lets a restarted
+// dispatcher resume at once the message its dead predecessor held.
+const dispatcherAckWait = 5 * time.Second
+
 // SubmitConsumer is the dispatcher's durable consumer of accepted scenes.
 func SubmitConsumer() jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
 		Durable:   "dispatcher",
 		AckPolicy: jetstream.AckExplicitPolicy,
-		AckWait:   30 * time.Second,
+		AckWait:   dispatcherAckWait,
 	}
 }
 
@@ -114,7 +118,7 @@ func StateConsumer() jetstream.ConsumerConfig {
 		Durable:       "dispatcher-state",
 		FilterSubject: SceneEventsFilter,
 		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       30 * time.Second,
+		AckWait:       dispatcherAckWait,
 		MaxAckPending: 1,
 	}
 }
@@ -124,17 +128,18 @@ func DeadLetterConsumer() jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
 		Durable:   "dispatcher-deadletters",
 		AckPolicy: jetstream.AckExplicitPolicy,
-		AckWait:   30 * time.Second,
+		AckWait:   dispatcherAckWait,
 	}
 }
 
 // DoneConsumer is the notifier's durable consumer of finished jobs. Webhook retries
-// are naks with a delay, so MaxDeliver bounds how long a callback is retried.
+// are naks with a delay, so MaxDeliver bounds how long a callback is retried. AckWait
+// outlasts one webhook attempt (10s timeout).
 func DoneConsumer(maxDeliver int) jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
 		Durable:    "notifier",
 		AckPolicy:  jetstream.AckExplicitPolicy,
-		AckWait:    time.Minute,
+		AckWait:    20 * time.Second,
 		MaxDeliver: maxDeliver,
 	}
 }

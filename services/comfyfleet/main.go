@@ -7,6 +7,7 @@
 //	comfyfleet executor      drives the ComfyUI nodes named by --comfy
 //	comfyfleet notifier      completions and webhooks
 //	comfyfleet sim           one simulated ComfyUI node
+//	comfyfleet nats          a NATS server with JetStream, for running the services apart
 //	comfyfleet bench NAME    a benchmark that prints a table (failover)
 //	comfyfleet apikey create an API key for a tenant and role
 //
@@ -41,6 +42,7 @@ func commands() []command {
 		{"executor", "run an executor for the ComfyUI nodes named by --comfy", runExecutor},
 		{"notifier", "run the notifier against an external NATS", runNotifier},
 		{"sim", "run one simulated ComfyUI node", runSim},
+		{"nats", "run a NATS server with JetStream (embedded nats-server) alone", runNATS},
 		{"bench", "run a benchmark and print its table: failover", runBench},
 		{"apikey", "create an API key: apikey create --tenant NAME --role read|submit|admin", runAPIKey},
 	}

@@ -5,9 +5,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
 )
 
 func runSim(ctx context.Context, args []string, stdout io.Writer) error {
@@ -17,14 +19,43 @@ func runSim(ctx context.Context, args []string, stdout io.Writer) error {
 	speed := fs.Float64("speed", 1, "relative GPU speed (2 = twice as fast)")
 	step := fs.Duration("step", 150*time.Millisecond, "time of one sampler step at speed 1")
 	failures := fs.Float64("failure-rate", 0, "probability that a prompt ends in an execution error")
+	logRenders := fs.Bool("log-renders", false, `print "rendered <prompt_id>" for every prompt that runs to success`)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	sim, err := comfysim.Start(comfysim.Config{Name: *name, Addr: *addr, Speed: *speed, StepDuration: *step, FailureRate: *failures})
+	cfg := comfysim.Config{Name: *name, Addr: *addr, Speed: *speed, StepDuration: *step, FailureRate: *failures}
+	if *logRenders {
+		var mu sync.Mutex
+		cfg.OnRendered = func(id string) {
+			mu.Lock()
+			defer mu.Unlock()
+			fmt.Fprintf(stdout, "rendered %s\n", id)
+		}
+	}
+	sim, err := comfysim.Start(cfg)
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "simulated ComfyUI %q listening on %s\n", *name, sim.URL())
 	<-ctx.Done()
 	return sim.Close()
+}
+
+func runNATS(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("nats", flag.ContinueOnError)
+	host := fs.String("host", "127.0.0.1", "listen host")
+	port := fs.Int("port", 4222, "client port")
+	store := fs.String("store", "./.comfyfleet", "JetStream file store directory")
+	syncPolicy := fs.String("sync", "2m", `file store sync policy: "always" or an interval`)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	s, err := natsembed.Start(natsembed.Config{Dir: *store, Host: *host, Port: *port, Sync: *syncPolicy})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "nats-server with JetStream listening on %s, store %s\n", s.ClientURL(), *store)
+	<-ctx.Done()
+	natsembed.Stop(s)
+	return nil
 }
