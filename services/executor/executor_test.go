@@ -68,8 +68,9 @@ func (r *rig) sim(cfg comfysim.Config) (*comfysim.Server, fleet.NodeConfig) {
 	return sim, fleet.NodeConfig{ID: cfg.Name, URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
 }
 
-// executor runs an executor for nodes on a connection of its own until the test ends.
-func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.NodeConfig) {
+// executor runs an executor for nodes on a connection of its own, which it returns,
+// until the test ends.
+func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.NodeConfig) *nats.Conn {
 	r.t.Helper()
 	nc, err := nats.Connect(r.nc.ConnectedUrl())
 	if err != nil {
@@ -86,6 +87,7 @@ func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.
 			r.t.Errorf("executor %s: %v", name, err)
 		}
 	})
+	return nc
 }
 
 // submit records a job of one txt2img scene of steps sampler steps and hands the
@@ -275,5 +277,32 @@ func TestTimedOutAttemptIsInterruptedAndRetriedElsewhere(t *testing.T) {
 	}
 	if st := fastSim.Stats(); len(st.Rendered) != 1 {
 		t.Errorf("fast node rendered %v; want the retry", st.Rendered)
+	}
+}
+
+func TestRedeliveryFollowsThePromptStillRunningOnItsNode(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	sim, node := r.sim(comfysim.Config{Name: "gpu", Speed: 0.5})
+	lost := r.executor("lost", nil, node)
+	item := r.submit("follow", 150, 0)
+
+	var seen []fleet.SceneEvent
+	r.await(fleet.EventProgress, 30*time.Second, &seen)
+	// The executor loses NATS for good while ComfyUI keeps rendering its prompt; the
+	// scene comes back after AckWait to the other executor of the same node.
+	lost.Close()
+	r.executor("successor", nil, node)
+	if again := r.await(fleet.EventStarted, 30*time.Second, &seen); again.Attempt != 2 || sim.Stats().Completed != 0 {
+		t.Fatalf("attempt %d started with %d prompts completed; want the redelivery while the first prompt still runs",
+			again.Attempt, sim.Stats().Completed)
+	}
+	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	if done.Attempt != 2 || len(done.Outputs) == 0 {
+		t.Errorf("completed attempt %d with %d outputs; want the redelivery with outputs", done.Attempt, len(done.Outputs))
+	}
+	if st := sim.Stats(); st.Prompts != 1 || len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, "1") || st.Interrupted != 0 {
+		t.Errorf("node took %d prompts, rendered %v, interrupted %d; want the first attempt's prompt once, uninterrupted",
+			st.Prompts, st.Rendered, st.Interrupted)
 	}
 }
