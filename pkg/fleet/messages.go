@@ -20,6 +20,9 @@ type SceneSpec struct {
 	TimeoutS int `json:"timeout_s,omitempty"`
 }
 
+// Timeout is TimeoutS as a duration, zero for no limit.
+func (s SceneSpec) Timeout() time.Duration { return time.Duration(s.TimeoutS) * time.Second }
+
 // WorkItem is one scene on its way from intake through the dispatcher to an
 // executor: everything an executor needs, with the graph already resolved.
 type WorkItem struct {
