@@ -14,42 +14,50 @@ import (
 // errCancelled ends an attempt whose scene was cancelled through the API.
 var errCancelled = errors.New("scene cancelled")
 
+// sceneRun names one run of a scene: its first, or one started by hand after it
+// failed.
+type sceneRun struct {
+	job   string
+	index int
+	retry int
+}
+
 // attempts maps the scenes running on this executor's nodes to the cancel functions
 // of their attempts, so that a cancelled event can stop them.
 type attempts struct {
 	mu      sync.Mutex
-	running map[string]map[string]context.CancelCauseFunc // scene key → node → cancel
+	running map[sceneRun]map[string]context.CancelCauseFunc // by node
 }
 
-// add registers the attempt of scene on node until the returned function is called.
-func (a *attempts) add(scene, node string, cancel context.CancelCauseFunc) (remove func()) {
+// add registers the attempt of r on node until the returned function is called.
+func (a *attempts) add(r sceneRun, node string, cancel context.CancelCauseFunc) (remove func()) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.running == nil {
-		a.running = map[string]map[string]context.CancelCauseFunc{}
+		a.running = map[sceneRun]map[string]context.CancelCauseFunc{}
 	}
-	if a.running[scene] == nil {
-		a.running[scene] = map[string]context.CancelCauseFunc{}
+	if a.running[r] == nil {
+		a.running[r] = map[string]context.CancelCauseFunc{}
 	}
-	a.running[scene][node] = cancel
+	a.running[r][node] = cancel
 	return func() {
 		a.mu.Lock()
 		defer a.mu.Unlock()
-		delete(a.running[scene], node)
-		if len(a.running[scene]) == 0 {
-			delete(a.running, scene)
+		delete(a.running[r], node)
+		if len(a.running[r]) == 0 {
+			delete(a.running, r)
 		}
 	}
 }
 
-// cancel ends every running attempt of scene with errCancelled and reports how many.
-func (a *attempts) cancel(scene string) int {
+// cancel ends every running attempt of r with errCancelled and reports how many.
+func (a *attempts) cancel(r sceneRun) int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for _, cancel := range a.running[scene] {
+	for _, cancel := range a.running[r] {
 		cancel(errCancelled)
 	}
-	return len(a.running[scene])
+	return len(a.running[r])
 }
 
 // followCancels listens to the cancelled events of every scene from now on and ends
@@ -74,9 +82,8 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 			e.log.Warn("drop undecodable cancelled event", "subject", msg.Subject(), "err", err)
 			return
 		}
-		key := fleet.SceneKey(ev.JobID, ev.Index)
-		if n := e.attempts.cancel(key); n > 0 {
-			e.log.Info("scene cancelled; interrupting it", "scene", key)
+		if n := e.attempts.cancel(sceneRun{ev.JobID, ev.Index, ev.Retry}); n > 0 {
+			e.log.Info("scene cancelled; interrupting it", "scene", fleet.SceneKey(ev.JobID, ev.Index), "retry", ev.Retry)
 		}
 	})
 	if err != nil {
@@ -85,15 +92,19 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 	return func() { cc.Stop(); <-cc.Closed() }, nil
 }
 
-// cancelled reports whether the scene was cancelled, from its event: the jobs bucket
-// may not show it yet.
+// cancelled reports whether the item's run of its scene was cancelled, from its
+// event: the jobs bucket may not show it yet.
 func (e *executor) cancelled(ctx context.Context, item fleet.WorkItem) (bool, error) {
-	_, err := e.events.GetLastMsgForSubject(ctx, fleet.SceneEventSubject(item.JobID, item.Index, fleet.EventCancelled))
-	switch {
-	case errors.Is(err, jetstream.ErrMsgNotFound):
+	raw, err := e.events.GetLastMsgForSubject(ctx, fleet.SceneEventSubject(item.JobID, item.Index, fleet.EventCancelled))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return false, nil
-	case err != nil:
+	}
+	if err != nil {
 		return false, fmt.Errorf("look up cancellation of scene %s: %w", item.MsgID(), err)
 	}
-	return true, nil
+	ev, err := fleet.DecodeSceneEvent(raw.Data)
+	if err != nil {
+		return false, fmt.Errorf("look up cancellation of scene %s: %w", item.MsgID(), err)
+	}
+	return ev.Retry >= item.Retry, nil
 }

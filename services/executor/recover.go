@@ -33,12 +33,13 @@ func (e *executor) execute(ctx context.Context, n *node, item fleet.WorkItem, at
 	return n.client.Run(ctx, item.Graph, promptID(item, attempt), onProgress)
 }
 
-// earlier finds on n the latest earlier attempt's prompt of the scene that is still
-// queued or running (its id and a nil entry), else the latest that succeeded (its id
-// and history entry). A node that cannot be asked shows nothing: submitting anew then
-// meets the same trouble and reports it.
+// earlier finds on n the latest earlier attempt's prompt of the scene's run that is
+// still queued or running (its id and a nil entry), else the latest that succeeded
+// (its id and history entry). A node that cannot be asked shows nothing: submitting
+// anew then meets the same trouble and reports it.
 func earlier(ctx context.Context, n *node, item fleet.WorkItem, attempt int, log *slog.Logger) (string, *comfy.HistoryEntry) {
-	if attempt <= 1 {
+	first := item.AttemptBase + 1
+	if attempt <= first {
 		return "", nil
 	}
 	q, err := n.client.Queue(ctx)
@@ -46,14 +47,14 @@ func earlier(ctx context.Context, n *node, item fleet.WorkItem, attempt int, log
 		log.Debug("cannot look for earlier attempts on the node", "err", err)
 		return "", nil
 	}
-	for k := attempt - 1; k >= 1; k-- {
+	for k := attempt - 1; k >= first; k-- {
 		if id := promptID(item, k); q.Contains(id) {
 			return id, nil
 		}
 	}
 	// A prompt leaves the queue in the same step that records it in history, so
 	// one that left since the queue was read is found here.
-	for k := attempt - 1; k >= 1; k-- {
+	for k := attempt - 1; k >= first; k-- {
 		id := promptID(item, k)
 		h, err := n.client.History(ctx, id)
 		if err != nil {
