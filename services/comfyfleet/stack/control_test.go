@@ -439,3 +439,61 @@ func TestJobEventsStreamStopsWhenTheClientLeaves(t *testing.T) {
 	for range ch {
 	}
 }
+
+func TestCancelStopsARetriedScene(t *testing.T) {
+	t.Parallel()
+	f := startPartsWith(t, simSpec{sim: comfysim.Config{StepDuration: time.Millisecond, OOMRate: 1}, pools: []string{"cursed"}})
+	job, _ := postJob(t, f.apiURL, map[string]any{"callback_url": f.hooks.URL, "scenes": []any{
+		map[string]any{"workflow": "txt2img", "pool": "cursed", "params": map[string]any{"steps": 150}},
+	}})
+	if first := f.hooks.wait(t, job.ID, 60*time.Second); first.Body.Type != "job.failed" {
+		t.Fatalf("first webhook %s, want job.failed", first.Body.Type)
+	}
+
+	// The pool gets a sound but slow node instead, and the scene runs again there.
+	f.stopExecutorOf(f.nodes[0].ID)
+	slow, err := comfysim.Start(comfysim.Config{Name: "slow", StepDuration: 10 * time.Millisecond, Speed: 0.5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { slow.Close() })
+	f.startExecutor("exec-slow", fleet.NodeConfig{ID: "slow", URL: slow.URL(), Pools: []string{"cursed"}, Weight: 1}, nil)
+	progress := make(chan *nats.Msg, 64)
+	sub, err := f.nc.ChanSubscribe(fleet.SceneEventSubject(job.ID, 0, fleet.EventProgress), progress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if status := postEmpty(t, f.apiURL+"/v1/jobs/"+job.ID+"/scenes/0/retry"); status != http.StatusAccepted {
+		t.Fatalf("retry: %d, want 202", status)
+	}
+	select {
+	case <-progress:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the retried scene made no progress")
+	}
+
+	if resp, body := postCancel(t, f.apiURL, job.ID); resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("cancel: %s: %s", resp.Status, body)
+	}
+	fleettest.Eventually(t, time.Second, func() bool { return slow.Stats().Interrupted == 1 },
+		"the retried scene was not interrupted within a second of the cancel")
+	second := f.hooks.wait(t, job.ID, 30*time.Second)
+	if s := second.Body.Job.Scenes[0]; second.Body.Type != "job.cancelled" || s.Status != "cancelled" {
+		t.Fatalf("second webhook %s with scene %s; want job.cancelled", second.Body.Type, s.Status)
+	}
+
+	// The job's event stream runs past the end of its first round to the end of its
+	// second.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	got := collect(t, openEvents(ctx, t, f.apiURL, job.ID, ""))
+	ids := make([]string, len(got))
+	for i, ev := range got {
+		ids[i] = ev.ID
+	}
+	failed, cancelled := fleet.JobEventID(job.ID, fleet.EventFailed, 0), fleet.JobEventID(job.ID, fleet.EventCancelled, 1)
+	if !slices.Contains(ids, failed) || len(ids) == 0 || ids[len(ids)-1] != cancelled {
+		t.Errorf("event stream %v; want %s on the way and %s last", ids, failed, cancelled)
+	}
+}
