@@ -14,7 +14,7 @@ import (
 // Job is a job as clients see it.
 type Job struct {
 	ID          string     `json:"id" doc:"Job id."`
-	Status      string     `json:"status" enum:"queued,running,succeeded,failed,cancelled" doc:"queued until a scene starts, running until every scene is terminal, then succeeded if all succeeded, else failed."`
+	Status      string     `json:"status" enum:"queued,running,succeeded,failed,cancelled" doc:"queued until a scene starts, running until every scene is terminal, then failed if a scene failed, else cancelled if a scene was cancelled, else succeeded."`
 	Priority    int        `json:"priority" doc:"Priority 1 (lowest) to 10."`
 	CallbackURL string     `json:"callback_url,omitempty" doc:"Where the job is POSTed when it is done."`
 	Scenes      []Scene    `json:"scenes"`
@@ -31,6 +31,7 @@ type Scene struct {
 	Status     string          `json:"status" enum:"queued,running,succeeded,failed,cancelled"`
 	Node       string          `json:"node,omitempty" doc:"The node running or that ran the scene."`
 	Attempts   int             `json:"attempts" doc:"Attempts started so far."`
+	TimeoutS   int             `json:"timeout_s,omitempty" doc:"Most seconds one attempt may run."`
 	Progress   *fleet.Progress `json:"progress,omitempty" doc:"Sampler progress of the running attempt."`
 	Error      string          `json:"error,omitempty"`
 	Failures   []fleet.Attempt `json:"failures,omitempty" doc:"Every failed attempt: node and error."`
@@ -79,6 +80,7 @@ func FromJob(j *fleet.Job, baseURL string) Job {
 			Status:     string(s.Status),
 			Node:       s.Node,
 			Attempts:   s.Attempts,
+			TimeoutS:   s.Spec.TimeoutS,
 			Progress:   s.Progress,
 			Error:      s.Error,
 			Failures:   s.Failures,

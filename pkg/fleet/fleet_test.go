@@ -96,3 +96,23 @@ func TestApplyIgnoresStaleAndRepeatedEvents(t *testing.T) {
 		t.Fatalf("job %s finished %v, want failed and finished", j.Status, j.FinishedAt)
 	}
 }
+
+func TestApplyCancelsWhicheverAttemptRuns(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	j := fleet.Job{ID: "j", Status: fleet.StatusRunning, Scenes: []fleet.Scene{
+		{Status: fleet.StatusRunning, Attempts: 2, Node: "a"},
+		{Status: fleet.StatusSucceeded, Attempts: 1},
+	}}
+	// The intake cancels from a job state that may lag behind the executors, so its
+	// event names no attempt.
+	if !j.Apply(fleet.SceneEvent{JobID: "j", Index: 0, Type: fleet.EventCancelled, Time: now}) {
+		t.Fatal("cancellation of a scene in its second attempt was ignored")
+	}
+	if j.Scenes[0].Status != fleet.StatusCancelled || j.Status != fleet.StatusCancelled || j.FinishedAt == nil {
+		t.Fatalf("scene %s, job %s finished %v; want both cancelled and finished", j.Scenes[0].Status, j.Status, j.FinishedAt)
+	}
+	if j.Apply(fleet.SceneEvent{JobID: "j", Index: 0, Type: fleet.EventCompleted, Attempt: 2, Node: "a", Time: now}) {
+		t.Fatal("a completion after the cancellation changed the scene")
+	}
+}

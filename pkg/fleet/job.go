@@ -10,8 +10,9 @@ import (
 type Status string
 
 // Scene and job states. A scene moves queued → running → succeeded | failed
-// (running → queued again between attempts); a job is running while any scene is not
-// terminal, then succeeded if every scene succeeded, else failed.
+// (running → queued again between attempts), or to cancelled from any state that is
+// not terminal; a job is running while any scene is not terminal, then failed if a
+// scene failed, else cancelled if a scene was cancelled, else succeeded.
 const (
 	StatusQueued    Status = "queued"
 	StatusRunning   Status = "running"
@@ -72,14 +73,16 @@ type Job struct {
 
 // Apply folds a scene event into the job and reports whether anything changed.
 // It is idempotent and tolerates events out of order or from stale attempts: a
-// terminal scene never changes again, and an event of an older attempt than the one
-// recorded is ignored.
+// terminal scene never changes again, an event of an earlier run (see Retries) is
+// ignored, and so is one of an older attempt than the one recorded, except a
+// completion (the work is done, whichever attempt did it) and a cancellation (it
+// applies to the scene, whichever attempt runs).
 func (j *Job) Apply(e SceneEvent) bool {
 	if e.Index < 0 || e.Index >= len(j.Scenes) {
 		return false
 	}
 	s := &j.Scenes[e.Index]
-	stale := e.Retry < s.Retries || e.Attempt < s.Attempts && e.Type != EventCompleted
+	stale := e.Retry < s.Retries || e.Attempt < s.Attempts && e.Type != EventCompleted && e.Type != EventCancelled
 	if s.Status.Terminal() || stale {
 		return false
 	}

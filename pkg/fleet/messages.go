@@ -15,7 +15,13 @@ type SceneSpec struct {
 	Params   map[string]any `json:"params,omitempty"`
 	Graph    Graph          `json:"graph,omitempty"`
 	Pool     string         `json:"pool,omitempty"`
+	// TimeoutS is the most seconds one attempt may run: the client's, or the pool's
+	// default.
+	TimeoutS int `json:"timeout_s,omitempty"`
 }
+
+// Timeout is TimeoutS as a duration, zero for no limit.
+func (s SceneSpec) Timeout() time.Duration { return time.Duration(s.TimeoutS) * time.Second }
 
 // WorkItem is one scene on its way from intake through the dispatcher to an
 // executor: everything an executor needs, with the graph already resolved.
@@ -34,6 +40,9 @@ type WorkItem struct {
 	// AttemptBase is the number of attempts made in earlier runs, so attempts keep
 	// counting up across retries.
 	AttemptBase int `json:"attempt_base,omitempty"`
+	// Timeout is the most time one attempt may run on its node; then it is
+	// interrupted and counts as a transient failure. Zero means no limit.
+	Timeout time.Duration `json:"timeout_ns,omitempty"`
 }
 
 // MsgID is the JetStream de-duplication id of the scene's submit and work messages.

@@ -67,6 +67,9 @@ func JobEventSubject(job string, typ EventType) string {
 // SceneEventsFilter matches every scene event of every job.
 const SceneEventsFilter = eventPrefix + ".scene.>"
 
+// SceneCancelledFilter matches the cancelled events of every scene of every job.
+const SceneCancelledFilter = eventPrefix + ".scene.*.*." + string(EventCancelled)
+
 // JobEventsFilter returns the filter that matches every event, scene or job, of job.
 func JobEventsFilter(job string) []string {
 	return []string{eventPrefix + ".scene." + job + ".>", eventPrefix + ".job." + job + ".>"}

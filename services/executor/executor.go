@@ -107,6 +107,8 @@ type executor struct {
 	outputs   jetstream.ObjectStore
 	pub       *fleet.Publisher
 	consumers map[string]jetstream.Consumer
+	events    jetstream.Stream
+	attempts  attempts
 	metrics   metrics
 }
 
@@ -143,6 +145,14 @@ func run(ctx context.Context, cfg Config) error {
 	if e.outputs, err = js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
 		return fmt.Errorf("executor: open outputs: %w", err)
 	}
+	if e.events, err = js.Stream(ctx, fleet.StreamEvents); err != nil {
+		return fmt.Errorf("executor: open events: %w", err)
+	}
+	stopCancels, err := e.followCancels(ctx)
+	if err != nil {
+		return err
+	}
+	defer stopCancels()
 	registry, err := js.KeyValue(ctx, fleet.BucketRegistry)
 	if err != nil {
 		return fmt.Errorf("executor: open registry: %w", err)
@@ -201,7 +211,7 @@ func (e *executor) serve(ctx context.Context, n *node) {
 		wait = 100 * time.Millisecond
 	}
 	for ctx.Err() == nil {
-		if !n.waitHealthy(ctx) {
+		if !n.waitHealthy(ctx) || !n.waitHeldOff(ctx) {
 			return
 		}
 		for _, cons := range pools {

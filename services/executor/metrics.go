@@ -20,7 +20,7 @@ func newMetrics() (metrics, error) {
 	var m metrics
 	var err error
 	if m.attempts, err = meter.Int64Counter("comfyfleet.scene.attempts",
-		metric.WithDescription("Scene attempts by outcome: completed, retrying, failed or handed_back.")); err != nil {
+		metric.WithDescription("Scene attempts by outcome: completed, retrying, failed, cancelled or handed_back.")); err != nil {
 		return m, fmt.Errorf("executor metrics: %w", err)
 	}
 	if m.duration, err = meter.Float64Histogram("comfyfleet.scene.duration", metric.WithUnit("s"),

@@ -24,6 +24,8 @@ type node struct {
 	// up is closed while the node is healthy; down while it is not. Each is replaced
 	// when the node changes state.
 	up, down chan struct{}
+	// heldUntil is when the node may take work again after a failed attempt.
+	heldUntil time.Time
 }
 
 // missedProbes is how many probes in a row may time out before a node is taken

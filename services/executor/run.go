@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"mime"
 	"path"
-	"strconv"
 	"sync"
 	"time"
 
@@ -23,9 +22,10 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
 
-// run executes one delivered scene on n and decides its message: ack on success,
-// nak with back-off on a transient failure, term on a permanent one or the last
-// attempt, and a plain nak (at once) when the executor is stopping.
+// run executes one delivered scene on n and decides its message: ack on success or
+// when the scene was cancelled, nak with back-off on a transient failure, term on a
+// permanent one or the last attempt, and a plain nak (at once) when the executor is
+// stopping.
 func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	md, err := msg.Metadata()
 	if err != nil {
@@ -51,6 +51,13 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	defer span.End()
 	log := e.log.With("scene", item.MsgID(), "node", n.cfg.ID, "attempt", attempt)
 
+	// The attempt ends early when the node is found dead, the scene times out or is
+	// cancelled, not only when we stop.
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stopWatch := e.watch(runCtx, cancel, n, item)
+	defer stopWatch()
+
 	if done, err := e.alreadyTerminal(ctx, item); err == nil && done {
 		log.Info("scene already terminal; dropping its redelivery")
 		fleet.Ack(ctx, e.log, msg)
@@ -65,35 +72,28 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 		log.Warn("publish started event", "err", err)
 	}
 
-	// The attempt ends early when the node is found dead, not only when we stop.
-	runCtx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	lost := n.lost()
-	go func() {
-		select {
-		case <-lost:
-			cancel(errNodeLost)
-		case <-runCtx.Done():
-		}
-	}()
-
 	start := time.Now()
-	promptID := comfy.PromptID(item.JobID, strconv.Itoa(item.Index), strconv.Itoa(attempt))
-	res, err := n.client.Run(runCtx, item.Graph, promptID, e.progress(ctx, item, attempt, n.cfg.ID))
+	res, err := e.execute(runCtx, n, item, attempt, log, e.progress(ctx, item, attempt, n.cfg.ID))
 	var outputs []fleet.Output
 	if err == nil {
 		outputs, err = e.store(runCtx, n, item, res.Outputs)
 	}
 	elapsed := time.Since(start)
-	if cause := context.Cause(runCtx); errors.Is(cause, errNodeLost) && ctx.Err() == nil {
-		err = fmt.Errorf("node %s: %w", n.cfg.ID, errNodeLost)
-	}
 
 	if ctx.Err() != nil {
 		log.Info("stopping: handing the scene back")
 		e.metrics.attempt(context.WithoutCancel(ctx), n.cfg.ID, "handed_back")
 		_ = msg.Nak()
 		return
+	}
+	if errors.Is(context.Cause(runCtx), errCancelled) {
+		log.Info("scene cancelled: attempt stopped", "seconds", elapsed.Seconds())
+		e.metrics.attempt(ctx, n.cfg.ID, "cancelled")
+		fleet.Ack(ctx, e.log, msg)
+		return
+	}
+	if err != nil {
+		err = attemptError(runCtx, n, err)
 	}
 	if err == nil {
 		ev := event(fleet.EventCompleted)
@@ -139,10 +139,8 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	e.metrics.attempt(ctx, n.cfg.ID, "retrying")
 	_ = msg.NakWithDelay(delay)
 	log.Warn("scene attempt failed; retrying", "in", delay, "err", err)
+	e.prepareRetry(ctx, n, err, delay)
 }
-
-// errNodeLost ends an attempt whose node stopped answering its probes.
-var errNodeLost = errors.New("node stopped answering during the scene")
 
 // keepAlive marks msg in progress every heartbeat interval until the returned
 // function is called.
@@ -167,8 +165,12 @@ func (e *executor) keepAlive(msg jetstream.Msg) (stop func()) {
 }
 
 // alreadyTerminal reports whether the scene has ended, as for a redelivery after
-// the completion was recorded but the acknowledgement lost.
+// the completion was recorded but the acknowledgement lost, or a scene cancelled
+// before it started.
 func (e *executor) alreadyTerminal(ctx context.Context, item fleet.WorkItem) (bool, error) {
+	if cancelled, err := e.cancelled(ctx, item); err != nil || cancelled {
+		return cancelled, err
+	}
 	job, _, err := e.jobs.Get(ctx, item.JobID)
 	if err != nil {
 		return false, err

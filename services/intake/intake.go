@@ -112,6 +112,8 @@ type intake struct {
 	keys     *tenancy.Store
 	limits   *limiters
 	accepted metric.Int64Counter
+	// done is closed when the intake stops; long-lived responses end then.
+	done <-chan struct{}
 }
 
 // Run serves the API until ctx is done, then lets running requests finish.
@@ -164,7 +166,7 @@ func spanName(_ string, r *http.Request) string {
 }
 
 func open(ctx context.Context, cfg Config) (*intake, error) {
-	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn}
+	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn, done: ctx.Done()}
 	var err error
 	if in.js, err = jetstream.New(cfg.Conn); err != nil {
 		return nil, fmt.Errorf("intake: jetstream: %w", err)

@@ -1,6 +1,7 @@
 package intake
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -81,6 +82,7 @@ func (in *intake) addRoutes(a huma.API) {
 		Summary:     "Readiness: NATS and JetStream answer",
 		Tags:        []string{"health"},
 	}, in.ready)
+	in.addControlRoutes(a)
 }
 
 // SceneInput is one scene of a job request.
@@ -89,6 +91,7 @@ type SceneInput struct {
 	Params   map[string]any `json:"params,omitempty" doc:"Values of the template's named parameters."`
 	Graph    map[string]any `json:"graph,omitempty" doc:"A ComfyUI API-format graph: node id to {class_type, inputs}. Give this or workflow."`
 	Pool     string         `json:"pool,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Pool of nodes to run on. Defaults to the template's pool, or image."`
+	TimeoutS int            `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Most seconds one attempt may run; then it is interrupted and retried, elsewhere if possible. Defaults to 3600 in the video pool, 600 elsewhere."`
 }
 
 // JobInput is the body of a job request.
@@ -172,6 +175,7 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 		if r.pool == "" {
 			r.pool = workflow.DefaultPool
 		}
+		r.spec.TimeoutS = cmp.Or(s.TimeoutS, defaultTimeout(r.pool))
 		out[i] = r
 	}
 	return out, errs
@@ -232,6 +236,7 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 		item := fleet.WorkItem{
 			JobID: job.ID, Index: i, Tenant: job.Tenant, Priority: job.Priority, Pool: s.pool,
 			Workflow: s.spec.Workflow, Graph: s.graph, SubmittedAt: job.CreatedAt,
+			Timeout: s.spec.Timeout(),
 		}
 		if err := in.pub.JSON(ctx, fleet.SubmitSubject(job.ID, i), item.MsgID(), item); err != nil {
 			return nil, huma.Error503ServiceUnavailable("cannot queue the job's scenes now; retry", err)

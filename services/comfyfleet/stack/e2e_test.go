@@ -198,6 +198,8 @@ func TestProblemDetailsNameTheField(t *testing.T) {
 		"priority 0":        {map[string]any{"priority": 0, "scenes": []any{map[string]any{"workflow": "demo"}}}, "body.priority"},
 		"callback not url":  {map[string]any{"callback_url": "not a url", "scenes": []any{map[string]any{"workflow": "demo"}}}, "body.callback_url"},
 		"callback ftp":      {map[string]any{"callback_url": "ftp://example.com/x", "scenes": []any{map[string]any{"workflow": "demo"}}}, "body.callback_url"},
+		"timeout 0":         {map[string]any{"scenes": []any{map[string]any{"workflow": "demo", "timeout_s": 0}}}, "body.scenes[0].timeout_s"},
+		"timeout over 24h":  {map[string]any{"scenes": []any{map[string]any{"workflow": "demo", "timeout_s": 86401}}}, "body.scenes[0].timeout_s"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			body, _ := json.Marshal(tc.body)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
 	"sync"
 	"testing"
 	"time"
@@ -32,8 +33,15 @@ type parts struct {
 	hooks  *hookReceiver
 
 	sims      []*comfysim.Server
+	nodes     []fleet.NodeConfig
 	mu        sync.Mutex
 	executors map[string]*lostExecutor
+
+	t        *testing.T
+	ctx      context.Context
+	settings fleet.Settings
+	connect  func() *nats.Conn
+	run      func(name string, f func() error)
 }
 
 type lostExecutor struct {
@@ -45,6 +53,8 @@ type lostExecutor struct {
 type simSpec struct {
 	sim   comfysim.Config
 	pools []string
+	// transport, if not nil, carries the executor's calls to the node.
+	transport http.RoundTripper
 }
 
 func startParts(t *testing.T, executors int) *parts {
@@ -101,7 +111,8 @@ func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &parts{apiURL: "http://" + ln.Addr().String(), nc: nc, js: js, hooks: newHookReceiver(t), executors: map[string]*lostExecutor{}}
+	p := &parts{apiURL: "http://" + ln.Addr().String(), nc: nc, js: js, hooks: newHookReceiver(t), executors: map[string]*lostExecutor{},
+		t: t, ctx: ctx, settings: settings, connect: connect, run: run}
 	dc, nt, in := connect(), connect(), connect()
 	run("dispatcher", func() error { return dispatcher.Run(ctx, dispatcher.Config{Conn: dc, Settings: settings, Logger: log}) })
 	run("notifier", func() error {
@@ -119,17 +130,27 @@ func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec)
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { sim.Close() })
-		p.sims = append(p.sims, sim)
 		node := fleet.NodeConfig{ID: spec.sim.Name, URL: sim.URL(), Pools: spec.pools, Weight: 1}
-		ec := connect()
-		ectx, ecancel := context.WithCancel(ctx)
-		p.executors[node.ID] = &lostExecutor{nc: ec, cancel: ecancel}
-		run("executor "+node.ID, func() error {
-			return executor.Run(ectx, executor.Config{Conn: ec, Settings: settings, Nodes: []fleet.NodeConfig{node},
-				Name: fmt.Sprintf("exec-%d", i), HeartbeatInterval: 200 * time.Millisecond, Logger: log})
-		})
+		p.sims, p.nodes = append(p.sims, sim), append(p.nodes, node)
+		p.startExecutor(fmt.Sprintf("exec-%d", i), node, spec.transport)
 	}
 	return p
+}
+
+// startExecutor runs an executor of its own for node, talking to it through
+// transport if not nil; it becomes the one that stopExecutorOf and crashExecutorOf
+// stop.
+func (p *parts) startExecutor(name string, node fleet.NodeConfig, transport http.RoundTripper) {
+	cfg := executor.Config{Conn: p.connect(), Settings: p.settings, Nodes: []fleet.NodeConfig{node},
+		Name: name, HeartbeatInterval: 200 * time.Millisecond, Logger: testLogger(p.t)}
+	if transport != nil {
+		cfg.HTTPClient = &http.Client{Transport: transport}
+	}
+	ctx, cancel := context.WithCancel(p.ctx)
+	p.mu.Lock()
+	p.executors[node.ID] = &lostExecutor{nc: cfg.Conn, cancel: cancel}
+	p.mu.Unlock()
+	p.run("executor "+name, func() error { return executor.Run(ctx, cfg) })
 }
 
 // stopExecutorOf stops the executor driving node as SIGTERM does.

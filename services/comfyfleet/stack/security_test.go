@@ -126,6 +126,9 @@ func TestKeysRolesAndTenantIsolation(t *testing.T) {
 	if st, _, _ := call(t, "POST", b.api+"/v1/jobs", aRead, job); st != http.StatusForbidden {
 		t.Errorf("read key submitting: %d, want 403", st)
 	}
+	if st, _, _ := call(t, "POST", b.api+"/v1/jobs/any/cancel", aRead, nil); st != http.StatusForbidden {
+		t.Errorf("read key cancelling: %d, want 403", st)
+	}
 	for _, path := range []string{"/healthz", "/readyz", "/openapi.json", "/docs"} {
 		if st, _, _ := call(t, "GET", b.api+path, "", nil); st != http.StatusOK {
 			t.Errorf("GET %s without a key: %d, want 200", path, st)
@@ -153,6 +156,8 @@ func TestKeysRolesAndTenantIsolation(t *testing.T) {
 		"job":    {"GET", b.api + "/v1/jobs/" + created.ID},
 		"output": {"GET", out},
 		"retry":  {"POST", b.api + "/v1/jobs/" + created.ID + "/scenes/0/retry"},
+		"cancel": {"POST", b.api + "/v1/jobs/" + created.ID + "/cancel"},
+		"events": {"GET", b.api + "/v1/jobs/" + created.ID + "/events"},
 	} {
 		if st, _, _ := call(t, req[0], req[1], bSubmit, nil); st != http.StatusNotFound {
 			t.Errorf("another tenant's %s: %d, want 404", name, st)

@@ -1,0 +1,499 @@
+package stack_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/comfyfleet/comfyfleet/pkg/api"
+	"github.com/comfyfleet/comfyfleet/pkg/comfy"
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+)
+
+// viewGate holds every output download of the executor that talks through it, so
+// that the executor can be lost after ComfyUI finished a prompt and before the scene
+// is recorded.
+type viewGate struct {
+	base http.RoundTripper
+	held chan struct{}
+}
+
+func (g *viewGate) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Path == "/view" {
+		select {
+		case g.held <- struct{}{}:
+		default:
+		}
+		<-req.Context().Done()
+		return nil, req.Context().Err()
+	}
+	return g.base.RoundTrip(req)
+}
+
+func TestRedeliveredSceneWhosePromptFinishedIsNotRenderedAgain(t *testing.T) {
+	t.Parallel()
+	gate := &viewGate{base: http.DefaultTransport.(*http.Transport).Clone(), held: make(chan struct{}, 1)}
+	f := startPartsWith(t, simSpec{sim: comfysim.Config{StepDuration: 10 * time.Millisecond}, pools: []string{"image"}, transport: gate})
+	node, sim := f.nodes[0], f.sims[0]
+
+	job, _ := postJob(t, f.apiURL, sceneJob(f.hooks.URL, 1, 20))
+	select {
+	case <-gate.held:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the executor never fetched the outputs")
+	}
+	first := comfy.PromptID(job.ID, "0", "1")
+	if got := sim.Stats().Rendered; len(got) != 1 || got[0] != first {
+		t.Fatalf("rendered %v before the crash, want the first attempt's prompt", got)
+	}
+	// Lost between ComfyUI's success and the completion event; the same node is the
+	// only one left for the redelivery.
+	f.crashExecutorOf(node.ID)
+	f.startExecutor("successor", node, nil)
+
+	hook := f.hooks.wait(t, job.ID, 60*time.Second)
+	s := hook.Body.Job.Scenes[0]
+	if hook.Body.Job.Status != "succeeded" || s.Attempts != 2 || s.Node != node.ID || len(s.Outputs) == 0 {
+		t.Fatalf("job %s: scene %s on %s after %d attempts with %d outputs; want success at attempt 2 with outputs",
+			hook.Body.Job.Status, s.Status, s.Node, s.Attempts, len(s.Outputs))
+	}
+	if st := sim.Stats(); st.Prompts != 1 || len(st.Rendered) != 1 {
+		t.Errorf("node took %d prompts and rendered %v; want the one prompt, rendered once", st.Prompts, st.Rendered)
+	}
+	res, err := client.Get(s.Outputs[0].URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != "image/png" {
+		t.Errorf("GET %s: %s %s", s.Outputs[0].URL, res.Status, res.Header.Get("Content-Type"))
+	}
+	if n := countSubject(t, f.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, 0, fleet.EventCompleted)); n != 1 {
+		t.Errorf("%d completed events, want 1", n)
+	}
+}
+
+func postCancel(t *testing.T, apiURL, id string) (*http.Response, []byte) {
+	t.Helper()
+	resp, err := client.Post(apiURL+"/v1/jobs/"+id+"/cancel", "application/json", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp, body
+}
+
+func TestCancelInterruptsRunningScenesAndDropsQueuedOnes(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(0.5))
+	sim := b.stack.Sims[0]
+	progress := make(chan *nats.Msg, 64)
+	sub, err := b.nc.ChanSubscribe("fleet.evt.scene.*.*.progress", progress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+
+	// One node: one scene runs for 3s while the other waits behind it.
+	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 2, 150))
+	var running fleet.SceneEvent
+	select {
+	case m := <-progress:
+		running, _ = fleet.DecodeSceneEvent(m.Data)
+	case <-time.After(30 * time.Second):
+		t.Fatal("no scene made progress")
+	}
+
+	resp, body := postCancel(t, b.stack.APIURL, job.ID)
+	answered := time.Now()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("cancel: %s: %s", resp.Status, body)
+	}
+	var shown api.Job
+	if err := json.Unmarshal(body, &shown); err != nil {
+		t.Fatal(err)
+	}
+	if shown.Status != "cancelled" || shown.Scenes[0].Status != "cancelled" || shown.Scenes[1].Status != "cancelled" {
+		t.Errorf("cancel answered job %s with scenes %s, %s; want all cancelled", shown.Status, shown.Scenes[0].Status, shown.Scenes[1].Status)
+	}
+	fleettest.Eventually(t, time.Second, func() bool { return sim.Stats().Interrupted == 1 },
+		"the running prompt was not interrupted within a second of the cancel")
+	t.Logf("running prompt interrupted %s after the cancel was answered", time.Since(answered).Round(time.Millisecond))
+
+	hook := b.hooks.wait(t, job.ID, 30*time.Second)
+	if hook.Body.Type != "job.cancelled" || hook.Body.Job.Status != "cancelled" {
+		t.Fatalf("webhook %s with job %s; want job.cancelled", hook.Body.Type, hook.Body.Job.Status)
+	}
+	for _, s := range hook.Body.Job.Scenes {
+		if s.Status != "cancelled" {
+			t.Errorf("scene %d: %s, want cancelled", s.Index, s.Status)
+		}
+	}
+	queued := 1 - running.Index
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		return countSubject(t, b.js, fleet.StreamWork, fleet.WorkSubject("image")) == 0 && settled(t, b.js)
+	}, "work or webhooks still pending after the cancel")
+	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, queued, fleet.EventStarted)); n != 0 {
+		t.Errorf("the queued scene %d started %d times after the cancel", queued, n)
+	}
+	if st := sim.Stats(); st.Prompts != 1 || len(st.Rendered) != 0 {
+		t.Errorf("node took %d prompts and rendered %v; want only the interrupted one", st.Prompts, st.Rendered)
+	}
+	for _, typ := range []fleet.EventType{fleet.EventCompleted, fleet.EventRetrying, fleet.EventFailed} {
+		if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, running.Index, typ)); n != 0 {
+			t.Errorf("the interrupted scene has %d %s events", n, typ)
+		}
+	}
+	if n := b.hooks.count(job.ID); n != 1 {
+		t.Errorf("webhook delivered %d times, want once", n)
+	}
+	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventCancelled)); n != 1 {
+		t.Errorf("%d job-cancelled events, want 1", n)
+	}
+
+	for name, tc := range map[string]struct {
+		id     string
+		status int
+	}{
+		"finished job": {job.ID, http.StatusConflict},
+		"unknown job":  {"no-such-job", http.StatusNotFound},
+	} {
+		resp, body := postCancel(t, b.stack.APIURL, tc.id)
+		if resp.StatusCode != tc.status || resp.Header.Get("Content-Type") != "application/problem+json" {
+			t.Errorf("cancel of %s: %s %s: %s; want %d problem JSON", name, resp.Status, resp.Header.Get("Content-Type"), body, tc.status)
+		}
+	}
+}
+
+func TestSceneThatKeepsTimingOutFailsWithTheTimeout(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(0.02))
+	job, _ := postJob(t, b.stack.APIURL, map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+		map[string]any{"workflow": "txt2img", "params": map[string]any{"steps": 20, "width": 256, "height": 256}, "timeout_s": 1},
+	}})
+	if got := job.Scenes[0].TimeoutS; got != 1 {
+		t.Errorf("accepted scene has timeout_s %d, want 1", got)
+	}
+	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	s := hook.Body.Job.Scenes[0]
+	if hook.Body.Job.Status != "failed" || s.Error != "timed out after 1s" || s.Attempts != 3 || len(s.Failures) != 3 {
+		t.Fatalf("job %s: scene %q after %d attempts, failures %+v; want failed, timed out after 1s, three times",
+			hook.Body.Job.Status, s.Error, s.Attempts, s.Failures)
+	}
+	sim := b.stack.Sims[0]
+	fleettest.Eventually(t, 5*time.Second, func() bool { return sim.Stats().Interrupted == 3 },
+		"the node did not interrupt the three timed-out prompts")
+	if st := sim.Stats(); st.Prompts != 3 || len(st.Rendered) != 0 {
+		t.Errorf("node took %d prompts and rendered %v; want three, none finished", st.Prompts, st.Rendered)
+	}
+}
+
+func TestVideoSceneOutputsDownloadWithTheirContentTypes(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1))
+	combine := func(prefix, format string) map[string]any {
+		return map[string]any{"class_type": "VHS_VideoCombine", "inputs": map[string]any{
+			"images": []any{"1", 0}, "frame_rate": 8, "loop_count": 0, "filename_prefix": prefix,
+			"format": format, "pingpong": false, "save_output": true}}
+	}
+	graph := map[string]any{
+		"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"width": 64, "height": 64, "batch_size": 8, "color": 0x3366cc}},
+		"2": combine("clip", "video/h264-mp4"),
+		"3": combine("loop", "image/gif"),
+	}
+	job, _ := postJob(t, b.stack.APIURL, map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+		map[string]any{"graph": graph, "pool": "video"},
+	}})
+	if got := job.Scenes[0].TimeoutS; got != 3600 {
+		t.Errorf("video scene has timeout_s %d, want the video default 3600", got)
+	}
+	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	s := hook.Body.Job.Scenes[0]
+	if hook.Body.Job.Status != "succeeded" || len(s.Outputs) != 2 {
+		t.Fatalf("job %s: scene %s with outputs %+v (%s); want two outputs", hook.Body.Job.Status, s.Status, s.Outputs, s.Error)
+	}
+	want := map[string]struct {
+		contentType string
+		magic       func([]byte) bool
+	}{
+		".mp4": {"video/mp4", func(b []byte) bool { return len(b) > 8 && string(b[4:8]) == "ftyp" }},
+		".gif": {"image/gif", func(b []byte) bool { return bytes.HasPrefix(b, []byte("GIF8")) }},
+	}
+	for _, o := range s.Outputs {
+		w, ok := want[o.Name[strings.LastIndex(o.Name, "."):]]
+		if !ok || o.Kind != "gifs" || o.ContentType != w.contentType {
+			t.Errorf("output %s of kind %s as %s; want an mp4 and a gif from gifs", o.Name, o.Kind, o.ContentType)
+			continue
+		}
+		res, err := client.Get(o.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != w.contentType || !w.magic(body) || int64(len(body)) != o.Size {
+			t.Errorf("GET %s: %s %s, %d bytes starting %q; want %s of %d bytes", o.URL, res.Status, res.Header.Get("Content-Type"),
+				len(body), body[:min(len(body), 12)], w.contentType, o.Size)
+		}
+	}
+}
+
+// sse is one Server-Sent Event.
+type sse struct {
+	ID, Event string
+	Data      fleet.Event
+}
+
+// openEvents opens a job's event stream; lastID, if not empty, resumes after it.
+func openEvents(ctx context.Context, t *testing.T, apiURL, job, lastID string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, apiURL+"/v1/jobs/"+job+"/events", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lastID != "" {
+		req.Header.Set("Last-Event-ID", lastID)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("GET events: %s %s", resp.Status, resp.Header.Get("Content-Type"))
+	}
+	return resp
+}
+
+// readEvents parses a Server-Sent Events stream, sending each event on out, until
+// the stream ends; it returns the error that ended it (nil at a clean end).
+func readEvents(r io.Reader, out chan<- sse) error {
+	defer close(out)
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64<<10), 4<<20)
+	var ev sse
+	var data string
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case line == "":
+			if data != "" {
+				if err := json.Unmarshal([]byte(data), &ev.Data); err != nil {
+					return err
+				}
+				out <- ev
+			}
+			ev, data = sse{}, ""
+		case strings.HasPrefix(line, ":"):
+		case strings.HasPrefix(line, "id: "):
+			ev.ID = strings.TrimPrefix(line, "id: ")
+		case strings.HasPrefix(line, "event: "):
+			ev.Event = strings.TrimPrefix(line, "event: ")
+		case strings.HasPrefix(line, "data: "):
+			data += strings.TrimPrefix(line, "data: ")
+		}
+	}
+	return sc.Err()
+}
+
+// collect reads a whole event stream, failing the test if it does not end within
+// the context's deadline.
+func collect(t *testing.T, resp *http.Response) []sse {
+	t.Helper()
+	defer resp.Body.Close()
+	ch := make(chan sse, 16)
+	errc := make(chan error, 1)
+	go func() { errc <- readEvents(resp.Body, ch) }()
+	var got []sse
+	for ev := range ch {
+		got = append(got, ev)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("event stream ended with %v after %d events", err, len(got))
+	}
+	return got
+}
+
+func TestJobEventsStreamLiveInOrderAndEnd(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1, 1))
+	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 2, 60))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	got := collect(t, openEvents(ctx, t, b.stack.APIURL, job.ID, ""))
+
+	if len(got) == 0 || got[len(got)-1].ID != fleet.JobEventID(job.ID, fleet.EventCompleted, 0) {
+		t.Fatalf("stream of %d events did not end with the job's completion: %+v", len(got), got)
+	}
+	if last := got[len(got)-1]; last.Event != "dev.comfyfleet.job.completed" {
+		t.Errorf("last event type %q", last.Event)
+	}
+	type seen struct {
+		order    []fleet.EventType
+		progress []int
+	}
+	scenes := map[int]*seen{0: {}, 1: {}}
+	for _, ev := range got {
+		if ev.Data.ID != ev.ID || ev.Data.Type != ev.Event || ev.Data.SpecVersion != "1.0" {
+			t.Errorf("event %s/%s carries CloudEvent %s/%s", ev.ID, ev.Event, ev.Data.ID, ev.Data.Type)
+		}
+		if !strings.HasPrefix(ev.Event, "dev.comfyfleet.scene.") {
+			continue
+		}
+		var se fleet.SceneEvent
+		if err := json.Unmarshal(ev.Data.Data, &se); err != nil {
+			t.Fatal(err)
+		}
+		s := scenes[se.Index]
+		if len(s.order) == 0 || s.order[len(s.order)-1] != se.Type {
+			s.order = append(s.order, se.Type)
+		}
+		if se.Type == fleet.EventProgress {
+			s.progress = append(s.progress, se.Progress.Value)
+		}
+	}
+	want := []fleet.EventType{fleet.EventQueued, fleet.EventStarted, fleet.EventProgress, fleet.EventCompleted}
+	for i, s := range scenes {
+		if !slices.Equal(s.order, want) {
+			t.Errorf("scene %d: events in order %v, want %v", i, s.order, want)
+		}
+		if len(s.progress) < 2 {
+			t.Errorf("scene %d: progress %v, want several steps", i, s.progress)
+		}
+		for j := 1; j < len(s.progress); j++ {
+			if s.progress[j] <= s.progress[j-1] {
+				t.Errorf("scene %d: progress %v does not increase", i, s.progress)
+				break
+			}
+		}
+	}
+
+	// A client that reconnects with Last-Event-ID gets the rest, and nothing after
+	// the job's last event.
+	mid := len(got) / 2
+	rest := collect(t, openEvents(ctx, t, b.stack.APIURL, job.ID, got[mid].ID))
+	if len(rest) != len(got)-mid-1 || (len(rest) > 0 && rest[0].ID != got[mid+1].ID) {
+		t.Errorf("resumed after %s: %d events, want the %d after it", got[mid].ID, len(rest), len(got)-mid-1)
+	}
+	if after := collect(t, openEvents(ctx, t, b.stack.APIURL, job.ID, got[len(got)-1].ID)); len(after) != 0 {
+		t.Errorf("resumed after the job's end: %d events, want none", len(after))
+	}
+}
+
+func TestJobEventsStreamStopsWhenTheClientLeaves(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(0.25))
+	started := make(chan *nats.Msg, 4)
+	sub, err := b.nc.ChanSubscribe("fleet.evt.scene.*.*.started", started)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 1, 150))
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the scene did not start")
+	}
+	consumers := func() int {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s, err := b.js.Stream(ctx, fleet.StreamEvents)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.CachedInfo().State.Consumers
+	}
+	before := consumers()
+
+	ctx, leave := context.WithCancel(context.Background())
+	resp := openEvents(ctx, t, b.stack.APIURL, job.ID, "")
+	ch := make(chan sse, 64)
+	go readEvents(resp.Body, ch)
+	select {
+	case ev := <-ch:
+		if ev.ID != "scene."+job.ID+".0.queued" {
+			t.Errorf("first event %s, want the scene's queued event", ev.ID)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no event on the stream")
+	}
+	if n := consumers(); n != before+1 {
+		t.Errorf("%d consumers of the events stream while it is followed, want %d", n, before+1)
+	}
+	leave()
+	resp.Body.Close()
+	fleettest.Eventually(t, 5*time.Second, func() bool { return consumers() == before },
+		"the stream's consumer outlived its client")
+	for range ch {
+	}
+}
+
+func TestCancelStopsARetriedScene(t *testing.T) {
+	t.Parallel()
+	f := startPartsWith(t, simSpec{sim: comfysim.Config{StepDuration: time.Millisecond, OOMRate: 1}, pools: []string{"cursed"}})
+	job, _ := postJob(t, f.apiURL, map[string]any{"callback_url": f.hooks.URL, "scenes": []any{
+		map[string]any{"workflow": "txt2img", "pool": "cursed", "params": map[string]any{"steps": 150}},
+	}})
+	if first := f.hooks.wait(t, job.ID, 60*time.Second); first.Body.Type != "job.failed" {
+		t.Fatalf("first webhook %s, want job.failed", first.Body.Type)
+	}
+
+	// The pool gets a sound but slow node instead, and the scene runs again there.
+	f.stopExecutorOf(f.nodes[0].ID)
+	slow, err := comfysim.Start(comfysim.Config{Name: "slow", StepDuration: 10 * time.Millisecond, Speed: 0.5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { slow.Close() })
+	f.startExecutor("exec-slow", fleet.NodeConfig{ID: "slow", URL: slow.URL(), Pools: []string{"cursed"}, Weight: 1}, nil)
+	progress := make(chan *nats.Msg, 64)
+	sub, err := f.nc.ChanSubscribe(fleet.SceneEventSubject(job.ID, 0, fleet.EventProgress), progress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if status := postEmpty(t, f.apiURL+"/v1/jobs/"+job.ID+"/scenes/0/retry"); status != http.StatusAccepted {
+		t.Fatalf("retry: %d, want 202", status)
+	}
+	select {
+	case <-progress:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the retried scene made no progress")
+	}
+
+	if resp, body := postCancel(t, f.apiURL, job.ID); resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("cancel: %s: %s", resp.Status, body)
+	}
+	fleettest.Eventually(t, time.Second, func() bool { return slow.Stats().Interrupted == 1 },
+		"the retried scene was not interrupted within a second of the cancel")
+	second := f.hooks.wait(t, job.ID, 30*time.Second)
+	if s := second.Body.Job.Scenes[0]; second.Body.Type != "job.cancelled" || s.Status != "cancelled" {
+		t.Fatalf("second webhook %s with scene %s; want job.cancelled", second.Body.Type, s.Status)
+	}
+
+	// The job's event stream runs past the end of its first round to the end of its
+	// second.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	got := collect(t, openEvents(ctx, t, f.apiURL, job.ID, ""))
+	ids := make([]string, len(got))
+	for i, ev := range got {
+		ids[i] = ev.ID
+	}
+	failed, cancelled := fleet.JobEventID(job.ID, fleet.EventFailed, 0), fleet.JobEventID(job.ID, fleet.EventCancelled, 1)
+	if !slices.Contains(ids, failed) || len(ids) == 0 || ids[len(ids)-1] != cancelled {
+		t.Errorf("event stream %v; want %s on the way and %s last", ids, failed, cancelled)
+	}
+}

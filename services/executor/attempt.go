@@ -1,0 +1,101 @@
+package executor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfy"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// errNodeLost ends an attempt whose node stopped answering its probes.
+var errNodeLost = errors.New("node stopped answering during the scene")
+
+// timeoutError ends an attempt that ran longer than its scene's timeout.
+type timeoutError struct{ after time.Duration }
+
+func (e *timeoutError) Error() string { return fmt.Sprintf("timed out after %gs", e.after.Seconds()) }
+
+// watch ends the attempt of item on n early, through cancel, when the node is found
+// dead, when the scene's timeout passes, or when the scene is cancelled; the cause
+// tells which. Call the returned function once the attempt is over.
+func (e *executor) watch(ctx context.Context, cancel context.CancelCauseFunc, n *node, item fleet.WorkItem) (stop func()) {
+	remove := e.attempts.add(sceneRun{item.JobID, item.Index, item.Retry}, n.cfg.ID, cancel)
+	var timer *time.Timer
+	if item.Timeout > 0 {
+		timer = time.AfterFunc(item.Timeout, func() { cancel(&timeoutError{after: item.Timeout}) })
+	}
+	lost := n.lost()
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		select {
+		case <-lost:
+			cancel(errNodeLost)
+		case <-ctx.Done():
+		}
+	})
+	return func() {
+		remove()
+		if timer != nil {
+			timer.Stop()
+		}
+		cancel(nil)
+		wg.Wait()
+	}
+}
+
+// attemptError is the error of an attempt that failed with err: the node's loss or
+// the timeout when one of them ended it, else err itself.
+func attemptError(runCtx context.Context, n *node, err error) error {
+	cause := context.Cause(runCtx)
+	if errors.Is(cause, errNodeLost) {
+		return fmt.Errorf("node %s: %w", n.cfg.ID, errNodeLost)
+	}
+	if te, ok := errors.AsType[*timeoutError](cause); ok {
+		return te
+	}
+	return err
+}
+
+// holdOffGrace is how much longer than a retry's delay a node whose attempt failed
+// keeps away from work, so that the retry goes to another node if one is free.
+const holdOffGrace = 500 * time.Millisecond
+
+// maxHoldOff caps that time: a node is not kept idle for long only to let a distant
+// retry pass it by.
+const maxHoldOff = 5 * time.Second
+
+// prepareRetry readies n after an attempt failed there with a transient err and is
+// retried after delay: it frees the memory of a node that ran out of it, and keeps
+// n from taking work until the retry has had its chance to start elsewhere.
+func (e *executor) prepareRetry(ctx context.Context, n *node, err error, delay time.Duration) {
+	if ee, ok := errors.AsType[*comfy.ExecutionError](err); ok && ee.OutOfMemory() {
+		ctx, cancel := context.WithTimeout(ctx, e.cfg.HeartbeatInterval)
+		defer cancel()
+		if err := n.client.Free(ctx); err != nil {
+			e.log.Warn("free memory after running out of it", "node", n.cfg.ID, "err", err)
+		}
+	}
+	n.holdOff(min(delay, maxHoldOff) + holdOffGrace)
+}
+
+// holdOff keeps n from taking work for d.
+func (n *node) holdOff(d time.Duration) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.heldUntil = time.Now().Add(d)
+}
+
+// waitHeldOff blocks while n is held off; it reports false when ctx ended first.
+func (n *node) waitHeldOff(ctx context.Context) bool {
+	n.mu.Lock()
+	d := time.Until(n.heldUntil)
+	n.mu.Unlock()
+	if d > 0 {
+		pause(ctx, d)
+	}
+	return ctx.Err() == nil
+}

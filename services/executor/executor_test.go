@@ -1,0 +1,308 @@
+package executor_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfy"
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/pkg/workflow"
+	"github.com/comfyfleet/comfyfleet/services/executor"
+)
+
+// rig is an embedded NATS with the fleet's streams, executors started on demand, and
+// every scene event they publish.
+type rig struct {
+	t        *testing.T
+	nc       *nats.Conn
+	js       jetstream.JetStream
+	settings fleet.Settings
+	events   chan fleet.SceneEvent
+	ctx      context.Context
+	wg       *sync.WaitGroup
+}
+
+func newRig(t *testing.T) *rig {
+	t.Helper()
+	settings := fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 100 * time.Millisecond, NodeTTL: 3 * time.Second}
+	_, nc, js := fleettest.Fleet(t, settings)
+	r := &rig{t: t, nc: nc, js: js, settings: settings, events: make(chan fleet.SceneEvent, 1024), wg: &sync.WaitGroup{}}
+	sub, err := nc.Subscribe(fleet.SceneEventsFilter, func(m *nats.Msg) {
+		if ev, err := fleet.DecodeSceneEvent(m.Data); err == nil {
+			r.events <- ev
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r.ctx = ctx
+	t.Cleanup(func() { cancel(); r.wg.Wait(); _ = sub.Unsubscribe() })
+	return r
+}
+
+// sim starts a simulated ComfyUI node whose sampler steps take 10ms.
+func (r *rig) sim(cfg comfysim.Config) (*comfysim.Server, fleet.NodeConfig) {
+	r.t.Helper()
+	cfg.StepDuration = 10 * time.Millisecond
+	sim, err := comfysim.Start(cfg)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(func() { sim.Close() })
+	return sim, fleet.NodeConfig{ID: cfg.Name, URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
+}
+
+// executor runs an executor for nodes on a connection of its own, which it returns,
+// until the test ends.
+func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.NodeConfig) *nats.Conn {
+	r.t.Helper()
+	nc, err := nats.Connect(r.nc.ConnectedUrl())
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(nc.Close)
+	cfg := executor.Config{Conn: nc, Settings: r.settings, Nodes: nodes, Name: name, HeartbeatInterval: 200 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(r.t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	if transport != nil {
+		cfg.HTTPClient = &http.Client{Transport: transport}
+	}
+	r.wg.Go(func() {
+		if err := executor.Run(r.ctx, cfg); err != nil {
+			r.t.Errorf("executor %s: %v", name, err)
+		}
+	})
+	return nc
+}
+
+// submit records a job of one txt2img scene of steps sampler steps and hands the
+// scene to the executors of the image pool.
+func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.WorkItem {
+	r.t.Helper()
+	catalog, err := workflow.Load(os.DirFS("../../workflows"))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	tpl, _ := catalog.Get("txt2img")
+	graph, err := tpl.Render(map[string]any{"prompt": "a fox", "steps": steps, "width": 256, "height": 256})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	jobs, err := fleet.OpenJobs(ctx, r.js)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	if err := jobs.Create(ctx, &fleet.Job{ID: job, Status: fleet.StatusQueued, CreatedAt: now, UpdatedAt: now,
+		Scenes: []fleet.Scene{{Index: 0, Pool: "image", Status: fleet.StatusQueued, QueuedAt: now}}}); err != nil {
+		r.t.Fatal(err)
+	}
+	item := fleet.WorkItem{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", Graph: graph, SubmittedAt: now, Timeout: timeout}
+	if err := fleet.NewPublisher(r.js, "test").JSON(ctx, fleet.WorkSubject("image"), item.MsgID(), item); err != nil {
+		r.t.Fatal(err)
+	}
+	return item
+}
+
+// await returns the first scene event of type typ, failing the test after within;
+// every event seen on the way is kept in seen.
+func (r *rig) await(typ fleet.EventType, within time.Duration, seen *[]fleet.SceneEvent) fleet.SceneEvent {
+	r.t.Helper()
+	deadline := time.After(within)
+	for {
+		select {
+		case ev := <-r.events:
+			*seen = append(*seen, ev)
+			if ev.Type == typ {
+				return ev
+			}
+		case <-deadline:
+			r.t.Fatalf("no %s event within %s; saw %+v", typ, within, *seen)
+		}
+	}
+}
+
+func promptID(item fleet.WorkItem, attempt string) string {
+	return comfy.PromptID(item.JobID, "0", attempt)
+}
+
+// wsCutter is a transport that can drop the websockets it opened, as a flaky network
+// between an executor and its ComfyUI node would.
+type wsCutter struct {
+	base http.RoundTripper
+
+	mu       sync.Mutex
+	upgrades int
+	sockets  []io.Closer
+}
+
+func (c *wsCutter) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := c.base.RoundTrip(req)
+	if err == nil && resp.StatusCode == http.StatusSwitchingProtocols {
+		c.mu.Lock()
+		c.upgrades++
+		c.sockets = append(c.sockets, resp.Body)
+		c.mu.Unlock()
+	}
+	return resp, err
+}
+
+// drop closes every open websocket and reports how many it closed.
+func (c *wsCutter) drop() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range c.sockets {
+		_ = s.Close()
+	}
+	n := len(c.sockets)
+	c.sockets = nil
+	return n
+}
+
+func (c *wsCutter) opened() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.upgrades
+}
+
+func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	sim, node := r.sim(comfysim.Config{Name: "gpu"})
+	cutter := &wsCutter{base: http.DefaultTransport.(*http.Transport).Clone()}
+	r.executor("exec", cutter, node)
+	item := r.submit("ws-drop", 60, 0)
+
+	var seen []fleet.SceneEvent
+	for {
+		ev := r.await(fleet.EventProgress, 30*time.Second, &seen)
+		if ev.Progress != nil && ev.Progress.Max > 0 && ev.Progress.Value < ev.Progress.Max/2 {
+			break
+		}
+	}
+	if n := cutter.drop(); n != 1 {
+		t.Fatalf("dropped %d websockets mid-prompt, want 1", n)
+	}
+	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+
+	for _, ev := range seen {
+		if ev.Type == fleet.EventRetrying || ev.Type == fleet.EventFailed {
+			t.Errorf("%s event after the websocket dropped: %s", ev.Type, ev.Error)
+		}
+	}
+	if done.Attempt != 1 || len(done.Outputs) == 0 {
+		t.Errorf("completed attempt %d with %d outputs; want the first attempt with its outputs", done.Attempt, len(done.Outputs))
+	}
+	st := sim.Stats()
+	if st.Prompts != 1 || len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, "1") {
+		t.Errorf("node took %d prompts and rendered %v; want the first attempt's prompt once", st.Prompts, st.Rendered)
+	}
+	if cutter.opened() < 2 {
+		t.Errorf("%d websockets opened; want a reconnection after the drop", cutter.opened())
+	}
+}
+
+func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	oomSim, oom := r.sim(comfysim.Config{Name: "small", OOMRate: 1})
+	okSim, ok := r.sim(comfysim.Config{Name: "large"})
+	r.executor("exec-small", nil, oom)
+	r.submit("oom", 20, 0)
+
+	var seen []fleet.SceneEvent
+	if first := r.await(fleet.EventStarted, 30*time.Second, &seen); first.Node != oom.ID {
+		t.Fatalf("first attempt on %s, want %s", first.Node, oom.ID)
+	}
+	// The other node joins while the first attempt runs, so both compete for the retry.
+	r.executor("exec-large", nil, ok)
+	retry := r.await(fleet.EventRetrying, 30*time.Second, &seen)
+	if retry.Node != oom.ID || !strings.Contains(retry.Error, "OutOfMemoryError") {
+		t.Errorf("retrying event from %s: %q; want the out-of-memory error of %s", retry.Node, retry.Error, oom.ID)
+	}
+	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	if done.Node != ok.ID || done.Attempt != 2 {
+		t.Errorf("completed on %s at attempt %d; want %s at attempt 2", done.Node, done.Attempt, ok.ID)
+	}
+	if st := oomSim.Stats(); st.Prompts != 1 || st.Failed != 1 {
+		t.Errorf("the node out of memory took %d prompts (%d failed); want only the first attempt", st.Prompts, st.Failed)
+	}
+	if st := okSim.Stats(); len(st.Rendered) != 1 {
+		t.Errorf("the other node rendered %v; want the retry", st.Rendered)
+	}
+}
+
+func TestTimedOutAttemptIsInterruptedAndRetriedElsewhere(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	slowSim, slow := r.sim(comfysim.Config{Name: "slow", Speed: 0.02})
+	fastSim, fast := r.sim(comfysim.Config{Name: "fast"})
+	r.executor("exec-slow", nil, slow)
+	r.submit("timeout", 20, 2*time.Second)
+
+	var seen []fleet.SceneEvent
+	if first := r.await(fleet.EventStarted, 30*time.Second, &seen); first.Node != slow.ID {
+		t.Fatalf("first attempt on %s, want %s", first.Node, slow.ID)
+	}
+	r.executor("exec-fast", nil, fast)
+	retry := r.await(fleet.EventRetrying, 30*time.Second, &seen)
+	if retry.Node != slow.ID || retry.Error != "timed out after 2s" {
+		t.Errorf("retrying event from %s: %q; want %s timed out after 2s", retry.Node, retry.Error, slow.ID)
+	}
+	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	if done.Node != fast.ID || done.Attempt != 2 {
+		t.Errorf("completed on %s at attempt %d; want %s at attempt 2", done.Node, done.Attempt, fast.ID)
+	}
+	fleettest.Eventually(t, 5*time.Second, func() bool { return slowSim.Stats().Interrupted == 1 },
+		"the timed-out prompt was not interrupted on the slow node")
+	if st := slowSim.Stats(); st.Prompts != 1 || len(st.Rendered) != 0 {
+		t.Errorf("slow node took %d prompts and rendered %v; want one, interrupted", st.Prompts, st.Rendered)
+	}
+	if st := fastSim.Stats(); len(st.Rendered) != 1 {
+		t.Errorf("fast node rendered %v; want the retry", st.Rendered)
+	}
+}
+
+func TestRedeliveryFollowsThePromptStillRunningOnItsNode(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	sim, node := r.sim(comfysim.Config{Name: "gpu", Speed: 0.5})
+	lost := r.executor("lost", nil, node)
+	item := r.submit("follow", 150, 0)
+
+	var seen []fleet.SceneEvent
+	r.await(fleet.EventProgress, 30*time.Second, &seen)
+	// The executor loses NATS for good while ComfyUI keeps rendering its prompt; the
+	// scene comes back after AckWait to the other executor of the same node.
+	lost.Close()
+	r.executor("successor", nil, node)
+	if again := r.await(fleet.EventStarted, 30*time.Second, &seen); again.Attempt != 2 || sim.Stats().Completed != 0 {
+		t.Fatalf("attempt %d started with %d prompts completed; want the redelivery while the first prompt still runs",
+			again.Attempt, sim.Stats().Completed)
+	}
+	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	if done.Attempt != 2 || len(done.Outputs) == 0 {
+		t.Errorf("completed attempt %d with %d outputs; want the redelivery with outputs", done.Attempt, len(done.Outputs))
+	}
+	if st := sim.Stats(); st.Prompts != 1 || len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, "1") || st.Interrupted != 0 {
+		t.Errorf("node took %d prompts, rendered %v, interrupted %d; want the first attempt's prompt once, uninterrupted",
+			st.Prompts, st.Rendered, st.Interrupted)
+	}
+}
