@@ -28,6 +28,33 @@ type WorkItem struct {
 	Workflow    string    `json:"workflow,omitempty"`
 	Graph       Graph     `json:"graph"`
 	SubmittedAt time.Time `json:"submitted_at"`
+
+	// Inputs are the images to upload to the node before the graph is submitted.
+	Inputs []Input `json:"inputs,omitempty"`
+}
+
+// Binding names one node input that a template parameter sets. In a template Node is
+// the node's id or its `_meta.title`; in an Input it is always the node's id.
+type Binding struct {
+	Node  string `json:"node" doc:"Node id, or the node's _meta.title."`
+	Input string `json:"input" doc:"Name of the node's input."`
+}
+
+// MaxInputBytes is the largest input image a scene may carry.
+const MaxInputBytes = 20 << 20
+
+// Input is an image that a scene needs on its node. The executor fetches it from the
+// ObjectInputs store (Object) or from the web (URL), uploads it to the node that runs
+// the scene, and sets the uploaded file's name at every Bind.
+type Input struct {
+	// Param is the template parameter the image is for.
+	Param string `json:"param"`
+	// Object is the image's InputKey in ObjectInputs; URL is set instead for an image
+	// the executor downloads.
+	Object string `json:"object,omitempty"`
+	URL    string `json:"url,omitempty"`
+	// Bind lists the graph's node inputs, by node id, that name the image file.
+	Bind []Binding `json:"bind"`
 }
 
 // MsgID is the JetStream de-duplication id of the scene's submit and work messages.
