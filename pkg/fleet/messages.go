@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"bytes"
 	"strconv"
 	"time"
 )
@@ -124,4 +125,18 @@ type NodeStatus struct {
 // DoneMsg tells the notifier that a job reached a terminal state.
 type DoneMsg struct {
 	JobID string `json:"job_id"`
+}
+
+// InputImageType returns the content type and file extension of an input image by
+// its first bytes: PNG, JPEG and WEBP are accepted; ok is false for anything else.
+func InputImageType(data []byte) (contentType, ext string, ok bool) {
+	switch {
+	case bytes.HasPrefix(data, []byte("\x89PNG\r\n\x1a\n")):
+		return "image/png", ".png", true
+	case bytes.HasPrefix(data, []byte("\xff\xd8\xff")):
+		return "image/jpeg", ".jpg", true
+	case len(data) >= 12 && string(data[:4]) == "RIFF" && string(data[8:12]) == "WEBP":
+		return "image/webp", ".webp", true
+	}
+	return "", "", false
 }

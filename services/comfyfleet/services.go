@@ -9,7 +9,6 @@ import (
 	"os"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -27,10 +26,6 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	catalog, err := workflow.Load(workflows.FS)
-	if err != nil {
-		return err
-	}
 	svc, err := sf.start(ctx, "intake", os.Stderr)
 	if err != nil {
 		return err
@@ -40,7 +35,7 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
 	}
-	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Catalog: catalog, Listener: ln,
+	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
 		PublicURL: *publicURL, MaxScenes: *maxScenes, Logger: svc.log})
 }
 

@@ -14,7 +14,6 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -44,10 +43,6 @@ func startParts(t *testing.T, executors int) *parts {
 	settings := testSettings()
 	log := testLogger(t)
 	srv, nc, js := fleettest.Fleet(t, settings)
-	catalog, err := workflow.Load(workflows.FS)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	t.Cleanup(func() { cancel(); wg.Wait() })
@@ -77,7 +72,7 @@ func startParts(t *testing.T, executors int) *parts {
 		return notifier.Run(ctx, notifier.Config{Conn: nt, Settings: settings, PublicURL: p.apiURL, WebhookBackoff: 50 * time.Millisecond, Logger: log})
 	})
 	run("intake", func() error {
-		return intake.Run(ctx, intake.Config{Conn: in, Settings: settings, Catalog: catalog, Listener: ln, Logger: log})
+		return intake.Run(ctx, intake.Config{Conn: in, Settings: settings, Templates: workflows.FS, Listener: ln, Logger: log})
 	})
 	for i := range executors {
 		sim, err := comfysim.Start(comfysim.Config{Name: fmt.Sprintf("sim-%d", i), StepDuration: 10 * time.Millisecond})

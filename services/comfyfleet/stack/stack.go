@@ -19,7 +19,6 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -93,10 +92,6 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 	if cfg.Sims == nil {
 		cfg.Sims = DefaultSims()
 	}
-	catalog, err := workflow.Load(workflows.FS)
-	if err != nil {
-		return nil, fmt.Errorf("stack: %w", err)
-	}
 	s := &Stack{}
 	defer func() {
 		if err != nil {
@@ -166,7 +161,7 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		{"notifier", func(ctx context.Context, nc *nats.Conn) error { nt.Conn = nc; return notifier.Run(ctx, nt) }},
 		{"executor", func(ctx context.Context, nc *nats.Conn) error { ex.Conn = nc; return executor.Run(ctx, ex) }},
 		{"intake", func(ctx context.Context, nc *nats.Conn) error {
-			return intake.Run(ctx, intake.Config{Conn: nc, Settings: cfg.Settings, Catalog: catalog, Listener: ln,
+			return intake.Run(ctx, intake.Config{Conn: nc, Settings: cfg.Settings, Templates: workflows.FS, Listener: ln,
 				PublicURL: cfg.PublicURL, Logger: cfg.Logger})
 		}},
 	}
