@@ -77,7 +77,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 
 	start := time.Now()
 	promptID := comfy.PromptID(item.JobID, strconv.Itoa(item.Index), strconv.Itoa(attempt))
-	res, err := n.client.Run(runCtx, item.Graph, promptID, e.progress(ctx, item, attempt, n.cfg.ID))
+	res, err := e.runOnNode(runCtx, n, item, promptID, e.progress(ctx, item, attempt, n.cfg.ID))
 	var outputs []fleet.Output
 	if err == nil {
 		outputs, err = e.store(runCtx, n, item, res.Outputs)
@@ -111,7 +111,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 
 	span.RecordError(err)
 	span.SetStatus(codes.Error, err.Error())
-	permanent := comfy.IsPermanent(err)
+	permanent := isPermanent(err)
 	if !permanent {
 		e.probe(ctx, n)
 	}
