@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
@@ -61,6 +62,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		comfy listFlag
 	)
 	name := fs.String("name", "", "executor name in node state and logs (default host-pid)")
+	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
@@ -79,7 +81,8 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		return err
 	}
 	defer svc.close()
-	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name, Logger: svc.log})
+	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name,
+		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 
 func runNotifier(ctx context.Context, args []string, _ io.Writer) error {

@@ -11,6 +11,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
 func runUp(ctx context.Context, args []string, stdout io.Writer) error {
@@ -24,6 +25,7 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		sync      = fs.String("sync", "2m", `file store sync policy: "always" (fsync each write) or an interval`)
 		sims      = fs.Int("sim", 3, "simulated ComfyUI nodes to start when no --comfy is given (speeds 1, 1, 2, 1, 1, 2, …)")
 		simStep   = fs.Duration("sim-step", 150*time.Millisecond, "time of one sampler step on a simulated node of speed 1")
+		inputWait = fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 		comfy     listFlag
 		settings  settingsFlags
 		logs      logFlags
@@ -45,6 +47,7 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg := stack.Config{
 		DataDir: *dataDir, NATSHost: *natsHost, NATSPort: *natsPort, Sync: *sync,
 		HTTPAddr: *httpAddr, PublicURL: *publicURL, Settings: st, Logger: log,
+		Executor: executor.Config{InputTimeout: *inputWait},
 	}
 	for _, c := range comfy {
 		n, err := parseNode(c)

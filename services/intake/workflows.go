@@ -34,6 +34,10 @@ func (in *intake) addWorkflowRoutes(a huma.API) {
 			"The body's name may be left out; if given it must match the path. Answers 201 for a new template, 200 for a replaced one.",
 		Tags:         []string{"workflows", AdminTag},
 		MaxBodyBytes: 4 << 20,
+		Responses: map[string]*huma.Response{
+			"201": {Description: "The template is new: stored.", Content: map[string]*huma.MediaType{
+				"application/json": {Schema: &huma.Schema{Ref: "#/components/schemas/Template"}}}},
+		},
 	}, in.putWorkflow)
 }
 
