@@ -52,6 +52,8 @@ func (in *intake) checkInputs(at string, tpl *workflow.Template, s SceneInput) (
 		p, known := tpl.Params[name]
 		_, inParams := s.Params[name]
 		switch {
+		case !known && len(images) == 0:
+			detail(loc, fmt.Sprintf("unknown; %s takes no input image", tpl.Name))
 		case !known:
 			detail(loc, fmt.Sprintf("unknown; %s takes images for: %s", tpl.Name, strings.Join(images, ", ")))
 		case p.Type != workflow.TypeImage:
@@ -116,7 +118,6 @@ func decodeImage(s string, limit int) (data []byte, contentType, msg string) {
 // each scene's input references. On failure it removes what it stored.
 func (in *intake) storeInputs(ctx context.Context, job string, scenes []resolved) ([][]fleet.Input, error) {
 	refs := make([][]fleet.Input, len(scenes))
-	var stored []string
 	for i, s := range scenes {
 		for _, si := range s.inputs {
 			ref := fleet.Input{Param: si.param, URL: si.url, Bind: si.bind}
@@ -125,10 +126,9 @@ func (in *intake) storeInputs(ctx context.Context, job string, scenes []resolved
 				_, err := in.inputs.Put(ctx, jetstream.ObjectMeta{Name: key, Metadata: map[string]string{"content-type": si.contentType}},
 					bytes.NewReader(si.data))
 				if err != nil {
-					in.removeInputs(context.WithoutCancel(ctx), stored)
+					in.removeInputs(context.WithoutCancel(ctx), refs)
 					return nil, fmt.Errorf("store input %s of scene %d: %w", si.param, i, err)
 				}
-				stored = append(stored, key)
 				ref.Object = key
 			}
 			refs[i] = append(refs[i], ref)
@@ -137,10 +137,16 @@ func (in *intake) storeInputs(ctx context.Context, job string, scenes []resolved
 	return refs, nil
 }
 
-func (in *intake) removeInputs(ctx context.Context, keys []string) {
-	for _, key := range keys {
-		if err := in.inputs.Delete(ctx, key); err != nil {
-			in.log.Warn("remove input image of a refused job", "key", key, "err", err)
+// removeInputs deletes the stored images of a job that was not accepted after all.
+func (in *intake) removeInputs(ctx context.Context, refs [][]fleet.Input) {
+	for _, scene := range refs {
+		for _, ref := range scene {
+			if ref.Object == "" {
+				continue
+			}
+			if err := in.inputs.Delete(ctx, ref.Object); err != nil {
+				in.log.Warn("remove input image of a refused job", "key", ref.Object, "err", err)
+			}
 		}
 	}
 }

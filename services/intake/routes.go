@@ -246,6 +246,7 @@ func (in *intake) submit(ctx context.Context, body *JobInput) (*fleet.Job, error
 		return nil, huma.Error503ServiceUnavailable("cannot store the input images now; retry", err)
 	}
 	if err := in.jobs.Create(ctx, job); err != nil {
+		in.removeInputs(context.WithoutCancel(ctx), refs)
 		return nil, huma.Error503ServiceUnavailable("cannot record the job now; retry", err)
 	}
 	for i, s := range scenes {
