@@ -91,6 +91,7 @@ type FieldError struct {
 // InvalidError lists every problem of a template.
 type InvalidError []FieldError
 
+// Error lists the problems, field by field.
 func (e InvalidError) Error() string {
 	parts := make([]string, len(e))
 	for i, f := range e {
