@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"bytes"
 	"strconv"
 	"time"
 )
@@ -43,6 +44,33 @@ type WorkItem struct {
 	// Timeout is the most time one attempt may run on its node; then it is
 	// interrupted and counts as a transient failure. Zero means no limit.
 	Timeout time.Duration `json:"timeout_ns,omitempty"`
+
+	// Inputs are the images to upload to the node before the graph is submitted.
+	Inputs []Input `json:"inputs,omitempty"`
+}
+
+// Binding names one node input that a template parameter sets. In a template Node is
+// the node's id or its `_meta.title`; in an Input it is always the node's id.
+type Binding struct {
+	Node  string `json:"node" doc:"Node id, or the node's _meta.title."`
+	Input string `json:"input" doc:"Name of the node's input."`
+}
+
+// MaxInputBytes is the largest input image a scene may carry.
+const MaxInputBytes = 20 << 20
+
+// Input is an image that a scene needs on its node. The executor fetches it from the
+// ObjectInputs store (Object) or from the web (URL), uploads it to the node that runs
+// the scene, and sets the uploaded file's name at every Bind.
+type Input struct {
+	// Param is the template parameter the image is for.
+	Param string `json:"param"`
+	// Object is the image's InputKey in ObjectInputs; URL is set instead for an image
+	// the executor downloads.
+	Object string `json:"object,omitempty"`
+	URL    string `json:"url,omitempty"`
+	// Bind lists the graph's node inputs, by node id, that name the image file.
+	Bind []Binding `json:"bind"`
 }
 
 // MsgID is the JetStream de-duplication id of the scene's submit and work messages.
@@ -142,3 +170,17 @@ type DeadLetter struct {
 
 // DeadLetterKey is the key of scene index of job in BucketDeadLetters.
 func DeadLetterKey(job string, index int) string { return SceneKey(job, index) }
+
+// InputImageType returns the content type and file extension of an input image by
+// its first bytes: PNG, JPEG and WEBP are accepted; ok is false for anything else.
+func InputImageType(data []byte) (contentType, ext string, ok bool) {
+	switch {
+	case bytes.HasPrefix(data, []byte("\x89PNG\r\n\x1a\n")):
+		return "image/png", ".png", true
+	case bytes.HasPrefix(data, []byte("\xff\xd8\xff")):
+		return "image/jpeg", ".jpg", true
+	case len(data) >= 12 && string(data[:4]) == "RIFF" && string(data[8:12]) == "WEBP":
+		return "image/webp", ".webp", true
+	}
+	return "", "", false
+}

@@ -66,6 +66,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketDeadLetters, Description: "scenes that failed for good", History: 1},
 		{Bucket: BucketAPIKeys, Description: "API keys by hash", History: 1},
 		{Bucket: BucketTenants, Description: "tenants and their webhook secrets", History: 1},
+		{Bucket: BucketWorkflows, Description: "workflow templates by name", History: 5},
 	}
 	for _, cfg := range buckets {
 		cfg.Storage = s.Storage
@@ -74,13 +75,16 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			return fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
 		}
 	}
-	if _, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-		Bucket:      ObjectOutputs,
-		Description: "scene outputs",
-		Storage:     s.Storage,
-		Replicas:    s.Replicas,
-	}); err != nil {
-		return fmt.Errorf("create object store %s: %w", ObjectOutputs, err)
+	stores := []jetstream.ObjectStoreConfig{
+		{Bucket: ObjectOutputs, Description: "scene outputs"},
+		{Bucket: ObjectInputs, Description: "input images of scenes"},
+	}
+	for _, cfg := range stores {
+		cfg.Storage = s.Storage
+		cfg.Replicas = s.Replicas
+		if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
+			return fmt.Errorf("create object store %s: %w", cfg.Bucket, err)
+		}
 	}
 	return nil
 }

@@ -33,8 +33,14 @@ const (
 	// BucketDeadLetters maps DeadLetterKey to the DeadLetter of a scene that failed
 	// for good.
 	BucketDeadLetters = "fleet_deadletters"
+	// BucketWorkflows maps a workflow template's name to its JSON (pkg/workflow's
+	// Template). Every intake mirrors it, so all of them offer the same versions.
+	BucketWorkflows = "fleet_workflows"
 	// ObjectOutputs stores scene outputs under OutputKey names.
 	ObjectOutputs = "fleet_outputs"
+	// ObjectInputs stores the input images that clients send with their scenes, under
+	// InputKey names, until an executor uploads them to the node that runs the scene.
+	ObjectInputs = "fleet_inputs"
 )
 
 // Subject prefixes.
@@ -91,6 +97,12 @@ const deadLetterAdvisories = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + Str
 // OutputKey is the object store name of output name of scene index of job.
 func OutputKey(job string, index int, name string) string {
 	return fmt.Sprintf("%s/%d/%s", job, index, name)
+}
+
+// InputKey is the object store name of the input image for parameter param of scene
+// index of job.
+func InputKey(job string, index int, param string) string {
+	return fmt.Sprintf("%s/%d/%s", job, index, param)
 }
 
 // ValidToken reports whether s can stand as one token of a subject or a KV key:

@@ -1,15 +1,15 @@
 // Package workflow turns ComfyUI workflow templates and a scene's named parameters
-// into an API-format graph, and checks that a raw graph is one.
+// into an API-format graph, and checks that a raw graph is one. Templates live in the
+// fleet_workflows bucket (Store); every intake mirrors it in a Catalog.
 package workflow
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
-	"io/fs"
+	"maps"
 	"math"
-	"path"
 	"slices"
-	"sort"
 	"strings"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -17,34 +17,47 @@ import (
 
 // Binding names one node input that a parameter sets: Node is the node's id or its
 // `_meta.title`.
-type Binding struct {
-	Node  string `json:"node"`
-	Input string `json:"input"`
-}
+type Binding = fleet.Binding
+
+// Parameter types.
+const (
+	TypeString  = "string"
+	TypeInteger = "integer"
+	TypeNumber  = "number"
+	TypeBoolean = "boolean"
+	// TypeImage is an input image. A scene gives the image itself in its inputs (the
+	// executor uploads it to the node and binds the uploaded file's name), or names a
+	// file already in the node's input folder in its params.
+	TypeImage = "image"
+)
+
+var types = []string{TypeString, TypeInteger, TypeNumber, TypeBoolean, TypeImage}
 
 // Param declares one named parameter of a template.
 type Param struct {
-	// Type is "string", "integer", "number" or "boolean".
-	Type        string    `json:"type"`
+	Type        string    `json:"type" enum:"string,integer,number,boolean,image" doc:"Value type. An image is given in a scene's inputs (uploaded to the node before the run), or in its params as the name of a file already on the node."`
 	Description string    `json:"description,omitempty"`
-	Default     any       `json:"default,omitempty"`
+	Default     any       `json:"default,omitempty" doc:"Value used when a scene does not set the parameter; it must satisfy the parameter's own bounds. An image parameter without a default must be given."`
 	Minimum     *float64  `json:"minimum,omitempty"`
 	Maximum     *float64  `json:"maximum,omitempty"`
-	MultipleOf  int       `json:"multiple_of,omitempty"`
-	MaxLength   int       `json:"max_length,omitempty"`
+	MultipleOf  int       `json:"multiple_of,omitempty" minimum:"0"`
+	MaxLength   int       `json:"max_length,omitempty" minimum:"0" doc:"Longest string, in bytes."`
 	Enum        []any     `json:"enum,omitempty"`
-	Bind        []Binding `json:"bind"`
+	Bind        []Binding `json:"bind" doc:"The node inputs the value is written to."`
 }
 
 // Template is a workflow with named parameters.
 type Template struct {
-	Name        string `json:"name"`
+	Name        string `json:"name" required:"false" doc:"Letters, digits, '-' and '_'."`
 	Description string `json:"description,omitempty"`
 	// Pool is the pool its scenes run in unless a scene names another.
-	Pool   string           `json:"pool"`
-	Params map[string]Param `json:"params"`
-	Graph  fleet.Graph      `json:"graph"`
+	Pool   string           `json:"pool" required:"false" doc:"Pool its scenes run in unless a scene names another. Defaults to image."`
+	Params map[string]Param `json:"params" required:"false"`
+	Graph  fleet.Graph      `json:"graph" doc:"ComfyUI API-format graph: node id to {class_type, inputs, _meta}."`
 }
+
+// DefaultPool is the pool of scenes that name none.
+const DefaultPool = "image"
 
 // ParamError says what is wrong with one parameter.
 type ParamError struct {
@@ -68,118 +81,132 @@ func (e *GraphError) Error() string {
 	return fmt.Sprintf("graph node %q: %s", e.Node, e.Message)
 }
 
-// Catalog is the set of templates a fleet offers, by name.
-type Catalog struct {
-	templates map[string]*Template
+// FieldError says what is wrong with one field of a template. Field is its path,
+// e.g. "params.steps.default" or "params.image.bind[0].node".
+type FieldError struct {
+	Field   string
+	Message string
 }
 
-// Load reads every *.json template in the root of fsys and checks each one.
-func Load(fsys fs.FS) (*Catalog, error) {
-	names, err := fs.Glob(fsys, "*.json")
-	if err != nil {
-		return nil, fmt.Errorf("list templates: %w", err)
+// InvalidError lists every problem of a template.
+type InvalidError []FieldError
+
+// Error lists the problems, field by field.
+func (e InvalidError) Error() string {
+	parts := make([]string, len(e))
+	for i, f := range e {
+		parts[i] = f.Field + ": " + f.Message
 	}
-	c := &Catalog{templates: map[string]*Template{}}
-	for _, name := range names {
-		b, err := fs.ReadFile(fsys, name)
-		if err != nil {
-			return nil, fmt.Errorf("read template %s: %w", name, err)
-		}
-		t, err := Parse(b)
-		if err != nil {
-			return nil, fmt.Errorf("template %s: %w", name, err)
-		}
-		if want := strings.TrimSuffix(path.Base(name), ".json"); t.Name != want {
-			return nil, fmt.Errorf("template %s: name %q does not match its file name", name, t.Name)
-		}
-		c.templates[t.Name] = t
-	}
-	return c, nil
+	return "invalid template: " + strings.Join(parts, "; ")
 }
 
-// Parse decodes and checks one template.
+// Parse decodes and checks one template; a template that decodes but breaks a rule
+// gives an InvalidError.
 func Parse(b []byte) (*Template, error) {
 	var t Template
 	if err := json.Unmarshal(b, &t); err != nil {
 		return nil, fmt.Errorf("decode template: %w", err)
 	}
-	if !fleet.ValidToken(t.Name) {
-		return nil, fmt.Errorf("name %q: use letters, digits, '-' and '_'", t.Name)
-	}
-	if t.Pool == "" {
-		t.Pool = DefaultPool
-	}
-	if err := ValidateGraph(t.Graph); err != nil {
+	if err := t.Validate(); err != nil {
 		return nil, err
-	}
-	for name, p := range t.Params {
-		if len(p.Bind) == 0 {
-			return nil, fmt.Errorf("parameter %q binds to no node input", name)
-		}
-		for _, b := range p.Bind {
-			if _, ok := t.node(b.Node); !ok {
-				return nil, fmt.Errorf("parameter %q binds to node %q, which is neither a node id nor a title", name, b.Node)
-			}
-		}
-		if p.Default != nil {
-			if _, err := p.check(name, p.Default); err != nil {
-				return nil, fmt.Errorf("default: %w", err)
-			}
-		}
 	}
 	return &t, nil
 }
 
-// DefaultPool is the pool of scenes that name none.
-const DefaultPool = "image"
-
-// Get returns the template called name.
-func (c *Catalog) Get(name string) (*Template, bool) {
-	t, ok := c.templates[name]
-	return t, ok
-}
-
-// List returns the templates ordered by name.
-func (c *Catalog) List() []*Template {
-	out := make([]*Template, 0, len(c.templates))
-	for _, t := range c.templates {
-		out = append(out, t)
+// Validate checks the template and fills in its default pool. It returns an
+// InvalidError naming every field that breaks a rule: a bad name or pool, a graph that
+// is not an API-format prompt, a parameter of unknown type, bound to no node input or
+// to a node the graph lacks, with contradictory bounds, or with a default that breaks
+// its own bounds.
+func (t *Template) Validate() error {
+	var errs InvalidError
+	add := func(field, format string, args ...any) {
+		errs = append(errs, FieldError{Field: field, Message: fmt.Sprintf(format, args...)})
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
-}
-
-// Names returns the template names in order.
-func (c *Catalog) Names() []string {
-	names := make([]string, 0, len(c.templates))
-	for n := range c.templates {
-		names = append(names, n)
+	if !fleet.ValidToken(t.Name) {
+		add("name", "%q: use letters, digits, '-' and '_'", t.Name)
 	}
-	slices.Sort(names)
-	return names
+	if t.Pool == "" {
+		t.Pool = DefaultPool
+	} else if !fleet.ValidToken(t.Pool) {
+		add("pool", "%q: use letters, digits, '-' and '_'", t.Pool)
+	}
+	graphOK := true
+	if err := ValidateGraph(t.Graph); err != nil {
+		graphOK = false
+		field := "graph"
+		var ge *GraphError
+		if errors.As(err, &ge) && ge.Node != "" {
+			field += "." + ge.Node
+		}
+		add(field, "is not a ComfyUI API-format graph: %s", err)
+	}
+	for _, name := range t.ParamNames() {
+		p := t.Params[name]
+		at := "params." + name
+		if !fleet.ValidToken(name) {
+			add(at, "parameter name: use letters, digits, '-' and '_'")
+			continue
+		}
+		if !slices.Contains(types, p.Type) {
+			add(at+".type", "%q: use one of %s", p.Type, strings.Join(types, ", "))
+			continue
+		}
+		if len(p.Bind) == 0 {
+			add(at+".bind", "binds to no node input")
+		}
+		for i, b := range p.Bind {
+			if _, ok := t.node(b.Node); graphOK && !ok {
+				add(fmt.Sprintf("%s.bind[%d].node", at, i), "%q is neither a node id nor a node title of the graph", b.Node)
+			}
+			if b.Input == "" {
+				add(fmt.Sprintf("%s.bind[%d].input", at, i), "names no input")
+			}
+		}
+		if p.Minimum != nil && p.Maximum != nil && *p.Minimum > *p.Maximum {
+			add(at+".minimum", "%v is above the maximum %v", *p.Minimum, *p.Maximum)
+		}
+		if p.Default != nil {
+			if _, err := p.check(name, p.Default); err != nil {
+				var pe *ParamError
+				if errors.As(err, &pe) {
+					err = errors.New(pe.Message)
+				}
+				add(at+".default", "%s", err)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
 }
 
-// Render returns a copy of the template's graph with params bound. Unknown
-// parameters and values of the wrong type or out of bounds are *ParamError.
+// Render returns a copy of the template's graph with params bound, and the defaults
+// of the parameters that params leaves out. Unknown parameters and values of the
+// wrong type or out of bounds are *ParamError.
 func (t *Template) Render(params map[string]any) (fleet.Graph, error) {
 	g := deepCopy(t.Graph).(map[string]any)
-	names := make([]string, 0, len(params))
-	for name := range params {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	for _, name := range names {
-		p, ok := t.Params[name]
-		if !ok {
+	for _, name := range slices.Sorted(maps.Keys(params)) {
+		if _, ok := t.Params[name]; !ok {
 			return nil, &ParamError{Param: name, Value: params[name], Message: fmt.Sprintf("unknown; %s takes %s", t.Name, strings.Join(t.ParamNames(), ", "))}
 		}
-		v, err := p.check(name, params[name])
+	}
+	for _, name := range t.ParamNames() {
+		p := t.Params[name]
+		v, given := params[name]
+		if !given {
+			v = p.Default
+		}
+		if v == nil {
+			continue
+		}
+		v, err := p.check(name, v)
 		if err != nil {
 			return nil, err
 		}
-		for _, b := range p.Bind {
-			id, _ := t.node(b.Node)
-			node := g[id].(map[string]any)
+		for _, b := range t.Bindings(name) {
+			node := g[b.Node].(map[string]any)
 			inputs, _ := node["inputs"].(map[string]any)
 			if inputs == nil {
 				inputs = map[string]any{}
@@ -191,14 +218,22 @@ func (t *Template) Render(params map[string]any) (fleet.Graph, error) {
 	return g, nil
 }
 
+// Bindings returns the node inputs that parameter name sets, each node named by its
+// id.
+func (t *Template) Bindings(name string) []Binding {
+	p := t.Params[name]
+	out := make([]Binding, 0, len(p.Bind))
+	for _, b := range p.Bind {
+		if id, ok := t.node(b.Node); ok {
+			out = append(out, Binding{Node: id, Input: b.Input})
+		}
+	}
+	return out
+}
+
 // ParamNames returns the template's parameter names in order.
 func (t *Template) ParamNames() []string {
-	names := make([]string, 0, len(t.Params))
-	for n := range t.Params {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
+	return slices.Sorted(maps.Keys(t.Params))
 }
 
 // node finds a node by id, else by its `_meta.title`.
@@ -216,15 +251,17 @@ func (t *Template) node(ref string) (string, bool) {
 	return "", false
 }
 
-// check validates v against the parameter and returns it in the form ComfyUI wants
 // (integers as int64 when they fit, so they marshal without an exponent).
 func (p Param) check(name string, v any) (any, error) {
 	fail := func(format string, args ...any) error {
 		return &ParamError{Param: name, Value: v, Message: fmt.Sprintf(format, args...)}
 	}
 	switch p.Type {
-	case "string":
+	case TypeString, TypeImage:
 		s, ok := v.(string)
+		if !ok && p.Type == TypeImage {
+			return nil, fail("must name an image file on the node; give the image itself in the scene's inputs")
+		}
 		if !ok {
 			return nil, fail("must be a string")
 		}
@@ -235,17 +272,17 @@ func (p Param) check(name string, v any) (any, error) {
 			return nil, err
 		}
 		return s, nil
-	case "boolean":
+	case TypeBoolean:
 		if _, ok := v.(bool); !ok {
 			return nil, fail("must be true or false")
 		}
 		return v, nil
-	case "integer", "number":
+	case TypeInteger, TypeNumber:
 		f, ok := toFloat(v)
 		if !ok {
 			return nil, fail("must be a number")
 		}
-		if p.Type == "integer" && f != math.Trunc(f) {
+		if p.Type == TypeInteger && f != math.Trunc(f) {
 			return nil, fail("must be a whole number")
 		}
 		if p.Minimum != nil && f < *p.Minimum {
@@ -260,7 +297,7 @@ func (p Param) check(name string, v any) (any, error) {
 		if err := p.checkEnum(f, fail); err != nil {
 			return nil, err
 		}
-		if p.Type == "integer" {
+		if p.Type == TypeInteger {
 			if f >= 0 && f < 1<<63 {
 				return int64(f), nil
 			}

@@ -3,6 +3,8 @@ package workflow_test
 import (
 	"errors"
 	"os"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -21,22 +23,33 @@ func catalog(t *testing.T) *workflow.Catalog {
 func TestShippedTemplatesLoadAndRenderTheirDefaults(t *testing.T) {
 	t.Parallel()
 	c := catalog(t)
-	for _, name := range []string{"txt2img", "img2video", "demo"} {
-		tpl, ok := c.Get(name)
-		if !ok {
-			t.Fatalf("template %s missing; have %v", name, c.Names())
-		}
-		defaults := map[string]any{}
-		for n, p := range tpl.Params {
-			defaults[n] = p.Default
-		}
-		g, err := tpl.Render(defaults)
+	if got, want := c.Names(), []string{"demo", "img2img", "img2video", "txt2img", "txt2video"}; !slices.Equal(got, want) {
+		t.Fatalf("shipped templates %v, want %v", got, want)
+	}
+	for _, tpl := range c.List() {
+		g, err := tpl.Render(nil)
 		if err != nil {
-			t.Fatalf("%s: render defaults: %v", name, err)
+			t.Fatalf("%s: render defaults: %v", tpl.Name, err)
 		}
 		if err := workflow.ValidateGraph(g); err != nil {
-			t.Fatalf("%s: rendered graph invalid: %v", name, err)
+			t.Fatalf("%s: rendered graph invalid: %v", tpl.Name, err)
 		}
+	}
+}
+
+func TestRenderAppliesDefaultsOfUnsetParams(t *testing.T) {
+	t.Parallel()
+	tpl, _ := catalog(t).Get("txt2img")
+	g, err := tpl.Render(map[string]any{"negative": "text"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inputs := func(node string) map[string]any { return g[node].(map[string]any)["inputs"].(map[string]any) }
+	if got := inputs("6")["text"]; got != tpl.Params["prompt"].Default {
+		t.Errorf("positive text = %v, want the prompt's default %v", got, tpl.Params["prompt"].Default)
+	}
+	if got := inputs("7")["text"]; got != "text" {
+		t.Errorf("negative text = %v, want the given value", got)
 	}
 }
 
@@ -96,5 +109,94 @@ func TestValidateGraph(t *testing.T) {
 		if err := workflow.ValidateGraph(g); err == nil {
 			t.Errorf("%s: ValidateGraph accepted %v", name, g)
 		}
+	}
+}
+
+func TestImageParamsTakeAFileNameOnly(t *testing.T) {
+	t.Parallel()
+	for _, name := range []string{"img2img", "img2video"} {
+		tpl, _ := catalog(t).Get(name)
+		if p := tpl.Params["image"]; p.Type != workflow.TypeImage || p.Default != nil {
+			t.Fatalf("%s image param: type %q default %v; want a required image", name, p.Type, p.Default)
+		}
+		g, err := tpl.Render(map[string]any{"image": "mine.png"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		binds := tpl.Bindings("image")
+		if len(binds) != 1 || g[binds[0].Node].(map[string]any)["class_type"] != "LoadImage" || binds[0].Input != "image" {
+			t.Fatalf("%s: image binds to %+v, want the LoadImage node's image input by id", name, binds)
+		}
+		if got := g[binds[0].Node].(map[string]any)["inputs"].(map[string]any)["image"]; got != "mine.png" {
+			t.Errorf("%s: LoadImage image = %v", name, got)
+		}
+		_, err = tpl.Render(map[string]any{"image": 3.0})
+		var pe *workflow.ParamError
+		if !errors.As(err, &pe) || pe.Param != "image" || !strings.Contains(pe.Message, "inputs") {
+			t.Errorf("%s: Render(image: 3) = %v, want a ParamError pointing at inputs", name, err)
+		}
+	}
+}
+
+func TestImg2imgDenoiseBounds(t *testing.T) {
+	t.Parallel()
+	tpl, _ := catalog(t).Get("img2img")
+	for _, v := range []float64{-0.1, 1.5} {
+		_, err := tpl.Render(map[string]any{"denoise": v})
+		var pe *workflow.ParamError
+		if !errors.As(err, &pe) || pe.Param != "denoise" {
+			t.Errorf("Render(denoise: %v) = %v, want a ParamError", v, err)
+		}
+	}
+	g, err := tpl.Render(map[string]any{"denoise": 0.4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := g["3"].(map[string]any)["inputs"].(map[string]any)["denoise"]; got != 0.4 {
+		t.Errorf("KSampler denoise = %v", got)
+	}
+}
+
+func TestValidateNamesEveryBadField(t *testing.T) {
+	t.Parallel()
+	const tpl = `{
+  "name": "bad",
+  "params": {
+    "steps": {"type": "integer", "default": 200, "minimum": 1, "maximum": 150, "bind": [{"node": "KSampler", "input": "steps"}]},
+    "ghost": {"type": "string", "bind": [{"node": "No Such Node", "input": "text"}]},
+    "colour": {"type": "colour", "bind": [{"node": "1", "input": "color"}]},
+    "loose": {"type": "number", "bind": []},
+    "upside": {"type": "number", "minimum": 5, "maximum": 1, "bind": [{"node": "1", "input": "width"}]}
+  },
+  "graph": {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}, "_meta": {"title": "KSampler"}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+  }
+}`
+	_, err := workflow.Parse([]byte(tpl))
+	var inv workflow.InvalidError
+	if !errors.As(err, &inv) {
+		t.Fatalf("Parse = %v, want an InvalidError", err)
+	}
+	var fields []string
+	for _, f := range inv {
+		fields = append(fields, f.Field)
+	}
+	want := []string{"params.colour.type", "params.ghost.bind[0].node", "params.loose.bind", "params.steps.default", "params.upside.minimum"}
+	if !slices.Equal(fields, want) {
+		t.Errorf("bad fields %v, want %v (%v)", fields, want, err)
+	}
+}
+
+func TestParseFillsThePoolAndRejectsBadGraphs(t *testing.T) {
+	t.Parallel()
+	tpl, err := workflow.Parse([]byte(`{"name": "x", "graph": {"1": {"class_type": "SaveImage", "inputs": {}}}}`))
+	if err != nil || tpl.Pool != workflow.DefaultPool {
+		t.Fatalf("Parse = %+v, %v; want pool %s", tpl, err, workflow.DefaultPool)
+	}
+	_, err = workflow.Parse([]byte(`{"name": "x", "graph": {"1": {"class_type": "SaveImage", "inputs": {"images": ["9", 0]}}}}`))
+	var inv workflow.InvalidError
+	if !errors.As(err, &inv) || len(inv) != 1 || inv[0].Field != "graph.1" {
+		t.Errorf("Parse(dangling link) = %v, want an error at graph.1", err)
 	}
 }

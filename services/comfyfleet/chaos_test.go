@@ -213,6 +213,17 @@ func TestChaos(t *testing.T) {
 		select {
 		case <-hooks.finished:
 		case <-ctx.Done():
+			<-submitted
+			for _, id := range jobs {
+				if id == "" {
+					t.Logf("a job was never accepted")
+					continue
+				}
+				if job := getJobWithKey(t, apiURL, key, id); job.Status != "succeeded" {
+					b, _ := json.MarshalIndent(job, "", " ")
+					t.Logf("unfinished job: %s", b)
+				}
+			}
 			t.Fatalf("after %s: %d of %d jobs called back succeeded; kills %v", *chaosDeadline, hooks.succeeded(), hooks.want, kills)
 		case <-tick.C:
 			kind := kinds[order[n%len(kinds)]]
@@ -227,7 +238,10 @@ func TestChaos(t *testing.T) {
 			// Downtime: the victim stays dead for a moment, as a crashed process would.
 			time.Sleep(time.Duration(200+rng.IntN(600)) * time.Millisecond)
 			restart()
-			if d, ok := completions.nextAfter(ctx, killedAt, hooks.finished); ok {
+			waitCtx, stopWaiting := context.WithTimeout(ctx, time.Minute)
+			d, ok := completions.nextAfter(waitCtx, killedAt, hooks.finished)
+			stopWaiting()
+			if ok {
 				longest = max(longest, d)
 			}
 			continue

@@ -7,10 +7,10 @@ import (
 	"io"
 	"net"
 	"os"
+	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -31,10 +31,6 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	catalog, err := workflow.Load(workflows.FS)
-	if err != nil {
-		return err
-	}
 	allowed, err := callback.ParsePrefixes(allow)
 	if err != nil {
 		return fmt.Errorf("--allow-callback: %w", err)
@@ -48,7 +44,7 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
 	}
-	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Catalog: catalog, Listener: ln,
+	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
 		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: callback.NewGuard(allowed...),
 		RatePerKey: *rateKey, RateBurst: int(2 * *rateKey), Logger: svc.log})
 }
@@ -75,6 +71,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		comfy listFlag
 	)
 	name := fs.String("name", "", "executor name in node state and logs (default host-pid)")
+	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
@@ -93,7 +90,8 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		return err
 	}
 	defer svc.close()
-	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name, Logger: svc.log})
+	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name,
+		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 
 func runNotifier(ctx context.Context, args []string, _ io.Writer) error {

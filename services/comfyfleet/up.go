@@ -14,6 +14,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
 func runUp(ctx context.Context, args []string, stdout io.Writer) error {
@@ -28,6 +29,7 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		sims      = fs.Int("sim", 3, "simulated ComfyUI nodes to start when no --comfy is given (speeds 1, 1, 2, 1, 1, 2, …)")
 		simStep   = fs.Duration("sim-step", 150*time.Millisecond, "time of one sampler step on a simulated node of speed 1")
 		auth      = fs.String("auth", "", `"open" (no API keys; only allowed on a loopback --http) or "keys" (default: open on loopback, keys otherwise)`)
+		inputWait = fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 		comfy     listFlag
 		allow     = listFlag{"127.0.0.0/8", "::1"}
 		settings  settingsFlags
@@ -59,6 +61,7 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg := stack.Config{
 		DataDir: *dataDir, NATSHost: *natsHost, NATSPort: *natsPort, Sync: *sync,
 		HTTPAddr: *httpAddr, PublicURL: *publicURL, Open: open, CallbackAllow: allowed, Settings: st, Logger: log,
+		Executor: executor.Config{InputTimeout: *inputWait},
 	}
 	for _, c := range comfy {
 		n, err := parseNode(c)

@@ -43,9 +43,13 @@ type Config struct {
 	// ProgressInterval is the least time between two progress events of a scene.
 	// Defaults to 250ms.
 	ProgressInterval time.Duration
-	// HTTPClient talks to ComfyUI. Defaults to an instrumented client without a
-	// timeout (prompts run for minutes; each call carries its own context).
+	// HTTPClient talks to ComfyUI and downloads input images given by URL. Defaults
+	// to an instrumented client without a timeout (prompts run for minutes; each call
+	// carries its own context).
 	HTTPClient *http.Client
+	// InputTimeout bounds the download of one input image given by URL. Defaults
+	// to 1m.
+	InputTimeout time.Duration
 	// Logger defaults to slog.Default.
 	Logger *slog.Logger
 }
@@ -90,6 +94,9 @@ func (c *Config) fill() error {
 	if c.ProgressInterval == 0 {
 		c.ProgressInterval = 250 * time.Millisecond
 	}
+	if c.InputTimeout == 0 {
+		c.InputTimeout = time.Minute
+	}
 	if c.HTTPClient == nil {
 		c.HTTPClient = &http.Client{Transport: otelhttp.NewTransport(http.DefaultTransport.(*http.Transport).Clone())}
 	}
@@ -105,6 +112,7 @@ type executor struct {
 	nc        *nats.Conn
 	jobs      *fleet.Jobs
 	outputs   jetstream.ObjectStore
+	inputs    jetstream.ObjectStore
 	pub       *fleet.Publisher
 	consumers map[string]jetstream.Consumer
 	events    jetstream.Stream
@@ -153,6 +161,9 @@ func run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer stopCancels()
+	if err := e.openInputs(ctx, js); err != nil {
+		return err
+	}
 	registry, err := js.KeyValue(ctx, fleet.BucketRegistry)
 	if err != nil {
 		return fmt.Errorf("executor: open registry: %w", err)

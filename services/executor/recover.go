@@ -30,7 +30,7 @@ func (e *executor) execute(ctx context.Context, n *node, item fleet.WorkItem, at
 		log.Info("an earlier attempt's prompt is still on this node; following it", "prompt_id", id)
 		return n.client.Await(ctx, id, onProgress)
 	}
-	return n.client.Run(ctx, item.Graph, promptID(item, attempt), onProgress)
+	return e.runOnNode(ctx, n, item, promptID(item, attempt), onProgress)
 }
 
 // earlier finds on n the latest earlier attempt's prompt of the scene's run that is

@@ -113,7 +113,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 
 	span.RecordError(err)
 	span.SetStatus(codes.Error, err.Error())
-	permanent := comfy.IsPermanent(err)
+	permanent := isPermanent(err)
 	if !permanent {
 		e.probe(ctx, n)
 	}

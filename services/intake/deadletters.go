@@ -60,12 +60,12 @@ func (in *intake) listDeadLetters(ctx context.Context, _ *struct{}) (*deadLetter
 	return out, nil
 }
 
-type sceneInput struct {
+type scenePath struct {
 	ID    string `path:"id" doc:"Job id."`
 	Index int    `path:"index" minimum:"0" doc:"Scene index."`
 }
 
-func (in *intake) retryScene(ctx context.Context, input *sceneInput) (*jobOutput, error) {
+func (in *intake) retryScene(ctx context.Context, input *scenePath) (*jobOutput, error) {
 	var item fleet.WorkItem
 	job, err := in.jobs.Update(ctx, input.ID, func(j *fleet.Job) error {
 		if j.Tenant != caller(ctx).Tenant {
@@ -117,7 +117,7 @@ func (in *intake) render(spec fleet.SceneSpec) (fleet.Graph, error) {
 	if spec.Graph != nil {
 		return spec.Graph, nil
 	}
-	tpl, ok := in.cfg.Catalog.Get(spec.Workflow)
+	tpl, ok := in.catalog.Get(spec.Workflow)
 	if !ok {
 		return nil, huma.Error409Conflict(fmt.Sprintf("workflow %q is no longer offered", spec.Workflow))
 	}

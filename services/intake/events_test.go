@@ -14,7 +14,7 @@ import (
 func TestEventStreamEndsWhenTheIntakeStops(t *testing.T) {
 	t.Parallel()
 	_, nc, _ := fleettest.Fleet(t, fleet.Settings{})
-	url, stop := startIntake(t, nc)
+	url, stop := restartableIntake(t, nc)
 	job := post(t, url, "", map[string]any{"scenes": []any{map[string]any{"workflow": "demo"}}})
 	if job.status != http.StatusAccepted {
 		t.Fatalf("POST job: %d", job.status)

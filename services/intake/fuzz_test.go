@@ -8,11 +8,11 @@ import (
 	"net/http/httptest"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
 
 // FuzzCreateJob sends arbitrary bodies to POST /v1/jobs of a real intake on a real
@@ -30,22 +30,24 @@ func FuzzCreateJob(f *testing.F) {
 		f.Add(seed)
 	}
 	_, nc, _ := fleettest.Fleet(f, fleet.Settings{})
-	catalog, err := workflow.Load(os.DirFS("../../workflows"))
-	if err != nil {
-		f.Fatal(err)
-	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		f.Fatal(err)
 	}
 	ln.Close()
-	cfg := Config{Conn: nc, Catalog: catalog, Listener: ln, Open: true, RatePerKey: 1e9, RateBurst: 1e9,
+	cfg := Config{Conn: nc, Templates: os.DirFS("../../workflows"), Listener: ln, Open: true, RatePerKey: 1e9, RateBurst: 1e9,
 		Logger: slog.New(slog.DiscardHandler)}
 	if err := cfg.fill(); err != nil {
 		f.Fatal(err)
 	}
-	in, err := open(context.Background(), cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	f.Cleanup(func() { cancel(); wg.Wait() })
+	in, err := open(ctx, cfg)
 	if err != nil {
+		f.Fatal(err)
+	}
+	if err := in.followTemplates(ctx, &wg); err != nil {
 		f.Fatal(err)
 	}
 	mux := http.NewServeMux()

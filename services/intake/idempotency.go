@@ -6,7 +6,10 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"github.com/danielgtaylor/huma/v2"
 	"github.com/google/uuid"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
 // idempotencyNamespace derives job ids from Idempotency-Key values.
@@ -24,6 +27,15 @@ func newJobID(tenant, key string) (string, error) {
 		return "", fmt.Errorf("job id: %w", err)
 	}
 	return id.String(), nil
+}
+
+// replay returns the job an earlier request with the same Idempotency-Key created,
+// or a conflict if that request was another one.
+func (in *intake) replay(existing *fleet.Job, hash string) (*fleet.Job, bool, error) {
+	if existing.RequestHash != hash {
+		return nil, false, huma.Error409Conflict("Idempotency-Key was already used with another request")
+	}
+	return existing, true, nil
 }
 
 // requestHash fingerprints a job request, so a replayed key can be told from a key

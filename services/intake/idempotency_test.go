@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"sync"
 	"testing"
 
@@ -16,19 +15,12 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
-var client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
-
-// startIntake serves the API alone until the returned stop is called.
-func startIntake(t *testing.T, nc *nats.Conn) (url string, stop func()) {
+// restartableIntake serves the API alone until the returned stop is called.
+func restartableIntake(t *testing.T, nc *nats.Conn) (url string, stop func()) {
 	t.Helper()
-	catalog, err := workflow.Load(os.DirFS("../../workflows"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -36,7 +28,7 @@ func startIntake(t *testing.T, nc *nats.Conn) (url string, stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- intake.Run(ctx, intake.Config{Conn: nc, Catalog: catalog, Listener: ln, Open: true,
+		done <- intake.Run(ctx, intake.Config{Conn: nc, Templates: shipped, Listener: ln, Open: true,
 			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	}()
 	stop = func() {
@@ -91,7 +83,7 @@ func TestIdempotencyKeyCreatesOneJobAcrossConcurrentRetriesAndRestarts(t *testin
 		map[string]any{"workflow": "demo"},
 		map[string]any{"workflow": "txt2img", "params": map[string]any{"prompt": "fox", "seed": 7}},
 	}}
-	url, stop := startIntake(t, nc)
+	url, stop := restartableIntake(t, nc)
 
 	const n = 8
 	replies := make([]reply, n)
@@ -117,7 +109,7 @@ func TestIdempotencyKeyCreatesOneJobAcrossConcurrentRetriesAndRestarts(t *testin
 	}
 
 	stop()
-	url, stop = startIntake(t, nc)
+	url, stop = restartableIntake(t, nc)
 	defer stop()
 	if r := post(t, url, "order-42", body); r.status != http.StatusAccepted || r.id != replies[0].id || r.replayed != "true" {
 		t.Errorf("after an intake restart: %+v, want the same job replayed", r)

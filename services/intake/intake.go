@@ -6,9 +6,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/danielgtaylor/huma/v2"
@@ -38,8 +40,11 @@ type Config struct {
 	Conn *nats.Conn
 	// Settings must match the other services'. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
-	// Catalog holds the workflow templates scenes may name. Required.
-	Catalog *workflow.Catalog
+	// Templates holds workflow templates (*.json) to store in the fleet_workflows
+	// bucket at start, each only if the bucket lacks its name: an administrator's
+	// version is never replaced. The intake serves the bucket's templates, whatever
+	// stored them. Nil stores none.
+	Templates fs.FS
 	// Listener is where the API is served. Required.
 	Listener net.Listener
 	// PublicURL is the base URL clients reach the API at, used in Location headers and
@@ -58,6 +63,9 @@ type Config struct {
 	// and 40.
 	RatePerKey float64
 	RateBurst  int
+	// MaxInputBytes caps the size of one input image sent in base64. Defaults to
+	// fleet.MaxInputBytes (20 MiB).
+	MaxInputBytes int
 	// ShutdownTimeout bounds how long running requests may finish after ctx ends.
 	// Defaults to 10s.
 	ShutdownTimeout time.Duration
@@ -66,8 +74,8 @@ type Config struct {
 }
 
 func (c *Config) fill() error {
-	if c.Conn == nil || c.Catalog == nil || c.Listener == nil {
-		return errors.New("intake: a NATS connection, a workflow catalog and a listener are required")
+	if c.Conn == nil || c.Listener == nil {
+		return errors.New("intake: a NATS connection and a listener are required")
 	}
 	s, err := c.Settings.Normalize()
 	if err != nil {
@@ -89,6 +97,9 @@ func (c *Config) fill() error {
 	if c.RateBurst == 0 {
 		c.RateBurst = 40
 	}
+	if c.MaxInputBytes == 0 {
+		c.MaxInputBytes = fleet.MaxInputBytes
+	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 10 * time.Second
 	}
@@ -108,6 +119,9 @@ type intake struct {
 	registry jetstream.KeyValue
 	dead     jetstream.KeyValue
 	outputs  jetstream.ObjectStore
+	inputs   jetstream.ObjectStore
+	store    *workflow.Store
+	catalog  *workflow.Catalog
 	pub      *fleet.Publisher
 	keys     *tenancy.Store
 	limits   *limiters
@@ -127,6 +141,13 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	in, err := open(ctx, cfg)
 	if err != nil {
+		return err
+	}
+	followCtx, stopFollowing := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer stopFollowing()
+	if err := in.followTemplates(followCtx, &wg); err != nil {
 		return err
 	}
 	mux := http.NewServeMux()
@@ -156,6 +177,30 @@ func run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("intake: shutdown: %w", err)
 	}
 	return nil
+}
+
+// followTemplates keeps the catalog equal to the templates bucket, in a goroutine
+// that stops with ctx; wg waits for it. It returns once the catalog holds the
+// bucket's current templates.
+func (in *intake) followTemplates(ctx context.Context, wg *sync.WaitGroup) error {
+	ready := make(chan struct{})
+	stopped := make(chan error, 1)
+	wg.Go(func() {
+		err := in.store.Follow(ctx, in.catalog, in.log, func() { close(ready) })
+		if err != nil {
+			in.log.Error("workflow templates no longer follow the bucket", "err", err)
+		}
+		stopped <- err
+	})
+	select {
+	case <-ready:
+		return nil
+	case err := <-stopped:
+		if err == nil {
+			err = ctx.Err()
+		}
+		return fmt.Errorf("intake: read workflow templates: %w", err)
+	}
 }
 
 func spanName(_ string, r *http.Request) string {
@@ -189,6 +234,22 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.outputs, err = in.js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
 		return nil, fmt.Errorf("intake: open outputs: %w", err)
 	}
+	if in.inputs, err = in.js.ObjectStore(ctx, fleet.ObjectInputs); err != nil {
+		return nil, fmt.Errorf("intake: open inputs: %w", err)
+	}
+	if in.store, err = workflow.OpenStore(ctx, in.js); err != nil {
+		return nil, fmt.Errorf("intake: %w", err)
+	}
+	if cfg.Templates != nil {
+		seeded, err := in.store.Seed(ctx, cfg.Templates)
+		if err != nil {
+			return nil, fmt.Errorf("intake: %w", err)
+		}
+		if len(seeded) > 0 {
+			in.log.Info("workflow templates stored", "templates", seeded)
+		}
+	}
+	in.catalog = workflow.NewCatalog()
 	in.pub = fleet.NewPublisher(in.js, "comfyfleet/intake")
 	if in.keys, err = tenancy.Open(ctx, in.js); err != nil {
 		return nil, fmt.Errorf("intake: %w", err)

@@ -33,7 +33,7 @@ func (in *intake) addRoutes(a huma.API) {
 		Description:   "Accepts the job and returns at once; its scenes run in parallel on the fleet. The job is POSTed to callback_url when every scene is done.",
 		Tags:          []string{"jobs"},
 		DefaultStatus: http.StatusAccepted,
-		MaxBodyBytes:  8 << 20,
+		MaxBodyBytes:  maxJobBytes,
 	}), in.createJob)
 	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "get-job",
@@ -83,15 +83,21 @@ func (in *intake) addRoutes(a huma.API) {
 		Tags:        []string{"health"},
 	}, in.ready)
 	in.addControlRoutes(a)
+	in.addWorkflowRoutes(a)
+	in.addCompatRoutes(a)
 }
+
+// maxJobBytes bounds a job request, input images in base64 included.
+const maxJobBytes = 64 << 20
 
 // SceneInput is one scene of a job request.
 type SceneInput struct {
-	Workflow string         `json:"workflow,omitempty" doc:"Name of a workflow template (GET /v1/workflows). Give this or graph."`
-	Params   map[string]any `json:"params,omitempty" doc:"Values of the template's named parameters."`
-	Graph    map[string]any `json:"graph,omitempty" doc:"A ComfyUI API-format graph: node id to {class_type, inputs}. Give this or workflow."`
-	Pool     string         `json:"pool,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Pool of nodes to run on. Defaults to the template's pool, or image."`
-	TimeoutS int            `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Most seconds one attempt may run; then it is interrupted and retried, elsewhere if possible. Defaults to 3600 in the video pool, 600 elsewhere."`
+	Workflow string                `json:"workflow,omitempty" doc:"Name of a workflow template (GET /v1/workflows). Give this or graph."`
+	Params   map[string]any        `json:"params,omitempty" doc:"Values of the template's named parameters."`
+	Graph    map[string]any        `json:"graph,omitempty" doc:"A ComfyUI API-format graph: node id to {class_type, inputs}. Give this or workflow."`
+	Pool     string                `json:"pool,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Pool of nodes to run on. Defaults to the template's pool, or image."`
+	Inputs   map[string]ImageInput `json:"inputs,omitempty" doc:"Input images for the template's image parameters, by parameter name. Each is uploaded to the node that runs the scene."`
+	TimeoutS int                   `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Most seconds one attempt may run; then it is interrupted and retried, elsewhere if possible. Defaults to 3600 in the video pool, 600 elsewhere."`
 }
 
 // JobInput is the body of a job request.
@@ -113,9 +119,10 @@ type jobOutput struct {
 }
 
 type resolved struct {
-	spec  fleet.SceneSpec
-	pool  string
-	graph fleet.Graph
+	spec   fleet.SceneSpec
+	pool   string
+	graph  fleet.Graph
+	inputs []sceneInput
 }
 
 // resolve checks every scene and renders its graph; errors name the offending field.
@@ -140,11 +147,14 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 		case s.Workflow != "" && s.Graph != nil:
 			detail(at, "give either workflow or graph, not both", nil)
 		case s.Workflow != "":
-			tpl, ok := in.cfg.Catalog.Get(s.Workflow)
+			tpl, ok := in.catalog.Get(s.Workflow)
 			if !ok {
-				detail(at+".workflow", fmt.Sprintf("unknown workflow; known: %v", in.cfg.Catalog.Names()), s.Workflow)
+				detail(at+".workflow", fmt.Sprintf("unknown workflow; known: %v", in.catalog.Names()), s.Workflow)
 				continue
 			}
+			var inputErrs []error
+			r.inputs, inputErrs = in.checkInputs(at, tpl, s)
+			errs = append(errs, inputErrs...)
 			g, err := tpl.Render(s.Params)
 			var pe *workflow.ParamError
 			if errors.As(err, &pe) {
@@ -158,6 +168,9 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 		case s.Graph != nil:
 			if len(s.Params) > 0 {
 				detail(at+".params", "params apply to a workflow template, not to a raw graph", nil)
+			}
+			if len(s.Inputs) > 0 {
+				detail(at+".inputs", "inputs apply to a workflow template's image parameters, not to a raw graph", nil)
 			}
 			if err := workflow.ValidateGraph(s.Graph); err != nil {
 				loc := at + ".graph"
@@ -182,30 +195,46 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 }
 
 func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOutput, error) {
-	scenes, errs := in.resolve(ctx, &input.Body)
+	job, replayed, err := in.submit(ctx, &input.Body, input.IdempotencyKey)
+	if err != nil {
+		return nil, err
+	}
+	out := &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}
+	if replayed {
+		out.Replayed = "true"
+	}
+	return out, nil
+}
+
+// submit validates a job request, records the job, stores its input images and
+// queues its scenes. With an Idempotency-Key, a request seen before returns the job
+// it created (replayed) and a key reused for another request is a conflict. Its
+// errors are huma errors.
+func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey string) (job *fleet.Job, replayed bool, err error) {
+	scenes, errs := in.resolve(ctx, body)
 	if len(errs) > 0 {
-		return nil, huma.Error422UnprocessableEntity("validation failed", errs...)
+		return nil, false, huma.Error422UnprocessableEntity("validation failed", errs...)
 	}
 	tenant := caller(ctx).Tenant
-	id, err := newJobID(tenant, input.IdempotencyKey)
+	id, err := newJobID(tenant, idempotencyKey)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	hash, err := requestHash(input.Body)
+	hash, err := requestHash(*body)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	ctx, span := tracer.Start(ctx, "create job", trace.WithAttributes(
 		attribute.String("comfyfleet.job", id), attribute.Int("comfyfleet.scenes", len(scenes))))
 	defer span.End()
 	now := time.Now().UTC()
-	job := &fleet.Job{
+	job = &fleet.Job{
 		ID:          id,
 		Tenant:      tenant,
 		RequestHash: hash,
 		Status:      fleet.StatusQueued,
-		Priority:    input.Body.Priority,
-		CallbackURL: input.Body.CallbackURL,
+		Priority:    body.Priority,
+		CallbackURL: body.CallbackURL,
 		Scenes:      make([]fleet.Scene, len(scenes)),
 		CreatedAt:   now,
 		UpdatedAt:   now,
@@ -213,41 +242,55 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 	for i, s := range scenes {
 		job.Scenes[i] = fleet.Scene{Index: i, Spec: s.spec, Pool: s.pool, Status: fleet.StatusQueued, QueuedAt: now}
 	}
-	out := &jobOutput{}
-	err = in.jobs.Create(ctx, job)
-	if errors.Is(err, jetstream.ErrKeyExists) && input.IdempotencyKey != "" {
-		if job, _, err = in.jobs.Get(ctx, id); err != nil {
-			return nil, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+	existing, _, err := in.jobs.Get(ctx, id)
+	switch {
+	case err == nil && idempotencyKey != "":
+		if job, replayed, err = in.replay(existing, hash); err != nil {
+			return nil, false, err
 		}
-		if job.RequestHash != hash {
-			return nil, huma.Error409Conflict("Idempotency-Key was already used with another request")
-		}
-		out.Replayed = "true"
-		// Queue the scenes again in case the first request stopped half-way; within
-		// the duplicate window the message ids make this a no-op otherwise.
 		if time.Since(job.CreatedAt) > in.cfg.Settings.DuplicateWindow {
-			out.Location, out.Body = in.cfg.PublicURL+api.JobPath(job.ID), api.FromJob(job, in.cfg.PublicURL)
-			return out, nil
+			return job, true, nil
 		}
-	} else if err != nil {
-		return nil, huma.Error503ServiceUnavailable("cannot record the job now; retry", err)
+	case err != nil && !errors.Is(err, fleet.ErrJobNotFound):
+		return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+	default:
+		if _, err := in.storeInputs(ctx, job.ID, scenes); err != nil {
+			return nil, false, huma.Error503ServiceUnavailable("cannot store the input images now; retry", err)
+		}
+		err = in.jobs.Create(ctx, job)
+		if errors.Is(err, jetstream.ErrKeyExists) && idempotencyKey != "" {
+			// A concurrent request with the same key recorded the job first; the
+			// images under its id are that request's.
+			if existing, _, err = in.jobs.Get(ctx, id); err != nil {
+				return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+			}
+			if job, replayed, err = in.replay(existing, hash); err != nil {
+				return nil, false, err
+			}
+		} else if err != nil {
+			in.removeInputs(context.WithoutCancel(ctx), inputRefs(job.ID, scenes))
+			return nil, false, huma.Error503ServiceUnavailable("cannot record the job now; retry", err)
+		}
 	}
+	// Queue the scenes; a replay within the duplicate window queues them again in
+	// case the first request stopped half-way, which the message ids make a no-op
+	// otherwise.
+	refs := inputRefs(job.ID, scenes)
 	for i, s := range scenes {
 		item := fleet.WorkItem{
 			JobID: job.ID, Index: i, Tenant: job.Tenant, Priority: job.Priority, Pool: s.pool,
 			Workflow: s.spec.Workflow, Graph: s.graph, SubmittedAt: job.CreatedAt,
-			Timeout: s.spec.Timeout(),
+			Timeout: s.spec.Timeout(), Inputs: refs[i],
 		}
 		if err := in.pub.JSON(ctx, fleet.SubmitSubject(job.ID, i), item.MsgID(), item); err != nil {
-			return nil, huma.Error503ServiceUnavailable("cannot queue the job's scenes now; retry", err)
+			return nil, false, huma.Error503ServiceUnavailable("cannot queue the job's scenes now; retry", err)
 		}
-		if out.Replayed == "" {
+		if !replayed {
 			in.accepted.Add(ctx, 1, metric.WithAttributes(attribute.String("pool", s.pool)))
 		}
 	}
-	in.log.Info("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority, "replayed", out.Replayed != "")
-	out.Location, out.Body = in.cfg.PublicURL+api.JobPath(job.ID), api.FromJob(job, in.cfg.PublicURL)
-	return out, nil
+	in.log.Info("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority, "replayed", replayed)
+	return job, replayed, nil
 }
 
 type jobIDInput struct {
@@ -323,6 +366,18 @@ type nodesOutput struct {
 }
 
 func (in *intake) listNodes(ctx context.Context, _ *struct{}) (*nodesOutput, error) {
+	nodes, err := in.readNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := &nodesOutput{}
+	out.Body.Nodes = nodes
+	return out, nil
+}
+
+// readNodes returns every registered node with what it was last seen doing, ordered
+// by id. Its errors are huma errors.
+func (in *intake) readNodes(ctx context.Context) ([]Node, error) {
 	configs, err := readAll[fleet.NodeConfig](ctx, in.registry)
 	if err != nil {
 		return nil, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
@@ -331,28 +386,53 @@ func (in *intake) listNodes(ctx context.Context, _ *struct{}) (*nodesOutput, err
 	if err != nil {
 		return nil, huma.Error503ServiceUnavailable("cannot read node state now; retry", err)
 	}
-	out := &nodesOutput{}
-	out.Body.Nodes = []Node{}
+	nodes := make([]Node, 0, len(configs))
 	for id, cfg := range configs {
-		n := Node{NodeConfig: cfg, State: fleet.NodeOffline}
-		if st, ok := observed[id]; ok {
-			hb := st.Heartbeat
-			n.State, n.Executor, n.Scene, n.QueueRemaining = st.State, st.Executor, st.Scene, st.QueueRemaining
-			n.VRAMTotal, n.VRAMFree, n.Device, n.ScenesDone = st.VRAMTotal, st.VRAMFree, st.Device, st.ScenesDone
-			n.SecondsPerScene, n.Error, n.LastHeartbeat = st.SecondsPerScene, st.Error, &hb
+		var st *fleet.NodeStatus
+		if s, ok := observed[id]; ok {
+			st = &s
 		}
-		out.Body.Nodes = append(out.Body.Nodes, n)
+		nodes = append(nodes, nodeView(cfg, st))
 	}
-	slices.SortFunc(out.Body.Nodes, func(a, b Node) int {
-		if a.ID < b.ID {
-			return -1
-		}
-		if a.ID > b.ID {
-			return 1
-		}
-		return 0
-	})
-	return out, nil
+	slices.SortFunc(nodes, func(a, b Node) int { return cmp.Compare(a.ID, b.ID) })
+	return nodes, nil
+}
+
+// readNode returns one registered node with what it was last seen doing; an unknown
+// node is a 404. Its errors are huma errors.
+func (in *intake) readNode(ctx context.Context, id string) (Node, error) {
+	notFound := huma.Error404NotFound("no node " + id)
+	if !fleet.ValidToken(id) {
+		return Node{}, notFound
+	}
+	cfg, err := getJSON[fleet.NodeConfig](ctx, in.registry, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return Node{}, notFound
+	}
+	if err != nil {
+		return Node{}, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
+	}
+	st, err := getJSON[fleet.NodeStatus](ctx, in.nodes, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nodeView(cfg, nil), nil
+	}
+	if err != nil {
+		return Node{}, huma.Error503ServiceUnavailable("cannot read node state now; retry", err)
+	}
+	return nodeView(cfg, &st), nil
+}
+
+// nodeView joins a node's configuration and its observed state, if any: a node
+// without one is offline.
+func nodeView(cfg fleet.NodeConfig, st *fleet.NodeStatus) Node {
+	n := Node{NodeConfig: cfg, State: fleet.NodeOffline}
+	if st != nil {
+		hb := st.Heartbeat
+		n.State, n.Executor, n.Scene, n.QueueRemaining = st.State, st.Executor, st.Scene, st.QueueRemaining
+		n.VRAMTotal, n.VRAMFree, n.Device, n.ScenesDone = st.VRAMTotal, st.VRAMFree, st.Device, st.ScenesDone
+		n.SecondsPerScene, n.Error, n.LastHeartbeat = st.SecondsPerScene, st.Error, &hb
+	}
+	return n
 }
 
 func readAll[T any](ctx context.Context, kv jetstream.KeyValue) (map[string]T, error) {
@@ -363,20 +443,29 @@ func readAll[T any](ctx context.Context, kv jetstream.KeyValue) (map[string]T, e
 	defer lister.Stop()
 	out := map[string]T{}
 	for key := range lister.Keys() {
-		e, err := kv.Get(ctx, key)
+		v, err := getJSON[T](ctx, kv, key)
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("get %s: %w", key, err)
-		}
-		var v T
-		if err := json.Unmarshal(e.Value(), &v); err != nil {
-			return nil, fmt.Errorf("decode %s: %w", key, err)
+			return nil, err
 		}
 		out[key] = v
 	}
 	return out, nil
+}
+
+// getJSON reads and decodes the value of key.
+func getJSON[T any](ctx context.Context, kv jetstream.KeyValue, key string) (T, error) {
+	var v T
+	e, err := kv.Get(ctx, key)
+	if err != nil {
+		return v, fmt.Errorf("get %s: %w", key, err)
+	}
+	if err := json.Unmarshal(e.Value(), &v); err != nil {
+		return v, fmt.Errorf("decode %s: %w", key, err)
+	}
+	return v, nil
 }
 
 // WorkflowInfo describes a template and its parameters.
@@ -396,7 +485,7 @@ type workflowsOutput struct {
 func (in *intake) listWorkflows(context.Context, *struct{}) (*workflowsOutput, error) {
 	out := &workflowsOutput{}
 	out.Body.Workflows = []WorkflowInfo{}
-	for _, t := range in.cfg.Catalog.List() {
+	for _, t := range in.catalog.List() {
 		out.Body.Workflows = append(out.Body.Workflows, WorkflowInfo{Name: t.Name, Description: t.Description, Pool: t.Pool, Params: t.Params})
 	}
 	return out, nil

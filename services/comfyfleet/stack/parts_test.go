@@ -16,7 +16,6 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -75,10 +74,6 @@ func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec)
 	t.Helper()
 	log := testLogger(t)
 	srv, nc, js := fleettest.Fleet(t, settings)
-	catalog, err := workflow.Load(workflows.FS)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var (
 		wg    sync.WaitGroup
@@ -120,7 +115,7 @@ func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec)
 			CallbackGuard: callback.NewGuard(loopback...), Logger: log})
 	})
 	run("intake", func() error {
-		return intake.Run(ctx, intake.Config{Conn: in, Settings: settings, Catalog: catalog, Listener: ln, Open: true,
+		return intake.Run(ctx, intake.Config{Conn: in, Settings: settings, Templates: workflows.FS, Listener: ln, Open: true,
 			CallbackGuard: callback.NewGuard(loopback...), Logger: log})
 	})
 	for i, spec := range specs {

@@ -21,7 +21,6 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -104,10 +103,6 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 	if cfg.Sims == nil {
 		cfg.Sims = DefaultSims()
 	}
-	catalog, err := workflow.Load(workflows.FS)
-	if err != nil {
-		return nil, fmt.Errorf("stack: %w", err)
-	}
 	s := &Stack{}
 	defer func() {
 		if err != nil {
@@ -166,7 +161,7 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 
 	guard := callback.NewGuard(cfg.CallbackAllow...)
 	in, ex, nt := cfg.Intake, cfg.Executor, cfg.Notifier
-	in.Settings, in.Catalog, in.Listener, in.PublicURL = cfg.Settings, catalog, ln, cfg.PublicURL
+	in.Settings, in.Templates, in.Listener, in.PublicURL = cfg.Settings, workflows.FS, ln, cfg.PublicURL
 	in.Open, in.CallbackGuard, in.Logger = cfg.Open, guard, cfg.Logger
 	ex.Settings, ex.Nodes, ex.Logger = cfg.Settings, s.Nodes, cfg.Logger
 	nt.Settings, nt.PublicURL, nt.Logger, nt.CallbackGuard = cfg.Settings, cfg.PublicURL, cfg.Logger, guard
