@@ -15,9 +15,31 @@ import (
 // context found in the message's headers.
 type Handler func(ctx context.Context, msg jetstream.Msg)
 
-// Consume feeds the consumer's messages, one at a time, to handle until ctx is done.
-// It returns nil when ctx ends it, else the error that stopped it.
-func Consume(ctx context.Context, cons jetstream.Consumer, log *slog.Logger, handle Handler) error {
+// Consume feeds the messages of the durable consumer cfg on stream, one at a time, to
+// handle until ctx is done. It creates the consumer, and creates it and its
+// iterator again whenever they stop (the consumer lost, a NATS server restarted on
+// another store), so a running service never stops consuming unnoticed.
+func Consume(ctx context.Context, js jetstream.JetStream, stream string, cfg jetstream.ConsumerConfig, log *slog.Logger, handle Handler) error {
+	for ctx.Err() == nil {
+		var cons jetstream.Consumer
+		err := Retry(ctx, log, "create consumer "+cfg.Durable, func(ctx context.Context) error {
+			var err error
+			cons, err = js.CreateOrUpdateConsumer(ctx, stream, cfg)
+			return err
+		})
+		if err != nil {
+			return IgnoreStop(ctx, fmt.Errorf("create consumer %s: %w", cfg.Durable, err))
+		}
+		err = consumeUntilStopped(ctx, cons, log, handle)
+		if ctx.Err() != nil {
+			return nil
+		}
+		log.Warn("consumer stopped; creating it again", "consumer", cfg.Durable, "err", err)
+	}
+	return nil
+}
+
+func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog.Logger, handle Handler) error {
 	it, err := cons.Messages(jetstream.PullMaxMessages(1))
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", cons.CachedInfo().Name, err)
@@ -27,8 +49,11 @@ func Consume(ctx context.Context, cons jetstream.Consumer, log *slog.Logger, han
 	defer it.Stop()
 	for {
 		msg, err := it.Next()
-		if errors.Is(err, jetstream.ErrMsgIteratorClosed) || ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return nil
+		}
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			return err
 		}
 		if err != nil {
 			log.Warn("fetch message", "consumer", cons.CachedInfo().Name, "err", err)

@@ -19,6 +19,8 @@ type SceneSpec struct {
 	// TimeoutS is the most seconds one attempt may run: the client's, or the pool's
 	// default.
 	TimeoutS int `json:"timeout_s,omitempty"`
+	// Inputs are the scene's input images as stored, so that a retry uploads them again.
+	Inputs []Input `json:"inputs,omitempty"`
 }
 
 // Timeout is TimeoutS as a duration, zero for no limit.

@@ -73,20 +73,8 @@ func run(ctx context.Context, cfg Config) error {
 	if d.js, err = jetstream.New(cfg.Conn); err != nil {
 		return fmt.Errorf("dispatcher: jetstream: %w", err)
 	}
-	if err := fleet.Ensure(ctx, d.js, settings); err != nil {
+	if err := fleet.Retry(ctx, d.log, "dispatcher start", d.open); err != nil {
 		return fmt.Errorf("dispatcher: %w", err)
-	}
-	if d.jobs, err = fleet.OpenJobs(ctx, d.js); err != nil {
-		return fmt.Errorf("dispatcher: %w", err)
-	}
-	if d.nodes, err = d.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
-		return fmt.Errorf("dispatcher: open nodes bucket: %w", err)
-	}
-	if d.dead, err = d.js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
-		return fmt.Errorf("dispatcher: open dead letters bucket: %w", err)
-	}
-	if d.work, err = d.js.Stream(ctx, fleet.StreamWork); err != nil {
-		return fmt.Errorf("dispatcher: open work stream: %w", err)
 	}
 	d.pub = fleet.NewPublisher(d.js, source)
 	if d.deadLetters, err = otel.Meter("comfyfleet/dispatcher").Int64Counter("comfyfleet.scene.dead_letters",
@@ -112,11 +100,7 @@ func run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	errs := make(chan error, len(consumers))
 	for _, c := range consumers {
-		cons, err := d.js.CreateOrUpdateConsumer(ctx, c.stream, c.cfg)
-		if err != nil {
-			return fmt.Errorf("dispatcher: consumer %s: %w", c.cfg.Durable, err)
-		}
-		wg.Go(func() { errs <- fleet.Consume(ctx, cons, d.log, c.handle) })
+		wg.Go(func() { errs <- fleet.Consume(ctx, d.js, c.stream, c.cfg, d.log, c.handle) })
 	}
 	d.log.Info("dispatcher running")
 	wg.Wait()
@@ -127,6 +111,28 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	d.log.Info("dispatcher stopped")
 	return errors.Join(all...)
+}
+
+// open creates the fleet's streams and buckets if need be and binds to those the
+// dispatcher uses.
+func (d *dispatcher) open(ctx context.Context) error {
+	var err error
+	if err = fleet.Ensure(ctx, d.js, d.cfg.Settings); err != nil {
+		return err
+	}
+	if d.jobs, err = fleet.OpenJobs(ctx, d.js); err != nil {
+		return err
+	}
+	if d.nodes, err = d.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
+		return fmt.Errorf("open nodes bucket: %w", err)
+	}
+	if d.dead, err = d.js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
+		return fmt.Errorf("open dead letters bucket: %w", err)
+	}
+	if d.work, err = d.js.Stream(ctx, fleet.StreamWork); err != nil {
+		return fmt.Errorf("open work stream: %w", err)
+	}
+	return nil
 }
 
 // route releases an accepted scene to its pool's work subject.

@@ -134,9 +134,6 @@ func run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("executor: jetstream: %w", err)
 	}
-	if err := fleet.Ensure(ctx, js, cfg.Settings); err != nil {
-		return fmt.Errorf("executor: %w", err)
-	}
 	e := &executor{
 		cfg:       cfg,
 		log:       cfg.Logger.With("service", "executor", "executor", cfg.Name),
@@ -144,45 +141,19 @@ func run(ctx context.Context, cfg Config) error {
 		pub:       fleet.NewPublisher(js, "comfyfleet/executor/"+cfg.Name),
 		consumers: map[string]jetstream.Consumer{},
 	}
-	if e.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
-		return fmt.Errorf("executor: %w", err)
-	}
 	if e.metrics, err = newMetrics(); err != nil {
 		return err
 	}
-	if e.outputs, err = js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
-		return fmt.Errorf("executor: open outputs: %w", err)
-	}
-	if e.events, err = js.Stream(ctx, fleet.StreamEvents); err != nil {
-		return fmt.Errorf("executor: open events: %w", err)
+	if err := fleet.Retry(ctx, e.log, "executor start", func(ctx context.Context) error { return e.open(ctx, js) }); err != nil {
+		return fmt.Errorf("executor: %w", err)
 	}
 	stopCancels, err := e.followCancels(ctx)
 	if err != nil {
 		return err
 	}
 	defer stopCancels()
-	if err := e.openInputs(ctx, js); err != nil {
-		return err
-	}
-	registry, err := js.KeyValue(ctx, fleet.BucketRegistry)
-	if err != nil {
-		return fmt.Errorf("executor: open registry: %w", err)
-	}
 	nodes := make([]*node, len(cfg.Nodes))
 	for i, nc := range cfg.Nodes {
-		if err := register(ctx, registry, nc); err != nil {
-			return fmt.Errorf("executor: %w", err)
-		}
-		for _, p := range nc.Pools {
-			if e.consumers[p] != nil {
-				continue
-			}
-			cons, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamWork, fleet.WorkConsumer(p, cfg.Settings))
-			if err != nil {
-				return fmt.Errorf("executor: consumer for pool %s: %w", p, err)
-			}
-			e.consumers[p] = cons
-		}
 		client := comfy.New(nc.URL, comfy.WithHTTPClient(cfg.HTTPClient), comfy.WithLogger(e.log),
 			comfy.WithClientID(fmt.Sprintf("comfyfleet-%s-%s", cfg.Name, nc.ID)))
 		nodes[i] = newNode(nc, client, cfg.Name)
@@ -196,6 +167,47 @@ func run(ctx context.Context, cfg Config) error {
 	e.log.Info("executor running", "nodes", len(nodes))
 	wg.Wait()
 	e.log.Info("executor stopped")
+	return nil
+}
+
+// open creates the fleet's streams and buckets if need be, binds to those the
+// executor uses, registers its nodes and creates the work consumers of their pools.
+func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
+	var err error
+	if err = fleet.Ensure(ctx, js, e.cfg.Settings); err != nil {
+		return err
+	}
+	if e.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
+		return err
+	}
+	if e.outputs, err = js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
+		return fmt.Errorf("open outputs: %w", err)
+	}
+	if e.events, err = js.Stream(ctx, fleet.StreamEvents); err != nil {
+		return fmt.Errorf("open events: %w", err)
+	}
+	if err := e.openInputs(ctx, js); err != nil {
+		return err
+	}
+	registry, err := js.KeyValue(ctx, fleet.BucketRegistry)
+	if err != nil {
+		return fmt.Errorf("open registry: %w", err)
+	}
+	for _, nc := range e.cfg.Nodes {
+		if err := register(ctx, registry, nc); err != nil {
+			return err
+		}
+		for _, p := range nc.Pools {
+			if e.consumers[p] != nil {
+				continue
+			}
+			cons, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamWork, fleet.WorkConsumer(p, e.cfg.Settings))
+			if err != nil {
+				return fmt.Errorf("consumer for pool %s: %w", p, err)
+			}
+			e.consumers[p] = cons
+		}
+	}
 	return nil
 }
 

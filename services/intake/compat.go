@@ -11,6 +11,7 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 )
 
 // The seed-compatible endpoints serve clients written against comfyfleet's original
@@ -22,7 +23,7 @@ import (
 var compatTemplates = map[string]string{"image": "txt2img", "video": "txt2video"}
 
 func (in *intake) addCompatRoutes(a huma.API) {
-	huma.Register(a, huma.Operation{
+	huma.Register(a, secured(tenancy.RoleSubmit, huma.Operation{
 		OperationID:   "compat-dispatch",
 		Method:        http.MethodPost,
 		Path:          "/api/comfyui/dispatch",
@@ -31,22 +32,22 @@ func (in *intake) addCompatRoutes(a huma.API) {
 		Tags:          []string{"compat"},
 		DefaultStatus: http.StatusAccepted,
 		MaxBodyBytes:  1 << 20,
-	}, in.compatDispatch)
-	huma.Register(a, huma.Operation{
+	}), in.compatDispatch)
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "compat-list-nodes",
 		Method:      http.MethodGet,
 		Path:        "/api/nodes",
 		Summary:     "List the ComfyUI nodes (seed-compatible)",
 		Description: "The nodes of GET /v1/nodes in the seed plan's shape.",
 		Tags:        []string{"compat"},
-	}, in.compatListNodes)
-	huma.Register(a, huma.Operation{
+	}), in.compatListNodes)
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "compat-node-health",
 		Method:      http.MethodGet,
 		Path:        "/api/nodes/{node_id}/health",
 		Summary:     "A node's health and load (seed-compatible)",
 		Tags:        []string{"compat"},
-	}, in.compatNodeHealth)
+	}), in.compatNodeHealth)
 }
 
 // DispatchRequest is the body of POST /api/comfyui/dispatch.

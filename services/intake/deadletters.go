@@ -87,6 +87,7 @@ func (in *intake) retryScene(ctx context.Context, input *scenePath) (*jobOutput,
 		item = fleet.WorkItem{
 			JobID: j.ID, Index: s.Index, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool, Workflow: s.Spec.Workflow,
 			Graph: graph, SubmittedAt: s.QueuedAt, Retry: retry, AttemptBase: attempts, Timeout: s.Spec.Timeout(),
+			Inputs: s.Spec.Inputs,
 		}
 		return nil
 	})

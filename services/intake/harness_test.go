@@ -51,7 +51,7 @@ func startIntake(t *testing.T, natsURL string, cfg intake.Config) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Conn, cfg.Listener = nc, ln
+	cfg.Conn, cfg.Listener, cfg.Open = nc, ln, true
 	cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

@@ -139,8 +139,12 @@ func run(ctx context.Context, cfg Config) error {
 	if err := cfg.fill(); err != nil {
 		return err
 	}
-	in, err := open(ctx, cfg)
-	if err != nil {
+	var in *intake
+	if err := fleet.Retry(ctx, cfg.Logger.With("service", "intake"), "intake start", func(ctx context.Context) error {
+		var err error
+		in, err = open(ctx, cfg)
+		return err
+	}); err != nil {
 		return err
 	}
 	followCtx, stopFollowing := context.WithCancel(ctx)
@@ -170,7 +174,7 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
 	defer cancel()
-	err = srv.Shutdown(shutdownCtx)
+	err := srv.Shutdown(shutdownCtx)
 	<-errc
 	in.log.Info("intake stopped")
 	if err != nil {

@@ -239,8 +239,11 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 		CreatedAt:   now,
 		UpdatedAt:   now,
 	}
+	refs := inputRefs(id, scenes)
 	for i, s := range scenes {
-		job.Scenes[i] = fleet.Scene{Index: i, Spec: s.spec, Pool: s.pool, Status: fleet.StatusQueued, QueuedAt: now}
+		spec := s.spec
+		spec.Inputs = refs[i]
+		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Status: fleet.StatusQueued, QueuedAt: now}
 	}
 	existing, _, err := in.jobs.Get(ctx, id)
 	switch {
@@ -268,14 +271,13 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 				return nil, false, err
 			}
 		} else if err != nil {
-			in.removeInputs(context.WithoutCancel(ctx), inputRefs(job.ID, scenes))
+			in.removeInputs(context.WithoutCancel(ctx), refs)
 			return nil, false, huma.Error503ServiceUnavailable("cannot record the job now; retry", err)
 		}
 	}
 	// Queue the scenes; a replay within the duplicate window queues them again in
 	// case the first request stopped half-way, which the message ids make a no-op
 	// otherwise.
-	refs := inputRefs(job.ID, scenes)
 	for i, s := range scenes {
 		item := fleet.WorkItem{
 			JobID: job.ID, Index: i, Tenant: job.Tenant, Priority: job.Priority, Pool: s.pool,

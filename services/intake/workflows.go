@@ -8,6 +8,7 @@ import (
 
 	"github.com/danielgtaylor/huma/v2"
 
+	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
 
@@ -16,15 +17,15 @@ import (
 const AdminTag = "admin"
 
 func (in *intake) addWorkflowRoutes(a huma.API) {
-	huma.Register(a, huma.Operation{
+	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "get-workflow",
 		Method:      http.MethodGet,
 		Path:        "/v1/workflows/{name}",
 		Summary:     "Get a workflow template",
 		Description: "The template as every intake serves it: its parameters (type, default, bounds, bindings) and its ComfyUI API-format graph.",
 		Tags:        []string{"workflows"},
-	}, in.getWorkflow)
-	huma.Register(a, huma.Operation{
+	}), in.getWorkflow)
+	huma.Register(a, secured(tenancy.RoleAdmin, huma.Operation{
 		OperationID: "put-workflow",
 		Method:      http.MethodPut,
 		Path:        "/v1/workflows/{name}",
@@ -38,7 +39,7 @@ func (in *intake) addWorkflowRoutes(a huma.API) {
 			"201": {Description: "The template is new: stored.", Content: map[string]*huma.MediaType{
 				"application/json": {Schema: &huma.Schema{Ref: "#/components/schemas/Template"}}}},
 		},
-	}, in.putWorkflow)
+	}), in.putWorkflow)
 }
 
 type workflowNameInput struct {

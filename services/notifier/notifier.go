@@ -119,27 +119,27 @@ func run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("notifier: jetstream: %w", err)
 	}
-	if err := fleet.Ensure(ctx, js, cfg.Settings); err != nil {
-		return fmt.Errorf("notifier: %w", err)
-	}
 	n := &notifier{cfg: cfg, log: cfg.Logger.With("service", "notifier"), pub: fleet.NewPublisher(js, source)}
-	if n.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
-		return fmt.Errorf("notifier: %w", err)
-	}
-	if n.tenants, err = tenancy.Open(ctx, js); err != nil {
+	if err := fleet.Retry(ctx, n.log, "notifier start", func(ctx context.Context) error {
+		var err error
+		if err = fleet.Ensure(ctx, js, cfg.Settings); err != nil {
+			return err
+		}
+		if n.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
+			return err
+		}
+		n.tenants, err = tenancy.Open(ctx, js)
+		return err
+	}); err != nil {
 		return fmt.Errorf("notifier: %w", err)
 	}
 	if n.webhooks, err = otel.Meter("comfyfleet/notifier").Int64Counter("comfyfleet.webhook.attempts",
 		metric.WithDescription("Webhook delivery attempts by outcome: delivered, retrying or given_up.")); err != nil {
 		return fmt.Errorf("notifier metrics: %w", err)
 	}
-	cons, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts))
-	if err != nil {
-		return fmt.Errorf("notifier: consumer: %w", err)
-	}
 	n.log.Info("notifier running")
 	defer n.log.Info("notifier stopped")
-	return fleet.Consume(ctx, cons, n.log, n.complete)
+	return fleet.Consume(ctx, js, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts), n.log, n.complete)
 }
 
 // complete publishes the job's terminal event and delivers its webhook.

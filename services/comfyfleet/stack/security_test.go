@@ -129,6 +129,18 @@ func TestKeysRolesAndTenantIsolation(t *testing.T) {
 	if st, _, _ := call(t, "POST", b.api+"/v1/jobs/any/cancel", aRead, nil); st != http.StatusForbidden {
 		t.Errorf("read key cancelling: %d, want 403", st)
 	}
+	// Admin operations need an admin key; new routes get no free pass.
+	if st, _, _ := call(t, "PUT", b.api+"/v1/workflows/mine", aSubmit, map[string]any{"name": "mine"}); st != http.StatusForbidden {
+		t.Errorf("PUT a workflow with a submit key: %d, want 403", st)
+	}
+	for _, path := range []string{"/v1/workflows", "/v1/workflows/txt2img", "/api/nodes", "/v1/deadletters", "/v1/nodes"} {
+		if st, _, _ := call(t, "GET", b.api+path, "", nil); st != http.StatusUnauthorized {
+			t.Errorf("GET %s without a key: %d, want 401", path, st)
+		}
+	}
+	if st, _, _ := call(t, "POST", b.api+"/api/comfyui/dispatch", aRead, map[string]any{"type": "image", "prompt": "x"}); st != http.StatusForbidden {
+		t.Errorf("compat dispatch with a read key: %d, want 403", st)
+	}
 	for _, path := range []string{"/healthz", "/readyz", "/openapi.json", "/docs"} {
 		if st, _, _ := call(t, "GET", b.api+path, "", nil); st != http.StatusOK {
 			t.Errorf("GET %s without a key: %d, want 200", path, st)

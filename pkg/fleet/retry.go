@@ -1,0 +1,24 @@
+package fleet
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+)
+
+// Retry calls f until it succeeds or ctx ends, waiting longer after each failure
+// (200ms doubling to 5s) and logging each one: a service starting while NATS is down
+// or restarting waits for it instead of giving up. f marks an error that retrying
+// cannot fix with backoff.Permanent.
+func Retry(ctx context.Context, log *slog.Logger, what string, f func(context.Context) error) error {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = 200 * time.Millisecond
+	b.MaxInterval = 5 * time.Second
+	b.MaxElapsedTime = 0
+	return backoff.RetryNotify(func() error { return f(ctx) }, backoff.WithContext(b, ctx),
+		func(err error, next time.Duration) {
+			log.Warn(what+" failed; retrying", "in", next.Round(time.Millisecond), "err", err)
+		})
+}
