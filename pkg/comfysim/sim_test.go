@@ -139,9 +139,17 @@ func TestSpeedScaling(t *testing.T) {
 		}
 		return end.Sub(start)
 	}
-	normal := sampling(1)
+	// The fastest of three runs: a loaded machine can only make a run slower.
+	fastest := func(seed uint64) time.Duration {
+		best := sampling(seed)
+		for i := uint64(1); i < 3; i++ {
+			best = min(best, sampling(seed+10*i))
+		}
+		return best
+	}
+	normal := fastest(1)
 	sim.SetSpeed(2)
-	fast := sampling(2)
+	fast := fastest(2)
 	if normal < 200*time.Millisecond || fast < 100*time.Millisecond {
 		t.Errorf("20 steps of 10ms took %v at speed 1 and %v at speed 2, less than the steps", normal, fast)
 	}
