@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
@@ -142,4 +143,22 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 		defer cancel()
 		_ = shutdown(ctx)
 	}}, nil
+}
+
+// allowFlag is --allow-callback: internal addresses that callbacks may reach.
+type allowFlag struct {
+	values listFlag
+}
+
+func (a *allowFlag) register(fs *flag.FlagSet) {
+	fs.Var(&a.values, "allow-callback", "internal address or CIDR prefix that callbacks may reach, e.g. an n8n host (repeatable)")
+}
+
+// guard returns the callback guard that refuses internal addresses but the allowed.
+func (a *allowFlag) guard() (*callback.Guard, error) {
+	allowed, err := callback.ParsePrefixes(a.values)
+	if err != nil {
+		return nil, fmt.Errorf("--allow-callback: %w", err)
+	}
+	return callback.NewGuard(allowed...), nil
 }

@@ -9,7 +9,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
@@ -25,15 +24,15 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	publicURL := fs.String("public-url", "", "base URL clients reach the API at (default http://<--http>)")
 	maxScenes := fs.Int("max-scenes", 100, "most scenes in one job")
 	rateKey := fs.Float64("rate", 20, "requests a second allowed per API key (burst twice that)")
-	var allow listFlag
-	fs.Var(&allow, "allow-callback", "internal address or CIDR prefix that callback URLs may reach, e.g. an n8n host (repeatable)")
+	var allow allowFlag
+	allow.register(fs)
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	allowed, err := callback.ParsePrefixes(allow)
+	guard, err := allow.guard()
 	if err != nil {
-		return fmt.Errorf("--allow-callback: %w", err)
+		return err
 	}
 	svc, err := sf.start(ctx, "intake", os.Stderr)
 	if err != nil {
@@ -45,7 +44,7 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
 	}
 	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
-		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: callback.NewGuard(allowed...),
+		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: guard,
 		RatePerKey: *rateKey, RateBurst: int(2 * *rateKey), Logger: svc.log})
 }
 
@@ -99,15 +98,15 @@ func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
 	var sf serviceFlags
 	publicURL := fs.String("public-url", "http://127.0.0.1:8080", "the API's base URL, for output links in webhooks")
 	attempts := fs.Int("webhook-attempts", 20, "webhook attempts before a callback is given up")
-	var allow listFlag
-	fs.Var(&allow, "allow-callback", "internal address or CIDR prefix that webhooks may reach, e.g. an n8n host (repeatable)")
+	var allow allowFlag
+	allow.register(fs)
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	allowed, err := callback.ParsePrefixes(allow)
+	guard, err := allow.guard()
 	if err != nil {
-		return fmt.Errorf("--allow-callback: %w", err)
+		return err
 	}
 	svc, err := sf.start(ctx, "notifier", os.Stderr)
 	if err != nil {
@@ -115,5 +114,5 @@ func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
 	}
 	defer svc.close()
 	return notifier.Run(ctx, notifier.Config{Conn: svc.conn, Settings: svc.settings, PublicURL: *publicURL,
-		WebhookAttempts: *attempts, CallbackGuard: callback.NewGuard(allowed...), Logger: svc.log})
+		WebhookAttempts: *attempts, CallbackGuard: guard, Logger: svc.log})
 }
