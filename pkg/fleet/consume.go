@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -61,6 +62,24 @@ func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog
 		}
 		handle(telemetry.Extract(ctx, msg.Headers()), msg)
 	}
+}
+
+// unknownJobDeliveries is how often a message about a job that cannot be found is
+// tried before it is dropped: a job always exists before anything about it is
+// published, so "not found" is a store still recovering, until it persists.
+const unknownJobDeliveries = 5
+
+// DropUnknownJob settles a message about a job that was not found: it is tried
+// again later, and dropped only after unknownJobDeliveries deliveries. It reports
+// whether the message was dropped.
+func DropUnknownJob(log *slog.Logger, msg jetstream.Msg, job string) bool {
+	if md, err := msg.Metadata(); err == nil && md.NumDelivered < unknownJobDeliveries {
+		_ = msg.NakWithDelay(time.Second)
+		return false
+	}
+	log.Warn("drop message of unknown job", "job", job, "subject", msg.Subject())
+	_ = msg.TermWithReason("unknown job")
+	return true
 }
 
 // Ack acknowledges msg and waits for the server to confirm, logging a failure: a lost

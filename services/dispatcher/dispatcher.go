@@ -173,8 +173,7 @@ func (d *dispatcher) applyEvent(ctx context.Context, msg jetstream.Msg) {
 	defer span.End()
 	job, err := d.update(ctx, ev)
 	if errors.Is(err, fleet.ErrJobNotFound) {
-		d.log.Warn("drop event of unknown job", "job", ev.JobID, "type", ev.Type)
-		_ = msg.TermWithReason("unknown job")
+		fleet.DropUnknownJob(d.log, msg, ev.JobID)
 		return
 	}
 	if err == nil && ev.Type == fleet.EventFailed && job.Scenes[ev.Index].Status == fleet.StatusFailed {

@@ -40,15 +40,15 @@ func (e *executor) placeInputs(ctx context.Context, n *node, item fleet.WorkItem
 		}
 		_, ext, ok := fleet.InputImageType(data)
 		if !ok {
-			return &inputError{err: fmt.Errorf("input %s is not a PNG, JPEG or WEBP image", in.Param), permanent: true}
+			return &fileError{err: fmt.Errorf("input %s is not a PNG, JPEG or WEBP image", in.Param), permanent: true}
 		}
 		name := fmt.Sprintf("comfyfleet_%s_%d_%s%s", item.JobID, item.Index, in.Param, ext)
 		ref, err := n.client.UploadImage(ctx, name, data, true)
 		if err != nil {
-			return &inputError{err: fmt.Errorf("upload input %s to node %s: %w", name, n.cfg.ID, err)}
+			return &fileError{err: fmt.Errorf("upload input %s to node %s: %w", name, n.cfg.ID, err)}
 		}
 		if err := bind(item.Graph, in.Bind, path.Join(ref.Subfolder, ref.Filename)); err != nil {
-			return &inputError{err: fmt.Errorf("input %s: %w", in.Param, err), permanent: true}
+			return &fileError{err: fmt.Errorf("input %s: %w", in.Param, err), permanent: true}
 		}
 	}
 	return nil
@@ -59,7 +59,7 @@ func (e *executor) fetchInput(ctx context.Context, in fleet.Input) ([]byte, erro
 	if in.Object != "" {
 		data, err := e.inputs.GetBytes(ctx, in.Object)
 		if errors.Is(err, jetstream.ErrObjectNotFound) {
-			return nil, &inputError{err: fmt.Errorf("%s is gone from the %s store", in.Object, fleet.ObjectInputs), permanent: true}
+			return nil, &fileError{err: fmt.Errorf("%s is gone from the %s store", in.Object, fleet.ObjectInputs), permanent: true}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("read %s: %w", in.Object, err)
@@ -70,7 +70,7 @@ func (e *executor) fetchInput(ctx context.Context, in fleet.Input) ([]byte, erro
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, in.URL, nil)
 	if err != nil {
-		return nil, &inputError{err: fmt.Errorf("download %s: %w", in.URL, err), permanent: true}
+		return nil, &fileError{err: fmt.Errorf("download %s: %w", in.URL, err), permanent: true}
 	}
 	resp, err := e.cfg.HTTPClient.Do(req)
 	if err != nil {
@@ -79,14 +79,14 @@ func (e *executor) fetchInput(ctx context.Context, in fleet.Input) ([]byte, erro
 	defer resp.Body.Close()
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		he := &comfy.HTTPError{Op: "download input", StatusCode: resp.StatusCode}
-		return nil, &inputError{err: fmt.Errorf("download %s: %w", in.URL, he), permanent: he.Permanent()}
+		return nil, &fileError{err: fmt.Errorf("download %s: %w", in.URL, he), permanent: he.Permanent()}
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, fleet.MaxInputBytes+1))
 	if err != nil {
 		return nil, fmt.Errorf("download %s: %w", in.URL, err)
 	}
 	if len(data) > fleet.MaxInputBytes {
-		return nil, &inputError{err: fmt.Errorf("download %s: larger than %d bytes", in.URL, fleet.MaxInputBytes), permanent: true}
+		return nil, &fileError{err: fmt.Errorf("download %s: larger than %d bytes", in.URL, fleet.MaxInputBytes), permanent: true}
 	}
 	return data, nil
 }
@@ -108,22 +108,24 @@ func bind(g fleet.Graph, bindings []fleet.Binding, value string) error {
 	return nil
 }
 
-// inputError is a failure to place an input image on a node. It is permanent when
-// the image itself is at fault (gone, refused by its server, too large, not an
-// image), since another node would fare no better; any other failure, an upload to
-// the node included, is transient and the scene is retried, elsewhere if need be.
-type inputError struct {
+// fileError is a failure to move a scene's files to or from its node: an input
+// image placed there, an output fetched from it. It is permanent when the input
+// itself is at fault (gone, refused by its server, too large, not an image), since
+// another node would fare no better; any other failure, an upload to the node or an
+// output the node lost (it restarted, say) included, is transient and the scene is
+// retried, elsewhere if need be.
+type fileError struct {
 	err       error
 	permanent bool
 }
 
-func (e *inputError) Error() string { return e.err.Error() }
+func (e *fileError) Error() string { return e.err.Error() }
 
-func (e *inputError) Unwrap() error { return e.err }
+func (e *fileError) Unwrap() error { return e.err }
 
 // isPermanent reports whether retrying a failed attempt cannot succeed.
 func isPermanent(err error) bool {
-	if ie, ok := errors.AsType[*inputError](err); ok {
+	if ie, ok := errors.AsType[*fileError](err); ok {
 		return ie.permanent
 	}
 	return comfy.IsPermanent(err)

@@ -216,7 +216,7 @@ func (e *executor) store(ctx context.Context, n *node, item fleet.WorkItem, outs
 		names[name] = true
 		body, contentType, err := n.client.View(ctx, o.File)
 		if err != nil {
-			return nil, fmt.Errorf("fetch output %s from node %s: %w", o.File.Filename, n.cfg.ID, err)
+			return nil, &fileError{err: fmt.Errorf("fetch output %s from node %s: %w", o.File.Filename, n.cfg.ID, err)}
 		}
 		if contentType == "" || contentType == "application/octet-stream" {
 			if t := mime.TypeByExtension(path.Ext(name)); t != "" {

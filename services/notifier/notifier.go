@@ -161,7 +161,7 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) {
 
 	job, _, err := n.jobs.Get(ctx, done.JobID)
 	if errors.Is(err, fleet.ErrJobNotFound) {
-		_ = msg.TermWithReason("unknown job")
+		fleet.DropUnknownJob(n.log, msg, done.JobID)
 		return
 	}
 	if err != nil {
