@@ -129,13 +129,23 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 	if err != nil {
 		return nil, err
 	}
-	nc, err := nats.Connect(s.natsURL, nats.Name("comfyfleet-"+name), nats.MaxReconnects(-1),
-		nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond),
+	// Each service has an inbox prefix of its own, so that the NATS permissions of
+	// deploy/nats/comfyfleet.conf can keep one service from reading another's replies.
+	nc, err := nats.Connect(s.natsURL, nats.Name("comfyfleet-"+name), nats.CustomInboxPrefix("_INBOX_"+name),
+		nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
-		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "url", c.ConnectedUrl()) }))
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "url", c.ConnectedUrlRedacted()) }),
+		// Permission violations and slow consumers arrive here, not as returned errors.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			log.Error("NATS error", "subscription", subject, "err", err)
+		}))
 	if err != nil {
 		_ = shutdown(ctx)
-		return nil, fmt.Errorf("connect to NATS at %s: %w", s.natsURL, err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURLs(s.natsURL), err)
 	}
 	return &service{conn: nc, settings: settings, log: log, close: func() {
 		_ = nc.Drain()
@@ -161,4 +171,26 @@ func (a *allowFlag) guard() (*callback.Guard, error) {
 		return nil, fmt.Errorf("--allow-callback: %w", err)
 	}
 	return callback.NewGuard(allowed...), nil
+}
+
+// redactURLs returns the comma-separated NATS URLs urls with their passwords replaced
+// by "xxxxx", fit for logs and error messages.
+func redactURLs(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, raw := range parts {
+		u, err := url.Parse(strings.TrimSpace(raw))
+		if err != nil {
+			// An unparsable URL may still hold a secret: say nothing of it.
+			parts[i] = "(invalid URL)"
+			continue
+		}
+		if u.User != nil {
+			if _, has := u.User.Password(); !has {
+				// nats://token@host: the user part is the secret.
+				u.User = url.User("xxxxx")
+			}
+		}
+		parts[i] = u.Redacted()
+	}
+	return strings.Join(parts, ",")
 }

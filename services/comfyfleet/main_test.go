@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"reflect"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -100,5 +101,15 @@ func TestFlagsFromEnvironmentYieldToTheCommandLine(t *testing.T) {
 	}
 	if *httpAddr != "0.0.0.0:9999" || *sims != 2 || len(comfy) != 2 {
 		t.Errorf("http %q sim %d comfy %v; want the environment's http, the flag's sim, two nodes", *httpAddr, *sims, comfy)
+	}
+}
+
+func TestRedactURLsHidesCredentials(t *testing.T) {
+	got := redactURLs("nats://intake:s3cret@nats-1:4222, nats://tok3n@nats-2:4222,nats://nats-3:4222")
+	if strings.Contains(got, "s3cret") || strings.Contains(got, "tok3n") {
+		t.Fatalf("redactURLs leaks a secret: %s", got)
+	}
+	if want := "nats://intake:xxxxx@nats-1:4222,nats://xxxxx@nats-2:4222,nats://nats-3:4222"; got != want {
+		t.Errorf("redactURLs = %q, want %q", got, want)
 	}
 }

@@ -1,0 +1,290 @@
+package stack_test
+
+import (
+	"context"
+	"errors"
+	"image/png"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
+	"github.com/comfyfleet/comfyfleet/services/dispatcher"
+	"github.com/comfyfleet/comfyfleet/services/executor"
+	"github.com/comfyfleet/comfyfleet/services/intake"
+	"github.com/comfyfleet/comfyfleet/services/notifier"
+	"github.com/comfyfleet/comfyfleet/workflows"
+)
+
+// deployConfig is the nats-server configuration shipped for deployments.
+const deployConfig = "../../../deploy/nats/comfyfleet.conf"
+
+// permServer runs a nats-server from deploy/nats/comfyfleet.conf, on a free port and a
+// store of the test's own, with a password per user.
+func permServer(t *testing.T) (*server.Server, map[string]string) {
+	t.Helper()
+	passwords := map[string]string{}
+	for _, user := range []string{"intake", "dispatcher", "executor", "notifier", "admin"} {
+		passwords[user] = "pw-" + user + "-" + t.Name()
+		t.Setenv("COMFYFLEET_"+strings.ToUpper(user)+"_PASSWORD", passwords[user])
+	}
+	opts, err := server.ProcessConfigFile(deployConfig)
+	if err != nil {
+		t.Fatalf("load %s: %v", deployConfig, err)
+	}
+	opts.Host, opts.Port = "127.0.0.1", -1
+	opts.StoreDir = t.TempDir()
+	opts.NoLog, opts.NoSigs = true, true
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatalf("nats-server from %s: %v", deployConfig, err)
+	}
+	go srv.Start()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		srv.Shutdown()
+		t.Fatal("nats-server not ready")
+	}
+	t.Cleanup(func() { natsembed.Stop(srv) })
+	return srv, passwords
+}
+
+// userConn is a connection as one user of the deployment configuration, with that
+// user's inbox prefix, which records the asynchronous errors the server reports.
+type userConn struct {
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	mu   sync.Mutex
+	errs []error
+	got  chan error
+}
+
+func dialUser(t *testing.T, srv *server.Server, passwords map[string]string, user string) *userConn {
+	t.Helper()
+	u := &userConn{got: make(chan error, 100)}
+	nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(user, passwords[user]), nats.CustomInboxPrefix("_INBOX_"+user),
+		nats.Name("test-"+user), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			t.Logf("%s: NATS error: %v", user, err)
+			u.mu.Lock()
+			u.errs = append(u.errs, err)
+			u.mu.Unlock()
+			select {
+			case u.got <- err:
+			default:
+			}
+		}))
+	if err != nil {
+		t.Fatalf("connect as %s: %v", user, err)
+	}
+	u.nc = nc
+	if u.js, err = jetstream.New(nc); err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// violations returns the permission violations reported so far.
+func (u *userConn) violations() []error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	var out []error
+	for _, err := range u.errs {
+		if errors.Is(err, nats.ErrPermissionViolation) {
+			out = append(out, err)
+		}
+	}
+	return out
+}
+
+// waitViolation waits for a permission violation that names subject.
+func (u *userConn) waitViolation(t *testing.T, subject string, within time.Duration) {
+	t.Helper()
+	deadline := time.After(within)
+	for {
+		select {
+		case err := <-u.got:
+			if errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), subject) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no permissions violation for %s within %s", subject, within)
+		}
+	}
+}
+
+func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
+	srv, passwords := permServer(t)
+	settings := testSettings()
+	log := testLogger(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	var (
+		wg    sync.WaitGroup
+		conns = map[string]*userConn{}
+	)
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		for _, c := range conns {
+			c.nc.Close()
+		}
+	})
+	for _, user := range []string{"intake", "dispatcher", "executor", "notifier", "admin"} {
+		conns[user] = dialUser(t, srv, passwords, user)
+	}
+	run := func(name string, f func() error) {
+		wg.Go(func() {
+			if err := f(); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+		})
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	apiURL := "http://" + ln.Addr().String()
+	hooks := newHookReceiver(t)
+	sim, err := comfysim.Start(comfysim.Config{Name: "sim-0", StepDuration: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sim.Close() })
+	node := fleet.NodeConfig{ID: "sim-0", URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
+
+	run("dispatcher", func() error {
+		return dispatcher.Run(ctx, dispatcher.Config{Conn: conns["dispatcher"].nc, Settings: settings, Logger: log})
+	})
+	run("notifier", func() error {
+		return notifier.Run(ctx, notifier.Config{Conn: conns["notifier"].nc, Settings: settings, PublicURL: apiURL,
+			WebhookBackoff: 50 * time.Millisecond, CallbackGuard: callback.NewGuard(loopback...), Logger: log})
+	})
+	run("intake", func() error {
+		return intake.Run(ctx, intake.Config{Conn: conns["intake"].nc, Settings: settings, Templates: workflows.FS, Listener: ln,
+			Open: true, CallbackGuard: callback.NewGuard(loopback...), Logger: log})
+	})
+	run("executor", func() error {
+		return executor.Run(ctx, executor.Config{Conn: conns["executor"].nc, Settings: settings, Nodes: []fleet.NodeConfig{node},
+			Name: "exec-0", HeartbeatInterval: 200 * time.Millisecond, Logger: log})
+	})
+
+	// A job end to end, every service as its own user.
+	job, _ := postJob(t, apiURL, sceneJob(hooks.URL, 2, 10))
+	hook := hooks.wait(t, job.ID, 30*time.Second)
+	if hook.Body.Type != "job.completed" || hook.Body.Job.Status != "succeeded" {
+		t.Fatalf("webhook %s: job %s", hook.Body.Type, hook.Body.Job.Status)
+	}
+	for _, s := range hook.Body.Job.Scenes {
+		if s.Status != "succeeded" || len(s.Outputs) == 0 {
+			t.Fatalf("scene %d: %s with %d outputs (%s)", s.Index, s.Status, len(s.Outputs), s.Error)
+		}
+		for _, o := range s.Outputs {
+			res, err := client.Get(o.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.StatusCode != http.StatusOK {
+				t.Fatalf("GET %s: %s", o.URL, res.Status)
+			}
+			if _, err := png.Decode(res.Body); err != nil {
+				t.Fatalf("output %s of scene %d is not a PNG: %v", o.Name, s.Index, err)
+			}
+			res.Body.Close()
+		}
+	}
+	if got := getJob(t, apiURL, job.ID); got.Status != "succeeded" {
+		t.Errorf("GET job after webhook: %s", got.Status)
+	}
+	// The services ran without hitting a single refusal.
+	for user, c := range conns {
+		if v := c.violations(); len(v) > 0 {
+			t.Errorf("%s's connection was refused: %v", user, v)
+		}
+	}
+
+	// What each service must not do, on connections of its own user.
+	intakeConn := dialUser(t, srv, passwords, "intake")
+	executorConn := dialUser(t, srv, passwords, "executor")
+	notifierConn := dialUser(t, srv, passwords, "notifier")
+	for _, c := range []*userConn{intakeConn, executorConn, notifierConn} {
+		t.Cleanup(c.nc.Close)
+	}
+	refused := func(what string, f func(ctx context.Context) error) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if err := f(ctx); err == nil {
+			t.Errorf("%s succeeded; want it refused", what)
+		}
+	}
+
+	// The intake cannot release work to the executors.
+	refused("intake publishes fleet.work.image", func(ctx context.Context) error {
+		_, err := intakeConn.js.Publish(ctx, fleet.WorkSubject("image"), []byte(`{}`))
+		return err
+	})
+	if err := intakeConn.nc.Publish(fleet.WorkSubject("image"), []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	intakeConn.waitViolation(t, fleet.WorkSubject("image"), 5*time.Second)
+
+	// The executor cannot read the API keys, even one that exists.
+	keys, err := conns["admin"].js.KeyValue(ctx, fleet.BucketAPIKeys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keys.Put(ctx, "some-key-hash", []byte(`{"tenant":"t"}`)); err != nil {
+		t.Fatalf("admin writes an API key: %v", err)
+	}
+	refused("executor reads fleet_apikeys", func(ctx context.Context) error {
+		kv, err := executorConn.js.KeyValue(ctx, fleet.BucketAPIKeys)
+		if err != nil {
+			return err
+		}
+		_, err = kv.Get(ctx, "some-key-hash")
+		return err
+	})
+	refused("executor watches fleet_apikeys", func(ctx context.Context) error {
+		kv, err := executorConn.js.KeyValue(ctx, fleet.BucketAPIKeys)
+		if err != nil {
+			return err
+		}
+		lister, err := kv.ListKeys(ctx)
+		if err != nil {
+			return err
+		}
+		defer lister.Stop()
+		for range lister.Keys() {
+			return nil
+		}
+		return errors.New("no keys listed")
+	})
+	refused("executor publishes fleet.submit", func(ctx context.Context) error {
+		_, err := executorConn.js.Publish(ctx, fleet.SubmitSubject("x", 0), []byte(`{}`))
+		return err
+	})
+
+	// The notifier cannot submit scenes.
+	refused("notifier publishes fleet.submit.x", func(ctx context.Context) error {
+		_, err := notifierConn.js.Publish(ctx, "fleet.submit.x", []byte(`{}`))
+		return err
+	})
+	if err := notifierConn.nc.Publish("fleet.submit.x", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	notifierConn.waitViolation(t, "fleet.submit.x", 5*time.Second)
+
+	// A user cannot listen to another's replies.
+	if _, err := executorConn.nc.SubscribeSync("_INBOX_intake.>"); err != nil {
+		t.Fatal(err)
+	}
+	executorConn.waitViolation(t, "_INBOX_intake.>", 5*time.Second)
+}
