@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -26,6 +25,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 )
 
 var (
@@ -396,26 +396,19 @@ func waitIDs(ctx context.Context, t *testing.T, wg *sync.WaitGroup, ids []string
 
 func getJobWithKey(t *testing.T, apiURL, key, id string) api.Job {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodGet, apiURL+"/v1/jobs/"+id, nil)
-	req.Header.Set("Authorization", "Bearer "+key)
-	for range 50 {
+	var job api.Job
+	// The intake may be restarting.
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		req, _ := http.NewRequest(http.MethodGet, apiURL+"/v1/jobs/"+id, nil)
+		req.Header.Set("Authorization", "Bearer "+key)
 		resp, err := testClient.Do(req)
-		if err == nil && resp.StatusCode == http.StatusOK {
-			defer resp.Body.Close()
-			var job api.Job
-			if err := json.NewDecoder(resp.Body).Decode(&job); err != nil {
-				t.Fatal(err)
-			}
-			return job
+		if err != nil {
+			return false
 		}
-		if err == nil {
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-		}
-		time.Sleep(100 * time.Millisecond) // the intake may be restarting
-	}
-	t.Fatalf("GET job %s kept failing", id)
-	return api.Job{}
+		defer resp.Body.Close()
+		return resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&job) == nil
+	}, "GET job %s kept failing", id)
+	return job
 }
 
 // completionWatch is a durable subscriber of scene completion events that acks
