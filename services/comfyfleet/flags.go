@@ -161,7 +161,7 @@ type allowFlag struct {
 }
 
 func (a *allowFlag) register(fs *flag.FlagSet) {
-	fs.Var(&a.values, "allow-callback", "internal address or CIDR prefix that callbacks may reach, e.g. an n8n host (repeatable)")
+	fs.Var(&a.values, "allow-callback", "internal address or CIDR prefix that callbacks and input-image URLs may reach, e.g. an n8n host (repeatable)")
 }
 
 // guard returns the callback guard that refuses internal addresses but the allowed.

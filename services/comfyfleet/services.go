@@ -70,6 +70,8 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		comfy listFlag
 	)
 	name := fs.String("name", "", "executor name in node state and logs (default host-pid)")
+	var allow allowFlag
+	allow.register(fs)
 	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
 	sf.register(fs)
@@ -84,12 +86,16 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		}
 		nodes = append(nodes, n)
 	}
+	guard, err := allow.guard()
+	if err != nil {
+		return err
+	}
 	svc, err := sf.start(ctx, "executor", os.Stderr)
 	if err != nil {
 		return err
 	}
 	defer svc.close()
-	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name,
+	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name, URLGuard: guard,
 		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 

@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
@@ -47,6 +48,10 @@ type Config struct {
 	// to an instrumented client without a timeout (prompts run for minutes; each call
 	// carries its own context).
 	HTTPClient *http.Client
+	// URLGuard decides which addresses input images given by URL may be downloaded
+	// from, checked at connect time for every connection and redirect. Defaults to
+	// a guard that refuses loopback, private, link-local and metadata addresses.
+	URLGuard *callback.Guard
 	// InputTimeout bounds the download of one input image given by URL. Defaults
 	// to 1m.
 	InputTimeout time.Duration
@@ -97,6 +102,9 @@ func (c *Config) fill() error {
 	if c.InputTimeout == 0 {
 		c.InputTimeout = time.Minute
 	}
+	if c.URLGuard == nil {
+		c.URLGuard = callback.NewGuard()
+	}
 	if c.HTTPClient == nil {
 		c.HTTPClient = &http.Client{Transport: otelhttp.NewTransport(http.DefaultTransport.(*http.Transport).Clone())}
 	}
@@ -107,6 +115,8 @@ func (c *Config) fill() error {
 }
 
 type executor struct {
+	// downloads fetches input images given by URL, through the URL guard.
+	downloads *http.Client
 	cfg       Config
 	log       *slog.Logger
 	nc        *nats.Conn
@@ -144,6 +154,7 @@ func run(ctx context.Context, cfg Config) error {
 	if e.metrics, err = newMetrics(); err != nil {
 		return err
 	}
+	e.downloads = cfg.URLGuard.Client(0, func(rt http.RoundTripper) http.RoundTripper { return otelhttp.NewTransport(rt) })
 	if err := fleet.Retry(ctx, e.log, "executor start", func(ctx context.Context) error { return e.open(ctx, js) }); err != nil {
 		return fmt.Errorf("executor: %w", err)
 	}

@@ -12,6 +12,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
@@ -72,7 +73,10 @@ func (e *executor) fetchInput(ctx context.Context, in fleet.Input) ([]byte, erro
 	if err != nil {
 		return nil, &fileError{err: fmt.Errorf("download %s: %w", in.URL, err), permanent: true}
 	}
-	resp, err := e.cfg.HTTPClient.Do(req)
+	resp, err := e.downloads.Do(req)
+	if errors.Is(err, callback.ErrForbidden) {
+		return nil, &fileError{err: fmt.Errorf("download %s: %w", in.URL, err), permanent: true}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("download %s: %w", in.URL, err)
 	}

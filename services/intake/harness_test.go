@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"sync"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -52,6 +54,10 @@ func startIntake(t *testing.T, natsURL string, cfg intake.Config) string {
 		t.Fatal(err)
 	}
 	cfg.Conn, cfg.Listener, cfg.Open = nc, ln, true
+	if cfg.CallbackGuard == nil {
+		// The tests' image and callback servers listen on loopback.
+		cfg.CallbackGuard = callback.NewGuard(netip.MustParsePrefix("127.0.0.0/8"))
+	}
 	cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

@@ -6,7 +6,6 @@ import (
 	"encoding/base64"
 	"fmt"
 	"maps"
-	"net/url"
 	"slices"
 	"strings"
 
@@ -36,7 +35,7 @@ type sceneInput struct {
 // checkInputs validates a scene's input images against tpl and reports every
 // problem at its field; at is the scene's location, e.g. "body.scenes[0]". An image
 // parameter without a default must be given, in params or in inputs.
-func (in *intake) checkInputs(at string, tpl *workflow.Template, s SceneInput) ([]sceneInput, []error) {
+func (in *intake) checkInputs(ctx context.Context, at string, tpl *workflow.Template, s SceneInput) ([]sceneInput, []error) {
 	var out []sceneInput
 	var errs []error
 	detail := func(loc, msg string) {
@@ -71,8 +70,8 @@ func (in *intake) checkInputs(at string, tpl *workflow.Template, s SceneInput) (
 			}
 			out = append(out, sceneInput{param: name, data: data, contentType: contentType, bind: tpl.Bindings(name)})
 		default:
-			if msg := checkHTTPURL(img.URL); msg != "" {
-				detail(loc+".url", msg)
+			if err := in.cfg.CallbackGuard.CheckURL(ctx, img.URL); err != nil {
+				detail(loc+".url", err.Error())
 				continue
 			}
 			out = append(out, sceneInput{param: name, url: img.URL, bind: tpl.Bindings(name)})
@@ -164,21 +163,4 @@ func (in *intake) removeInputs(ctx context.Context, refs [][]fleet.Input) {
 			}
 		}
 	}
-}
-
-// checkHTTPURL returns what is wrong with an absolute http(s) URL that comfyfleet
-// will fetch, or "".
-func checkHTTPURL(raw string) string {
-	u, err := url.Parse(raw)
-	switch {
-	case err != nil:
-		return "is not a URL: " + err.Error()
-	case u.Scheme != "http" && u.Scheme != "https":
-		return "must be an absolute http or https URL"
-	case u.Host == "" || u.Hostname() == "":
-		return "has no host"
-	case u.User != nil:
-		return "must not carry credentials"
-	}
-	return ""
 }

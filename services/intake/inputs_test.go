@@ -46,6 +46,7 @@ func TestSceneInputsAreCheckedFieldByField(t *testing.T) {
 		"not an image":           {scene("img2img", nil, map[string]any{"image": b64(base64.StdEncoding.EncodeToString([]byte("GIF89a, or text")))}), "body.scenes[1].inputs.image.base64"},
 		"too large":              {scene("img2video", nil, map[string]any{"image": b64(large)}), "body.scenes[1].inputs.image.base64"},
 		"url not http":           {scene("img2img", nil, map[string]any{"image": map[string]any{"url": "file:///etc/passwd"}}), "body.scenes[1].inputs.image.url"},
+		"url to cloud metadata":  {scene("img2img", nil, map[string]any{"image": map[string]any{"url": "http://169.254.169.254/latest/meta-data/a.png"}}), "body.scenes[1].inputs.image.url"},
 		"url with credentials":   {scene("img2img", nil, map[string]any{"image": map[string]any{"url": "https://u:p@example.com/a.png"}}), "body.scenes[1].inputs.image.url"},
 		"unknown field":          {scene("img2img", nil, map[string]any{"image": map[string]any{"path": "/a.png"}}), "body.scenes[1].inputs.image.path"},
 		"inputs with a graph": {map[string]any{"scenes": []any{map[string]any{"inputs": map[string]any{"image": b64(small)}, "graph": map[string]any{
@@ -77,7 +78,7 @@ func TestInputImagesAreStoredAndReferenced(t *testing.T) {
 	body := map[string]any{"scenes": []any{
 		map[string]any{"workflow": "img2img", "params": map[string]any{"denoise": 0.5},
 			"inputs": map[string]any{"image": map[string]any{"base64": "data:image/png;base64," + base64.StdEncoding.EncodeToString(img)}}},
-		map[string]any{"workflow": "img2video", "inputs": map[string]any{"image": map[string]any{"url": "https://example.com/first.png"}}},
+		map[string]any{"workflow": "img2video", "inputs": map[string]any{"image": map[string]any{"url": "https://93.184.215.14/first.png"}}},
 		map[string]any{"workflow": "img2video", "params": map[string]any{"image": "on-the-node.png"}},
 	}}
 	var job struct {
@@ -116,7 +117,7 @@ func TestInputImagesAreStoredAndReferenced(t *testing.T) {
 		t.Errorf("scene 0 inputs %+v; want the stored object bound to LoadImage 10 by id", in)
 	}
 	want = []fleet.Binding{{Node: "2", Input: "image"}}
-	if in := item(1).Inputs; len(in) != 1 || in[0].URL != "https://example.com/first.png" || in[0].Object != "" || !slices.Equal(in[0].Bind, want) {
+	if in := item(1).Inputs; len(in) != 1 || in[0].URL != "https://93.184.215.14/first.png" || in[0].Object != "" || !slices.Equal(in[0].Bind, want) {
 		t.Errorf("scene 1 inputs %+v; want the URL bound to LoadImage 2 by id", in)
 	}
 	w := item(2)

@@ -56,8 +56,9 @@ type Config struct {
 	// tenant: for a single user on loopback only. Defaults to false: every API call
 	// needs a key (comfyfleet apikey create).
 	Open bool
-	// CallbackGuard decides which callback URLs are accepted. Defaults to a guard
-	// that refuses loopback, private, link-local and metadata addresses.
+	// CallbackGuard decides which callback URLs and input-image URLs are accepted.
+	// Defaults to a guard that refuses loopback, private, link-local and metadata
+	// addresses.
 	CallbackGuard *callback.Guard
 	// RatePerKey and RateBurst bound each API key's requests a second. Default to 20
 	// and 40.

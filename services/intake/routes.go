@@ -153,7 +153,7 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 				continue
 			}
 			var inputErrs []error
-			r.inputs, inputErrs = in.checkInputs(at, tpl, s)
+			r.inputs, inputErrs = in.checkInputs(ctx, at, tpl, s)
 			errs = append(errs, inputErrs...)
 			g, err := tpl.Render(s.Params)
 			var pe *workflow.ParamError

@@ -44,8 +44,8 @@ type Config struct {
 	PublicURL string
 	// Open serves the API without API keys (see intake.Config.Open).
 	Open bool
-	// CallbackAllow are the internal addresses callbacks may reach anyway (e.g.
-	// 127.0.0.0/8 for a local n8n). Defaults to none.
+	// CallbackAllow are the internal addresses that callbacks and input-image URLs
+	// may reach anyway (e.g. 127.0.0.0/8 for a local n8n). Defaults to none.
 	CallbackAllow []netip.Prefix
 	// Comfy names real ComfyUI nodes. When empty, Sims are started instead.
 	Comfy []fleet.NodeConfig
@@ -163,7 +163,7 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 	in, ex, nt := cfg.Intake, cfg.Executor, cfg.Notifier
 	in.Settings, in.Templates, in.Listener, in.PublicURL = cfg.Settings, workflows.FS, ln, cfg.PublicURL
 	in.Open, in.CallbackGuard, in.Logger = cfg.Open, guard, cfg.Logger
-	ex.Settings, ex.Nodes, ex.Logger = cfg.Settings, s.Nodes, cfg.Logger
+	ex.Settings, ex.Nodes, ex.Logger, ex.URLGuard = cfg.Settings, s.Nodes, cfg.Logger, guard
 	nt.Settings, nt.PublicURL, nt.Logger, nt.CallbackGuard = cfg.Settings, cfg.PublicURL, cfg.Logger, guard
 	services := []struct {
 		name string
