@@ -146,9 +146,11 @@ func (d *dispatcher) route(ctx context.Context, msg jetstream.Msg) {
 	ctx, span := tracer.Start(ctx, "dispatch scene", trace.WithAttributes(telemetry.SceneAttrs(item.JobID, item.Index)...),
 		trace.WithAttributes(attribute.String("comfyfleet.pool", item.Pool)))
 	defer span.End()
-	err := d.pub.JSON(ctx, fleet.WorkSubject(item.Pool), item.MsgID(), item)
+	// Queued first: once the work is out, an executor may start it at once, and the
+	// events stream must show queued before started.
+	err := d.pub.SceneEvent(ctx, fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: fleet.EventQueued, Pool: item.Pool})
 	if err == nil {
-		err = d.pub.SceneEvent(ctx, fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: fleet.EventQueued, Pool: item.Pool})
+		err = d.pub.JSON(ctx, fleet.WorkSubject(item.Pool), item.MsgID(), item)
 	}
 	if err != nil {
 		d.fail(span, msg, fmt.Errorf("route scene %s: %w", item.MsgID(), err))
