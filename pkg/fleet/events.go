@@ -59,9 +59,16 @@ type SceneEvent struct {
 	Progress *Progress `json:"progress,omitempty"`
 	Error    string    `json:"error,omitempty"`
 	Outputs  []Output  `json:"outputs,omitempty"`
-	// Duration is how long the attempt ran on its node, on completed events.
+	// Duration is how long the attempt ran on its node, on completed events: from
+	// the moment ComfyUI started it, so without time queued inside ComfyUI.
 	Duration time.Duration `json:"duration_ns,omitempty"`
-	Time     time.Time     `json:"time"`
+	// Workflow and Model (the checkpoint) are set on completed events, and
+	// ModelLoaded when the node had last run another checkpoint: the dispatcher
+	// learns each node's speed and model-load time from them.
+	Workflow    string    `json:"workflow,omitempty"`
+	Model       string    `json:"model,omitempty"`
+	ModelLoaded bool      `json:"model_loaded,omitempty"`
+	Time        time.Time `json:"time"`
 }
 
 // ID is the event's stable id: one per scene and run for queued and terminal events,

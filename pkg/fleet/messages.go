@@ -43,6 +43,18 @@ type WorkItem struct {
 	// AttemptBase is the number of attempts made in earlier runs, so attempts keep
 	// counting up across retries.
 	AttemptBase int `json:"attempt_base,omitempty"`
+	// Requeued is the number of attempts of this run that ended with the scene put
+	// back in the queue: failed transiently, or lost with their node.
+	Requeued int `json:"requeued,omitempty"`
+	// Moves counts every return to the queue, attempts or not (a node drained or an
+	// executor stopping hands its scenes back), so that each has its own message id.
+	Moves int `json:"moves,omitempty"`
+	// NotBefore keeps a requeued scene from being placed again before its back-off
+	// has passed.
+	NotBefore time.Time `json:"not_before,omitzero"`
+	// Avoid is the node whose attempt failed last: the dispatcher places the scene
+	// elsewhere when another node can take it.
+	Avoid string `json:"avoid,omitempty"`
 	// Timeout is the most time one attempt may run on its node; then it is
 	// interrupted and counts as a transient failure. Zero means no limit.
 	Timeout time.Duration `json:"timeout_ns,omitempty"`
@@ -75,8 +87,47 @@ type Input struct {
 	Bind []Binding `json:"bind"`
 }
 
-// MsgID is the JetStream de-duplication id of the scene's submit and work messages.
+// MsgID is the JetStream de-duplication id of the scene's submit message, and the
+// name of its run in logs.
 func (w WorkItem) MsgID() string { return SceneKey(w.JobID, w.Index) + retrySuffix(w.Retry) }
+
+// PlacementID is the de-duplication id of the scene's queue entry and of the work
+// message that places it: a second dispatcher placing the same entry elsewhere, or
+// a dispatcher retrying a placement, is dropped as a duplicate.
+func (w WorkItem) PlacementID() string { return w.MsgID() + ".m" + strconv.Itoa(w.Moves) }
+
+// Attempt is the attempt number of the item's delivered-th delivery on its node.
+func (w WorkItem) Attempt(delivered int) int { return w.AttemptBase + w.Requeued + delivered }
+
+// Requeue returns the item to put back in the queue, counting attempted more
+// attempts of this run.
+func (w WorkItem) Requeue(attempted int) WorkItem {
+	w.Requeued += attempted
+	w.Moves++
+	return w
+}
+
+// Checkpoint is the model checkpoint a graph loads first (by node id), or "".
+// Scenes of one checkpoint run back to back on a node without loading it again.
+func Checkpoint(g Graph) string {
+	var best, model string
+	for id, raw := range g {
+		n, ok := raw.(map[string]any)
+		if !ok {
+			continue
+		}
+		class, _ := n["class_type"].(string)
+		if class != "CheckpointLoaderSimple" && class != "ImageOnlyCheckpointLoader" && class != "CheckpointLoader" {
+			continue
+		}
+		inputs, _ := n["inputs"].(map[string]any)
+		name, _ := inputs["ckpt_name"].(string)
+		if name != "" && (best == "" || id < best) {
+			best, model = id, name
+		}
+	}
+	return model
+}
 
 func retrySuffix(retry int) string {
 	if retry == 0 {
@@ -114,6 +165,13 @@ type NodeConfig struct {
 	Pools  []string          `json:"pools"`
 	Weight float64           `json:"weight"`
 	Labels map[string]string `json:"labels,omitempty"`
+	// Drained keeps the dispatcher from placing new scenes on the node; the scenes
+	// it holds finish.
+	Drained bool `json:"drained,omitempty"`
+	// Executor is the executor that drives the node: the one that registered it, or
+	// the first that adopted it. Empty for a node registered through the API and not
+	// adopted yet.
+	Executor string `json:"executor,omitempty"`
 }
 
 // NodeState is what a node is observed doing.
@@ -121,9 +179,11 @@ type NodeState string
 
 // Observed node states.
 const (
-	NodeOnline  NodeState = "online"
-	NodeBusy    NodeState = "busy"
-	NodeOffline NodeState = "offline"
+	NodeOnline NodeState = "online"
+	NodeBusy   NodeState = "busy"
+	// NodeDraining is a drained node; it is busy until the scenes it holds finish.
+	NodeDraining NodeState = "draining"
+	NodeOffline  NodeState = "offline"
 )
 
 // NodeStatus is a node's observed state, sent as a heartbeat by the executor that
@@ -140,10 +200,20 @@ type NodeStatus struct {
 	VRAMFree       int64     `json:"vram_free,omitempty"`
 	Device         string    `json:"device,omitempty"`
 	ScenesDone     int       `json:"scenes_done"`
+	// Holding is how many scenes the executor holds for the node: running, and
+	// queued inside ComfyUI behind it.
+	Holding int `json:"holding"`
 	// SecondsPerScene is the moving average of this node's scene durations.
-	SecondsPerScene float64   `json:"seconds_per_scene,omitempty"`
-	Error           string    `json:"error,omitempty"`
-	Heartbeat       time.Time `json:"heartbeat"`
+	SecondsPerScene float64 `json:"seconds_per_scene,omitempty"`
+	// SecondsPerStep is the moving average of a sampler step's duration.
+	SecondsPerStep float64 `json:"seconds_per_step,omitempty"`
+	// Workflows is the moving average of scene durations by workflow, in seconds,
+	// without the time spent loading a model.
+	Workflows map[string]float64 `json:"workflows,omitempty"`
+	// Model is the checkpoint the node loaded last.
+	Model     string    `json:"model,omitempty"`
+	Error     string    `json:"error,omitempty"`
+	Heartbeat time.Time `json:"heartbeat"`
 }
 
 // DoneMsg tells the notifier that a job reached a terminal state.

@@ -24,8 +24,15 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			Duplicates:  s.DuplicateWindow,
 		},
 		{
+			Name:        StreamQueue,
+			Description: "scenes waiting for the dispatcher to place them on a node",
+			Subjects:    []string{queuePrefix + ".>"},
+			Retention:   jetstream.LimitsPolicy,
+			Duplicates:  s.DuplicateWindow,
+		},
+		{
 			Name:        StreamWork,
-			Description: "routed scenes waiting for an executor",
+			Description: "scenes placed on a node, waiting for its executor",
 			Subjects:    []string{workPrefix + ".>"},
 			Retention:   jetstream.WorkQueuePolicy,
 			Duplicates:  s.DuplicateWindow,
@@ -89,18 +96,27 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 	return nil
 }
 
-// WorkConsumer is the durable pull consumer that every executor serving pool shares.
-func WorkConsumer(pool string, s Settings) jetstream.ConsumerConfig {
+// NodeSlots is how many scenes a node holds at once: the one ComfyUI runs and one
+// queued behind it, so that the GPU never waits for us between scenes.
+const NodeSlots = 2
+
+// WorkConsumer is the durable pull consumer of the executor driving node. It
+// delivers at most NodeSlots scenes at a time; the dispatcher's placements wait in
+// the stream behind them.
+func WorkConsumer(node string, s Settings) jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
-		Durable:       "work-" + pool,
-		Description:   "executors serving pool " + pool,
-		FilterSubject: WorkSubject(pool),
+		Durable:       WorkConsumerName(node),
+		Description:   "the executor driving node " + node,
+		FilterSubject: WorkSubject(node),
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       s.AckWait,
 		MaxDeliver:    s.MaxAttempts,
-		MaxAckPending: -1,
+		MaxAckPending: NodeSlots,
 	}
 }
+
+// WorkConsumerName is the name of node's work consumer.
+func WorkConsumerName(node string) string { return "node-" + node }
 
 // The dispatcher's handlers take milliseconds; a short AckWait lets a restarted
 // dispatcher resume at once the message its dead predecessor held.

@@ -9,7 +9,11 @@ import (
 const (
 	// StreamSubmit holds one message per accepted scene until the dispatcher routes it.
 	StreamSubmit = "FLEET_SUBMIT"
-	// StreamWork holds routed scenes until an executor acknowledges them.
+	// StreamQueue holds the scenes waiting for the dispatcher to place them on a node,
+	// one subject per pool. The dispatcher deletes an entry once it has placed it.
+	StreamQueue = "FLEET_QUEUE"
+	// StreamWork holds placed scenes, one subject per node, until the executor driving
+	// the node acknowledges them.
 	StreamWork = "FLEET_WORK"
 	// StreamEvents holds the public CloudEvents of scenes and jobs.
 	StreamEvents = "FLEET_EVENTS"
@@ -46,6 +50,7 @@ const (
 // Subject prefixes.
 const (
 	submitPrefix    = "fleet.submit"
+	queuePrefix     = "fleet.queue"
 	workPrefix      = "fleet.work"
 	eventPrefix     = "fleet.evt"
 	donePrefix      = "fleet.done"
@@ -57,8 +62,20 @@ func SubmitSubject(job string, index int) string {
 	return fmt.Sprintf("%s.%s.%d", submitPrefix, job, index)
 }
 
-// WorkSubject is where the dispatcher releases scenes for pool.
-func WorkSubject(pool string) string { return workPrefix + "." + pool }
+// QueueSubject is where scenes of pool wait for the dispatcher to place them.
+func QueueSubject(pool string) string { return queuePrefix + "." + pool }
+
+// QueueFilter matches the queue subjects of every pool.
+const QueueFilter = queuePrefix + ".>"
+
+// WorkSubject is where the dispatcher places scenes for node.
+func WorkSubject(node string) string { return workPrefix + "." + node }
+
+// WorkFilter matches the work subjects of every node.
+const WorkFilter = workPrefix + ".>"
+
+// NodeFromWorkSubject returns the node of a work subject.
+func NodeFromWorkSubject(subject string) string { return strings.TrimPrefix(subject, workPrefix+".") }
 
 // SceneEventSubject is the subject of a scene event: fleet.evt.scene.<job>.<index>.<type>.
 func SceneEventSubject(job string, index int, typ EventType) string {
