@@ -7,7 +7,9 @@
 // and websocket message order, as recorded in
 // pkg/comfy/testdata/transcripts. Prompts run one at a time on a worker
 // goroutine; sampler nodes take steps × StepDuration / Speed and report
-// each step with a preview, other nodes take NodeDuration / Speed. Save
+// each step with a preview, other nodes take NodeDuration / Speed; with
+// ModelLoadDuration set, loading a checkpoint other than the resident one
+// takes that long too. Stats records each run's start and end. Save
 // nodes write real, small PNG, GIF, WebP and MP4 files to an in-memory
 // disk served by /view.
 //

@@ -17,6 +17,20 @@ type cacheEntry struct {
 	ui     obj
 }
 
+// String names the outcome as Run.Outcome does.
+func (o outcome) String() string {
+	switch o {
+	case outcomeSuccess:
+		return "success"
+	case outcomeError:
+		return "error"
+	case outcomeInterrupted:
+		return "interrupted"
+	default:
+		return "aborted"
+	}
+}
+
 // uncacheable classes change on every run (IS_CHANGED returns the time).
 var uncacheable = map[string]bool{"SaveImageWebsocket": true}
 
@@ -54,12 +68,18 @@ func (in *instance) work() {
 		if !ok {
 			return
 		}
+		start := time.Now()
 		e := newExecution(in, r)
 		out := e.run()
+		end := time.Now()
 		if out == outcomeAborted || in.ctx.Err() != nil {
+			in.s.countStats(func(st *Stats) {
+				st.Runs = append(st.Runs, Run{PromptID: e.pid, Start: start, End: end, Outcome: "aborted", ModelLoaded: e.modelLoaded})
+			})
 			return
 		}
 		in.s.countStats(func(st *Stats) {
+			st.Runs = append(st.Runs, Run{PromptID: e.pid, Start: start, End: end, Outcome: out.String(), ModelLoaded: e.modelLoaded})
 			switch out {
 			case outcomeSuccess:
 				st.Completed++
@@ -95,6 +115,9 @@ type execution struct {
 	meta     obj
 	executed []string
 	plan     *failurePlan
+	// modelLoaded is set when a checkpoint loader began paying
+	// Config.ModelLoadDuration.
+	modelLoaded bool
 }
 
 func newExecution(in *instance, r *running) *execution {
@@ -145,6 +168,18 @@ func (e *execution) cached(id string) *cacheEntry {
 	return e.in.cache[e.sigs[id]]
 }
 
+// staleCheckpoint reports whether a cached checkpoint loader must run
+// again because, with a load cost, its checkpoint is no longer resident:
+// another was loaded since, or /free, an out-of-memory error or a restart
+// unloaded it.
+func (e *execution) staleCheckpoint(n *promptNode) bool {
+	if e.in.s.cfg.ModelLoadDuration <= 0 || !checkpointLoaders[n.ClassType] {
+		return false
+	}
+	name := (&nodeRun{e: e, n: n, c: n.class}).str("ckpt_name")
+	return name == "" || name != e.in.gpu.resident()
+}
+
 // run executes the prompt and reports how it ended.
 func (e *execution) run() outcome {
 	defer e.in.hub.endExecution()
@@ -153,7 +188,7 @@ func (e *execution) run() outcome {
 	e.sigs = e.signatures()
 	hits := []string{}
 	for _, n := range e.j.g.nodes {
-		if c := e.cached(n.ID); c != nil {
+		if c := e.cached(n.ID); c != nil && !e.staleCheckpoint(n) {
 			hits = append(hits, n.ID)
 			e.values[n.ID] = c.values
 			e.fromHit[n.ID] = true

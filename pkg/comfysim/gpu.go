@@ -23,6 +23,10 @@ type gpuState struct {
 	total  int64
 	loaded map[string]int64
 	active int64
+	// ckpt is the checkpoint loaded last and not unloaded since, "" when
+	// none. With Config.ModelLoadDuration > 0 it is the only checkpoint
+	// loaded.
+	ckpt string
 }
 
 func newGPU(total int64) *gpuState {
@@ -59,6 +63,40 @@ func (g *gpuState) unloadAll() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.loaded = map[string]int64{}
+	g.ckpt = ""
+}
+
+// resident returns the checkpoint loaded last and not unloaded since.
+func (g *gpuState) resident() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.ckpt
+}
+
+// loadCheckpoint loads a checkpoint alongside the models already loaded,
+// as ComfyUI keeps them when loads are free.
+func (g *gpuState) loadCheckpoint(name string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.loaded[name] = modelSize(name)
+	g.ckpt = name
+}
+
+// evictFor prepares the single checkpoint slot for name: it reports false
+// when name is already resident, and otherwise unloads the resident
+// checkpoint and reports true; the caller then spends the load time and
+// calls loadCheckpoint.
+func (g *gpuState) evictFor(name string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.ckpt != "" && g.ckpt == name {
+		return false
+	}
+	if g.ckpt != "" {
+		delete(g.loaded, g.ckpt)
+		g.ckpt = ""
+	}
+	return true
 }
 
 // setActive sets the activation memory of the running prompt, capped to

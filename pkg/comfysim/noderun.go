@@ -64,7 +64,11 @@ func (e *execution) runBehaviour(n *promptNode) (nodeResult, error) {
 // pause waits d at the current speed. Stock nodes notice an interrupt
 // only when the next node starts; progress bars notice it at once.
 func (r *nodeRun) pause(d time.Duration, interruptible bool) error {
-	d = r.e.in.s.scaled(d)
+	return r.sleep(r.e.in.s.scaled(d), interruptible)
+}
+
+// sleep waits d, whatever the speed, like pause.
+func (r *nodeRun) sleep(d time.Duration, interruptible bool) error {
 	interrupt := r.e.running.interrupt
 	if !interruptible {
 		interrupt = nil

@@ -166,9 +166,24 @@ func maskToImage(r *nodeRun) (nodeResult, error) {
 	return nodeResult{values: r.outputs(v)}, nil
 }
 
+// checkpointLoaders are the classes whose checkpoint takes
+// Config.ModelLoadDuration to load when it is not resident.
+var checkpointLoaders = map[string]bool{"CheckpointLoaderSimple": true, "ImageOnlyCheckpointLoader": true}
+
+// loadCheckpoint makes the checkpoint resident. With a load cost, the GPU
+// holds one checkpoint: another one is evicted and the load takes
+// ModelLoadDuration, unscaled by Speed, interrupted like sampler steps.
 func loadCheckpoint(r *nodeRun) (nodeResult, error) {
 	name := r.str("ckpt_name")
-	r.e.in.gpu.load(name)
+	gpu := r.e.in.gpu
+	if d := r.e.in.s.cfg.ModelLoadDuration; d > 0 && gpu.evictFor(name) {
+		r.e.modelLoaded = true
+		r.e.in.log.Debug("comfysim: loading checkpoint", "prompt_id", r.e.pid, "ckpt_name", name)
+		if err := r.sleep(d, true); err != nil {
+			return nodeResult{}, err
+		}
+	}
+	gpu.loadCheckpoint(name)
 	return nodeResult{values: r.outputs(value{model: name})}, nil
 }
 

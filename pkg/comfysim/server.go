@@ -56,6 +56,16 @@ type Config struct {
 	// whose inputs did not change since the previous prompt. Defaults
 	// to false.
 	DisableCache bool
+	// ModelLoadDuration is the time to load a checkpoint that is not the
+	// one loaded last; it is not scaled by Speed, since loading is bound
+	// by disk and PCIe. When it is positive the GPU holds one checkpoint
+	// at a time: a checkpoint loader node (CheckpointLoaderSimple,
+	// ImageOnlyCheckpointLoader) for another checkpoint evicts the
+	// resident one and takes this long, and a cached loader output is
+	// not reused once its checkpoint is no longer resident. Kill,
+	// Restart, POST /free with unload_models and out-of-memory errors
+	// leave nothing resident. Zero means loads are free, the default.
+	ModelLoadDuration time.Duration
 	// OnRendered, if set, is called with the id of each prompt that ran to
 	// success, after its history is recorded. Defaults to nil.
 	OnRendered func(promptID string)
@@ -110,6 +120,28 @@ type Stats struct {
 	// Rendered lists the ids of the prompts that ran to success, in the
 	// order they finished.
 	Rendered []string
+	// Runs lists every prompt that started executing and has ended, in
+	// the order they ended.
+	Runs []Run
+}
+
+// Run is one prompt's execution on the simulated GPU.
+type Run struct {
+	// PromptID is the prompt's id.
+	PromptID string
+	// Start is when the worker took the prompt from the queue and began
+	// executing it.
+	Start time.Time
+	// End is when its execution ended, before its history is recorded
+	// and its end announced.
+	End time.Time
+	// Outcome is how it ended: "success", "error", "interrupted", or
+	// "aborted" when Kill or Close stopped the server during the run.
+	Outcome string
+	// ModelLoaded reports whether the run paid Config.ModelLoadDuration
+	// to load a checkpoint (or began to, when it was interrupted or
+	// aborted during the load).
+	ModelLoaded bool
 }
 
 // Server is a simulated ComfyUI server listening on a real socket.
@@ -197,8 +229,9 @@ func (s *Server) Close() error {
 
 // Kill simulates a crash: the listener and every open connection, HTTP
 // and websocket, are closed at once, and the running prompt is abandoned
-// without another message. The queue, the history and the node cache are
-// lost, as a real ComfyUI loses them; stored files are kept.
+// without another message. The queue, the history, the node cache and
+// the loaded models are lost, as a real ComfyUI loses them; stored files
+// are kept.
 func (s *Server) Kill() {
 	s.life.Lock()
 	defer s.life.Unlock()
@@ -236,7 +269,21 @@ func (s *Server) Stats() Stats {
 	defer s.statsMu.Unlock()
 	out := s.stats
 	out.Rendered = append([]string(nil), s.stats.Rendered...)
+	out.Runs = append([]Run(nil), s.stats.Runs...)
 	return out
+}
+
+// Model returns the checkpoint loaded last and not unloaded since, ""
+// when none is, as after Kill, Restart or /free. With ModelLoadDuration
+// zero other checkpoints may stay loaded too.
+func (s *Server) Model() string {
+	s.mu.Lock()
+	inst := s.inst
+	s.mu.Unlock()
+	if inst == nil {
+		return ""
+	}
+	return inst.gpu.resident()
 }
 
 // SetSpeed changes the relative GPU speed from the next step or node on;
