@@ -1,5 +1,6 @@
-// Package dispatcher is comfyfleet's scheduler: it releases accepted scenes to the
-// work subjects of their pools, folds scene events into job state, turns scenes that
+// Package dispatcher is comfyfleet's scheduler: it queues accepted scenes, places
+// them on nodes as capacity frees (by priority, fairly between tenants, on the node
+// that finishes them first), folds scene events into job state, turns scenes that
 // exhausted their deliveries into dead letters, and keeps the observed node state
 // from executor heartbeats.
 package dispatcher
@@ -35,6 +36,15 @@ type Config struct {
 	Conn *nats.Conn
 	// Settings must match the other services'. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
+	// Policy is the scheduling policy. Defaults to FastestFinish.
+	Policy Policy
+	// ModelLoadPenalty is the time FastestFinish assumes a node takes to load a
+	// checkpoint other than the one it ran last, until it has measured the node doing
+	// so. Defaults to 5s.
+	ModelLoadPenalty time.Duration
+	// OnPlaced, if set, is called after each placement of a scene on a node (tests
+	// and benchmarks).
+	OnPlaced func(node string, item fleet.WorkItem)
 	// Logger defaults to slog.Default.
 	Logger *slog.Logger
 }
@@ -48,6 +58,7 @@ type dispatcher struct {
 	dead  jetstream.KeyValue
 	work  jetstream.Stream
 	pub   *fleet.Publisher
+	sched *scheduler
 	// deadLetters counts scenes failed because every delivery went unacknowledged.
 	deadLetters metric.Int64Counter
 }
@@ -69,6 +80,12 @@ func run(ctx context.Context, cfg Config) error {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.Policy, err = ParsePolicy(string(cfg.Policy)); err != nil {
+		return fmt.Errorf("dispatcher: %w", err)
+	}
+	if cfg.ModelLoadPenalty == 0 {
+		cfg.ModelLoadPenalty = 5 * time.Second
+	}
 	d := &dispatcher{cfg: cfg, log: cfg.Logger.With("service", "dispatcher")}
 	if d.js, err = jetstream.New(cfg.Conn); err != nil {
 		return fmt.Errorf("dispatcher: jetstream: %w", err)
@@ -77,6 +94,8 @@ func run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("dispatcher: %w", err)
 	}
 	d.pub = fleet.NewPublisher(d.js, source)
+	d.sched = newScheduler(d.log, d.js, cfg.Settings, cfg.Policy, cfg.ModelLoadPenalty)
+	d.sched.onPlaced = cfg.OnPlaced
 	if d.deadLetters, err = otel.Meter("comfyfleet/dispatcher").Int64Counter("comfyfleet.scene.dead_letters",
 		metric.WithDescription("Scenes failed because every delivery went unacknowledged.")); err != nil {
 		return fmt.Errorf("dispatcher metrics: %w", err)
@@ -98,11 +117,12 @@ func run(ctx context.Context, cfg Config) error {
 	defer hb.Unsubscribe()
 
 	var wg sync.WaitGroup
-	errs := make(chan error, len(consumers))
+	errs := make(chan error, len(consumers)+1)
 	for _, c := range consumers {
 		wg.Go(func() { errs <- fleet.Consume(ctx, d.js, c.stream, c.cfg, d.log, c.handle) })
 	}
-	d.log.Info("dispatcher running")
+	wg.Go(func() { errs <- d.schedule(ctx) })
+	d.log.Info("dispatcher running", "policy", cfg.Policy)
 	wg.Wait()
 	close(errs)
 	var all []error
@@ -135,7 +155,30 @@ func (d *dispatcher) open(ctx context.Context) error {
 	return nil
 }
 
-// route releases an accepted scene to its pool's work subject.
+// schedule runs the scheduler until ctx is done, starting it again if it fails.
+func (d *dispatcher) schedule(ctx context.Context) error {
+	for ctx.Err() == nil {
+		err := d.sched.run(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		d.log.Warn("scheduler stopped; starting it again", "err", err)
+		pause(ctx, time.Second)
+	}
+	return nil
+}
+
+// pause waits d or until ctx is done.
+func pause(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+// route queues an accepted scene in its pool's queue.
 func (d *dispatcher) route(ctx context.Context, msg jetstream.Msg) {
 	var item fleet.WorkItem
 	if err := json.Unmarshal(msg.Data(), &item); err != nil {
@@ -146,11 +189,11 @@ func (d *dispatcher) route(ctx context.Context, msg jetstream.Msg) {
 	ctx, span := tracer.Start(ctx, "dispatch scene", trace.WithAttributes(telemetry.SceneAttrs(item.JobID, item.Index)...),
 		trace.WithAttributes(attribute.String("comfyfleet.pool", item.Pool)))
 	defer span.End()
-	// Queued first: once the work is out, an executor may start it at once, and the
-	// events stream must show queued before started.
+	// Queued first: once the scene is placed, an executor may start it at once, and
+	// the events stream must show queued before started.
 	err := d.pub.SceneEvent(ctx, fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: fleet.EventQueued, Pool: item.Pool})
 	if err == nil {
-		err = d.pub.JSON(ctx, fleet.WorkSubject(item.Pool), item.MsgID(), item)
+		err = d.pub.JSON(ctx, fleet.QueueSubject(item.Pool), item.PlacementID(), item)
 	}
 	if err != nil {
 		d.fail(span, msg, fmt.Errorf("route scene %s: %w", item.MsgID(), err))
@@ -171,6 +214,7 @@ func (d *dispatcher) applyEvent(ctx context.Context, msg jetstream.Msg) {
 		d.applyQuiet(ctx, msg, ev)
 		return
 	}
+	d.sched.sceneEvent(ev)
 	ctx, span := tracer.Start(ctx, "apply scene "+string(ev.Type), trace.WithAttributes(telemetry.SceneAttrs(ev.JobID, ev.Index)...))
 	defer span.End()
 	job, err := d.update(ctx, ev)
@@ -268,7 +312,7 @@ func (d *dispatcher) deadLetter(ctx context.Context, msg jetstream.Msg) {
 		Index:   item.Index,
 		Retry:   item.Retry,
 		Type:    fleet.EventFailed,
-		Attempt: item.AttemptBase + adv.Deliveries,
+		Attempt: item.Attempt(adv.Deliveries),
 		Error:   fmt.Sprintf("given up after %d deliveries that were never acknowledged: every node that took the scene was lost", adv.Deliveries),
 	})
 	if err == nil {
@@ -294,6 +338,7 @@ func (d *dispatcher) heartbeat(ctx context.Context, m *nats.Msg) {
 		d.log.Warn("drop malformed heartbeat", "subject", m.Subject)
 		return
 	}
+	d.sched.heartbeat(st)
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if _, err := d.nodes.Put(ctx, st.ID, m.Data); err != nil && ctx.Err() == nil {

@@ -60,42 +60,16 @@ func attemptError(runCtx context.Context, n *node, err error) error {
 	return err
 }
 
-// holdOffGrace is how much longer than a retry's delay a node whose attempt failed
-// keeps away from work, so that the retry goes to another node if one is free.
-const holdOffGrace = 500 * time.Millisecond
-
-// maxHoldOff caps that time: a node is not kept idle for long only to let a distant
-// retry pass it by.
-const maxHoldOff = 5 * time.Second
-
-// prepareRetry readies n after an attempt failed there with a transient err and is
-// retried after delay: it frees the memory of a node that ran out of it, and keeps
-// n from taking work until the retry has had its chance to start elsewhere.
-func (e *executor) prepareRetry(ctx context.Context, n *node, err error, delay time.Duration) {
-	if ee, ok := errors.AsType[*comfy.ExecutionError](err); ok && ee.OutOfMemory() {
-		ctx, cancel := context.WithTimeout(ctx, e.cfg.HeartbeatInterval)
-		defer cancel()
-		if err := n.client.Free(ctx); err != nil {
-			e.log.Warn("free memory after running out of it", "node", n.cfg.ID, "err", err)
-		}
+// freeAfterOOM frees the memory of a node whose attempt ran out of it, so that the
+// scenes after it do not.
+func (e *executor) freeAfterOOM(ctx context.Context, n *node, err error) {
+	ee, ok := errors.AsType[*comfy.ExecutionError](err)
+	if !ok || !ee.OutOfMemory() {
+		return
 	}
-	n.holdOff(min(delay, maxHoldOff) + holdOffGrace)
-}
-
-// holdOff keeps n from taking work for d.
-func (n *node) holdOff(d time.Duration) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.heldUntil = time.Now().Add(d)
-}
-
-// waitHeldOff blocks while n is held off; it reports false when ctx ended first.
-func (n *node) waitHeldOff(ctx context.Context) bool {
-	n.mu.Lock()
-	d := time.Until(n.heldUntil)
-	n.mu.Unlock()
-	if d > 0 {
-		pause(ctx, d)
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.HeartbeatInterval)
+	defer cancel()
+	if err := n.client.Free(ctx); err != nil {
+		e.log.Warn("free memory after running out of it", "node", n.cfg.ID, "err", err)
 	}
-	return ctx.Err() == nil
 }

@@ -50,6 +50,24 @@ func (a *attempts) add(r sceneRun, node string, cancel context.CancelCauseFunc) 
 	}
 }
 
+// cancelJob ends every running attempt of the scenes of job with errCancelled and
+// reports how many.
+func (a *attempts) cancelJob(job string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for r, byNode := range a.running {
+		if r.job != job {
+			continue
+		}
+		for _, cancel := range byNode {
+			cancel(errCancelled)
+			n++
+		}
+	}
+	return n
+}
+
 // cancel ends every running attempt of r with errCancelled and reports how many.
 func (a *attempts) cancel(r sceneRun) int {
 	a.mu.Lock()
@@ -82,8 +100,11 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 			e.log.Warn("drop undecodable cancelled event", "subject", msg.Subject(), "err", err)
 			return
 		}
-		if n := e.attempts.cancel(sceneRun{ev.JobID, ev.Index, ev.Retry}); n > 0 {
-			e.log.Info("scene cancelled; interrupting it", "scene", fleet.SceneKey(ev.JobID, ev.Index), "retry", ev.Retry)
+		// A job is cancelled as a whole. Its prompts waiting inside ComfyUI go first,
+		// so that interrupting the running one does not start them.
+		e.dropQueued(ctx, ev.JobID)
+		if n := e.attempts.cancelJob(ev.JobID); n > 0 {
+			e.log.Info("job cancelled; interrupting its scenes", "job", ev.JobID, "attempts", n)
 		}
 	})
 	if err != nil {

@@ -21,7 +21,6 @@ import (
 	"go.opentelemetry.io/otel"
 
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
-	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
@@ -34,8 +33,12 @@ type Config struct {
 	// Settings must match the other services'. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
 	// Nodes are the ComfyUI servers this executor drives; it registers them at start.
-	// At least one is required.
+	// At least one is required, unless Adopt is set.
 	Nodes []fleet.NodeConfig
+	// Adopt makes the executor also drive the nodes registered through the API
+	// (PUT /v1/nodes/{id}) that no executor drives yet, from the moment they are
+	// registered.
+	Adopt bool
 	// Name identifies this executor in node state and logs. Defaults to host-pid.
 	Name string
 	// HeartbeatInterval is how often each node is probed and its state reported.
@@ -63,8 +66,8 @@ func (c *Config) fill() error {
 	if c.Conn == nil {
 		return errors.New("executor: a NATS connection is required")
 	}
-	if len(c.Nodes) == 0 {
-		return errors.New("executor: no ComfyUI node to drive; name one with --comfy URL")
+	if len(c.Nodes) == 0 && !c.Adopt {
+		return errors.New("executor: no ComfyUI node to drive; name one with --comfy URL, or adopt those registered through the API")
 	}
 	seen := map[string]bool{}
 	for i, n := range c.Nodes {
@@ -124,9 +127,11 @@ type executor struct {
 	outputs   jetstream.ObjectStore
 	inputs    jetstream.ObjectStore
 	pub       *fleet.Publisher
-	consumers map[string]jetstream.Consumer
+	js        jetstream.JetStream
+	registry  jetstream.KeyValue
 	events    jetstream.Stream
 	attempts  attempts
+	live      liveNodes
 	metrics   metrics
 }
 
@@ -149,7 +154,7 @@ func run(ctx context.Context, cfg Config) error {
 		log:       cfg.Logger.With("service", "executor", "executor", cfg.Name),
 		nc:        cfg.Conn,
 		pub:       fleet.NewPublisher(js, "comfyfleet/executor/"+cfg.Name),
-		consumers: map[string]jetstream.Consumer{},
+		js:        js,
 	}
 	if e.metrics, err = newMetrics(); err != nil {
 		return err
@@ -163,19 +168,9 @@ func run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer stopCancels()
-	nodes := make([]*node, len(cfg.Nodes))
-	for i, nc := range cfg.Nodes {
-		client := comfy.New(nc.URL, comfy.WithHTTPClient(cfg.HTTPClient), comfy.WithLogger(e.log),
-			comfy.WithClientID(fmt.Sprintf("comfyfleet-%s-%s", cfg.Name, nc.ID)))
-		nodes[i] = newNode(nc, client, cfg.Name)
-	}
-
 	var wg sync.WaitGroup
-	for _, n := range nodes {
-		wg.Go(func() { e.heartbeat(ctx, n) })
-		wg.Go(func() { e.serve(ctx, n) })
-	}
-	e.log.Info("executor running", "nodes", len(nodes))
+	wg.Go(func() { e.drive(ctx) })
+	e.log.Info("executor running", "nodes", len(cfg.Nodes), "adopt", cfg.Adopt)
 	wg.Wait()
 	e.log.Info("executor stopped")
 	return nil
@@ -200,29 +195,27 @@ func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	if err := e.openInputs(ctx, js); err != nil {
 		return err
 	}
-	registry, err := js.KeyValue(ctx, fleet.BucketRegistry)
-	if err != nil {
+	if e.registry, err = js.KeyValue(ctx, fleet.BucketRegistry); err != nil {
 		return fmt.Errorf("open registry: %w", err)
 	}
 	for _, nc := range e.cfg.Nodes {
-		if err := register(ctx, registry, nc); err != nil {
+		nc.Executor = e.cfg.Name
+		if err := register(ctx, e.registry, nc); err != nil {
 			return err
-		}
-		for _, p := range nc.Pools {
-			if e.consumers[p] != nil {
-				continue
-			}
-			cons, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamWork, fleet.WorkConsumer(p, e.cfg.Settings))
-			if err != nil {
-				return fmt.Errorf("consumer for pool %s: %w", p, err)
-			}
-			e.consumers[p] = cons
 		}
 	}
 	return nil
 }
 
+// register records nc as the desired configuration of its node, keeping a drain
+// set through the API.
 func register(ctx context.Context, registry jetstream.KeyValue, nc fleet.NodeConfig) error {
+	if old, err := registry.Get(ctx, nc.ID); err == nil {
+		var prev fleet.NodeConfig
+		if json.Unmarshal(old.Value(), &prev) == nil {
+			nc.Drained = prev.Drained
+		}
+	}
 	b, err := json.Marshal(nc)
 	if err != nil {
 		return fmt.Errorf("encode node %s: %w", nc.ID, err)
@@ -233,34 +226,38 @@ func register(ctx context.Context, registry jetstream.KeyValue, nc fleet.NodeCon
 	return nil
 }
 
-// serve pulls and runs one scene at a time for n while n is healthy.
-func (e *executor) serve(ctx context.Context, n *node) {
-	pools := make([]jetstream.Consumer, 0, len(n.cfg.Pools))
-	for _, p := range n.cfg.Pools {
-		pools = append(pools, e.consumers[p])
-	}
-	// One pool: wait on it. Several: visit each briefly in turn.
-	wait := time.Second
-	if len(pools) > 1 {
-		wait = 100 * time.Millisecond
-	}
+// serve pulls scenes for n and runs them while n is healthy: up to NodeSlots at
+// once, so that ComfyUI holds the next prompt queued behind the running one.
+func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) {
+	slots := make(chan struct{}, fleet.NodeSlots)
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	for ctx.Err() == nil {
-		if !n.waitHealthy(ctx) || !n.waitHeldOff(ctx) {
+		if !n.waitHealthy(ctx) {
 			return
 		}
-		for _, cons := range pools {
-			batch, err := cons.Fetch(1, jetstream.FetchMaxWait(wait))
-			if err != nil {
-				e.log.Warn("fetch work", "node", n.cfg.ID, "err", err)
-				pause(ctx, wait)
-				continue
-			}
-			for msg := range batch.Messages() {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		batch, err := cons.Fetch(1, jetstream.FetchMaxWait(time.Second))
+		if err != nil {
+			<-slots
+			e.log.Warn("fetch work", "node", n.cfg.ID, "err", err)
+			pause(ctx, time.Second)
+			continue
+		}
+		got := false
+		for msg := range batch.Messages() {
+			got = true
+			wg.Go(func() {
+				defer func() { <-slots }()
 				e.run(ctx, n, msg)
-			}
-			if ctx.Err() != nil {
-				return
-			}
+			})
+		}
+		if !got {
+			<-slots
 		}
 	}
 }

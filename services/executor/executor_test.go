@@ -19,6 +19,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
+	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
@@ -53,6 +54,14 @@ func newRig(t *testing.T) *rig {
 	ctx, cancel := context.WithCancel(context.Background())
 	r.ctx = ctx
 	t.Cleanup(func() { cancel(); r.wg.Wait(); _ = sub.Unsubscribe() })
+	// The dispatcher places the scenes: queued ones, and those the executors give back.
+	r.wg.Go(func() {
+		cfg := dispatcher.Config{Conn: nc, Settings: settings,
+			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))}
+		if err := dispatcher.Run(ctx, cfg); err != nil {
+			t.Errorf("dispatcher: %v", err)
+		}
+	})
 	return r
 }
 
@@ -90,8 +99,8 @@ func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.
 	return nc
 }
 
-// submit records a job of one txt2img scene of steps sampler steps and hands the
-// scene to the executors of the image pool.
+// submit records a job of one txt2img scene of steps sampler steps and queues the
+// scene in the image pool.
 func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.WorkItem {
 	r.t.Helper()
 	catalog, err := workflow.Load(os.DirFS("../../workflows"))
@@ -115,7 +124,7 @@ func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.WorkIte
 		r.t.Fatal(err)
 	}
 	item := fleet.WorkItem{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", Graph: graph, SubmittedAt: now, Timeout: timeout}
-	if err := fleet.NewPublisher(r.js, "test").JSON(ctx, fleet.WorkSubject("image"), item.MsgID(), item); err != nil {
+	if err := fleet.NewPublisher(r.js, "test").JSON(ctx, fleet.QueueSubject("image"), item.PlacementID(), item); err != nil {
 		r.t.Fatal(err)
 	}
 	return item

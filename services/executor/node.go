@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"sync"
 	"syscall"
 	"time"
@@ -24,9 +25,26 @@ type node struct {
 	// up is closed while the node is healthy; down while it is not. Each is replaced
 	// when the node changes state.
 	up, down chan struct{}
-	// heldUntil is when the node may take work again after a failed attempt.
-	heldUntil time.Time
+	// drained is the registry's word: scenes not started yet go back to the queue.
+	drained bool
+	// runs are the scenes the node holds, by run name.
+	runs map[string]*nodeRun
+	// model is the checkpoint of the scene that started last.
+	model string
 }
+
+// nodeRun is a scene a node holds: running, or queued inside ComfyUI behind the
+// running one.
+type nodeRun struct {
+	cancel  context.CancelCauseFunc
+	job     string
+	prompt  string
+	started time.Time
+}
+
+// errHandBack ends an attempt whose scene goes back to the queue unstarted: its node
+// was drained or removed.
+var errHandBack = errors.New("node drained or removed: scene handed back")
 
 // missedProbes is how many probes in a row may time out before a node is taken
 // out; a refused connection takes it out at once.
@@ -38,7 +56,9 @@ func newNode(cfg fleet.NodeConfig, client *comfy.Client, executor string) *node 
 		client: client,
 		up:     make(chan struct{}),
 		down:   closedChan(),
-		status: fleet.NodeStatus{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Executor: executor, State: fleet.NodeOffline},
+		runs:   map[string]*nodeRun{},
+		status: fleet.NodeStatus{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Executor: executor, State: fleet.NodeOffline,
+			Workflows: map[string]float64{}},
 	}
 }
 
@@ -79,9 +99,6 @@ func (n *node) setHealth(err error, stats *comfy.SystemStats) {
 	}
 	n.failures = 0
 	n.status.Error = ""
-	if n.status.Scene == "" {
-		n.status.State = fleet.NodeOnline
-	}
 	if stats != nil && len(stats.Devices) > 0 {
 		d := stats.Devices[0]
 		n.status.Device, n.status.VRAMTotal, n.status.VRAMFree = d.Name, d.VRAMTotal, d.VRAMFree
@@ -102,35 +119,127 @@ func closedChan() chan struct{} {
 // errStopped is the health of the nodes of an executor that has stopped.
 var errStopped = errors.New("executor stopped")
 
-func (n *node) setScene(scene string) {
+// hold records that the node holds the scene run key of job, submitted as prompt,
+// until the returned function is called; cancel ends its attempt.
+func (n *node) hold(key, job, prompt string, cancel context.CancelCauseFunc) (release func()) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	n.status.Scene = scene
-	switch {
-	case scene != "":
-		n.status.State = fleet.NodeBusy
-	case n.healthy:
-		n.status.State = fleet.NodeOnline
+	n.runs[key] = &nodeRun{cancel: cancel, job: job, prompt: prompt}
+	if n.drained {
+		cancel(errHandBack)
+	}
+	return func() {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		delete(n.runs, key)
 	}
 }
 
-// finished records a successful scene's duration in the node's moving average.
-func (n *node) finished(d time.Duration) {
+// start records that ComfyUI started the scene run key, needing model, and reports
+// whether the node had last run another checkpoint (so loads it now).
+func (n *node) start(key, model string) (loaded bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if r := n.runs[key]; r != nil && r.started.IsZero() {
+		r.started = time.Now()
+	}
+	loaded = model != "" && model != n.model
+	if model != "" {
+		n.model = model
+	}
+	return loaded
+}
+
+// queuedPrompts returns the prompts of job that wait inside ComfyUI, not started.
+func (n *node) queuedPrompts(job string) []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var ids []string
+	for _, r := range n.runs {
+		if r.job == job && r.started.IsZero() {
+			ids = append(ids, r.prompt)
+		}
+	}
+	return ids
+}
+
+// setDrained follows the registry: a drained node hands back the scenes ComfyUI has
+// not started yet.
+func (n *node) setDrained(drained bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.drained = drained
+	if drained {
+		n.handBackLocked(false)
+	}
+}
+
+// handBack ends the attempts of the scenes the node holds, all of them or only those
+// not started, so that they go back to the queue.
+func (n *node) handBack(all bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.handBackLocked(all)
+}
+
+func (n *node) handBackLocked(all bool) {
+	for _, r := range n.runs {
+		if all || r.started.IsZero() {
+			r.cancel(errHandBack)
+		}
+	}
+}
+
+// finished records a successful scene's duration (from its start in ComfyUI) in the
+// node's moving averages; loaded tells that it included loading a checkpoint.
+func (n *node) finished(workflow string, d time.Duration, steps int, loaded bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.status.ScenesDone++
-	const weight = 0.3
-	if n.status.SecondsPerScene == 0 {
-		n.status.SecondsPerScene = d.Seconds()
-	} else {
-		n.status.SecondsPerScene = weight*d.Seconds() + (1-weight)*n.status.SecondsPerScene
+	secs := d.Seconds()
+	n.status.SecondsPerScene = average(n.status.SecondsPerScene, secs)
+	if loaded {
+		return
 	}
+	if workflow == "" {
+		workflow = "graph"
+	}
+	n.status.Workflows[workflow] = average(n.status.Workflows[workflow], secs)
+	if steps > 0 {
+		n.status.SecondsPerStep = average(n.status.SecondsPerStep, secs/float64(steps))
+	}
+}
+
+// average folds v into a moving average.
+func average(old, v float64) float64 {
+	const weight = 0.3
+	if old == 0 {
+		return v
+	}
+	return weight*v + (1-weight)*old
 }
 
 func (n *node) snapshot() fleet.NodeStatus {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	st := n.status
+	st.Workflows = maps.Clone(n.status.Workflows)
+	st.Holding, st.Model, st.Scene = len(n.runs), n.model, ""
+	for key, r := range n.runs {
+		if !r.started.IsZero() {
+			st.Scene = key
+		}
+	}
+	switch {
+	case !n.healthy:
+		st.State = fleet.NodeOffline
+	case n.drained:
+		st.State = fleet.NodeDraining
+	case st.Scene != "":
+		st.State = fleet.NodeBusy
+	default:
+		st.State = fleet.NodeOnline
+	}
 	st.Heartbeat = time.Now().UTC()
 	return st
 }

@@ -28,6 +28,8 @@ func (e *executor) execute(ctx context.Context, n *node, item fleet.WorkItem, at
 		return comfy.Result{PromptID: id, Outputs: done.Outputs, Cached: done.AllCached()}, nil
 	case id != "":
 		log.Info("an earlier attempt's prompt is still on this node; following it", "prompt_id", id)
+		// Its messages go to the earlier executor's socket: it counts as started now.
+		onProgress(comfy.Progress{PromptID: id})
 		return n.client.Await(ctx, id, onProgress)
 	}
 	return e.runOnNode(ctx, n, item, promptID(item, attempt), onProgress)

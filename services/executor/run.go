@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"mime"
 	"path"
 	"sync"
@@ -22,10 +23,11 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
 
-// run executes one delivered scene on n and decides its message: ack on success or
-// when the scene was cancelled, nak with back-off on a transient failure, term on a
-// permanent one or the last attempt, and a plain nak (at once) when the executor is
-// stopping.
+// run executes one delivered scene on n and settles its message: ack on success or
+// when the scene was cancelled; on a transient failure, back to the queue with a
+// back-off and a word to avoid n; term on a permanent failure or the last attempt;
+// and back to the queue at once when the executor stops or n is drained or removed
+// before the scene started.
 func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	md, err := msg.Metadata()
 	if err != nil {
@@ -39,9 +41,8 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 		_ = msg.TermWithReason("undecodable")
 		return
 	}
-	// Deliveries count this run's tries; attempts keep counting across retries.
 	delivered := int(md.NumDelivered)
-	attempt := item.AttemptBase + delivered
+	attempt := item.Attempt(delivered)
 	stopKeepAlive := e.keepAlive(msg)
 	defer stopKeepAlive()
 
@@ -52,9 +53,11 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	log := e.log.With("scene", item.MsgID(), "node", n.cfg.ID, "attempt", attempt)
 
 	// The attempt ends early when the node is found dead, the scene times out or is
-	// cancelled, not only when we stop.
+	// cancelled, or the node hands it back, not only when we stop.
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	release := n.hold(item.MsgID(), item.JobID, promptID(item, attempt), cancel)
+	defer release()
 	stopWatch := e.watch(runCtx, cancel, n, item)
 	defer stopWatch()
 
@@ -63,27 +66,46 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 		fleet.Ack(ctx, e.log, msg)
 		return
 	}
-	n.setScene(item.MsgID())
-	defer n.setScene("")
 	event := func(typ fleet.EventType) fleet.SceneEvent {
 		return fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: typ, Attempt: attempt, Node: n.cfg.ID}
 	}
-	if err := e.pub.SceneEvent(ctx, event(fleet.EventStarted)); err != nil {
-		log.Warn("publish started event", "err", err)
+	model := fleet.Checkpoint(item.Graph)
+	var started time.Time
+	var loaded bool
+	steps := 0
+	// The scene starts when ComfyUI starts it: until then it waits on the node
+	// behind the running one.
+	markStarted := func() {
+		if !started.IsZero() {
+			return
+		}
+		started = time.Now()
+		loaded = n.start(item.MsgID(), model)
+		if err := e.pub.SceneEvent(ctx, event(fleet.EventStarted)); err != nil {
+			log.Warn("publish started event", "err", err)
+		}
+	}
+	report := e.progress(ctx, item, attempt, n.cfg.ID)
+	onProgress := func(p comfy.Progress) {
+		markStarted()
+		steps = max(steps, p.Max)
+		report(p)
 	}
 
-	start := time.Now()
-	res, err := e.execute(runCtx, n, item, attempt, log, e.progress(ctx, item, attempt, n.cfg.ID))
+	res, err := e.execute(runCtx, n, item, attempt, log, onProgress)
 	var outputs []fleet.Output
 	if err == nil {
+		// A prompt served from ComfyUI's cache, or followed by polling, started
+		// without a message.
+		markStarted()
 		outputs, err = e.store(runCtx, n, item, res.Outputs)
 	}
-	elapsed := time.Since(start)
+	elapsed := time.Since(started)
 
-	if ctx.Err() != nil {
-		log.Info("stopping: handing the scene back")
+	if ctx.Err() != nil || errors.Is(context.Cause(runCtx), errHandBack) {
+		log.Info("handing the scene back to the queue")
 		e.metrics.attempt(context.WithoutCancel(ctx), n.cfg.ID, "handed_back")
-		_ = msg.Nak()
+		e.requeue(context.WithoutCancel(ctx), msg, item.Requeue(delivered), n.cfg.ID, 0, log)
 		return
 	}
 	if errors.Is(context.Cause(runCtx), errCancelled) {
@@ -98,12 +120,13 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	if err == nil {
 		ev := event(fleet.EventCompleted)
 		ev.Outputs, ev.Duration = outputs, elapsed
+		ev.Workflow, ev.Model, ev.ModelLoaded = item.Workflow, model, loaded
 		if err := e.pub.SceneEvent(ctx, ev); err != nil {
 			log.Warn("publish completed event; the scene will run again", "err", err)
 			_ = msg.NakWithDelay(e.cfg.Settings.RetryDelay(attempt))
 			return
 		}
-		n.finished(elapsed)
+		n.finished(item.Workflow, elapsed, steps, loaded)
 		e.metrics.attempt(ctx, n.cfg.ID, "completed")
 		e.metrics.duration.Record(ctx, elapsed.Seconds(), metric.WithAttributes(attribute.String("node", n.cfg.ID)))
 		fleet.Ack(ctx, e.log, msg)
@@ -117,7 +140,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	if !permanent {
 		e.probe(ctx, n)
 	}
-	if permanent || delivered >= e.cfg.Settings.MaxAttempts {
+	if permanent || attempt-item.AttemptBase >= e.cfg.Settings.MaxAttempts {
 		ev := event(fleet.EventFailed)
 		ev.Error = err.Error()
 		if err := e.pub.SceneEvent(ctx, ev); err != nil {
@@ -137,9 +160,25 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	}
 	delay := e.cfg.Settings.RetryDelay(attempt)
 	e.metrics.attempt(ctx, n.cfg.ID, "retrying")
-	_ = msg.NakWithDelay(delay)
+	e.freeAfterOOM(ctx, n, err)
+	e.requeue(ctx, msg, item.Requeue(delivered), n.cfg.ID, delay, log)
 	log.Warn("scene attempt failed; retrying", "in", delay, "err", err)
-	e.prepareRetry(ctx, n, err, delay)
+}
+
+// requeue puts item back in the queue, to be placed again after delay and
+// elsewhere than avoid if possible, then acknowledges msg. If the queue cannot be
+// reached, msg is redelivered to this node instead.
+func (e *executor) requeue(ctx context.Context, msg jetstream.Msg, item fleet.WorkItem, avoid string, delay time.Duration, log *slog.Logger) {
+	item.Avoid = avoid
+	if delay > 0 {
+		item.NotBefore = time.Now().Add(delay).UTC()
+	}
+	if err := e.pub.JSON(ctx, fleet.QueueSubject(item.Pool), item.PlacementID(), item); err != nil {
+		log.Warn("put the scene back in the queue; it comes back to this node", "err", err)
+		_ = msg.NakWithDelay(max(delay, time.Second))
+		return
+	}
+	fleet.Ack(ctx, e.log, msg)
 }
 
 // keepAlive marks msg in progress every heartbeat interval until the returned
