@@ -52,9 +52,9 @@ type nodeState struct {
 	heartbeat  time.Time
 	offlineFor int // heartbeats in a row reporting the node offline
 	// model is the checkpoint the node ran last, from its heartbeats and completions.
-	model      string
-	held       map[string]*held
-	speed      *speedModel
+	model string
+	held  map[string]*held
+	speed *speedModel
 }
 
 func newScheduler(log *slog.Logger, js jetstream.JetStream, settings fleet.Settings, policy Policy, loadPenalty time.Duration) *scheduler {

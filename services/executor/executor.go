@@ -150,11 +150,11 @@ func run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("executor: jetstream: %w", err)
 	}
 	e := &executor{
-		cfg:       cfg,
-		log:       cfg.Logger.With("service", "executor", "executor", cfg.Name),
-		nc:        cfg.Conn,
-		pub:       fleet.NewPublisher(js, "comfyfleet/executor/"+cfg.Name),
-		js:        js,
+		cfg: cfg,
+		log: cfg.Logger.With("service", "executor", "executor", cfg.Name),
+		nc:  cfg.Conn,
+		pub: fleet.NewPublisher(js, "comfyfleet/executor/"+cfg.Name),
+		js:  js,
 	}
 	if e.metrics, err = newMetrics(); err != nil {
 		return err
