@@ -51,6 +51,8 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
 	fs := flag.NewFlagSet("dispatcher", flag.ContinueOnError)
 	var sf serviceFlags
+	policy := fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
+	loadCost := fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -60,7 +62,8 @@ func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
 		return err
 	}
 	defer svc.close()
-	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log})
+	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log,
+		Policy: dispatcher.Policy(*policy), ModelLoadPenalty: *loadCost})
 }
 
 func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
@@ -73,6 +76,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 	var allow allowFlag
 	allow.register(fs)
 	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
+	adopt := fs.Bool("adopt", false, "also drive the nodes registered through the API (PUT /v1/nodes/{id}) that no executor drives yet")
 	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
@@ -95,7 +99,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		return err
 	}
 	defer svc.close()
-	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Name: *name, URLGuard: guard,
+	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Adopt: *adopt, Name: *name, URLGuard: guard,
 		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 

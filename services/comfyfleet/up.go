@@ -14,6 +14,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
@@ -30,6 +31,8 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		simStep   = fs.Duration("sim-step", 150*time.Millisecond, "time of one sampler step on a simulated node of speed 1")
 		auth      = fs.String("auth", "", `"open" (no API keys; only allowed on a loopback --http) or "keys" (default: open on loopback, keys otherwise)`)
 		inputWait = fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
+		policy    = fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
+		loadCost  = fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
 		comfy     listFlag
 		allow     = listFlag{"127.0.0.0/8", "::1"}
 		settings  settingsFlags
@@ -63,6 +66,10 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		HTTPAddr: *httpAddr, PublicURL: *publicURL, Open: open, CallbackAllow: allowed, Settings: st, Logger: log,
 		Executor: executor.Config{InputTimeout: *inputWait},
 	}
+	if cfg.Dispatcher.Policy, err = dispatcher.ParsePolicy(*policy); err != nil {
+		return fmt.Errorf("--policy: %w", err)
+	}
+	cfg.Dispatcher.ModelLoadPenalty = *loadCost
 	for _, c := range comfy {
 		n, err := parseNode(c)
 		if err != nil {

@@ -56,8 +56,15 @@ type Config struct {
 	Settings fleet.Settings
 	// Intake tunes the intake (MaxScenes, RatePerKey, RateBurst); the rest is set here.
 	Intake intake.Config
+	// Dispatcher tunes the dispatcher (Policy, ModelLoadPenalty, OnPlaced); its Conn,
+	// Settings and Logger are set here.
+	Dispatcher dispatcher.Config
 	// Executor tunes the executor; its Conn, Settings, Nodes and Logger are set here.
+	// It adopts the nodes registered through the API unless told otherwise by
+	// NoAdopt.
 	Executor executor.Config
+	// NoAdopt keeps the executor from driving nodes registered through the API.
+	NoAdopt bool
 	// NoExecutor leaves the nodes to executors run elsewhere (as separate processes).
 	NoExecutor bool
 	// Notifier tunes the notifier; its Conn, Settings, PublicURL and Logger are set here.
@@ -160,7 +167,9 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 	}
 
 	guard := callback.NewGuard(cfg.CallbackAllow...)
-	in, ex, nt := cfg.Intake, cfg.Executor, cfg.Notifier
+	in, ds, ex, nt := cfg.Intake, cfg.Dispatcher, cfg.Executor, cfg.Notifier
+	ds.Settings, ds.Logger = cfg.Settings, cfg.Logger
+	ex.Adopt = !cfg.NoAdopt
 	in.Settings, in.Templates, in.Listener, in.PublicURL = cfg.Settings, workflows.FS, ln, cfg.PublicURL
 	in.Open, in.CallbackGuard, in.Logger = cfg.Open, guard, cfg.Logger
 	ex.Settings, ex.Nodes, ex.Logger, ex.URLGuard = cfg.Settings, s.Nodes, cfg.Logger, guard
@@ -170,7 +179,8 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		run  func(context.Context, *nats.Conn) error
 	}{
 		{"dispatcher", func(ctx context.Context, nc *nats.Conn) error {
-			return dispatcher.Run(ctx, dispatcher.Config{Conn: nc, Settings: cfg.Settings, Logger: cfg.Logger})
+			ds.Conn = nc
+			return dispatcher.Run(ctx, ds)
 		}},
 		{"notifier", func(ctx context.Context, nc *nats.Conn) error { nt.Conn = nc; return notifier.Run(ctx, nt) }},
 		{"executor", func(ctx context.Context, nc *nats.Conn) error { ex.Conn = nc; return executor.Run(ctx, ex) }},
