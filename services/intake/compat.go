@@ -111,7 +111,7 @@ func compatLocations(err error) error {
 type CompatNode struct {
 	ID            string     `json:"id"`
 	URL           string     `json:"url"`
-	Status        string     `json:"status" enum:"online,busy,offline" doc:"offline when no heartbeat arrived within the node TTL."`
+	Status        string     `json:"status" enum:"online,busy,offline" doc:"offline when no heartbeat arrived within the node TTL. A drained node shows busy while it still holds scenes, else online."`
 	QueueLength   int        `json:"queue_length" doc:"Prompts running or pending in the node's ComfyUI queue."`
 	LastHeartbeat *time.Time `json:"last_heartbeat" nullable:"true" doc:"When the node was last seen; null if it never was, or its state expired."`
 }
@@ -130,14 +130,14 @@ func (in *intake) compatListNodes(ctx context.Context, _ *struct{}) (*compatNode
 	out := &compatNodesOutput{}
 	out.Body.Nodes = make([]CompatNode, len(nodes))
 	for i, n := range nodes {
-		out.Body.Nodes[i] = CompatNode{ID: n.ID, URL: n.URL, Status: string(n.State), QueueLength: n.QueueRemaining, LastHeartbeat: n.LastHeartbeat}
+		out.Body.Nodes[i] = CompatNode{ID: n.ID, URL: n.URL, Status: compatStatus(n.Health), QueueLength: n.Health.QueueRemaining, LastHeartbeat: n.Health.LastHeartbeat}
 	}
 	return out, nil
 }
 
 // NodeHealth is a node's health and load in the seed plan's shape.
 type NodeHealth struct {
-	Status          string  `json:"status" enum:"online,busy,offline" doc:"offline when no heartbeat arrived within the node TTL."`
+	Status          string  `json:"status" enum:"online,busy,offline" doc:"offline when no heartbeat arrived within the node TTL. A drained node shows busy while it still holds scenes, else online."`
 	GPUUsage        float64 `json:"gpu_usage" minimum:"0" maximum:"1" doc:"Share of the GPU taken by comfyfleet: 1 while the node runs a scene, else 0. ComfyUI reports no utilisation figure; it runs one prompt at a time and keeps the GPU busy while it does."`
 	MemoryUsage     float64 `json:"memory_usage" minimum:"0" maximum:"1" doc:"Share of the GPU's memory in use, (VRAM total - VRAM free) / VRAM total, as the node's ComfyUI last reported it; 0 when unknown."`
 	QueueLength     int     `json:"queue_length" doc:"Prompts running or pending in the node's ComfyUI queue."`
@@ -157,12 +157,25 @@ func (in *intake) compatNodeHealth(ctx context.Context, input *nodeHealthInput) 
 	if err != nil {
 		return nil, err
 	}
-	h := NodeHealth{Status: string(n.State), QueueLength: n.QueueRemaining, ProcessingSpeed: n.SecondsPerScene}
-	if n.State == fleet.NodeBusy {
+	st := n.Health
+	h := NodeHealth{Status: compatStatus(st), QueueLength: st.QueueRemaining, ProcessingSpeed: st.SecondsPerScene}
+	if h.Status == string(fleet.NodeBusy) {
 		h.GPUUsage = 1
 	}
-	if n.VRAMTotal > 0 && n.State != fleet.NodeOffline {
-		h.MemoryUsage = float64(n.VRAMTotal-n.VRAMFree) / float64(n.VRAMTotal)
+	if st.VRAMTotal > 0 && h.Status != string(fleet.NodeOffline) {
+		h.MemoryUsage = float64(st.VRAMTotal-st.VRAMFree) / float64(st.VRAMTotal)
 	}
 	return &nodeHealthOutput{Body: h}, nil
+}
+
+// compatStatus is a node's status in the seed plan, which knows no draining: a
+// drained node is busy while it holds scenes, else online.
+func compatStatus(h NodeReport) string {
+	if h.Status != string(fleet.NodeDraining) {
+		return h.Status
+	}
+	if h.Holding > 0 {
+		return string(fleet.NodeBusy)
+	}
+	return string(fleet.NodeOnline)
 }

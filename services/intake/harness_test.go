@@ -40,9 +40,17 @@ func fleetFor(t *testing.T) (string, jetstream.JetStream) {
 	return srv.ClientURL(), js
 }
 
-// startIntake runs an intake on a loopback socket against the NATS server at natsURL
-// until the test ends, and returns its base URL.
+// startIntake runs an open intake (no API keys) on a loopback socket against the NATS
+// server at natsURL until the test ends, and returns its base URL.
 func startIntake(t *testing.T, natsURL string, cfg intake.Config) string {
+	t.Helper()
+	cfg.Open = true
+	return serveIntake(t, natsURL, cfg)
+}
+
+// serveIntake runs an intake as cfg says, API keys or not, on a loopback socket
+// against the NATS server at natsURL until the test ends, and returns its base URL.
+func serveIntake(t *testing.T, natsURL string, cfg intake.Config) string {
 	t.Helper()
 	nc, err := nats.Connect(natsURL)
 	if err != nil {
@@ -53,7 +61,7 @@ func startIntake(t *testing.T, natsURL string, cfg intake.Config) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Conn, cfg.Listener, cfg.Open = nc, ln, true
+	cfg.Conn, cfg.Listener = nc, ln
 	if cfg.CallbackGuard == nil {
 		// The tests' image and callback servers listen on loopback.
 		cfg.CallbackGuard = callback.NewGuard(netip.MustParsePrefix("127.0.0.0/8"))
@@ -74,6 +82,12 @@ func startIntake(t *testing.T, natsURL string, cfg intake.Config) string {
 // (when not nil); it returns the status.
 func call(t *testing.T, method, url string, body, out any) int {
 	t.Helper()
+	return callAs(t, "", method, url, body, out)
+}
+
+// callAs is call with the API key key, none if "".
+func callAs(t *testing.T, key, method, url string, body, out any) int {
+	t.Helper()
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -87,6 +101,9 @@ func call(t *testing.T, method, url string, body, out any) int {
 		t.Fatal(err)
 	}
 	req.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
 	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)

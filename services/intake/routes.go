@@ -53,13 +53,6 @@ func (in *intake) addRoutes(a huma.API) {
 		},
 	}), in.getOutput)
 	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
-		OperationID: "list-nodes",
-		Method:      http.MethodGet,
-		Path:        "/v1/nodes",
-		Summary:     "List the ComfyUI nodes and their state",
-		Tags:        []string{"nodes"},
-	}), in.listNodes)
-	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "list-workflows",
 		Method:      http.MethodGet,
 		Path:        "/v1/workflows",
@@ -83,6 +76,7 @@ func (in *intake) addRoutes(a huma.API) {
 		Tags:        []string{"health"},
 	}, in.ready)
 	in.addControlRoutes(a)
+	in.addNodeRoutes(a)
 	in.addWorkflowRoutes(a)
 	in.addCompatRoutes(a)
 }
@@ -342,99 +336,6 @@ func (in *intake) getOutput(ctx context.Context, input *outputInput) (*huma.Stre
 			in.log.Warn("stream output", "job", job.ID, "name", meta.Name, "err", err)
 		}
 	}}, nil
-}
-
-// Node is a node as the API shows it: its desired configuration and what it was last
-// seen doing.
-type Node struct {
-	fleet.NodeConfig
-	State           fleet.NodeState `json:"state" enum:"online,busy,offline" doc:"offline when no heartbeat arrived within the node TTL."`
-	Executor        string          `json:"executor,omitempty"`
-	Scene           string          `json:"scene,omitempty" doc:"job.index of the running scene."`
-	QueueRemaining  int             `json:"queue_remaining"`
-	VRAMTotal       int64           `json:"vram_total,omitempty"`
-	VRAMFree        int64           `json:"vram_free,omitempty"`
-	Device          string          `json:"device,omitempty"`
-	ScenesDone      int             `json:"scenes_done"`
-	SecondsPerScene float64         `json:"seconds_per_scene,omitempty"`
-	Error           string          `json:"error,omitempty"`
-	LastHeartbeat   *time.Time      `json:"last_heartbeat,omitempty"`
-}
-
-type nodesOutput struct {
-	Body struct {
-		Nodes []Node `json:"nodes"`
-	}
-}
-
-func (in *intake) listNodes(ctx context.Context, _ *struct{}) (*nodesOutput, error) {
-	nodes, err := in.readNodes(ctx)
-	if err != nil {
-		return nil, err
-	}
-	out := &nodesOutput{}
-	out.Body.Nodes = nodes
-	return out, nil
-}
-
-// readNodes returns every registered node with what it was last seen doing, ordered
-// by id. Its errors are huma errors.
-func (in *intake) readNodes(ctx context.Context) ([]Node, error) {
-	configs, err := readAll[fleet.NodeConfig](ctx, in.registry)
-	if err != nil {
-		return nil, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
-	}
-	observed, err := readAll[fleet.NodeStatus](ctx, in.nodes)
-	if err != nil {
-		return nil, huma.Error503ServiceUnavailable("cannot read node state now; retry", err)
-	}
-	nodes := make([]Node, 0, len(configs))
-	for id, cfg := range configs {
-		var st *fleet.NodeStatus
-		if s, ok := observed[id]; ok {
-			st = &s
-		}
-		nodes = append(nodes, nodeView(cfg, st))
-	}
-	slices.SortFunc(nodes, func(a, b Node) int { return cmp.Compare(a.ID, b.ID) })
-	return nodes, nil
-}
-
-// readNode returns one registered node with what it was last seen doing; an unknown
-// node is a 404. Its errors are huma errors.
-func (in *intake) readNode(ctx context.Context, id string) (Node, error) {
-	notFound := huma.Error404NotFound("no node " + id)
-	if !fleet.ValidToken(id) {
-		return Node{}, notFound
-	}
-	cfg, err := getJSON[fleet.NodeConfig](ctx, in.registry, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return Node{}, notFound
-	}
-	if err != nil {
-		return Node{}, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
-	}
-	st, err := getJSON[fleet.NodeStatus](ctx, in.nodes, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nodeView(cfg, nil), nil
-	}
-	if err != nil {
-		return Node{}, huma.Error503ServiceUnavailable("cannot read node state now; retry", err)
-	}
-	return nodeView(cfg, &st), nil
-}
-
-// nodeView joins a node's configuration and its observed state, if any: a node
-// without one is offline.
-func nodeView(cfg fleet.NodeConfig, st *fleet.NodeStatus) Node {
-	n := Node{NodeConfig: cfg, State: fleet.NodeOffline}
-	if st != nil {
-		hb := st.Heartbeat
-		n.State, n.Executor, n.Scene, n.QueueRemaining = st.State, st.Executor, st.Scene, st.QueueRemaining
-		n.VRAMTotal, n.VRAMFree, n.Device, n.ScenesDone = st.VRAMTotal, st.VRAMFree, st.Device, st.ScenesDone
-		n.SecondsPerScene, n.Error, n.LastHeartbeat = st.SecondsPerScene, st.Error, &hb
-	}
-	return n
 }
 
 func readAll[T any](ctx context.Context, kv jetstream.KeyValue) (map[string]T, error) {
