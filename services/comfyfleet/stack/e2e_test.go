@@ -75,20 +75,22 @@ func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 
 	var listed struct {
 		Nodes []struct {
-			ID         string `json:"id"`
-			State      string `json:"state"`
-			ScenesDone int    `json:"scenes_done"`
-			VRAMTotal  int64  `json:"vram_total"`
+			ID     string `json:"id"`
+			Health struct {
+				Status     string `json:"status"`
+				ScenesDone int    `json:"scenes_done"`
+				VRAMTotal  int64  `json:"vram_total"`
+			} `json:"health"`
 		} `json:"nodes"`
 	}
 	fleettest.Eventually(t, 10*time.Second, func() bool {
 		getJSON(t, b.stack.APIURL+"/v1/nodes", &listed)
 		done := 0
 		for _, n := range listed.Nodes {
-			if n.State != "online" || n.VRAMTotal == 0 {
+			if n.Health.Status != "online" || n.Health.VRAMTotal == 0 {
 				return false
 			}
-			done += n.ScenesDone
+			done += n.Health.ScenesDone
 		}
 		return len(listed.Nodes) == 3 && done == 6
 	}, "GET /v1/nodes: %+v, want 3 online nodes with VRAM that ran 6 scenes", &listed)
