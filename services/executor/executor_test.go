@@ -132,6 +132,26 @@ func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.WorkIte
 
 // await returns the first scene event of type typ, failing the test after within;
 // every event seen on the way is kept in seen.
+// awaitOnline waits until the dispatcher has recorded every node as online.
+func (r *rig) awaitOnline(ids ...string) {
+	r.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	nodes, err := r.js.KeyValue(ctx, fleet.BucketNodes)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	fleettest.Eventually(r.t, 10*time.Second, func() bool {
+		for _, id := range ids {
+			e, err := nodes.Get(ctx, id)
+			if err != nil || !strings.Contains(string(e.Value()), `"state":"online"`) {
+				return false
+			}
+		}
+		return true
+	}, "nodes %v not online", ids)
+}
+
 func (r *rig) await(typ fleet.EventType, within time.Duration, seen *[]fleet.SceneEvent) fleet.SceneEvent {
 	r.t.Helper()
 	deadline := time.After(within)
@@ -231,17 +251,18 @@ func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) 
 func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
-	oomSim, oom := r.sim(comfysim.Config{Name: "small", OOMRate: 1})
-	okSim, ok := r.sim(comfysim.Config{Name: "large"})
-	r.executor("exec-small", nil, oom)
+	// Two equal nodes: the first by id takes the first attempt.
+	oomSim, oom := r.sim(comfysim.Config{Name: "gpu-a", OOMRate: 1})
+	okSim, ok := r.sim(comfysim.Config{Name: "gpu-b"})
+	r.executor("exec-a", nil, oom)
+	r.executor("exec-b", nil, ok)
+	r.awaitOnline(oom.ID, ok.ID)
 	r.submit("oom", 20, 0)
 
 	var seen []fleet.SceneEvent
 	if first := r.await(fleet.EventStarted, 30*time.Second, &seen); first.Node != oom.ID {
 		t.Fatalf("first attempt on %s, want %s", first.Node, oom.ID)
 	}
-	// The other node joins while the first attempt runs, so both compete for the retry.
-	r.executor("exec-large", nil, ok)
 	retry := r.await(fleet.EventRetrying, 30*time.Second, &seen)
 	if retry.Node != oom.ID || !strings.Contains(retry.Error, "OutOfMemoryError") {
 		t.Errorf("retrying event from %s: %q; want the out-of-memory error of %s", retry.Node, retry.Error, oom.ID)
