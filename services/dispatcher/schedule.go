@@ -117,7 +117,7 @@ func (s *scheduler) run(ctx context.Context) error {
 	}
 	defer watch.Stop()
 
-	tick := time.NewTicker(s.settings.HeartbeatInterval())
+	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	backoff := time.NewTimer(time.Hour)
 	defer backoff.Stop()
@@ -338,8 +338,7 @@ func cmpSeq(a, b uint64) int {
 
 // usable reports whether n may get a new scene.
 func (s *scheduler) usable(n *nodeState, now time.Time) bool {
-	return n.cfg != nil && !n.cfg.Drained && n.status != nil && n.offlineFor == 0 &&
-		now.Sub(n.heartbeat) < s.settings.NodeTTL
+	return n.cfg != nil && !n.cfg.Drained && n.status != nil && n.offlineFor == 0 && !s.silent(n, now)
 }
 
 // place plans and makes the placements.
@@ -468,9 +467,15 @@ func (s *scheduler) placed(ctx context.Context, subject string, after uint64) ([
 	}
 }
 
+// silent reports whether n's executor has not been heard from for AckWait: the
+// time after which a running scene would move on if its executor died.
+func (s *scheduler) silent(n *nodeState, now time.Time) bool {
+	return now.Sub(n.heartbeat) > s.settings.AckWait
+}
+
 // rescueLost puts back in the queue the scenes placed on nodes that are gone:
-// removed from the registry, silent for longer than the node TTL, or reported
-// offline twice in a row. A drained node keeps the scenes it was delivered but
+// removed from the registry, silent for longer than AckWait, or reported offline
+// twice in a row. A drained node keeps the scenes it was delivered but
 // gives back those still waiting in the stream.
 func (s *scheduler) rescueLost(ctx context.Context) {
 	if !s.registryReady {
@@ -482,7 +487,7 @@ func (s *scheduler) rescueLost(ctx context.Context) {
 			continue
 		}
 		gone := n.cfg == nil || n.status == nil && now.Sub(s.started(n)) > s.settings.NodeTTL ||
-			n.status != nil && now.Sub(n.heartbeat) > s.settings.NodeTTL || n.offlineFor >= 2
+			n.status != nil && s.silent(n, now) || n.offlineFor >= 2
 		switch {
 		case gone:
 			s.rescue(ctx, id, n, 0)
