@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -97,4 +98,10 @@ func IgnoreStop(ctx context.Context, err error) error {
 		return nil
 	}
 	return err
+}
+
+// NoMessage reports whether err says that a stream message is not there (any more):
+// a get or a delete of a message already removed.
+func NoMessage(err error) bool {
+	return errors.Is(err, jetstream.ErrMsgNotFound) || err != nil && strings.Contains(err.Error(), "no message found")
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"slices"
 	"strings"
@@ -36,8 +37,8 @@ type schedScenario struct {
 }
 
 const (
-	modelA = "model-a.safetensors"
-	modelB = "model-b.safetensors"
+	modelA = "v1-5-pruned-emaonly.safetensors"
+	modelB = "sd_xl_base_1.0.safetensors"
 )
 
 func equalNodes(pool string, speeds ...float64) []schedbench.Node {
@@ -87,7 +88,7 @@ func schedScenarios() []schedScenario {
 
 func runBenchScheduling(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("bench scheduling", flag.ContinueOnError)
-	target := fs.Duration("target", 3*time.Second, "real time the optimum of each scenario is scaled to")
+	target := fs.Duration("target", 3*time.Second, "real time the optimum of each scenario is scaled to (longer when a scene would last under 300ms)")
 	only := fs.String("only", "", "run only the scenarios whose name contains this text")
 	policies := fs.String("policies", "", "comma-separated policies to compare (default all)")
 	if err := parse(fs, args); err != nil {
@@ -171,6 +172,9 @@ func (sc schedScenario) optimum() (schedbench.Bound, float64) {
 	return schedbench.Optimum(nodes, sc.scenes, sc.load), full.Makespan / 2
 }
 
+// minScene is the least real time a scene lasts on its fastest node.
+const minScene = 300 * time.Millisecond
+
 // sceneSteps is the sampler steps of every scene: a node's step time makes its
 // duration.
 const sceneSteps = 20
@@ -182,7 +186,17 @@ const sceneSteps = 20
 // than its nominal time (encoding its image, recording its history), and the ratio
 // should measure scheduling, not the simulator.
 func (sc schedScenario) run(ctx context.Context, policy dispatcher.Policy, target time.Duration, optimum, killAt float64) (makespan, measuredOptimum float64, err error) {
-	scale := target.Seconds() / optimum
+	// Scaled down, a scene should still last long enough that the simulator's own
+	// few milliseconds per scene do not swamp it.
+	shortest := math.Inf(1)
+	for _, scene := range sc.scenes {
+		for _, n := range sc.nodes {
+			if slices.Contains(n.Pools, scene.Pool) {
+				shortest = min(shortest, scene.Duration/n.Speed)
+			}
+		}
+	}
+	scale := max(target.Seconds()/optimum, minScene.Seconds()/shortest)
 	real := func(modelSeconds float64) time.Duration {
 		return time.Duration(modelSeconds * scale * float64(time.Second))
 	}

@@ -94,7 +94,7 @@ func run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("dispatcher: %w", err)
 	}
 	d.pub = fleet.NewPublisher(d.js, source)
-	d.sched = newScheduler(d.log, d.js, cfg.Settings, cfg.Policy, cfg.ModelLoadPenalty)
+	d.sched = newScheduler(d.log, cfg.Conn, d.js, cfg.Settings, cfg.Policy, cfg.ModelLoadPenalty)
 	d.sched.onPlaced = cfg.OnPlaced
 	if d.deadLetters, err = otel.Meter("comfyfleet/dispatcher").Int64Counter("comfyfleet.scene.dead_letters",
 		metric.WithDescription("Scenes failed because every delivery went unacknowledged.")); err != nil {
@@ -214,7 +214,6 @@ func (d *dispatcher) applyEvent(ctx context.Context, msg jetstream.Msg) {
 		d.applyQuiet(ctx, msg, ev)
 		return
 	}
-	d.sched.sceneEvent(ev)
 	ctx, span := tracer.Start(ctx, "apply scene "+string(ev.Type), trace.WithAttributes(telemetry.SceneAttrs(ev.JobID, ev.Index)...))
 	defer span.End()
 	job, err := d.update(ctx, ev)
@@ -317,7 +316,7 @@ func (d *dispatcher) deadLetter(ctx context.Context, msg jetstream.Msg) {
 	})
 	if err == nil {
 		err = d.work.DeleteMsg(ctx, adv.StreamSeq)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
+		if fleet.NoMessage(err) {
 			err = nil
 		}
 	}

@@ -21,6 +21,7 @@ import (
 // streams; one goroutine (loop) owns it, and everything else posts changes to it.
 type scheduler struct {
 	log      *slog.Logger
+	nc       *nats.Conn
 	js       jetstream.JetStream
 	queue    jetstream.Stream
 	work     jetstream.Stream
@@ -57,9 +58,10 @@ type nodeState struct {
 	speed *speedModel
 }
 
-func newScheduler(log *slog.Logger, js jetstream.JetStream, settings fleet.Settings, policy Policy, loadPenalty time.Duration) *scheduler {
+func newScheduler(log *slog.Logger, nc *nats.Conn, js jetstream.JetStream, settings fleet.Settings, policy Policy, loadPenalty time.Duration) *scheduler {
 	return &scheduler{
 		log:      log,
+		nc:       nc,
 		js:       js,
 		settings: settings,
 		planner:  planner{policy: policy, loadPenalty: loadPenalty},
@@ -95,6 +97,18 @@ func (s *scheduler) run(ctx context.Context) error {
 	if s.work, err = s.js.Stream(ctx, fleet.StreamWork); err != nil {
 		return fmt.Errorf("open work stream: %w", err)
 	}
+	// Scene events straight from the subject, not through the state consumer that
+	// folds them into jobs: a slot frees the moment its scene ends. One missed is
+	// corrected by the next scan.
+	events, err := s.nc.Subscribe(fleet.SceneEventsFilter, func(m *nats.Msg) {
+		if ev, err := fleet.DecodeSceneEvent(m.Data); err == nil {
+			s.sceneEvent(ev)
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("follow scene events: %w", err)
+	}
+	defer events.Unsubscribe()
 	registry, err := s.js.KeyValue(ctx, fleet.BucketRegistry)
 	if err != nil {
 		return fmt.Errorf("open registry: %w", err)
@@ -236,9 +250,14 @@ func (s *scheduler) heartbeat(st fleet.NodeStatus) {
 	})
 }
 
-// sceneEvent follows a scene's life on its node (called for every event folded).
+// sceneEvent follows a scene's life on its node.
 func (s *scheduler) sceneEvent(ev fleet.SceneEvent) {
 	key := fleet.WorkItem{JobID: ev.JobID, Index: ev.Index, Retry: ev.Retry}.MsgID()
+	switch ev.Type {
+	case fleet.EventStarted, fleet.EventCompleted, fleet.EventFailed, fleet.EventCancelled, fleet.EventRetrying:
+	default:
+		return
+	}
 	s.post(func() {
 		switch ev.Type {
 		case fleet.EventStarted:
@@ -277,7 +296,7 @@ func (s *scheduler) ended(key string, ev fleet.SceneEvent) {
 	for seq, w := range s.waiting {
 		if w.item.MsgID() == key {
 			delete(s.waiting, seq)
-			if err := s.queue.DeleteMsg(s.ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+			if err := s.queue.DeleteMsg(s.ctx, seq); err != nil && !fleet.NoMessage(err) {
 				s.log.Warn("remove an ended scene from the queue", "scene", key, "err", err)
 			}
 		}
@@ -387,7 +406,7 @@ func (s *scheduler) release(ctx context.Context, w *waiting, node string) error 
 	if err != nil {
 		return fmt.Errorf("publish scene %s to node %s: %w", item.MsgID(), node, err)
 	}
-	if err := s.queue.DeleteMsg(ctx, w.seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+	if err := s.queue.DeleteMsg(ctx, w.seq); err != nil && !fleet.NoMessage(err) {
 		return fmt.Errorf("remove scene %s from the queue: %w", item.MsgID(), err)
 	}
 	delete(s.waiting, w.seq)
@@ -473,10 +492,11 @@ func (s *scheduler) silent(n *nodeState, now time.Time) bool {
 	return now.Sub(n.heartbeat) > s.settings.AckWait
 }
 
-// rescueLost puts back in the queue the scenes placed on nodes that are gone:
-// removed from the registry, silent for longer than AckWait, or reported offline
-// twice in a row. A drained node keeps the scenes it was delivered but
-// gives back those still waiting in the stream.
+// rescueLost puts back in the queue the scenes placed on nodes that are gone: all
+// of them when the node's executor is silent for longer than AckWait or reports
+// the node offline twice in a row; those its executor has not taken yet when the
+// node is drained or removed from the registry (the executor finishes the scenes it
+// runs and gives back the others itself).
 func (s *scheduler) rescueLost(ctx context.Context) {
 	if !s.registryReady {
 		return
@@ -486,12 +506,12 @@ func (s *scheduler) rescueLost(ctx context.Context) {
 		if len(n.held) == 0 {
 			continue
 		}
-		gone := n.cfg == nil || n.status == nil && now.Sub(s.started(n)) > s.settings.NodeTTL ||
-			n.status != nil && s.silent(n, now) || n.offlineFor >= 2
+		dead := n.status == nil && now.Sub(s.started(n)) > s.settings.NodeTTL ||
+			n.status != nil && (s.silent(n, now) || n.offlineFor >= 2)
 		switch {
-		case gone:
+		case dead:
 			s.rescue(ctx, id, n, 0)
-		case n.cfg.Drained:
+		case n.cfg == nil || n.cfg.Drained:
 			s.rescueUndelivered(ctx, id, n)
 		}
 	}
@@ -540,7 +560,7 @@ func (s *scheduler) rescue(ctx context.Context, id string, n *nodeState, after u
 			s.log.Warn("give back a scene of a lost node", "node", id, "scene", item.MsgID(), "err", err)
 			return
 		}
-		if err := s.work.DeleteMsg(ctx, f.seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		if err := s.work.DeleteMsg(ctx, f.seq); err != nil && !fleet.NoMessage(err) {
 			s.log.Warn("remove a given-back scene", "node", id, "scene", item.MsgID(), "err", err)
 		}
 		delete(n.held, f.item.MsgID())
@@ -549,8 +569,8 @@ func (s *scheduler) rescue(ctx context.Context, id string, n *nodeState, after u
 	if after == 0 {
 		n.held = map[string]*held{}
 	}
-	if n.cfg == nil {
-		// A removed node's executor stops serving it; its consumer goes too.
+	if n.cfg == nil && after == 0 {
+		// A removed node's executor has stopped serving it; its consumer goes too.
 		if err := s.js.DeleteConsumer(ctx, fleet.StreamWork, fleet.WorkConsumerName(id)); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 			s.log.Debug("remove the consumer of a removed node", "node", id, "err", err)
 		}

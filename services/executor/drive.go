@@ -8,6 +8,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -69,11 +70,16 @@ func (e *executor) drive(ctx context.Context) {
 			d := nodes[id]
 			if entry.Operation() != jetstream.KeyValuePut {
 				if d != nil {
-					e.log.Info("node removed from the registry: handing its scenes back", "node", id)
-					d.node.handBack(true)
-					d.stop()
-					<-d.done
+					e.log.Info("node removed from the registry: it finishes the scenes it runs and hands back the others", "node", id)
+					d.node.retire()
 					delete(nodes, id)
+					wg.Go(func() {
+						for d.node.holding() > 0 && ctx.Err() == nil {
+							pause(ctx, 50*time.Millisecond)
+						}
+						d.stop()
+						<-d.done
+					})
 				}
 				continue
 			}

@@ -233,7 +233,7 @@ func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) 
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for ctx.Err() == nil {
-		if !n.waitHealthy(ctx) {
+		if !n.waitHealthy(ctx) || n.isRetired() {
 			return
 		}
 		select {

@@ -27,6 +27,8 @@ type node struct {
 	up, down chan struct{}
 	// drained is the registry's word: scenes not started yet go back to the queue.
 	drained bool
+	// retired is set once the node left the registry: it takes no more scenes.
+	retired bool
 	// runs are the scenes the node holds, by run name.
 	runs map[string]*nodeRun
 	// model is the checkpoint of the scene that started last.
@@ -172,6 +174,28 @@ func (n *node) setDrained(drained bool) {
 	if drained {
 		n.handBackLocked(false)
 	}
+}
+
+// retire stops the node taking scenes and hands back those not started; those
+// running finish.
+func (n *node) retire() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.retired, n.drained = true, true
+	n.handBackLocked(false)
+}
+
+func (n *node) isRetired() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.retired
+}
+
+// holding reports how many scenes the node holds.
+func (n *node) holding() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.runs)
 }
 
 // handBack ends the attempts of the scenes the node holds, all of them or only those
