@@ -179,11 +179,6 @@ func candidates(w *waiting, nodes []*nodeView) []*nodeView {
 // the node's time stays reserved for it, so that a later scene does not take its
 // place.
 func (p *planner) fastestFinish(now time.Time, queue []*waiting, nodes []*nodeView) []placement {
-	type future struct {
-		free  int
-		until time.Time
-		model string
-	}
 	fut := make(map[*nodeView]*future, len(nodes))
 	for _, n := range nodes {
 		f := &future{free: fleet.NodeSlots - len(n.held), until: now, model: n.model}
@@ -200,7 +195,7 @@ func (p *planner) fastestFinish(now time.Time, queue []*waiting, nodes []*nodeVi
 		fut[n] = f
 	}
 	var out []placement
-	for _, w := range queue {
+	for _, w := range preferResident(queue, nodes, fut) {
 		if w.item.NotBefore.After(now) {
 			continue
 		}
@@ -226,6 +221,40 @@ func (p *planner) fastestFinish(now time.Time, queue []*waiting, nodes []*nodeVi
 			out = append(out, placement{w, best})
 		}
 	}
+	return out
+}
+
+// future is a node's state at the end of what the plan gave it so far.
+type future struct {
+	free  int
+	until time.Time
+	model string
+}
+
+// preferResident moves forward, within each priority, the scenes whose checkpoint a
+// usable node will have loaded: they run without a load, and the scenes of other
+// checkpoints then go, grouped, to the nodes that switch.
+func preferResident(queue []*waiting, nodes []*nodeView, fut map[*nodeView]*future) []*waiting {
+	loaded := map[string]bool{}
+	for _, n := range nodes {
+		if n.usable {
+			loaded[fut[n].model] = true
+		}
+	}
+	out := slices.Clone(queue)
+	slices.SortStableFunc(out, func(a, b *waiting) int {
+		if c := cmp.Compare(b.item.Priority, a.item.Priority); c != 0 {
+			return c
+		}
+		ra, rb := a.model == "" || loaded[a.model], b.model == "" || loaded[b.model]
+		switch {
+		case ra && !rb:
+			return -1
+		case rb && !ra:
+			return 1
+		}
+		return 0
+	})
 	return out
 }
 

@@ -41,6 +41,8 @@ type scheduler struct {
 	// registryReady is set once the registry's entries have all been read: until
 	// then a node missing from it may only not be read yet.
 	registryReady bool
+	// arrived is set when scenes came into the queue since the last plan.
+	arrived bool
 	// finished remembers scene runs that ended recently, so that a scan of the work
 	// stream racing their acknowledgement does not count them as held again.
 	finished map[string]time.Time
@@ -72,6 +74,13 @@ func newScheduler(log *slog.Logger, nc *nats.Conn, js jetstream.JetStream, setti
 		finished: map[string]time.Time{},
 	}
 }
+
+// burstQuiet is how long the queue must stay quiet before the scheduler plans
+// scenes that just arrived, and burstWait the longest it waits for that.
+const (
+	burstQuiet = 10 * time.Millisecond
+	burstWait  = 100 * time.Millisecond
+)
 
 // post hands f to the loop, which runs it and plans again.
 func (s *scheduler) post(f func()) {
@@ -135,6 +144,12 @@ func (s *scheduler) run(ctx context.Context) error {
 	defer tick.Stop()
 	backoff := time.NewTimer(time.Hour)
 	defer backoff.Stop()
+	// The scenes of a job arrive one by one, a few milliseconds apart; planning
+	// waits until they stop arriving (at most burstWait), so that it sees the
+	// whole batch.
+	burst := time.NewTimer(time.Hour)
+	defer burst.Stop()
+	var burstStart time.Time
 	lastScan := time.Now()
 	for {
 		select {
@@ -150,6 +165,8 @@ func (s *scheduler) run(ctx context.Context) error {
 				s.registryChanged(e)
 			}
 		case <-s.wake:
+		case <-burst.C:
+			burstStart = time.Time{}
 		case <-backoff.C:
 		case <-tick.C:
 			if time.Since(lastScan) >= 2*time.Second {
@@ -161,6 +178,20 @@ func (s *scheduler) run(ctx context.Context) error {
 			s.rescueLost(ctx)
 		}
 		s.drain()
+		if s.arrived {
+			s.arrived = false
+			if burstStart.IsZero() {
+				burstStart = time.Now()
+			}
+			if wait := min(burstQuiet, time.Until(burstStart.Add(burstWait))); wait > 0 {
+				burst.Reset(wait)
+				continue
+			}
+		}
+		if !burstStart.IsZero() && time.Since(burstStart) < burstWait {
+			continue
+		}
+		burstStart = time.Time{}
 		s.place(ctx)
 		if next := s.nextNotBefore(); !next.IsZero() {
 			backoff.Reset(time.Until(next))
@@ -212,6 +243,7 @@ func (s *scheduler) enqueue(msg jetstream.Msg) {
 			delete(n.held, item.MsgID())
 		}
 		s.waiting[w.seq] = w
+		s.arrived = true
 	})
 }
 
