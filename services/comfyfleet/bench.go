@@ -71,7 +71,7 @@ func benchFailover(ctx context.Context, rounds int, settings fleet.Settings, std
 		{Name: "gpu-a", StepDuration: 20 * time.Millisecond},
 		{Name: "gpu-b", StepDuration: 20 * time.Millisecond},
 	}
-	s, err := stack.Start(ctx, stack.Config{DataDir: dir, NATSPort: -1, HTTPAddr: "127.0.0.1:0", Sims: sims,
+	s, err := stack.Start(ctx, stack.Config{DataDir: dir, NATSPort: -1, HTTPAddr: "127.0.0.1:0", Sims: sims, Open: true,
 		Settings: settings, NoExecutor: true, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return err
