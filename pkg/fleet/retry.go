@@ -22,3 +22,13 @@ func Retry(ctx context.Context, log *slog.Logger, what string, f func(context.Co
 			log.Warn(what+" failed; retrying", "in", next.Round(time.Millisecond), "err", err)
 		})
 }
+
+// Pause waits d or until ctx is done.
+func Pause(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}

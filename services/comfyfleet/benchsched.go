@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -380,12 +381,10 @@ func (b *schedRun) runJob(ctx context.Context, scenes []schedbench.Scene, killAf
 }
 
 func (b *schedRun) status(ctx context.Context, id string) (string, error) {
-	req, err := newJSONRequest(ctx, b.api+"/v1/jobs/"+id, "")
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.api+"/v1/jobs/"+id, nil)
 	if err != nil {
 		return "", err
 	}
-	req.Method = "GET"
-	req.Body = nil
 	resp, err := benchClient.Do(req)
 	if err != nil {
 		return "", fmt.Errorf("job %s: %w", id, err)

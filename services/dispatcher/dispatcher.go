@@ -94,7 +94,7 @@ func run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("dispatcher: %w", err)
 	}
 	d.pub = fleet.NewPublisher(d.js, source)
-	d.sched = newScheduler(d.log, cfg.Conn, d.js, cfg.Settings, cfg.Policy, cfg.ModelLoadPenalty)
+	d.sched = newScheduler(d.log, cfg.Conn, d.js, d.pub, cfg.Settings, cfg.Policy, cfg.ModelLoadPenalty)
 	d.sched.onPlaced = cfg.OnPlaced
 	if d.deadLetters, err = otel.Meter("comfyfleet/dispatcher").Int64Counter("comfyfleet.scene.dead_letters",
 		metric.WithDescription("Scenes failed because every delivery went unacknowledged.")); err != nil {
@@ -163,19 +163,9 @@ func (d *dispatcher) schedule(ctx context.Context) error {
 			return nil
 		}
 		d.log.Warn("scheduler stopped; starting it again", "err", err)
-		pause(ctx, time.Second)
+		fleet.Pause(ctx, time.Second)
 	}
 	return nil
-}
-
-// pause waits d or until ctx is done.
-func pause(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
 }
 
 // route queues an accepted scene in its pool's queue.

@@ -61,8 +61,6 @@ type waiting struct {
 	header nats.Header
 }
 
-func (w *waiting) workflow() string { return workflowKey(w.item.Workflow) }
-
 // workflowKey names the workflow whose durations a scene shares: its template, or
 // "graph" for a raw graph.
 func workflowKey(name string) string {

@@ -1,6 +1,7 @@
 package dispatcher
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,6 +24,7 @@ type scheduler struct {
 	log      *slog.Logger
 	nc       *nats.Conn
 	js       jetstream.JetStream
+	pub      *fleet.Publisher
 	queue    jetstream.Stream
 	work     jetstream.Stream
 	settings fleet.Settings
@@ -60,11 +62,12 @@ type nodeState struct {
 	speed *speedModel
 }
 
-func newScheduler(log *slog.Logger, nc *nats.Conn, js jetstream.JetStream, settings fleet.Settings, policy Policy, loadPenalty time.Duration) *scheduler {
+func newScheduler(log *slog.Logger, nc *nats.Conn, js jetstream.JetStream, pub *fleet.Publisher, settings fleet.Settings, policy Policy, loadPenalty time.Duration) *scheduler {
 	return &scheduler{
 		log:      log,
 		nc:       nc,
 		js:       js,
+		pub:      pub,
 		settings: settings,
 		planner:  planner{policy: policy, loadPenalty: loadPenalty},
 		wake:     make(chan struct{}, 1),
@@ -354,37 +357,13 @@ func (s *scheduler) views(now time.Time) ([]*nodeView, map[string]int) {
 			tenants[h.item.Tenant]++
 		}
 		slices.SortFunc(v.held, func(a, b *held) int {
-			switch {
-			case a.startedAt.IsZero() != b.startedAt.IsZero():
-				if a.startedAt.IsZero() {
-					return 1
-				}
-				return -1
-			}
-			return cmpSeq(a.seq, b.seq)
+			// Running first, then waiting, each in placement order.
+			return cmp.Or(cmp.Compare(boolInt(a.startedAt.IsZero()), boolInt(b.startedAt.IsZero())), cmp.Compare(a.seq, b.seq))
 		})
 		views = append(views, v)
 	}
-	slices.SortFunc(views, func(a, b *nodeView) int {
-		if a.id < b.id {
-			return -1
-		}
-		if a.id > b.id {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(views, func(a, b *nodeView) int { return cmp.Compare(a.id, b.id) })
 	return views, tenants
-}
-
-func cmpSeq(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // usable reports whether n may get a new scene.
@@ -588,7 +567,7 @@ func (s *scheduler) rescue(ctx context.Context, id string, n *nodeState, after u
 		}
 		item := f.item.Requeue(attempted)
 		item.Avoid = id
-		if err := publishJSON(ctx, s.js, fleet.QueueSubject(item.Pool), item.PlacementID(), item); err != nil {
+		if err := s.pub.JSON(ctx, fleet.QueueSubject(item.Pool), item.PlacementID(), item); err != nil {
 			s.log.Warn("give back a scene of a lost node", "node", id, "scene", item.MsgID(), "err", err)
 			return
 		}
@@ -609,13 +588,9 @@ func (s *scheduler) rescue(ctx context.Context, id string, n *nodeState, after u
 	}
 }
 
-func publishJSON(ctx context.Context, js jetstream.JetStream, subject, msgID string, v any) error {
-	data, err := json.Marshal(v)
-	if err != nil {
-		return fmt.Errorf("encode message for %s: %w", subject, err)
+func boolInt(b bool) int {
+	if b {
+		return 1
 	}
-	if _, err := js.Publish(ctx, subject, data, jetstream.WithMsgID(msgID)); err != nil {
-		return fmt.Errorf("publish %s: %w", subject, err)
-	}
-	return nil
+	return 0
 }

@@ -23,7 +23,6 @@ func (e *timeoutError) Error() string { return fmt.Sprintf("timed out after %gs"
 // dead, when the scene's timeout passes, or when the scene is cancelled; the cause
 // tells which. Call the returned function once the attempt is over.
 func (e *executor) watch(ctx context.Context, cancel context.CancelCauseFunc, n *node, item fleet.WorkItem) (stop func()) {
-	remove := e.attempts.add(sceneRun{item.JobID, item.Index, item.Retry}, n.cfg.ID, cancel)
 	var timer *time.Timer
 	if item.Timeout > 0 {
 		timer = time.AfterFunc(item.Timeout, func() { cancel(&timeoutError{after: item.Timeout}) })
@@ -38,7 +37,6 @@ func (e *executor) watch(ctx context.Context, cancel context.CancelCauseFunc, n 
 		}
 	})
 	return func() {
-		remove()
 		if timer != nil {
 			timer.Stop()
 		}

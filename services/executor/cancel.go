@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -14,68 +13,24 @@ import (
 // errCancelled ends an attempt whose scene was cancelled through the API.
 var errCancelled = errors.New("scene cancelled")
 
-// sceneRun names one run of a scene: its first, or one started by hand after it
-// failed.
-type sceneRun struct {
-	job   string
-	index int
-	retry int
-}
-
-// attempts maps the scenes running on this executor's nodes to the cancel functions
-// of their attempts, so that a cancelled event can stop them.
-type attempts struct {
-	mu      sync.Mutex
-	running map[sceneRun]map[string]context.CancelCauseFunc // by node
-}
-
-// add registers the attempt of r on node until the returned function is called.
-func (a *attempts) add(r sceneRun, node string, cancel context.CancelCauseFunc) (remove func()) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.running == nil {
-		a.running = map[sceneRun]map[string]context.CancelCauseFunc{}
-	}
-	if a.running[r] == nil {
-		a.running[r] = map[string]context.CancelCauseFunc{}
-	}
-	a.running[r][node] = cancel
-	return func() {
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		delete(a.running[r], node)
-		if len(a.running[r]) == 0 {
-			delete(a.running, r)
+// cancelJob ends every attempt of the scenes of job on this executor's nodes with
+// errCancelled, deleting first their prompts still queued inside ComfyUI, so that
+// interrupting a running one does not start them; it reports how many it ended.
+func (e *executor) cancelJob(ctx context.Context, job string) int {
+	ended := 0
+	for _, n := range e.live.all() {
+		if ids := n.queuedPrompts(job); len(ids) > 0 {
+			ctx, cancel := context.WithTimeout(ctx, e.cfg.HeartbeatInterval)
+			if err := n.client.DeleteQueued(ctx, ids...); err != nil {
+				e.log.Warn("delete cancelled prompts from the queue", "node", n.cfg.ID, "err", err)
+			}
+			cancel()
 		}
 	}
-}
-
-// cancelJob ends every running attempt of the scenes of job with errCancelled and
-// reports how many.
-func (a *attempts) cancelJob(job string) int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	n := 0
-	for r, byNode := range a.running {
-		if r.job != job {
-			continue
-		}
-		for _, cancel := range byNode {
-			cancel(errCancelled)
-			n++
-		}
+	for _, n := range e.live.all() {
+		ended += n.cancelJob(job)
 	}
-	return n
-}
-
-// cancel ends every running attempt of r with errCancelled and reports how many.
-func (a *attempts) cancel(r sceneRun) int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for _, cancel := range a.running[r] {
-		cancel(errCancelled)
-	}
-	return len(a.running[r])
+	return ended
 }
 
 // followCancels listens to the cancelled events of every scene from now on and ends
@@ -100,10 +55,8 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 			e.log.Warn("drop undecodable cancelled event", "subject", msg.Subject(), "err", err)
 			return
 		}
-		// A job is cancelled as a whole. Its prompts waiting inside ComfyUI go first,
-		// so that interrupting the running one does not start them.
-		e.dropQueued(ctx, ev.JobID)
-		if n := e.attempts.cancelJob(ev.JobID); n > 0 {
+		// A job is cancelled as a whole.
+		if n := e.cancelJob(ctx, ev.JobID); n > 0 {
 			e.log.Info("job cancelled; interrupting its scenes", "job", ev.JobID, "attempts", n)
 		}
 	})

@@ -59,7 +59,7 @@ func (e *executor) drive(ctx context.Context) {
 		watch, err := e.registry.WatchAll(ctx)
 		if err != nil {
 			e.log.Warn("watch the registry", "err", err)
-			pause(ctx, e.cfg.HeartbeatInterval)
+			fleet.Pause(ctx, e.cfg.HeartbeatInterval)
 			continue
 		}
 		for entry := range watch.Updates() {
@@ -75,7 +75,7 @@ func (e *executor) drive(ctx context.Context) {
 					delete(nodes, id)
 					wg.Go(func() {
 						for d.node.holding() > 0 && ctx.Err() == nil {
-							pause(ctx, 50*time.Millisecond)
+							fleet.Pause(ctx, 50*time.Millisecond)
 						}
 						d.stop()
 						<-d.done
@@ -108,7 +108,7 @@ func (e *executor) drive(ctx context.Context) {
 			}
 		}
 		watch.Stop()
-		pause(ctx, e.cfg.HeartbeatInterval)
+		fleet.Pause(ctx, e.cfg.HeartbeatInterval)
 	}
 }
 
@@ -156,19 +156,6 @@ func (l *liveNodes) all() []*node {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return slices.Collect(maps.Values(l.nodes))
-}
-
-// dropQueued deletes from ComfyUI's queues the prompts of job that have not started.
-func (e *executor) dropQueued(ctx context.Context, job string) {
-	for _, n := range e.live.all() {
-		if ids := n.queuedPrompts(job); len(ids) > 0 {
-			ctx, cancel := context.WithTimeout(ctx, e.cfg.HeartbeatInterval)
-			if err := n.client.DeleteQueued(ctx, ids...); err != nil {
-				e.log.Warn("delete cancelled prompts from the queue", "node", n.cfg.ID, "err", err)
-			}
-			cancel()
-		}
-	}
 }
 
 // runNode probes and reports n, and runs its scenes, until ctx is done.

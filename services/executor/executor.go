@@ -130,7 +130,6 @@ type executor struct {
 	js        jetstream.JetStream
 	registry  jetstream.KeyValue
 	events    jetstream.Stream
-	attempts  attempts
 	live      liveNodes
 	metrics   metrics
 }
@@ -245,7 +244,7 @@ func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) 
 		if err != nil {
 			<-slots
 			e.log.Warn("fetch work", "node", n.cfg.ID, "err", err)
-			pause(ctx, time.Second)
+			fleet.Pause(ctx, time.Second)
 			continue
 		}
 		got := false
@@ -259,15 +258,5 @@ func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) 
 		if !got {
 			<-slots
 		}
-	}
-}
-
-// pause waits d or until ctx is done.
-func pause(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
 	}
 }

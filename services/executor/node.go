@@ -172,7 +172,7 @@ func (n *node) setDrained(drained bool) {
 	defer n.mu.Unlock()
 	n.drained = drained
 	if drained {
-		n.handBackLocked(false)
+		n.handBackWaitingLocked()
 	}
 }
 
@@ -182,7 +182,7 @@ func (n *node) retire() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.retired, n.drained = true, true
-	n.handBackLocked(false)
+	n.handBackWaitingLocked()
 }
 
 func (n *node) isRetired() bool {
@@ -198,17 +198,26 @@ func (n *node) holding() int {
 	return len(n.runs)
 }
 
-// handBack ends the attempts of the scenes the node holds, all of them or only those
-// not started, so that they go back to the queue.
-func (n *node) handBack(all bool) {
+// cancelJob ends the attempts of the scenes of job the node holds with
+// errCancelled and reports how many.
+func (n *node) cancelJob(job string) int {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	n.handBackLocked(all)
+	ended := 0
+	for _, r := range n.runs {
+		if r.job == job {
+			r.cancel(errCancelled)
+			ended++
+		}
+	}
+	return ended
 }
 
-func (n *node) handBackLocked(all bool) {
+// handBackWaitingLocked ends the attempts of the scenes the node holds that ComfyUI
+// has not started, so that they go back to the queue.
+func (n *node) handBackWaitingLocked() {
 	for _, r := range n.runs {
-		if all || r.started.IsZero() {
+		if r.started.IsZero() {
 			r.cancel(errHandBack)
 		}
 	}

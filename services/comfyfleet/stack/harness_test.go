@@ -24,6 +24,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/notifier"
 )
@@ -72,6 +73,12 @@ type bundle struct {
 // startStack runs a whole fleet on random ports for one test.
 func startStack(t *testing.T, sims []comfysim.Config) *bundle {
 	t.Helper()
+	return startStackWith(t, sims, dispatcher.Config{})
+}
+
+// startStackWith is startStack with the dispatcher tuned by ds.
+func startStackWith(t *testing.T, sims []comfysim.Config, ds dispatcher.Config) *bundle {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	s, err := stack.Start(ctx, stack.Config{
 		DataDir:       t.TempDir(),
@@ -81,6 +88,7 @@ func startStack(t *testing.T, sims []comfysim.Config) *bundle {
 		CallbackAllow: loopback,
 		Sims:          sims,
 		Settings:      testSettings(),
+		Dispatcher:    ds,
 		Executor:      executor.Config{HeartbeatInterval: 200 * time.Millisecond},
 		Notifier:      notifier.Config{WebhookBackoff: 50 * time.Millisecond},
 		Logger:        testLogger(t),

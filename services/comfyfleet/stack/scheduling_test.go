@@ -19,51 +19,8 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
-	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
-	"github.com/comfyfleet/comfyfleet/services/executor"
-	"github.com/comfyfleet/comfyfleet/services/notifier"
 )
-
-// startSchedStack runs a whole fleet as startStack does, with a dispatcher that
-// reports its placements to onPlaced (if not nil).
-func startSchedStack(t *testing.T, sims []comfysim.Config, onPlaced func(node string, item fleet.WorkItem)) *bundle {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	s, err := stack.Start(ctx, stack.Config{
-		DataDir:       t.TempDir(),
-		NATSPort:      -1,
-		HTTPAddr:      "127.0.0.1:0",
-		Open:          true,
-		CallbackAllow: loopback,
-		Sims:          sims,
-		Settings:      testSettings(),
-		Dispatcher:    dispatcher.Config{OnPlaced: onPlaced},
-		Executor:      executor.Config{HeartbeatInterval: 200 * time.Millisecond},
-		Notifier:      notifier.Config{WebhookBackoff: 50 * time.Millisecond},
-		Logger:        testLogger(t),
-	})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		if err := s.Wait(); err != nil {
-			t.Errorf("stack stopped with: %v", err)
-		}
-	})
-	nc, err := nats.Connect(s.NATS.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &bundle{stack: s, js: js, nc: nc, hooks: newHookReceiver(t)}
-}
 
 // sceneLog records every scene event published on the fleet, in the order received.
 type sceneLog struct {
@@ -228,11 +185,11 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 		pmu    sync.Mutex
 		placed []placement
 	)
-	b := startSchedStack(t, testSims(1), func(_ string, item fleet.WorkItem) {
+	b := startStackWith(t, testSims(1), dispatcher.Config{OnPlaced: func(_ string, item fleet.WorkItem) {
 		pmu.Lock()
 		placed = append(placed, placement{time.Now(), item})
 		pmu.Unlock()
-	})
+	}})
 	comfyUI := comfy.New(b.stack.Sims[0].URL(), comfy.WithHTTPClient(client))
 	log := followScenes(t, b.nc)
 	deadline := time.Now().Add(60 * time.Second)
@@ -347,7 +304,7 @@ func sceneKeys(evs []fleet.SceneEvent) []string {
 // the other node; undrained, the node takes work again.
 func TestDrainedNodeFinishesItsSceneAndTakesNoNewOne(t *testing.T) {
 	t.Parallel()
-	b := startSchedStack(t, testSims(1, 1), nil)
+	b := startStack(t, testSims(1, 1))
 	a := b.stack.Nodes[0].ID
 	simA := b.stack.Sims[0]
 	log := followScenes(t, b.nc)
@@ -427,7 +384,7 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { simC.Close() })
-	b := startSchedStack(t, testSims(1, 1), nil)
+	b := startStack(t, testSims(1, 1))
 	a, simA := b.stack.Nodes[0].ID, b.stack.Sims[0]
 	const added = "sim-new"
 	log := followScenes(t, b.nc)
@@ -520,7 +477,7 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 // next without waiting for the fleet.
 func TestBackloggedNodeIdleGapIsUnderFiveMilliseconds(t *testing.T) {
 	t.Parallel()
-	b := startSchedStack(t, testSims(1), nil)
+	b := startStack(t, testSims(1))
 	sim := b.stack.Sims[0]
 	// Scenes of ~400ms: the next one has that long to reach ComfyUI, even on a
 	// 2-core machine busy with the rest of the suite.
