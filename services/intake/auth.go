@@ -114,7 +114,7 @@ func (in *intake) identify(ctx context.Context, authorization string) (principal
 
 // tenantJob returns the caller's job id; another tenant's job does not exist for it.
 func (in *intake) tenantJob(ctx context.Context, id string) (*fleet.Job, error) {
-	job, _, err := in.jobs.Get(ctx, id)
+	job, err := in.jobs.Get(ctx, id)
 	if errors.Is(err, fleet.ErrJobNotFound) || err == nil && job.Tenant != caller(ctx).Tenant {
 		return nil, huma.Error404NotFound("no job " + id)
 	}

@@ -50,7 +50,7 @@ type Config struct {
 	// PublicURL is the base URL clients reach the API at, used in Location headers and
 	// download links. Defaults to "http://" + the listener's address.
 	PublicURL string
-	// MaxScenes caps the scenes of one job. Defaults to 100.
+	// MaxScenes caps the scenes of one job. Defaults to 1000.
 	MaxScenes int
 	// Open serves without API keys, every caller acting as the admin of the default
 	// tenant: for a single user on loopback only. Defaults to false: every API call
@@ -87,7 +87,7 @@ func (c *Config) fill() error {
 		c.PublicURL = "http://" + c.Listener.Addr().String()
 	}
 	if c.MaxScenes == 0 {
-		c.MaxScenes = 100
+		c.MaxScenes = 1000
 	}
 	if c.CallbackGuard == nil {
 		c.CallbackGuard = callback.NewGuard()
@@ -109,6 +109,10 @@ func (c *Config) fill() error {
 	}
 	return nil
 }
+
+// publishWindow bounds the asynchronous publishes in flight, across requests: enough
+// for several jobs of the largest size at once.
+const publishWindow = 16384
 
 type intake struct {
 	cfg      Config
@@ -218,7 +222,7 @@ func spanName(_ string, r *http.Request) string {
 func open(ctx context.Context, cfg Config) (*intake, error) {
 	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn, done: ctx.Done()}
 	var err error
-	if in.js, err = jetstream.New(cfg.Conn); err != nil {
+	if in.js, err = jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(publishWindow)); err != nil {
 		return nil, fmt.Errorf("intake: jetstream: %w", err)
 	}
 	if err := fleet.Ensure(ctx, in.js, cfg.Settings); err != nil {
