@@ -257,7 +257,7 @@ func (in *instance) postPrompt(w http.ResponseWriter, r *http.Request, _ string)
 		writeJSON(w, http.StatusBadRequest, noPrompt)
 		return
 	}
-	g, err := parseGraph(promptRaw)
+	g, err := parseGraph(promptRaw, in.s.classes())
 	if err != nil {
 		in.log.Debug("comfysim: malformed prompt", "err", err)
 		writeServerError(w)
