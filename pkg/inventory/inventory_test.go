@@ -129,6 +129,7 @@ func TestInventoryOfTheSimulator(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("inventory of the simulator (%d classes, %d model lists): %d bytes of JSON", len(inv.Classes), len(inv.Models), len(b))
 	var back inventory.Inventory
 	if err := json.Unmarshal(b, &back); err != nil {
 		t.Fatal(err)
