@@ -337,8 +337,8 @@ func TestField(t *testing.T) {
 	lacks := fleetOf(t, comfysim.Config{Models: map[string][]string{"ckpt_name": {}}})[0].Lacks(inventory.Require(g))
 	var fields, rawFields []string
 	for _, m := range lacks {
-		fields = append(fields, inventory.Field(m, tpl))
-		rawFields = append(rawFields, inventory.Field(m, nil))
+		fields = append(fields, inventory.TemplateField(m, tpl))
+		rawFields = append(rawFields, inventory.GraphField(m))
 	}
 	if want := []string{"params.checkpoint", "workflow"}; !slices.Equal(fields, want) {
 		t.Errorf("template fields %v, want %v (%v)", fields, want, lacks)
@@ -346,7 +346,7 @@ func TestField(t *testing.T) {
 	if want := []string{"graph.1.inputs.ckpt_name", "graph.7.inputs.ckpt_name"}; !slices.Equal(rawFields, want) {
 		t.Errorf("raw graph fields %v, want %v", rawFields, want)
 	}
-	if got := inventory.Field(inventory.Missing{Class: "VHS_VideoCombine", Nodes: []string{"12"}}, nil); got != "graph.12.class_type" {
+	if got := inventory.GraphField(inventory.Missing{Class: "VHS_VideoCombine", Nodes: []string{"12"}}); got != "graph.12.class_type" {
 		t.Errorf("missing class field %s", got)
 	}
 }

@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-
-	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
 
 // UnrunnableError says that no node of a pool can run a graph.
@@ -75,21 +73,29 @@ func CheckPool(pool string, invs []*Inventory, req *Requirements) error {
 	return e
 }
 
-// Field is where a scene sets what m names, relative to the scene: for a scene of
-// template tpl, the parameter bound to the model's input ("params.checkpoint"), else
-// "workflow"; for a raw graph (tpl nil), "graph.<node>.inputs.<input>" or
-// "graph.<node>.class_type". The intake puts "body.scenes[i]." before it.
-func Field(m Missing, tpl *workflow.Template) string {
-	if tpl != nil {
-		if m.File != "" {
-			for _, node := range m.Nodes {
-				if p, ok := tpl.ParamAt(node, m.Input); ok {
-					return "params." + p
-				}
+// Params maps a graph input back to the template parameter bound to it;
+// *workflow.Template is one.
+type Params interface {
+	ParamAt(node, input string) (string, bool)
+}
+
+// TemplateField is where a scene of a template sets what m names, relative to the
+// scene: the parameter bound to the model's input ("params.checkpoint"), else
+// "workflow". The intake puts "body.scenes[i]." before it.
+func TemplateField(m Missing, tpl Params) string {
+	if m.File != "" {
+		for _, node := range m.Nodes {
+			if p, ok := tpl.ParamAt(node, m.Input); ok {
+				return "params." + p
 			}
 		}
-		return "workflow"
 	}
+	return "workflow"
+}
+
+// GraphField is where a scene with a raw graph names what m names, relative to the
+// scene: "graph.<node>.inputs.<input>", or "graph.<node>.class_type" for a class.
+func GraphField(m Missing) string {
 	node := ""
 	if len(m.Nodes) > 0 {
 		node = m.Nodes[0]

@@ -8,8 +8,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-
-	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
 // Requirements is what a graph needs of the node that runs it: its node classes and
@@ -36,10 +34,10 @@ type Model struct {
 	Nodes []string `json:"nodes"`
 }
 
-// Require computes what graph g needs: every class_type, and every literal input value
+// Require computes what graph g (a fleet.Graph) needs: every class_type, and every literal input value
 // that names a model file (IsModelFile). Malformed nodes are skipped: judging them is
 // workflow.ValidateGraph's work.
-func Require(g fleet.Graph) *Requirements {
+func Require(g map[string]any) *Requirements {
 	r := &Requirements{Classes: map[string][]string{}}
 	models := map[[3]string][]string{}
 	for _, id := range sortedIDs(g) {
@@ -80,7 +78,7 @@ func (r *Requirements) key() string {
 
 // sortedIDs orders node ids as numbers when both are, else as strings, so that "2"
 // comes before "10".
-func sortedIDs(g fleet.Graph) []string {
+func sortedIDs(g map[string]any) []string {
 	return slices.SortedFunc(maps.Keys(g), compareIDs)
 }
 
