@@ -2,10 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"strconv"
 	"strings"
@@ -97,12 +101,14 @@ func parseNode(v string) (fleet.NodeConfig, error) {
 // serviceFlags are the flags of a service that runs against an external NATS.
 type serviceFlags struct {
 	natsURL  string
+	pprof    string
 	settings settingsFlags
 	log      logFlags
 }
 
 func (s *serviceFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&s.natsURL, "nats", nats.DefaultURL, "NATS server URL(s), comma-separated")
+	fs.StringVar(&s.pprof, "pprof", "", "serve Go's pprof profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060 (default off)")
 	s.settings.register(fs)
 	s.log.register(fs)
 }
@@ -147,12 +153,47 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 		_ = shutdown(ctx)
 		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURLs(s.natsURL), err)
 	}
+	stopProfiles, err := serveProfiles(s.pprof, log)
+	if err != nil {
+		nc.Close()
+		_ = shutdown(ctx)
+		return nil, err
+	}
 	return &service{conn: nc, settings: settings, log: log, close: func() {
+		stopProfiles()
 		_ = nc.Drain()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = shutdown(ctx)
 	}}, nil
+}
+
+// serveProfiles serves net/http/pprof's profiles on addr until the returned function
+// is called; an empty addr serves nothing.
+func serveProfiles(addr string, log *slog.Logger) (stop func(), err error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--pprof %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Warn("serve profiles", "err", err)
+		}
+	}()
+	log.Info("serving pprof profiles", "addr", ln.Addr().String())
+	return func() { _ = srv.Close(); <-done }, nil
 }
 
 // allowFlag is --allow-callback: internal addresses that callbacks may reach.

@@ -53,6 +53,7 @@ func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
 	var sf serviceFlags
 	policy := fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
 	loadCost := fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
+	name := fs.String("name", "", "dispatcher name in logs, its lease and queue summaries (default host-pid)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -62,7 +63,7 @@ func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
 		return err
 	}
 	defer svc.close()
-	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log,
+	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log, Name: *name,
 		Policy: dispatcher.Policy(*policy), ModelLoadPenalty: *loadCost})
 }
 

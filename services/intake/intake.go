@@ -70,6 +70,10 @@ type Config struct {
 	// ShutdownTimeout bounds how long running requests may finish after ctx ends.
 	// Defaults to 10s.
 	ShutdownTimeout time.Duration
+	// AfterCommit, if set, is called once a job is committed and before this intake
+	// records it; an error it returns fails the request there, as if the intake had
+	// died at that point (tests).
+	AfterCommit func(job string) error
 	// Logger defaults to slog.Default.
 	Logger *slog.Logger
 }

@@ -280,6 +280,11 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 		// images under its id are that request's.
 		return in.replayCommitted(ctx, id, hash)
 	}
+	if in.cfg.AfterCommit != nil {
+		if err := in.cfg.AfterCommit(job.ID); err != nil {
+			return nil, false, huma.Error503ServiceUnavailable("stopped after committing the job", err)
+		}
+	}
 	// Recorded here too, so that the job can be read as soon as it is accepted; the
 	// router records it if this fails or the router was first.
 	if err := in.jobs.Create(ctx, job); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
