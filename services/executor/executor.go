@@ -6,7 +6,6 @@ package executor
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -128,7 +127,7 @@ type executor struct {
 	inputs    jetstream.ObjectStore
 	pub       *fleet.Publisher
 	js        jetstream.JetStream
-	registry  jetstream.KeyValue
+	registry  *fleet.Registry
 	nodes     jetstream.KeyValue
 	events    jetstream.Stream
 	payloads  jetstream.Stream
@@ -202,33 +201,20 @@ func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	if err := e.openInputs(ctx, js); err != nil {
 		return err
 	}
-	if e.registry, err = js.KeyValue(ctx, fleet.BucketRegistry); err != nil {
-		return fmt.Errorf("open registry: %w", err)
+	if e.registry, err = fleet.OpenRegistry(ctx, js); err != nil {
+		return err
 	}
 	for _, nc := range e.cfg.Nodes {
 		nc.Executor = e.cfg.Name
-		if err := register(ctx, e.registry, nc); err != nil {
-			return err
+		if _, _, err := e.registry.Change(ctx, nc.ID, func(cur *fleet.NodeConfig) (*fleet.NodeConfig, error) {
+			// A drain set through the API outlives the executor's restarts.
+			if cur != nil {
+				nc.Drained = cur.Drained
+			}
+			return &nc, nil
+		}); err != nil {
+			return fmt.Errorf("register node %s: %w", nc.ID, err)
 		}
-	}
-	return nil
-}
-
-// register records nc as the desired configuration of its node, keeping a drain
-// set through the API.
-func register(ctx context.Context, registry jetstream.KeyValue, nc fleet.NodeConfig) error {
-	if old, err := registry.Get(ctx, nc.ID); err == nil {
-		var prev fleet.NodeConfig
-		if json.Unmarshal(old.Value(), &prev) == nil {
-			nc.Drained = prev.Drained
-		}
-	}
-	b, err := json.Marshal(nc)
-	if err != nil {
-		return fmt.Errorf("encode node %s: %w", nc.ID, err)
-	}
-	if _, err := registry.Put(ctx, nc.ID, b); err != nil {
-		return fmt.Errorf("register node %s: %w", nc.ID, err)
 	}
 	return nil
 }

@@ -125,7 +125,7 @@ type intake struct {
 	js       jetstream.JetStream
 	jobs     *fleet.Jobs
 	nodes    jetstream.KeyValue
-	registry jetstream.KeyValue
+	registry *fleet.Registry
 	dead     jetstream.KeyValue
 	outputs  jetstream.ObjectStore
 	inputs   jetstream.ObjectStore
@@ -238,8 +238,8 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.nodes, err = in.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
 		return nil, fmt.Errorf("intake: open nodes bucket: %w", err)
 	}
-	if in.registry, err = in.js.KeyValue(ctx, fleet.BucketRegistry); err != nil {
-		return nil, fmt.Errorf("intake: open registry bucket: %w", err)
+	if in.registry, err = fleet.OpenRegistry(ctx, in.js); err != nil {
+		return nil, fmt.Errorf("intake: %w", err)
 	}
 	if in.dead, err = in.js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
 		return nil, fmt.Errorf("intake: open dead letters bucket: %w", err)
