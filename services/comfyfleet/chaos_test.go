@@ -187,7 +187,7 @@ func TestChaos(t *testing.T) {
 	receiver := httptest.NewServer(hooks)
 	defer receiver.Close()
 
-	f.start("intake", "intake", nil, append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--allow-callback", "127.0.0.1", "--rate", "1000"}, common...)...)
+	f.start("intake", "intake", nil, append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--allow-callback", "127.0.0.1", "--rate-submit", "0", "--rate-read", "0"}, common...)...)
 	f.start("dispatcher", "dispatcher", nil, append([]string{"dispatcher"}, common...)...)
 	f.start("notifier", "notifier", nil, append([]string{"notifier", "--public-url", apiURL, "--allow-callback", "127.0.0.1"}, common...)...)
 	for i := range 2 {

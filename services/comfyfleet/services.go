@@ -23,7 +23,8 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	httpAddr := fs.String("http", "127.0.0.1:8080", "API listen address")
 	publicURL := fs.String("public-url", "", "base URL clients reach the API at (default http://<--http>)")
 	maxScenes := fs.Int("max-scenes", 100, "most scenes in one job")
-	rateKey := fs.Float64("rate", 20, "requests a second allowed per API key (burst twice that)")
+	var rates rateFlags
+	rates.register(fs, false)
 	var allow allowFlag
 	allow.register(fs)
 	sf.register(fs)
@@ -43,9 +44,10 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
 	}
+	submitRate, readRate := rates.limits(false)
 	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
 		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: guard,
-		RatePerKey: *rateKey, RateBurst: int(2 * *rateKey), Logger: svc.log})
+		SubmitRate: submitRate, ReadRate: readRate, Logger: svc.log})
 }
 
 func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {

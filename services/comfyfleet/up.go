@@ -36,11 +36,13 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		comfy     listFlag
 		allow     = listFlag{"127.0.0.0/8", "::1"}
 		settings  settingsFlags
+		rates     rateFlags
 		logs      logFlags
 	)
 	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
 	fs.Var(&allow, "allow-callback", "internal addresses or CIDR prefixes that callback URLs may reach (repeatable; default loopback)")
 	settings.register(fs)
+	rates.register(fs, true)
 	logs.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -66,6 +68,7 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		HTTPAddr: *httpAddr, PublicURL: *publicURL, Open: open, CallbackAllow: allowed, Settings: st, Logger: log,
 		Executor: executor.Config{InputTimeout: *inputWait},
 	}
+	cfg.Intake.SubmitRate, cfg.Intake.ReadRate = rates.limits(open)
 	if cfg.Dispatcher.Policy, err = dispatcher.ParsePolicy(*policy); err != nil {
 		return fmt.Errorf("--policy: %w", err)
 	}
