@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -17,7 +16,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/workflows"
 )
 
-func runIntake(ctx context.Context, args []string, _ io.Writer) error {
+func runIntake(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("intake", flag.ContinueOnError)
 	var sf serviceFlags
 	httpAddr := fs.String("http", "127.0.0.1:8080", "API listen address")
@@ -35,7 +34,7 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "intake", os.Stderr)
+	svc, err := sf.start(ctx, "intake", stderr)
 	if err != nil {
 		return err
 	}
@@ -50,7 +49,7 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 		SubmitRate: submitRate, ReadRate: readRate, Logger: svc.log})
 }
 
-func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
+func runDispatcher(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("dispatcher", flag.ContinueOnError)
 	var sf serviceFlags
 	policy := fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
@@ -59,7 +58,7 @@ func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "dispatcher", os.Stderr)
+	svc, err := sf.start(ctx, "dispatcher", stderr)
 	if err != nil {
 		return err
 	}
@@ -68,7 +67,7 @@ func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
 		Policy: dispatcher.Policy(*policy), ModelLoadPenalty: *loadCost})
 }
 
-func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
+func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("executor", flag.ContinueOnError)
 	var (
 		sf    serviceFlags
@@ -96,7 +95,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "executor", os.Stderr)
+	svc, err := sf.start(ctx, "executor", stderr)
 	if err != nil {
 		return err
 	}
@@ -105,7 +104,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 
-func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
+func runNotifier(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("notifier", flag.ContinueOnError)
 	var sf serviceFlags
 	publicURL := fs.String("public-url", "http://127.0.0.1:8080", "the API's base URL, for output links in webhooks")
@@ -120,7 +119,7 @@ func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "notifier", os.Stderr)
+	svc, err := sf.start(ctx, "notifier", stderr)
 	if err != nil {
 		return err
 	}

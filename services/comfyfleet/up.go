@@ -18,7 +18,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
-func runUp(ctx context.Context, args []string, stdout io.Writer) error {
+func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("up", flag.ContinueOnError)
 	var (
 		dataDir   = fs.String("data", "./.comfyfleet", "directory of the embedded NATS file store")
@@ -47,7 +47,7 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	log, err := logs.logger(os.Stderr)
+	log, err := logs.logger(stderr)
 	if err != nil {
 		return err
 	}

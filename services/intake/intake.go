@@ -274,5 +274,6 @@ func newAPI(mux *http.ServeMux, in *intake) huma.API {
 	api := humago.New(mux, config)
 	api.UseMiddleware(in.authenticate(api))
 	in.addRoutes(api)
+	in.addAPIKeyRoutes(api)
 	return api
 }
