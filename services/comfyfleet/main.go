@@ -10,6 +10,9 @@
 //	comfyfleet nats          a NATS server with JetStream, for running the services apart
 //	comfyfleet bench NAME    a benchmark that prints a table (failover)
 //	comfyfleet apikey       create, list and revoke API keys, straight in NATS
+//	comfyfleet submit       submit a job through the API, follow it, download its outputs
+//	comfyfleet jobs         list, show, cancel, retry and follow jobs through the API
+//	comfyfleet nodes        list, add, drain, undrain and remove nodes through the API
 //
 // Every flag can also be set by an environment variable: COMFYFLEET_ and the flag's
 // name in upper case with '-' as '_' (COMFYFLEET_HTTP=0.0.0.0:8080). Flags win.
@@ -44,6 +47,9 @@ func commands() []command {
 		{"sim", "run one simulated ComfyUI node", runSim},
 		{"nats", "run a NATS server with JetStream (embedded nats-server) alone", runNATS},
 		{"bench", "run a benchmark and print its table: failover", runBench},
+		{"submit", "submit a job (-f job.json, or --workflow txt2img --param prompt=… --count 6); --wait follows it, --out DIR downloads its outputs", runSubmit},
+		{"jobs", "jobs list|get|cancel|retry|watch, through the API (--api, --key)", runJobs},
+		{"nodes", "nodes list|add|drain|undrain|rm, through the API (--api, --key)", runNodes},
 		{"apikey", "API keys, straight in NATS: apikey create --tenant NAME --role read|submit|admin, apikey list, apikey revoke ID", runAPIKey},
 	}
 }
@@ -54,6 +60,10 @@ func main() {
 	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		if !errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(os.Stderr, "comfyfleet:", err)
+		}
+		var coded interface{ ExitCode() int }
+		if errors.As(err, &coded) {
+			os.Exit(coded.ExitCode())
 		}
 		os.Exit(2)
 	}
