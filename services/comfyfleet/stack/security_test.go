@@ -49,12 +49,15 @@ type secureBundle struct {
 }
 
 // startSecureStack runs a fleet that needs API keys, allows each key rate reads and
-// rate submissions a second, and lets callbacks reach loopback (the receivers here)
-// and nothing else internal.
+// rate submissions a second (the defaults for 0), and lets callbacks reach loopback
+// (the receivers here) and nothing else internal.
 func startSecureStack(t *testing.T, rate float64) *secureBundle {
 	t.Helper()
 	logs := &lockedBuffer{}
-	limit := intake.RateLimit{PerSecond: rate, Burst: max(2, int(2*rate))}
+	var limit intake.RateLimit
+	if rate > 0 {
+		limit = intake.RateLimit{PerSecond: rate, Burst: max(2, int(2*rate))}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s, err := stack.Start(ctx, stack.Config{
 		DataDir: t.TempDir(), NATSPort: -1, HTTPAddr: "127.0.0.1:0",
