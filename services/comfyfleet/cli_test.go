@@ -208,7 +208,7 @@ func TestNodesCommands(t *testing.T) {
 		t.Error("after nodes drain sim-a, the registry does not have sim-a, and only sim-a, drained")
 	}
 	stdout, _, err := comfyfleet(t, "nodes", "list", api)
-	if err != nil || !regexp.MustCompile(`(?m)^sim-a\s+\S*drain`).MatchString(stdout) || !regexp.MustCompile(`(?m)^sim-b\s`).MatchString(stdout) {
+	if err != nil || !regexp.MustCompile(`(?m)^sim-a\s+[^\n]*drain`).MatchString(stdout) || !regexp.MustCompile(`(?m)^sim-b\s`).MatchString(stdout) {
 		t.Errorf("nodes list: %v\n%s", err, stdout)
 	}
 	if _, _, err := comfyfleet(t, "nodes", "undrain", "sim-a", api); err != nil || node("sim-a").Drained {
