@@ -23,7 +23,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
 )
 
-func runBench(ctx context.Context, args []string, stdout io.Writer) error {
+func runBench(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	if len(args) > 0 {
 		switch args[0] {
 		case "scheduling":

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -21,6 +22,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
+	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
 // settingsFlags are the delivery settings every service must agree on.
@@ -234,4 +236,54 @@ func redactURLs(urls string) string {
 		parts[i] = u.Redacted()
 	}
 	return strings.Join(parts, ",")
+}
+
+// rateFlags are the API's two budgets per API key: --rate-submit and --rate-read,
+// with their bursts.
+type rateFlags struct {
+	submit, read           rateFlag
+	submitBurst, readBurst int
+}
+
+// register adds the flags; offWhenOpen says, in their help, that an open API
+// (up on loopback) limits nothing unless they are given.
+func (r *rateFlags) register(fs *flag.FlagSet, offWhenOpen bool) {
+	r.submit.v, r.read.v = intake.DefaultSubmitRate.PerSecond, intake.DefaultReadRate.PerSecond
+	note := "; 0 turns the limit off"
+	if offWhenOpen {
+		note += "; unless given, an open API (no keys, loopback) limits nothing"
+	}
+	fs.Var(&r.submit, "rate-submit", "at most `n` job submissions and other changes (POST, PUT, DELETE) a second per API key"+note)
+	fs.IntVar(&r.submitBurst, "rate-submit-burst", 0, "at most `n` submissions and changes at once per API key (default twice --rate-submit)")
+	fs.Var(&r.read, "rate-read", "at most `n` reads (GET: jobs, events, outputs, nodes, …) a second per API key"+note)
+	fs.IntVar(&r.readBurst, "rate-read-burst", 0, "at most `n` reads at once per API key (default twice --rate-read)")
+}
+
+// limits returns the intake's budgets; on an open API, a rate not given is off.
+func (r *rateFlags) limits(open bool) (submit, read intake.RateLimit) {
+	return r.submit.limit(r.submitBurst, open), r.read.limit(r.readBurst, open)
+}
+
+// rateFlag is a rate a second that knows whether it was given.
+type rateFlag struct {
+	v   float64
+	set bool
+}
+
+func (f *rateFlag) String() string { return strconv.FormatFloat(f.v, 'g', -1, 64) }
+
+func (f *rateFlag) Set(s string) error {
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) {
+		return fmt.Errorf("%q is not a rate a second (a number, 0 for no limit)", s)
+	}
+	f.v, f.set = v, true
+	return nil
+}
+
+func (f rateFlag) limit(burst int, open bool) intake.RateLimit {
+	if f.v == 0 || open && !f.set {
+		return intake.RateLimit{PerSecond: intake.Unlimited}
+	}
+	return intake.RateLimit{PerSecond: f.v, Burst: burst}
 }

@@ -250,16 +250,12 @@ func (e *executor) store(ctx context.Context, n *node, item scene, outs []comfy.
 	ctx, span := tracer.Start(ctx, "store outputs", trace.WithAttributes(attribute.Int("comfyfleet.outputs", len(outs))))
 	defer span.End()
 	stored := make([]fleet.Output, 0, len(outs))
-	names := map[string]bool{}
+	names := newOutputNames(item.Index)
 	for _, o := range outs {
 		if o.File.Filename == "" {
 			continue
 		}
-		name := o.File.Filename
-		if names[name] {
-			name = fmt.Sprintf("%s_%s", o.NodeID, name)
-		}
-		names[name] = true
+		name := names.next(o.NodeID, o.File.Filename)
 		body, contentType, err := n.client.View(ctx, o.File)
 		if err != nil {
 			return nil, &fileError{err: fmt.Errorf("fetch output %s from node %s: %w", o.File.Filename, n.cfg.ID, err)}

@@ -21,8 +21,6 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/metric"
 
-	"golang.org/x/time/rate"
-
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
@@ -60,10 +58,12 @@ type Config struct {
 	// Defaults to a guard that refuses loopback, private, link-local and metadata
 	// addresses.
 	CallbackGuard *callback.Guard
-	// RatePerKey and RateBurst bound each API key's requests a second. Default to 20
-	// and 40.
-	RatePerKey float64
-	RateBurst  int
+	// SubmitRate bounds each API key's submissions and other changes (every call but
+	// GET and HEAD). Defaults to DefaultSubmitRate: 20 a second, bursts of 40.
+	SubmitRate RateLimit
+	// ReadRate bounds each API key's reads (GET and HEAD: jobs, events, outputs,
+	// nodes, workflows). Defaults to DefaultReadRate: 200 a second, bursts of 400.
+	ReadRate RateLimit
 	// MaxInputBytes caps the size of one input image sent in base64. Defaults to
 	// fleet.MaxInputBytes (20 MiB).
 	MaxInputBytes int
@@ -96,12 +96,8 @@ func (c *Config) fill() error {
 	if c.CallbackGuard == nil {
 		c.CallbackGuard = callback.NewGuard()
 	}
-	if c.RatePerKey == 0 {
-		c.RatePerKey = 20
-	}
-	if c.RateBurst == 0 {
-		c.RateBurst = 40
-	}
+	c.SubmitRate = c.SubmitRate.orDefault(DefaultSubmitRate)
+	c.ReadRate = c.ReadRate.orDefault(DefaultReadRate)
 	if c.MaxInputBytes == 0 {
 		c.MaxInputBytes = fleet.MaxInputBytes
 	}
@@ -133,7 +129,7 @@ type intake struct {
 	catalog  *workflow.Catalog
 	pub      *fleet.Publisher
 	keys     *tenancy.Store
-	limits   *limiters
+	limits   *rateLimits
 	accepted metric.Int64Counter
 	// done is closed when the intake stops; long-lived responses end then.
 	done <-chan struct{}
@@ -267,7 +263,7 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.keys, err = tenancy.Open(ctx, in.js); err != nil {
 		return nil, fmt.Errorf("intake: %w", err)
 	}
-	in.limits = &limiters{perSecond: cfg.RatePerKey, burst: cfg.RateBurst, byKey: map[string]*rate.Limiter{}}
+	in.limits = newRateLimits(cfg.SubmitRate, cfg.ReadRate)
 	if in.accepted, err = otel.Meter("comfyfleet/intake").Int64Counter("comfyfleet.scenes.accepted",
 		metric.WithDescription("Scenes accepted, by pool.")); err != nil {
 		return nil, fmt.Errorf("intake metrics: %w", err)
@@ -286,5 +282,6 @@ func newAPI(mux *http.ServeMux, in *intake) huma.API {
 	api := humago.New(mux, config)
 	api.UseMiddleware(in.authenticate(api))
 	in.addRoutes(api)
+	in.addAPIKeyRoutes(api)
 	return api
 }
