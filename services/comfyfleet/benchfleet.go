@@ -99,7 +99,7 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 		return nil, err
 	}
 	f.apiURL = fmt.Sprintf("http://127.0.0.1:%d", httpPort)
-	intake := append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--rate", "1e9", "--allow-callback", "127.0.0.1"}, f.common...)
+	intake := append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--rate-submit", "0", "--rate-read", "0", "--allow-callback", "127.0.0.1"}, f.common...)
 	if _, err := f.startService("intake", o.Profile, intake...); err != nil {
 		return nil, err
 	}

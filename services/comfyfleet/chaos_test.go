@@ -74,7 +74,7 @@ func (f *chaosFleet) kill(name string) func() {
 	f.retired = append(f.retired, cp.p)
 	f.mu.Unlock()
 	_ = cp.p.cmd.Process.Kill()
-	<-cp.p.done
+	<-cp.p.exited
 	return func() {
 		p := startProc(f.t, f.bin, name, cp.args...)
 		f.mu.Lock()
