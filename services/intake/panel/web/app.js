@@ -62,9 +62,10 @@ function showStatus() {
 }
 setInterval(showStatus, 1000);
 
+const jobsPart = { every: 2000, run: () => jobs.tick() };
 const parts = [
   { every: 2000, run: () => nodes.refresh() },
-  { every: 2000, run: () => jobs.tick() },
+  jobsPart,
   { every: 3000, run: () => queues.refresh() },
   { every: 4000, run: () => jobs.refreshList() },
   { every: 10000, run: () => dead.refresh() },
@@ -74,6 +75,17 @@ for (const p of parts) {
   p.due = 0;
   p.busy = false;
 }
+let redraw = 0;
+jobs.changed = () => {
+  if (!redraw) redraw = requestAnimationFrame(() => {
+    redraw = 0;
+    nodes.render();
+  });
+};
+jobs.wake = () => {
+  jobsPart.due = 0;
+  queueMicrotask(tick);
+};
 
 async function runPart(p) {
   if (p.busy) return;

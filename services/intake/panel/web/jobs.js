@@ -17,6 +17,10 @@ export class Jobs {
    */
   constructor(root, report) {
     this.report = report;
+    /** Asks for a refresh of the jobs soon: set by the page. */
+    this.wake = () => {};
+    /** Called when what the page knows of a job changed: set by the page. */
+    this.changed = () => {};
     /** id → {id, summary, detail, source, expanded, stream, retryAt, refetch} */
     this.jobs = new Map();
     this.cards = new Map();
@@ -73,9 +77,10 @@ export class Jobs {
 
   /** Adds a job the panel came across (on a node, in the dead letters). */
   discover(id, source) {
-    const known = this.jobs.has(id);
+    if (this.jobs.has(id)) return;
     this.entry(id, source);
-    if (!known) this.render();
+    this.render();
+    this.wake();
   }
 
   /** Takes a job as an action answered it (a retry, say). */
@@ -243,9 +248,23 @@ export class Jobs {
     return j.expanded ?? this.live(j);
   }
 
-  /** Progress of a scene as the page knows it, for the node that runs it. */
+  /** A scene as the page knows it, null if it does not. */
   scene(jobID, index) {
     return this.jobs.get(jobID)?.detail?.scenes?.[index] || null;
+  }
+
+  /**
+   * The scene the page last saw running on node, from the job streams it follows:
+   * {job, index, scene}, or null.
+   */
+  runningOn(node) {
+    for (const j of this.jobs.values()) {
+      if (!j.stream) continue;
+      const scenes = j.detail?.scenes || [];
+      const i = scenes.findIndex((s) => s.status === "running" && s.node === node && s.progress);
+      if (i >= 0) return { job: j.id, index: i, scene: scenes[i] };
+    }
+    return null;
   }
 
   /** Every finished scene the page has loaded: {t, duration, ok}, t in seconds. */
@@ -309,6 +328,7 @@ export class Jobs {
 
   /** Builds or updates the card of job j. */
   renderJob(j) {
+    this.changed();
     let card = this.cards.get(j.id);
     if (!card) {
       card = this.newCard(j);
@@ -316,6 +336,8 @@ export class Jobs {
     }
     const c = card.parts;
     const status = this.status(j);
+    // A job seen running stays open once it ends, with its outputs.
+    if (j.expanded === null && j.detail && this.live(j)) j.expanded = true;
     const d = j.detail;
     const n = d ? d.scenes.length : j.summary?.scenes || 0;
     const done = d ? d.scenes.filter((s) => terminal.has(s.status)).length : (j.summary?.succeeded || 0) + (j.summary?.failed || 0) + (j.summary?.cancelled || 0);

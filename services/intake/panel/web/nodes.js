@@ -133,10 +133,17 @@ export class Nodes {
     if (p.status.dataset.status !== hl.status) fill(p.status, badge(hl.status)).dataset.status = hl.status;
     text(p.pools, `${n.pools.join(", ")}${n.weight ? ` · weight ${n.weight}` : ""}`);
     text(p.region, n.labels.region || "–");
-    const [job, index] = (hl.scene || "").split(".");
-    const s = job ? this.jobs.scene(job, Number(index)) : null;
-    text(p.scene, hl.scene ? `${hl.scene}${s?.progress && s.status === "running" ? ` · step ${s.progress.value}/${s.progress.max}` : ""}` : hl.holding ? `${hl.holding} held` : "idle");
-    p.bar.hidden = !hl.scene;
+    // The job streams the page follows are fresher than the node's last heartbeat.
+    let run = this.jobs.runningOn(n.id);
+    if (!run && hl.scene) {
+      const [job, index] = hl.scene.split(".");
+      run = { job, index: Number(index), scene: this.jobs.scene(job, Number(index)) };
+    }
+    const s = run?.scene;
+    const step = s?.status === "running" && s.progress ? ` · step ${s.progress.value}/${s.progress.max}` : "";
+    text(p.scene, run ? `scene ${run.index} of ${run.job.slice(0, 8)}…${step}` : hl.holding ? `${hl.holding} held` : "idle");
+    p.scene.title = run ? `${run.job}.${run.index}` : "";
+    p.bar.hidden = !run;
     p.bar.value = s?.status === "succeeded" ? 1 : s?.progress?.max ? s.progress.value / s.progress.max : 0;
     text(p.speed, [hl.seconds_per_scene && `${seconds(hl.seconds_per_scene)} / scene`, hl.seconds_per_step && `${seconds(hl.seconds_per_step)} / step`, `${hl.scenes_done} done`].filter(Boolean).join(" · "));
     const used = hl.vram_total ? hl.vram_total - hl.vram_free : 0;
