@@ -194,7 +194,8 @@ func waitFor[T any](t *testing.T, b *browser, within time.Duration, what, expres
 		chromedp.WithPollingTimeout(within), chromedp.WithPollingInterval(50*time.Millisecond)))
 	if err != nil {
 		b.checkClean(t)
-		t.Fatalf("waiting for %s: %v", what, err)
+		shown, _ := chromedp.Run(b.ctx, chromedp.Evaluate[string](`document.querySelector("#conn")?.innerText + " | " + document.querySelector("#toasts")?.innerText`))
+		t.Fatalf("waiting for %s: %v (the page's status and messages: %s)", what, err, shown)
 	}
 	return v
 }

@@ -41,11 +41,23 @@ func TestPanelShowsTheFleetAndSteersIt(t *testing.T) {
 	}
 	waitFor[bool](t, b, 30*time.Second, "the scene's progress to move on from "+value, fmt.Sprintf(
 		`document.querySelector('progress[data-scene="%s"]').value > %g`, scene, v))
+	card := fmt.Sprintf(`document.querySelector('article.job[data-job="%s"]')`, job)
+	waitFor[bool](t, b, 60*time.Second, "the job shown succeeded", card+`?.dataset.status === "succeeded"`)
+	waitFor[bool](t, b, 20*time.Second, "the 4 outputs shown as images", fmt.Sprintf(
+		`(() => { const imgs = [...%s.querySelectorAll(".output img")]; return imgs.length === 4 && imgs.every((i) => i.complete && i.naturalWidth > 0); })()`, card))
+
 	if *screenshot != "" {
-		// The picture shows scenes done, with their outputs, and scenes running.
+		// The picture shows the first job folded, and a second one with scenes done,
+		// their outputs, and scenes running.
+		b.do(t, chromedp.Click(chromedp.CSS(fmt.Sprintf(`article.job[data-job="%s"] button.toggle`, job))))
+		second := f.submit(t, 4, 60, "")
+		bars := fmt.Sprintf(`[...document.querySelectorAll('progress[data-scene^="%s/"]')]`, second)
 		waitFor[bool](t, b, 30*time.Second, "a scene done and a scene running", fmt.Sprintf(
-			`%[1]s.some((p) => p.value === 1) && %[1]s.some((p) => p.value > 0.2 && p.value < 1) && document.querySelector(".output img")?.naturalWidth > 0`, bars))
-		png, err := chromedp.Run(b.ctx, chromedp.FullScreenshot(100))
+			`%[1]s.some((p) => p.value === 1) && %[1]s.some((p) => p.value > 0.2 && p.value < 1) && document.querySelector('article.job[data-job="%[2]s"] .output img')?.naturalWidth > 0`, bars, second))
+		// A window as tall as the page, so that the sticky header stays on top.
+		height := eval[int64](t, b, `document.documentElement.scrollHeight`)
+		b.do(t, chromedp.EmulateViewport(1280, height))
+		png, err := chromedp.Run(b.ctx, chromedp.CaptureScreenshot())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -54,11 +66,6 @@ func TestPanelShowsTheFleetAndSteersIt(t *testing.T) {
 		}
 		t.Logf("wrote %s", *screenshot)
 	}
-
-	card := fmt.Sprintf(`document.querySelector('article.job[data-job="%s"]')`, job)
-	waitFor[bool](t, b, 60*time.Second, "the job shown succeeded", card+`?.dataset.status === "succeeded"`)
-	waitFor[bool](t, b, 20*time.Second, "the 4 outputs shown as images", fmt.Sprintf(
-		`(() => { const imgs = [...%s.querySelectorAll(".output img")]; return imgs.length === 4 && imgs.every((i) => i.complete && i.naturalWidth > 0); })()`, card))
 
 	b.do(t, chromedp.Click(chromedp.CSS(`button[data-action="drain"][data-node="sim-b"]`)))
 	waitFor[bool](t, b, 10*time.Second, "the drain button to become undrain",

@@ -80,6 +80,7 @@ jobs.changed = () => {
   if (!redraw) redraw = requestAnimationFrame(() => {
     redraw = 0;
     nodes.render();
+    charts.render();
   });
 };
 jobs.wake = () => {

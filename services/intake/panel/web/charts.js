@@ -16,14 +16,16 @@ export class Charts {
     this.headline = root.querySelector("[data-role=headline]");
     this.rate = null;
     this.duration = null;
-    this.seen = -1;
+    this.seen = "";
     new ResizeObserver(() => this.resize()).observe(root);
   }
 
   render() {
     const scenes = this.jobs.finishedScenes();
-    if (scenes.length === this.seen) return;
-    this.seen = scenes.length;
+    // Drawn again when a scene finishes, and each minute as time moves on.
+    const key = `${scenes.length}@${Math.floor(Date.now() / 1000 / minute)}`;
+    if (key === this.seen) return;
+    this.seen = key;
     if (!scenes.length) {
       this.headline.textContent = "No finished scene seen yet.";
       return;
@@ -38,8 +40,18 @@ export class Charts {
       s.ok ? b.ok++ : b.failed++;
       buckets.set(t, b);
     }
-    const xs = [...buckets.keys()].sort((a, b) => a - b);
-    const rateData = [xs, xs.map((t) => (100 * buckets.get(t).ok) / (buckets.get(t).ok + buckets.get(t).failed)), xs.map((t) => buckets.get(t).ok), xs.map((t) => buckets.get(t).failed)];
+    // Every minute of the last hour that has data, and at least the last ten.
+    const end = Math.floor(Date.now() / 1000 / minute) * minute;
+    const first = Math.max(end - 60 * minute, Math.min(end - 10 * minute, ...buckets.keys()));
+    const xs = [];
+    for (let t = first; t <= end; t += minute) xs.push(t);
+    const at = (t) => buckets.get(t) || { ok: 0, failed: 0 };
+    const rateData = [
+      xs,
+      xs.map((t) => (at(t).ok + at(t).failed ? (100 * at(t).ok) / (at(t).ok + at(t).failed) : null)),
+      xs.map((t) => at(t).ok),
+      xs.map((t) => at(t).failed),
+    ];
     const timed = scenes.filter((s) => s.duration !== null);
     const durationData = [timed.map((s) => s.t), timed.map((s) => (s.ok ? s.duration : null)), timed.map((s) => (s.ok ? null : s.duration))];
 
@@ -50,11 +62,11 @@ export class Charts {
           title: "Success rate per minute",
           series: [
             {},
-            { label: "success %", stroke: "#059669", width: 2, scale: "%", points: { show: true } },
-            { label: "succeeded", stroke: "#60a5fa", fill: "rgba(96,165,250,0.25)", scale: "n", paths: uPlot.paths.bars({ size: [0.6, 40] }) },
-            { label: "failed", stroke: "#ef4444", fill: "rgba(239,68,68,0.3)", scale: "n", paths: uPlot.paths.bars({ size: [0.6, 40] }) },
+            { label: "success %", stroke: "#059669", width: 2, scale: "%", spanGaps: true, points: { show: true } },
+            { label: "succeeded", stroke: "#60a5fa", fill: "rgba(96,165,250,0.25)", scale: "n", points: { show: false }, paths: uPlot.paths.bars({ size: [0.6, 40] }) },
+            { label: "failed", stroke: "#ef4444", fill: "rgba(239,68,68,0.3)", scale: "n", points: { show: false }, paths: uPlot.paths.bars({ size: [0.6, 40] }) },
           ],
-          scales: { "%": { range: [0, 100] }, n: { range: (_u, _min, max) => [0, Math.max(1, max)] } },
+          scales: { x: { time: true, range: (_u, min, max) => [min - minute / 2, max + minute / 2] }, "%": { range: [0, 100] }, n: { range: (_u, _min, max) => [0, Math.max(1, max)] } },
           axes: [{}, { scale: "%", label: "%" }, { scale: "n", side: 1, label: "scenes", grid: { show: false } }],
         },
         rateData,
@@ -69,7 +81,7 @@ export class Charts {
             { label: "succeeded (s)", stroke: "#2563eb", paths: () => null, points: { show: true, size: 6, fill: "#2563eb" } },
             { label: "failed (s)", stroke: "#ef4444", paths: () => null, points: { show: true, size: 6, fill: "#ef4444" } },
           ],
-          scales: { y: { range: (_u, _min, max) => [0, Math.max(1, max * 1.1)] } },
+          scales: { x: { time: true, range: (_u, min, max) => [Math.min(min, max - minute) - 5, max + 5] }, y: { range: (_u, _min, max) => [0, Math.max(1, max * 1.1)] } },
           axes: [{}, { label: "seconds" }],
         },
         durationData,

@@ -71,13 +71,21 @@ export class Nodes {
       return;
     }
     this.list.querySelector("[data-role=empty]")?.remove();
+    // In the API's order (by id); a card moves only when it must, so that a click on
+    // it is never lost to a re-render.
+    let prev = null;
     for (const n of this.nodes) {
       let card = this.cards.get(n.id);
       if (!card) {
         card = this.newCard(n.id);
         this.cards.set(n.id, card);
       }
-      this.list.append(card); // keeps the API's order (by id)
+      const at = prev ? prev.nextElementSibling : this.list.firstElementChild;
+      if (at !== card) {
+        if (prev) prev.after(card);
+        else this.list.prepend(card);
+      }
+      prev = card;
       this.update(card, n);
     }
   }
