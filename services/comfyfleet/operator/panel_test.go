@@ -1,6 +1,7 @@
 package operator_test
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -12,6 +13,9 @@ import (
 
 	"github.com/chromedp/chromedp"
 
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 )
 
@@ -114,5 +118,98 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 	if eval[bool](t, b, `document.querySelector("#key-dialog").open`) {
 		t.Error("the key dialog is open again after a reload")
 	}
+	b.checkClean(t)
+}
+
+// TestPanelManagesNodesAndJobs adds a node from the page and removes it, opens a job
+// by id, retries its failed scene and cancels a running job, each checked through
+// the API.
+func TestPanelManagesNodesAndJobs(t *testing.T) {
+	t.Parallel()
+	f := startFleet(t, true, sim("sim-a", 10*time.Millisecond))
+	extra, err := comfysim.Start(comfysim.Config{Name: "sim-x", StepDuration: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = extra.Close() })
+	b := startBrowser(t, f.API, 1280, 900)
+	b.expected = unserved
+	b.do(t, chromedp.Navigate(f.API+"/"))
+	waitFor[bool](t, b, 20*time.Second, "sim-a shown", `document.querySelector('article.node[data-node="sim-a"]') !== null`)
+
+	// Add a node: the executor adopts it, and it reports in.
+	b.do(t,
+		chromedp.Click(chromedp.CSS(`details.add summary`)),
+		chromedp.SendKeys(chromedp.CSS(`details.add input[name="id"]`), "sim-x"),
+		chromedp.SendKeys(chromedp.CSS(`details.add input[name="url"]`), extra.URL()),
+		chromedp.SendKeys(chromedp.CSS(`details.add input[name="region"]`), "shenzhen"),
+		chromedp.Click(chromedp.CSS(`details.add button.primary`)),
+	)
+	waitFor[bool](t, b, 30*time.Second, "sim-x shown online in shenzhen", `(() => {
+		const card = document.querySelector('article.node[data-node="sim-x"]');
+		return card?.dataset.status === "online" && card.innerText.includes("shenzhen"); })()`)
+	var node struct {
+		Registered bool              `json:"registered"`
+		Labels     map[string]string `json:"labels"`
+	}
+	if status := f.call(t, http.MethodGet, "/v1/nodes/sim-x", nil, &node); status != http.StatusOK || node.Labels["region"] != "shenzhen" {
+		t.Fatalf("GET /v1/nodes/sim-x after adding it on the page: %d %+v", status, node)
+	}
+
+	// Remove it: two clicks.
+	remove := chromedp.Click(chromedp.CSS(`button[data-action="remove"][data-node="sim-x"]`))
+	b.do(t, remove)
+	waitFor[bool](t, b, 5*time.Second, "the remove button to ask again", `document.querySelector('button[data-action="remove"][data-node="sim-x"]').dataset.armed === "true"`)
+	b.do(t, remove)
+	waitFor[bool](t, b, 10*time.Second, "sim-x gone or shown unregistered",
+		`document.querySelector('button[data-action="remove"][data-node="sim-x"]:not([hidden])') === null`)
+	node.Registered = false
+	if status := f.call(t, http.MethodGet, "/v1/nodes/sim-x", nil, &node); status != http.StatusNotFound && node.Registered {
+		t.Fatalf("GET /v1/nodes/sim-x after removing it on the page: %d, registered %v", status, node.Registered)
+	}
+
+	// A job whose graph ComfyUI rejects fails for good: open it by id, find it among
+	// the dead letters, and retry its scene.
+	var failing struct {
+		ID string `json:"id"`
+	}
+	if status := f.call(t, http.MethodPost, "/v1/jobs", map[string]any{"scenes": []any{map[string]any{"graph": map[string]any{
+		"1": map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}},
+		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "x"}},
+	}}}}, &failing); status != http.StatusAccepted {
+		t.Fatalf("POST /v1/jobs: %d", status)
+	}
+	b.do(t, chromedp.SendKeys(chromedp.CSS(`#jobs input[name="open"]`), failing.ID+"\r"))
+	card := fmt.Sprintf(`article.job[data-job="%s"]`, failing.ID)
+	waitFor[bool](t, b, 20*time.Second, "the opened job shown failed", fmt.Sprintf(`document.querySelector('%s')?.dataset.status === "failed"`, card))
+	waitFor[bool](t, b, 20*time.Second, "the dead letter shown", fmt.Sprintf(`document.querySelector("#deadletters").innerText.includes("%s")`, failing.ID))
+	b.do(t, chromedp.Click(chromedp.CSS(card+` button[data-action="retry"]`)))
+	waitFor[bool](t, b, 20*time.Second, "the scene's second attempt shown", fmt.Sprintf(
+		`document.querySelector('%s .scene')?.innerText.includes("attempt 2")`, card))
+	var job struct {
+		Scenes []struct {
+			Attempts int `json:"attempts"`
+		} `json:"scenes"`
+	}
+	if status := f.call(t, http.MethodGet, "/v1/jobs/"+failing.ID, nil, &job); status != http.StatusOK || job.Scenes[0].Attempts < 2 {
+		t.Fatalf("GET the job after retry on the page: %d, %+v; want a second attempt", status, job)
+	}
+
+	// Cancel a running job.
+	long := f.submit(t, 4, 150, "")
+	card = fmt.Sprintf(`article.job[data-job="%s"]`, long)
+	waitFor[bool](t, b, 20*time.Second, "the long job shown running", fmt.Sprintf(`document.querySelector('%s')?.dataset.status === "running"`, card))
+	b.do(t, chromedp.Click(chromedp.CSS(card+` button[data-action="cancel"]`)))
+	waitFor[bool](t, b, 20*time.Second, "the long job shown cancelled", fmt.Sprintf(`document.querySelector('%s')?.dataset.status === "cancelled"`, card))
+	// The job's record follows its cancelled events; read it where the API does,
+	// without spending the requests the page's key may make.
+	jobs, err := fleet.OpenJobs(context.Background(), f.JS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fleettest.Eventually(t, 20*time.Second, func() bool {
+		j, _, err := jobs.Get(context.Background(), long)
+		return err == nil && j.Status == fleet.StatusCancelled
+	}, "the job cancelled on the page is not cancelled")
 	b.checkClean(t)
 }

@@ -49,6 +49,11 @@ export function onUnauthorized(fn) {
   unauthorized.add(fn);
 }
 
+/** Tells of a 401, unless the key changed while the request was on its way. */
+function refused(sentKey) {
+  if (sentKey === apiKey()) unauthorized.forEach((fn) => fn());
+}
+
 // Paths are relative, so the panel works behind a path prefix too.
 function url(path) {
   return path.replace(/^\//, "");
@@ -59,6 +64,7 @@ function url(path) {
  * Throws APIError for an answer that is not 2xx.
  */
 export async function call(method, path, body) {
+  const sentKey = apiKey();
   const init = { method, headers: headers(), cache: "no-store" };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -75,7 +81,7 @@ export async function call(method, path, body) {
     }
   }
   if (!resp.ok) {
-    if (resp.status === 401) unauthorized.forEach((fn) => fn());
+    if (resp.status === 401) refused(sentKey);
     throw new APIError(resp.status, data);
   }
   return data;
@@ -90,6 +96,7 @@ export const get = (path) => call("GET", path);
  * lastEventId resumes after that event. Throws APIError or a network error.
  */
 export async function follow(path, { onEvent, signal, lastEventId }) {
+  const sentKey = apiKey();
   const h = headers({ Accept: "text/event-stream" });
   if (lastEventId) h["Last-Event-ID"] = lastEventId;
   let resp;
@@ -100,7 +107,7 @@ export async function follow(path, { onEvent, signal, lastEventId }) {
     throw err;
   }
   if (!resp.ok) {
-    if (resp.status === 401) unauthorized.forEach((fn) => fn());
+    if (resp.status === 401) refused(sentKey);
     throw new APIError(resp.status, await resp.json().catch(() => null));
   }
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();

@@ -417,7 +417,7 @@ export class Jobs {
       text(p.time, s.status === "running" && s.progress ? `step ${s.progress.value}/${s.progress.max}` : took !== null ? seconds(took) : "");
       text(p.error, s.error || "");
       p.error.hidden = !s.error;
-      p.retry.hidden = !(s.status === "failed" || s.status === "cancelled");
+      p.retry.hidden = s.status !== "failed";
       const outKey = (s.outputs || []).map((o) => o.url).join(" ");
       if (p.outKey !== outKey) {
         p.outKey = outKey;
