@@ -142,23 +142,38 @@ export async function follow(path, { onEvent, signal, lastEventId }) {
   }
 }
 
-/** Fetches a file of the API (an output) with the key, as an object URL. */
+/**
+ * Fetches a file of the API (an output) with the key, as an object URL. Two at a
+ * time, waiting out 429s: a job's hundred outputs must not spend the key's budget.
+ */
 const blobs = new Map();
+const downloads = { running: 0, waiting: [] };
 export async function objectURL(path) {
-  if (!blobs.has(path)) {
-    blobs.set(
-      path,
-      fetch(url(path), { headers: headers({ Accept: "*/*" }) }).then(async (resp) => {
-        if (!resp.ok) throw new APIError(resp.status, null);
-        return URL.createObjectURL(await resp.blob());
-      }),
-    );
-  }
+  if (!blobs.has(path)) blobs.set(path, download(path));
   try {
     return await blobs.get(path);
   } catch (err) {
     blobs.delete(path);
     throw err;
+  }
+}
+
+async function download(path) {
+  if (downloads.running >= 2) await new Promise((go) => downloads.waiting.push(go));
+  downloads.running++;
+  try {
+    for (let attempt = 1; ; attempt++) {
+      const resp = await fetch(url(path), { headers: headers({ Accept: "*/*" }) });
+      if (resp.status === 429 && attempt < 6) {
+        await new Promise((go) => setTimeout(go, 1000 * (Number(resp.headers.get("Retry-After")) || 1)));
+        continue;
+      }
+      if (!resp.ok) throw new APIError(resp.status, null);
+      return URL.createObjectURL(await resp.blob());
+    }
+  } finally {
+    downloads.running--;
+    downloads.waiting.shift()?.();
   }
 }
 
