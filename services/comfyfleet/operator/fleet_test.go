@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -151,13 +152,17 @@ func (f *testFleet) call(t *testing.T, method, path string, body, out any) int {
 	return resp.StatusCode
 }
 
+// seeds makes every scene of the test process differ, so that no simulated node
+// answers one from its cache, as ComfyUI does for a prompt it has run.
+var seeds atomic.Int64
+
 // submit posts a job of n txt2img scenes of steps sampler steps and returns its id.
 func (f *testFleet) submit(t *testing.T, n, steps int, callback string) string {
 	t.Helper()
 	scenes := make([]map[string]any, n)
 	for i := range scenes {
 		scenes[i] = map[string]any{"workflow": "txt2img", "params": map[string]any{
-			"prompt": "a lighthouse at dusk", "seed": i, "steps": steps, "width": 256, "height": 256}}
+			"prompt": "a lighthouse at dusk", "seed": seeds.Add(1), "steps": steps, "width": 256, "height": 256}}
 	}
 	body := map[string]any{"priority": 5, "scenes": scenes}
 	if callback != "" {

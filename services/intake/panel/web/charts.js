@@ -66,7 +66,7 @@ export class Charts {
             { label: "succeeded", stroke: "#60a5fa", fill: "rgba(96,165,250,0.25)", scale: "n", points: { show: false }, paths: uPlot.paths.bars({ size: [0.6, 40] }) },
             { label: "failed", stroke: "#ef4444", fill: "rgba(239,68,68,0.3)", scale: "n", points: { show: false }, paths: uPlot.paths.bars({ size: [0.6, 40] }) },
           ],
-          scales: { x: { time: true, range: (_u, min, max) => [min - minute / 2, max + minute / 2] }, "%": { range: [0, 100] }, n: { range: (_u, _min, max) => [0, Math.max(1, max)] } },
+          scales: { x: { time: true }, "%": { range: [0, 100] }, n: { range: (_u, _min, max) => [0, Math.max(1, max)] } },
           axes: [{}, { scale: "%", label: "%" }, { scale: "n", side: 1, label: "scenes", grid: { show: false } }],
         },
         rateData,
@@ -81,7 +81,7 @@ export class Charts {
             { label: "succeeded (s)", stroke: "#2563eb", paths: () => null, points: { show: true, size: 6, fill: "#2563eb" } },
             { label: "failed (s)", stroke: "#ef4444", paths: () => null, points: { show: true, size: 6, fill: "#ef4444" } },
           ],
-          scales: { x: { time: true, range: (_u, min, max) => [Math.min(min, max - minute) - 5, max + 5] }, y: { range: (_u, _min, max) => [0, Math.max(1, max * 1.1)] } },
+          scales: { x: { time: true }, y: { range: (_u, _min, max) => [0, Math.max(1, max * 1.1)] } },
           axes: [{}, { label: "seconds" }],
         },
         durationData,
@@ -91,6 +91,12 @@ export class Charts {
       this.rate.setData(rateData);
       this.duration.setData(durationData);
     }
+    // uPlot draws a single time over years: the spans are set here.
+    this.rate.setScale("x", { min: xs[0] - minute / 2, max: xs[xs.length - 1] + minute / 2 });
+    const now = Date.now() / 1000;
+    const last = timed.length ? timed[timed.length - 1].t : now;
+    const firstTimed = timed.length ? timed[0].t : now;
+    this.duration.setScale("x", { min: Math.min(firstTimed, last - minute) - 5, max: last + 5 });
   }
 
   size(box) {
