@@ -1,17 +1,24 @@
 // Package telemetry sets up OpenTelemetry for a comfyfleet process from the standard
-// OTEL_* environment variables, and carries W3C trace context in NATS headers.
+// OTEL_* environment variables, serves its metrics in Prometheus text format, and
+// carries W3C trace context in NATS headers.
 package telemetry
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/exporters/otlp/otlpmetric/otlpmetrichttp"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	"go.opentelemetry.io/otel/exporters/stdout/stdouttrace"
 	"go.opentelemetry.io/otel/propagation"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
@@ -29,8 +36,9 @@ func init() {
 // standard variables: OTEL_TRACES_EXPORTER and OTEL_METRICS_EXPORTER ("otlp",
 // "console" for traces, or "none"; default "otlp" when OTEL_EXPORTER_OTLP_ENDPOINT is
 // set, else "none"), OTEL_EXPORTER_OTLP_ENDPOINT and the rest of the OTLP/HTTP
-// exporter's variables, OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES. The returned
-// function flushes and stops the providers.
+// exporter's variables, OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES. Whatever
+// those say, the metric provider also feeds MetricsHandler. The returned function
+// flushes and stops the providers.
 func Setup(ctx context.Context, service string) (shutdown func(context.Context) error, err error) {
 	res, err := resource.Merge(resource.Default(), resource.NewSchemaless(semconv.ServiceName(service)))
 	if err != nil {
@@ -68,16 +76,46 @@ func Setup(ctx context.Context, service string) (shutdown func(context.Context) 
 		otel.SetTracerProvider(tp)
 		stops = append(stops, tp.Shutdown)
 	}
+	registry := newRegistry()
+	scrape, err := otelprom.New(otelprom.WithRegisterer(registry))
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("prometheus metric exporter: %w", err), shutdown(ctx))
+	}
+	readers := []sdkmetric.Option{sdkmetric.WithReader(scrape), sdkmetric.WithResource(res)}
 	if exporter("OTEL_METRICS_EXPORTER") == "otlp" {
 		exp, err := otlpmetrichttp.New(ctx)
 		if err != nil {
 			return nil, errors.Join(fmt.Errorf("otlp metric exporter: %w", err), shutdown(ctx))
 		}
-		mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewPeriodicReader(exp)), sdkmetric.WithResource(res))
-		otel.SetMeterProvider(mp)
-		stops = append(stops, mp.Shutdown)
+		readers = append(readers, sdkmetric.WithReader(sdkmetric.NewPeriodicReader(exp)))
 	}
+	mp := sdkmetric.NewMeterProvider(readers...)
+	otel.SetMeterProvider(mp)
+	stops = append(stops, mp.Shutdown)
+	scraped.Store(registry)
 	return shutdown, nil
+}
+
+// scraped holds the Prometheus registry of the meter provider Setup installed last.
+var scraped atomic.Pointer[prometheus.Registry]
+
+func init() { scraped.Store(newRegistry()) }
+
+// newRegistry returns a registry with the Go runtime's and the process's metrics.
+func newRegistry() *prometheus.Registry {
+	r := prometheus.NewRegistry()
+	r.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return r
+}
+
+// MetricsHandler serves the metrics of the meter provider that Setup installed last,
+// with the Go runtime's and the process's, in Prometheus text format (as
+// comfyfleet_scene_duration_seconds for the OpenTelemetry histogram
+// comfyfleet.scene.duration in seconds). Before Setup it serves only the latter.
+func MetricsHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		promhttp.HandlerFor(scraped.Load(), promhttp.HandlerOpts{}).ServeHTTP(w, r)
+	})
 }
 
 func exporter(name string) string {
@@ -89,3 +127,8 @@ func exporter(name string) string {
 	}
 	return "none"
 }
+
+// SecondsBuckets are histogram bucket boundaries for durations in seconds, from a
+// tenth of a second to an hour: scenes, queue waits. The SDK's default boundaries
+// (0, 5, 10, … 10000) suit milliseconds. Use with metric.WithExplicitBucketBoundaries.
+var SecondsBuckets = []float64{0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600}

@@ -49,7 +49,7 @@ func TestUpStartsTheFleetAndStopsOnCancel(t *testing.T) {
 	if api == "" || sims != 3 {
 		t.Fatalf("banner gave API %q and %d simulated nodes, want an API and 3", api, sims)
 	}
-	for _, path := range []string{"/readyz", "/openapi.json", "/docs", "/v1/workflows"} {
+	for _, path := range []string{"/readyz", "/openapi.json", "/docs", "/v1/workflows", "/", "/metrics"} {
 		resp, err := testClient.Get(api + path)
 		if err != nil {
 			t.Fatal(err)

@@ -51,6 +51,8 @@ func runIntake(ctx context.Context, args []string, _, stderr io.Writer) error {
 
 func runDispatcher(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("dispatcher", flag.ContinueOnError)
+	var metrics metricsFlag
+	metrics.register(fs)
 	var sf serviceFlags
 	policy := fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
 	loadCost := fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
@@ -64,12 +66,19 @@ func runDispatcher(ctx context.Context, args []string, _, stderr io.Writer) erro
 		return err
 	}
 	defer svc.close()
+	_, stopMetrics, err := metrics.serve(ctx, svc.log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log, Name: *name,
 		Policy: dispatcher.Policy(*policy), ModelLoadPenalty: *loadCost})
 }
 
 func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("executor", flag.ContinueOnError)
+	var metrics metricsFlag
+	metrics.register(fs)
 	var (
 		sf    serviceFlags
 		comfy listFlag
@@ -101,12 +110,19 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 		return err
 	}
 	defer svc.close()
+	_, stopMetrics, err := metrics.serve(ctx, svc.log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Adopt: *adopt, Name: *name, URLGuard: guard,
 		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 
 func runNotifier(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("notifier", flag.ContinueOnError)
+	var metrics metricsFlag
+	metrics.register(fs)
 	var sf serviceFlags
 	publicURL := fs.String("public-url", "http://127.0.0.1:8080", "the API's base URL, for output links in webhooks")
 	attempts := fs.Int("webhook-attempts", 20, "webhook attempts before a callback is given up")
@@ -125,6 +141,11 @@ func runNotifier(ctx context.Context, args []string, _, stderr io.Writer) error 
 		return err
 	}
 	defer svc.close()
+	_, stopMetrics, err := metrics.serve(ctx, svc.log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	return notifier.Run(ctx, notifier.Config{Conn: svc.conn, Settings: svc.settings, PublicURL: *publicURL,
 		WebhookAttempts: *attempts, CallbackGuard: guard, Logger: svc.log})
 }

@@ -142,8 +142,8 @@ func openAPI(auth, httpAddr string) (bool, error) {
 }
 
 func printBanner(w io.Writer, s *stack.Stack) {
-	fmt.Fprintf(w, "comfyfleet is up\n  API     %s/v1/jobs\n  docs    %s/docs  (OpenAPI: %s/openapi.json)\n  NATS    %s\n  nodes\n",
-		s.APIURL, s.APIURL, s.APIURL, s.NATS.ClientURL())
+	fmt.Fprintf(w, "comfyfleet is up\n  panel   %s/\n  API     %s/v1/jobs\n  docs    %s/docs  (OpenAPI: %s/openapi.json)\n  metrics %s/metrics\n  NATS    %s\n  nodes\n",
+		s.APIURL, s.APIURL, s.APIURL, s.APIURL, s.APIURL, s.NATS.ClientURL())
 	for _, n := range s.Nodes {
 		kind := "ComfyUI"
 		if n.Labels["simulated"] == "true" {

@@ -7,6 +7,8 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
+
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
 
 // metrics are the executor's OpenTelemetry instruments.
@@ -24,6 +26,7 @@ func newMetrics() (metrics, error) {
 		return m, fmt.Errorf("executor metrics: %w", err)
 	}
 	if m.duration, err = meter.Float64Histogram("comfyfleet.scene.duration", metric.WithUnit("s"),
+		metric.WithExplicitBucketBoundaries(telemetry.SecondsBuckets...),
 		metric.WithDescription("Time from submitting a scene to ComfyUI to its outputs being stored.")); err != nil {
 		return m, fmt.Errorf("executor metrics: %w", err)
 	}

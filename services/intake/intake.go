@@ -23,8 +23,10 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
+	"github.com/comfyfleet/comfyfleet/services/intake/panel"
 )
 
 var tracer = otel.Tracer("comfyfleet/intake")
@@ -272,9 +274,14 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 }
 
 // newAPI registers the API's routes, its OpenAPI document (/openapi.json,
-// /openapi.yaml) and docs (/docs) on mux.
+// /openapi.yaml), its docs (/docs), the web panel (/) and the metrics (/metrics) on
+// mux.
 func newAPI(mux *http.ServeMux, in *intake) huma.API {
 	config := huma.DefaultConfig("comfyfleet", Version)
+	// huma's docs page loads its UI from a CDN; the panel package serves it from the binary.
+	config.DocsPath = ""
+	panel.Register(mux, config.OpenAPIPath+".json")
+	mux.Handle("GET /metrics", telemetry.MetricsHandler())
 	config.Info.Description = "One generation service over a fleet of ComfyUI machines: submit jobs of scenes, follow them, download outputs, get a callback when done."
 	config.Components.SecuritySchemes = map[string]*huma.SecurityScheme{
 		"bearer": {Type: "http", Scheme: "bearer", Description: "An API key: comfyfleet apikey create --tenant NAME --role read|submit|admin."},

@@ -1,0 +1,115 @@
+package panel_test
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/comfyfleet/comfyfleet/services/intake/panel"
+)
+
+func serve(t *testing.T) *httptest.Server {
+	t.Helper()
+	mux := http.NewServeMux()
+	panel.Register(mux, "/openapi.json")
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func get(t *testing.T, url string) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, string(body)
+}
+
+// localRef finds the files a page or module loads: src, href and import paths.
+var localRef = regexp.MustCompile(`(?:src|href)="([^"#]+)"|from "(\./[^"]+)"`)
+
+// TestPagesLoadOnlyTheirOwnFiles follows every file the panel and the docs load and
+// checks that each is served, with its type, and that none is elsewhere.
+func TestPagesLoadOnlyTheirOwnFiles(t *testing.T) {
+	srv := serve(t)
+	wantType := map[string]string{".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+	seen := map[string]bool{}
+	var follow func(page, base string)
+	follow = func(page, base string) {
+		resp, body := get(t, srv.URL+page)
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("GET %s: %s", page, resp.Status)
+			return
+		}
+		if strings.HasSuffix(page, ".min.js") || strings.HasSuffix(page, ".css") {
+			return // vendored: checked for their type only
+		}
+		for _, m := range localRef.FindAllStringSubmatch(body, -1) {
+			ref := m[1] + m[2]
+			if strings.Contains(ref, "://") || strings.HasPrefix(ref, "//") {
+				t.Errorf("%s loads %s from elsewhere", page, ref)
+				continue
+			}
+			if ref == "docs" || strings.HasPrefix(ref, "{{") {
+				continue // a link to the docs page
+			}
+			path := base + strings.TrimPrefix(ref, "./")
+			if strings.HasPrefix(ref, "/") {
+				path = ref
+			}
+			if seen[path] {
+				continue
+			}
+			seen[path] = true
+			r, _ := get(t, srv.URL+path)
+			for ext, ct := range wantType {
+				if strings.HasSuffix(path, ext) && !strings.HasPrefix(r.Header.Get("Content-Type"), ct) {
+					t.Errorf("GET %s: Content-Type %q, want %s", path, r.Header.Get("Content-Type"), ct)
+				}
+			}
+			if strings.HasSuffix(path, ".js") || strings.HasSuffix(path, ".css") {
+				follow(path, path[:strings.LastIndex(path, "/")+1])
+			}
+		}
+	}
+	follow("/", "/")
+	follow("/docs", "/")
+	for _, want := range []string{"/panel/app.js", "/panel/jobs.js", "/panel/api.js", "/panel/vendor/uplot-1.6.32/uPlot.iife.min.js",
+		"/panel/vendor/elements-9.0.15/web-components.min.js"} {
+		if !seen[want] {
+			t.Errorf("the pages never load %s", want)
+		}
+	}
+}
+
+func TestPagesHaveAContentSecurityPolicy(t *testing.T) {
+	srv := serve(t)
+	for _, page := range []string{"/", "/docs"} {
+		resp, body := get(t, srv.URL+page)
+		csp := resp.Header.Get("Content-Security-Policy")
+		if !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "script-src 'self'") {
+			t.Errorf("GET %s: Content-Security-Policy %q", page, csp)
+		}
+		if page == "/docs" && !strings.Contains(body, `apiDescriptionUrl="openapi.json"`) {
+			t.Errorf("/docs does not render openapi.json:\n%s", body)
+		}
+	}
+}
+
+func TestNoDirectoryListingOrUnknownPage(t *testing.T) {
+	srv := serve(t)
+	for _, path := range []string{"/panel/", "/panel/vendor/", "/panel/vendor/uplot-1.6.32/", "/panel/nothing.js", "/elsewhere"} {
+		if resp, _ := get(t, srv.URL+path); resp.StatusCode != http.StatusNotFound {
+			t.Errorf("GET %s: %s, want 404", path, resp.Status)
+		}
+	}
+}

@@ -1,0 +1,74 @@
+// Queues: scenes waiting per pool and priority, the oldest one's wait, and the
+// fleet's throughput (GET /v1/queues).
+import { APIError, get } from "./api.js";
+import { fill, h, seconds } from "./dom.js";
+
+export class Queues {
+  /** @param {HTMLElement} root the section's element */
+  constructor(root) {
+    this.view = root.querySelector("[data-role=view]");
+    this.served = null;
+    /** Samples of the rates, {t, completed, failed}, t in seconds, for the charts. */
+    this.samples = [];
+  }
+
+  async refresh() {
+    let q;
+    try {
+      q = await get("v1/queues");
+    } catch (err) {
+      if (err instanceof APIError && err.unserved) {
+        this.served = false;
+        fill(this.view, h("p", { class: "note" }, "This intake does not report its queues (GET /v1/queues)."));
+        return;
+      }
+      throw err;
+    }
+    this.served = true;
+    const r = q.rates || {};
+    this.samples.push({ t: Date.now() / 1000, completed: r.completed_per_s || 0, failed: r.failed_per_s || 0 });
+    if (this.samples.length > 900) this.samples.shift();
+    const pools = q.pools || [];
+    const chips = (m) => Object.entries(m || {}).sort(([a], [b]) => Number(b) - Number(a) || a.localeCompare(b)).map(([k, v]) => h("span", { class: "chip" }, `${k}: ${v}`));
+    fill(
+      this.view,
+      h(
+        "p",
+        { class: "rates" },
+        h("span", {}, h("strong", {}, fmt(r.accepted_per_s)), " accepted/s"),
+        h("span", {}, h("strong", {}, fmt(r.completed_per_s)), " completed/s"),
+        h("span", {}, h("strong", {}, fmt(r.failed_per_s)), " failed/s"),
+      ),
+      pools.length
+        ? h(
+            "div",
+            { class: "scroll" },
+            h(
+              "table",
+              {},
+              h("thead", {}, h("tr", {}, h("th", {}, "pool"), h("th", { class: "num" }, "waiting"), h("th", {}, "oldest waits"), h("th", {}, "by priority"), h("th", {}, "by tenant"))),
+              h(
+                "tbody",
+                {},
+                pools.map((p) =>
+                  h(
+                    "tr",
+                    { dataset: { pool: p.pool } },
+                    h("td", {}, p.pool),
+                    h("td", { class: "num", dataset: { role: "depth" } }, p.depth),
+                    h("td", {}, p.depth ? seconds(p.oldest_age_s) : "–"),
+                    h("td", {}, chips(p.by_priority)),
+                    h("td", {}, chips(p.by_tenant)),
+                  ),
+                ),
+              ),
+            ),
+          )
+        : h("p", { class: "muted" }, "No scene waits."),
+    );
+  }
+}
+
+function fmt(v) {
+  return (v || 0).toFixed(v >= 10 ? 0 : 2);
+}
