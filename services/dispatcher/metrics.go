@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
 
 // metrics are the dispatcher's instruments, and the queue summary it answers with.
@@ -25,6 +26,9 @@ type metrics struct {
 
 	mu      sync.Mutex
 	summary fleet.QueueSummary
+	// depths are the queue depths reported, by pool and priority; one seen once is
+	// reported at 0 when empty, so that an emptied queue reads 0 rather than nothing.
+	depths map[[2]string]int
 	// seconds counts, per second of the last minute, the scenes accepted,
 	// completed and failed.
 	seconds [60]rateSecond
@@ -41,7 +45,7 @@ func newMetrics(name string) (*metrics, error) {
 	var err error
 	if m.wait, err = meter.Float64Histogram("comfyfleet.queue.wait", metric.WithUnit("s"),
 		metric.WithDescription("Time from a scene's submission to its placement on a node, first placements only."),
-		metric.WithExplicitBucketBoundaries(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)); err != nil {
+		metric.WithExplicitBucketBoundaries(telemetry.SecondsBuckets...)); err != nil {
 		return nil, fmt.Errorf("dispatcher metrics: %w", err)
 	}
 	if m.decision, err = meter.Float64Histogram("comfyfleet.placement.decision", metric.WithUnit("s"),
@@ -71,10 +75,8 @@ func newMetrics(name string) (*metrics, error) {
 			// counted once per dispatcher.
 			return nil
 		}
-		for _, p := range m.summary.Pools {
-			for prio, n := range p.ByPriority {
-				o.ObserveInt64(depth, int64(n), metric.WithAttributes(attribute.String("pool", p.Pool), attribute.String("priority", prio)))
-			}
+		for k, n := range m.depths {
+			o.ObserveInt64(depth, int64(n), metric.WithAttributes(attribute.String("pool", k[0]), attribute.String("priority", k[1])))
 		}
 		for status, n := range m.summary.Nodes {
 			o.ObserveInt64(nodes, int64(n), metric.WithAttributes(attribute.String("status", status)))
@@ -178,6 +180,17 @@ func (m *metrics) observe(st *fleetState, leading bool, now time.Time) {
 	summary.Rates = fleet.QueueRates{AcceptedPerS: float64(rates[0]) / window, CompletedPerS: float64(rates[1]) / window, FailedPerS: float64(rates[2]) / window}
 	summary.Dispatcher = m.summary.Dispatcher
 	m.summary = summary
+	if m.depths == nil {
+		m.depths = map[[2]string]int{}
+	}
+	for k := range m.depths {
+		m.depths[k] = 0
+	}
+	for _, p := range summary.Pools {
+		for prio, n := range p.ByPriority {
+			m.depths[[2]string{p.Pool, prio}] = n
+		}
+	}
 }
 
 // snapshot returns the last summary.
