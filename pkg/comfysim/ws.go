@@ -226,7 +226,9 @@ func serverFeatures() obj {
 	return obj{{"supports_preview_metadata", true}, {"max_upload_size", maxUploadSize}}
 }
 
-// serveWS runs one websocket until the client leaves or the server stops.
+// serveWS upgrades the request and hands the websocket to a goroutine of
+// the instance: http.Server.Shutdown does not wait for hijacked
+// connections, Close and Kill wait for the instance's goroutines.
 func (in *instance) serveWS(w http.ResponseWriter, r *http.Request) {
 	if !in.track() {
 		writeBare(w, http.StatusServiceUnavailable)
@@ -242,17 +244,21 @@ func (in *instance) serveWS(w http.ResponseWriter, r *http.Request) {
 	if sid == "" {
 		sid = in.s.newSID()
 	}
-	c := newWSClient(sid)
+	// Started through WaitGroup.Go, whose Done runs after the goroutine's
+	// own frames have returned, so nothing of it is left once Wait returns.
+	in.wg.Go(func() { in.runWS(conn, sid) })
+}
 
+// runWS serves one websocket until the client leaves or the server stops.
+func (in *instance) runWS(conn *websocket.Conn, sid string) {
+	c := newWSClient(sid)
 	readCtx, stopReading := context.WithCancel(context.Background())
 	defer stopReading()
 	readDone := make(chan struct{})
-	in.wg.Add(1)
-	go func() {
-		defer in.wg.Done()
+	in.wg.Go(func() {
 		defer close(readDone)
 		in.readWS(readCtx, conn, c)
-	}()
+	})
 
 	if in.hub.attach(c, int(in.q.remaining.Load())) {
 		in.writeWS(conn, c)
