@@ -55,7 +55,8 @@ func (c *wsClient) markGone() {
 // hub routes messages to websockets: status to all, everything else to
 // the socket registered under the prompt's client_id. A new socket with
 // the same clientId replaces the old one, which stays open but no longer
-// receives anything.
+// receives anything; and, as in ComfyUI, when any socket of a client id
+// ends, the id is unregistered, even if a newer socket had taken it over.
 type hub struct {
 	log *slog.Logger
 
@@ -108,13 +109,14 @@ func (h *hub) attach(c *wsClient, remaining int) bool {
 	return true
 }
 
-// detach unregisters a socket unless another took its place.
+// detach unregisters the client id of a socket that ended. Like ComfyUI's
+// websocket handler (its finally: sockets.pop(sid)), it does so even when
+// a newer socket with the same id took the old one's place: that socket
+// stays open but receives nothing more, not even status broadcasts.
 func (h *hub) detach(c *wsClient) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.clients[c.sid] == c {
-		delete(h.clients, c.sid)
-	}
+	delete(h.clients, c.sid)
 }
 
 func (h *hub) broadcast(data []byte) {
