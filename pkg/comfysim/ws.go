@@ -36,8 +36,12 @@ type frame struct {
 
 // wsClient is one open websocket.
 type wsClient struct {
-	sid             string
-	out             chan frame
+	sid string
+	// out holds the frames waiting to be written, guarded by the hub's
+	// mutex; it grows only as far as a backlog needs, so that an idle
+	// socket costs little. ready has a token while out is not empty.
+	out             []frame
+	ready           chan struct{}
 	gone            chan struct{}
 	goneOnce        sync.Once
 	previewMetadata atomic.Bool
@@ -45,7 +49,7 @@ type wsClient struct {
 }
 
 func newWSClient(sid string) *wsClient {
-	return &wsClient{sid: sid, out: make(chan frame, clientBacklog), gone: make(chan struct{})}
+	return &wsClient{sid: sid, ready: make(chan struct{}, 1), gone: make(chan struct{})}
 }
 
 func (c *wsClient) markGone() {
@@ -81,16 +85,30 @@ func (h *hub) stop() {
 }
 
 func (h *hub) enqueueLocked(c *wsClient, f frame) {
-	select {
-	case c.out <- f:
-	default:
-		h.log.Warn("comfysim: websocket client too slow, closing it", "client_id", c.sid, "backlog", clientBacklog)
+	if len(c.out) >= clientBacklog {
+		if !c.tooSlow.Swap(true) {
+			h.log.Warn("comfysim: websocket client too slow, closing it", "client_id", c.sid, "backlog", clientBacklog)
+		}
 		if h.clients[c.sid] == c {
 			delete(h.clients, c.sid)
 		}
-		c.tooSlow.Store(true)
 		c.markGone()
+		return
 	}
+	c.out = append(c.out, f)
+	select {
+	case c.ready <- struct{}{}:
+	default:
+	}
+}
+
+// takeOut returns the frames waiting for c, in order, and empties its queue.
+func (h *hub) takeOut(c *wsClient) []frame {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := c.out
+	c.out = nil
+	return out
 }
 
 // attach registers a socket and queues its greeting: status with its sid
@@ -287,9 +305,15 @@ func (in *instance) writeWS(conn *websocket.Conn, c *wsClient) {
 			return
 		case <-c.gone:
 			return
-		case f := <-c.out:
-			if in.ctx.Err() != nil {
+		case <-c.ready:
+		}
+		for _, f := range in.hub.takeOut(c) {
+			select {
+			case <-in.ctx.Done():
 				return
+			case <-c.gone:
+				return
+			default:
 			}
 			typ := websocket.MessageText
 			if f.binary {
