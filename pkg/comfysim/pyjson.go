@@ -113,13 +113,78 @@ func formatPyFloat(f float64) string {
 	return s
 }
 
-// pyJSON marshals v and reformats it as json.dumps would.
+// pyJSON marshals v as json.dumps would.
 func pyJSON(v any) ([]byte, error) {
+	return appendPyJSON(nil, v)
+}
+
+// appendPyJSON appends v as json.dumps writes it: directly for the types the
+// simulator builds its messages from, which is several times cheaper, and
+// through encoding/json and pyFormat for the others. Both ways give the same
+// bytes.
+func appendPyJSON(out []byte, v any) ([]byte, error) {
+	var err error
+	switch v := v.(type) {
+	case nil:
+		return append(out, "null"...), nil
+	case bool:
+		return strconv.AppendBool(out, v), nil
+	case string:
+		return appendPyString(out, v), nil
+	case int:
+		return strconv.AppendInt(out, int64(v), 10), nil
+	case int64:
+		return strconv.AppendInt(out, v, 10), nil
+	case pyFloat:
+		return append(out, formatPyFloat(float64(v))...), nil
+	case obj:
+		out = append(out, '{')
+		for i, m := range v {
+			if i > 0 {
+				out = append(out, ", "...)
+			}
+			out = append(appendPyString(out, m.K), ": "...)
+			if out, err = appendPyJSON(out, m.V); err != nil {
+				return nil, err
+			}
+		}
+		return append(out, '}'), nil
+	case []any:
+		if v == nil {
+			return append(out, "null"...), nil
+		}
+		out = append(out, '[')
+		for i, e := range v {
+			if i > 0 {
+				out = append(out, ", "...)
+			}
+			if out, err = appendPyJSON(out, e); err != nil {
+				return nil, err
+			}
+		}
+		return append(out, ']'), nil
+	case []string:
+		if v == nil {
+			return append(out, "null"...), nil
+		}
+		out = append(out, '[')
+		for i, e := range v {
+			if i > 0 {
+				out = append(out, ", "...)
+			}
+			out = appendPyString(out, e)
+		}
+		return append(out, ']'), nil
+	}
 	raw, err := json.Marshal(v)
 	if err != nil {
 		return nil, fmt.Errorf("encode json: %w", err)
 	}
-	return pyFormat(raw)
+	formatted, err := pyFormat(raw)
+	if err != nil {
+		return nil, err
+	}
+	return append(out, formatted...), nil
 }
 
 // pyFormat rewrites compact JSON in json.dumps style: ", " and ": "
