@@ -17,6 +17,8 @@ import (
 // Client talks to one ComfyUI server. It is safe for concurrent use; the Runs
 // of a Client share one websocket, since the server keeps a single socket per
 // client id and sends execution events only to the submitting client's socket.
+// The websocket stays open while Runs follow prompts and for a minute after
+// the last one; Close closes it at once.
 type Client struct {
 	base     string
 	http     *http.Client
@@ -37,9 +39,19 @@ type Client struct {
 	maxOutage time.Duration
 	// cleanupTimeout bounds the interrupt/delete calls made when Run is cancelled.
 	cleanupTimeout time.Duration
+	// connectTimeout bounds the websocket handshake and the wait for the
+	// server's greeting.
+	connectTimeout time.Duration
+	// idleTimeout is how long the websocket stays open after the last Run.
+	idleTimeout time.Duration
+	// silenceTimeout is how long after a submission the websocket may hear
+	// nothing before Run takes it for unregistered by the server.
+	silenceTimeout time.Duration
 
-	streamMu sync.Mutex
-	stream   *stream
+	streamMu   sync.Mutex
+	stream     *stream
+	lastStream <-chan struct{} // done of the stream that retired last
+	closed     bool
 }
 
 // Option configures a Client.
@@ -111,12 +123,32 @@ func New(baseURL string, opts ...Option) *Client {
 		reconnectMax:     5 * time.Second,
 		maxOutage:        5 * time.Minute,
 		cleanupTimeout:   10 * time.Second,
+		connectTimeout:   10 * time.Second,
+		idleTimeout:      time.Minute,
+		silenceTimeout:   2 * time.Second,
 	}
 	for _, o := range opts {
 		o(c)
 	}
 	c.log = c.log.With("comfy", c.base)
 	return c
+}
+
+// Close closes the websocket that the Client's Runs share and waits for the
+// goroutine that reads it. Runs still in progress follow their prompts by
+// polling; later Runs and Awaits fail with ErrClientClosed, while the other
+// calls keep working. It always returns nil.
+func (c *Client) Close() error {
+	c.streamMu.Lock()
+	c.closed = true
+	s := c.stream
+	c.stream = nil
+	c.streamMu.Unlock()
+	if s != nil {
+		s.cancel()
+		<-s.done
+	}
+	return nil
 }
 
 // ClientID returns the client id sent with prompts and on the websocket.

@@ -25,6 +25,9 @@ var ErrPromptExists = errors.New("comfy: prompt id already exists")
 // someone deleted it from the queue. It is transient.
 var ErrPromptLost = errors.New("comfy: prompt not found in queue or history")
 
+// ErrClientClosed reports a Run or Await on a Client after Close.
+var ErrClientClosed = errors.New("comfy: client closed")
+
 // RejectedError is the server's validation failure for POST /prompt (HTTP 400).
 // Type is error.type: "invalid_prompt", "prompt_outputs_failed_validation",
 // "prompt_no_outputs", "no_prompt", ... It is permanent: the same graph will

@@ -124,7 +124,8 @@ type recorded struct {
 type wsStep struct {
 	text        string
 	bin         []byte
-	awaitPost   int // wait until this many prompts were posted
+	awaitPost   int    // wait until this many prompts were posted
+	awaitGet    string // wait until a GET of this path was received
 	awaitClient string
 	drop        bool
 	closeNormal bool
@@ -146,6 +147,7 @@ type replay struct {
 	byPromptID  map[string]responder
 	posts       int
 	postChanged chan struct{} // closed and replaced on every POST /prompt
+	received    chan struct{} // closed and replaced on every request
 	quit        chan struct{}
 	wg          sync.WaitGroup
 }
@@ -157,6 +159,7 @@ func newReplay(t testing.TB) *replay {
 		hits:        map[string]int{},
 		byPromptID:  map[string]responder{},
 		postChanged: make(chan struct{}),
+		received:    make(chan struct{}),
 		quit:        make(chan struct{}),
 	}
 	rp.srv = httptest.NewServer(rp)
@@ -227,6 +230,23 @@ func (rp *replay) waitPosts(ctx context.Context, n int) bool {
 	}
 }
 
+// waitGet waits until a GET of path was received.
+func (rp *replay) waitGet(ctx context.Context, path string) bool {
+	for {
+		rp.mu.Lock()
+		received := rp.received
+		rp.mu.Unlock()
+		if len(rp.recorded(http.MethodGet, path)) > 0 {
+			return true
+		}
+		select {
+		case <-received:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
 func (rp *replay) script(steps ...[]wsStep) {
 	rp.mu.Lock()
 	rp.scripts = append(rp.scripts, steps...)
@@ -255,6 +275,8 @@ func (rp *replay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	rp.mu.Lock()
 	rp.requests = append(rp.requests, recorded{Method: r.Method, Path: r.URL.Path, Query: r.URL.Query(), Header: r.Header.Clone(), Body: body})
+	close(rp.received)
+	rp.received = make(chan struct{})
 	rp.mu.Unlock()
 
 	if strings.TrimPrefix(r.URL.Path, "/api") == "/ws" {
@@ -366,6 +388,10 @@ func (rp *replay) serveWS(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case st.awaitPost > 0:
 			if !rp.waitPosts(ctx, st.awaitPost) {
+				return
+			}
+		case st.awaitGet != "":
+			if !rp.waitGet(ctx, st.awaitGet) {
 				return
 			}
 		case st.awaitClient != "":

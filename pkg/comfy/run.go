@@ -12,13 +12,15 @@ import (
 )
 
 // Run submits g as promptID (a fresh uuid if empty) and follows it to its end:
-// it joins the client's websocket before POST /prompt so that no message is
-// missed, reports progress messages and node changes through onProgress
-// (called on Run's goroutine; may be nil), and on success reads /history for
-// the outputs.
+// it joins the client's websocket before POST /prompt, once the server has
+// greeted (and so registered) the socket, so that no message is missed,
+// reports progress messages and node changes through onProgress (called on
+// Run's goroutine; may be nil), and on success reads /history for the outputs.
 //
 // If the websocket drops, Run reconnects with back-off and meanwhile polls
-// /queue and /history. It never submits the prompt twice: if POST /prompt
+// /queue and /history; likewise if the socket heard nothing at all, not even
+// the status broadcast that follows a submission, within two seconds (the
+// server unregistered it). It never submits the prompt twice: if POST /prompt
 // fails in transit, Run follows the prompt if the server queued it anyway, and
 // otherwise returns the transport error. If ctx is cancelled once the prompt
 // may be queued, Run deletes it from the queue or interrupts it, using a short
@@ -37,6 +39,7 @@ func (c *Client) Run(ctx context.Context, g Graph, promptID string, onProgress f
 		return Result{}, err
 	}
 	defer w.release()
+	heard := w.s.mark()
 	sub, err := c.Submit(ctx, g, promptID)
 	switch {
 	case err == nil:
@@ -49,7 +52,7 @@ func (c *Client) Run(ctx context.Context, g Graph, promptID string, onProgress f
 		c.log.Warn("submission failed in transit but the prompt was queued; following it", "prompt_id", promptID, "error", err)
 		sub = SubmitResult{PromptID: promptID}
 	}
-	f := &follower{c: c, w: w, id: sub.PromptID, onProgress: onProgress, trustWS: true, up: true}
+	f := &follower{c: c, w: w, id: sub.PromptID, onProgress: onProgress, trustWS: true, up: true, listen: &heard}
 	if sub.PromptID != promptID {
 		c.log.Warn("server assigned its own prompt id", "requested", promptID, "prompt_id", sub.PromptID)
 		w.rekey(sub.PromptID)
@@ -101,7 +104,12 @@ type follower struct {
 	id         string
 	onProgress func(Progress)
 
-	trustWS     bool // the prompt's messages come to our socket
+	trustWS bool // the prompt's messages come to our socket
+	// listen, until the first check (silenceTimeout after the submission),
+	// is where the socket stood before the prompt was submitted: a queued
+	// prompt makes the server broadcast a status message to every socket it
+	// has registered, so a socket that heard nothing since is deaf.
+	listen      *earmark
 	up          bool
 	checkNow    bool
 	successSeen bool
@@ -121,10 +129,13 @@ type outcome struct {
 }
 
 func (f *follower) interval() time.Duration {
-	if f.up && f.trustWS && !f.successSeen && f.lost == 0 && f.outageSince.IsZero() {
-		return f.c.watchdogInterval
+	switch {
+	case !f.up || !f.trustWS || f.successSeen || f.lost > 0 || !f.outageSince.IsZero():
+		return f.c.pollInterval
+	case f.listen != nil:
+		return f.c.silenceTimeout
 	}
-	return f.c.pollInterval
+	return f.c.watchdogInterval
 }
 
 func (f *follower) run(ctx context.Context) (Result, error) {
@@ -144,10 +155,10 @@ func (f *follower) run(ctx context.Context) (Result, error) {
 				var step outcome
 				switch it.link {
 				case linkDown:
-					f.up = false
+					f.up, f.listen = false, nil
 					timer.Reset(f.interval())
 				case linkUp:
-					f.up = true
+					f.up, f.listen = true, nil
 					timer.Reset(0)
 				default:
 					step = f.handle(ctx, it.ev)
@@ -161,6 +172,17 @@ func (f *follower) run(ctx context.Context) (Result, error) {
 				}
 			}
 		case <-timer.C:
+			if f.listen != nil && !f.checkNow {
+				m := *f.listen
+				f.listen = nil
+				if !f.w.s.silent(m) {
+					timer.Reset(f.interval())
+					continue
+				}
+				f.c.log.Warn("the websocket heard nothing since the prompt was queued: the server no longer sends it this client's messages; reconnecting", "prompt_id", f.id)
+				f.w.s.redial(m.conn)
+			}
+			f.checkNow = false
 			o = f.check(ctx)
 			timer.Reset(f.interval())
 		}

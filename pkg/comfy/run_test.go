@@ -98,12 +98,20 @@ func checkOneSubmission(t *testing.T, rp *replay, id, clientID string) {
 	}
 }
 
+// checkStopped closes the client, which stops its websocket stream at once.
 func checkStopped(t *testing.T, c *Client) {
 	t.Helper()
 	c.streamMu.Lock()
-	defer c.streamMu.Unlock()
-	if c.stream != nil {
-		t.Error("websocket stream still running after Run returned")
+	s := c.stream
+	c.streamMu.Unlock()
+	c.Close()
+	if s == nil {
+		return
+	}
+	select {
+	case <-s.done:
+	default:
+		t.Error("websocket stream still running after Close")
 	}
 }
 
@@ -382,7 +390,8 @@ func TestRunCancelDeletesPendingPrompt(t *testing.T) {
 }
 
 // TestRunPromptExists: a newer server refuses a known prompt_id with 409;
-// Run reports ErrPromptExists and Await then follows the existing prompt.
+// Run reports ErrPromptExists and Await then follows the existing prompt on
+// the same websocket.
 func TestRunPromptExists(t *testing.T) {
 	post := loadExchange(t, "10")
 	id := promptIDOf(t, post)
@@ -390,7 +399,12 @@ func TestRunPromptExists(t *testing.T) {
 	rp.on("POST", "/prompt", jsonResponder(409, `{"error": {"type": "prompt_id_exists", "message": "Prompt ID already exists"}}`))
 	rp.serve(loadExchange(t, "11"))
 	rp.serve(loadExchange(t, "12"))
-	rp.script([]wsStep{{text: connectStatus}}, promptScript(t, "ws_1_good.jsonl", -1))
+	steps, rest := connectSteps(t, loadWS(t, "ws_1_good.jsonl"))
+	steps = append(steps, wsStep{awaitGet: "/queue"}) // Await's first check
+	for _, r := range rest {
+		steps = append(steps, r.step(t))
+	}
+	rp.script(steps)
 	c := newTestClient(t, rp)
 	ctx := testContext(t)
 
@@ -399,7 +413,6 @@ func TestRunPromptExists(t *testing.T) {
 		t.Fatalf("Run: %v, want ErrPromptExists", err)
 	}
 	checkOneSubmission(t, rp, id, testClientID)
-	checkStopped(t, c)
 
 	var p progressLog
 	res, err := c.Await(ctx, id, p.add)
@@ -408,6 +421,9 @@ func TestRunPromptExists(t *testing.T) {
 	}
 	if n := len(rp.recorded("POST", "/prompt")); n != 1 {
 		t.Errorf("Await posted the prompt again")
+	}
+	if n := len(rp.recorded("GET", "/ws")); n != 1 {
+		t.Errorf("%d websocket connections, want one for Run and Await", n)
 	}
 	checkStopped(t, c)
 }

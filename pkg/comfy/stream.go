@@ -2,30 +2,48 @@ package comfy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 )
 
-// stream shares one websocket among the Runs of a Client: the server keeps a
-// single socket per client id, so a second connection would silently steal
-// the first one's messages. It connects when the first watcher joins,
-// reconnects with back-off while any watcher remains, and stops with the last.
+// stream shares one websocket among the Runs of a Client. ComfyUI keeps one
+// socket per client id: a second connection takes the first one's messages,
+// and when any connection of the id ends, the server unregisters the id
+// (its handler ends with sockets.pop(sid)), even if a newer connection had
+// taken it over, which then hears nothing more. So the stream dials when the
+// first watcher joins and keeps its socket while watchers come and go, and
+// for idleTimeout after the last one left, rather than re-dialling between
+// prompts. A connection counts as up once the server's greeting arrived: the
+// server registers a socket before it greets it, so a prompt submitted after
+// that has its messages routed to it. The stream reconnects with back-off
+// after a drop while any watcher remains, and when a watcher found the socket
+// deaf (see redial).
 type stream struct {
 	c      *Client
 	refs   int // guarded by c.streamMu
 	cancel context.CancelFunc
 	done   chan struct{}
-	kick   chan struct{}
+	kick   chan struct{} // a watcher joined: skip the rest of the back-off
+	idle   chan struct{} // the last watcher left
+	deaf   chan uint64   // the connection of that number hears nothing
 
 	mu       sync.Mutex
 	watchers map[string]*watcher
 	up       bool
+	conn     uint64 // connections that came up so far: the current one's number while up
+	frames   uint64 // frames received on the current connection
 	failures int
 	lastErr  error
 	changed  chan struct{} // closed and replaced whenever up/failures change
 	current  string        // prompt the server is executing, for messages without prompt_id
 }
+
+var (
+	errIdle = errors.New("idle")
+	errDeaf = errors.New("the server sends this connection nothing")
+)
 
 // linkState tells a watcher that the websocket went down or came back, so
 // that it polls meanwhile and re-checks the prompt's fate after a gap.
@@ -72,13 +90,17 @@ func (w *watcher) take() []item {
 }
 
 // watch registers interest in promptID's messages and waits until the shared
-// websocket is connected, so that nothing sent after it returns is missed.
-// The caller must release the watcher.
+// websocket is connected and registered by the server, so that nothing sent
+// after it returns is missed. The caller must release the watcher.
 func (c *Client) watch(ctx context.Context, promptID string) (*watcher, error) {
 	c.streamMu.Lock()
+	if c.closed {
+		c.streamMu.Unlock()
+		return nil, ErrClientClosed
+	}
 	s := c.stream
 	if s == nil {
-		s = c.startStream()
+		s = c.startStream(c.lastStream)
 		c.stream = s
 	}
 	s.refs++
@@ -124,6 +146,8 @@ func (w *watcher) rekey(id string) {
 	w.s.mu.Unlock()
 }
 
+// release unregisters the watcher; the last one to leave starts the
+// stream's idle countdown.
 func (w *watcher) release() {
 	s, c := w.s, w.s.c
 	c.streamMu.Lock()
@@ -133,28 +157,47 @@ func (w *watcher) release() {
 	}
 	s.mu.Unlock()
 	s.refs--
-	last := s.refs == 0
-	if last && c.stream == s {
-		c.stream = nil
-	}
+	idle := s.refs == 0
 	c.streamMu.Unlock()
-	if last {
-		s.cancel()
-		<-s.done
+	if idle {
+		select {
+		case s.idle <- struct{}{}:
+		default:
+		}
 	}
 }
 
-func (c *Client) startStream() *stream {
+// retire detaches s from its client when no watcher uses it, so that the
+// next watcher starts a new stream, and reports whether s may stop.
+func (c *Client) retire(s *stream) bool {
+	c.streamMu.Lock()
+	defer c.streamMu.Unlock()
+	if s.refs > 0 {
+		return false
+	}
+	if c.stream == s {
+		c.stream = nil
+		c.lastStream = s.done
+	}
+	return true
+}
+
+// startStream starts a stream that dials once prev (the previous stream's
+// done, or nil) is closed, so that the server sees the previous connection
+// end before the new one registers.
+func (c *Client) startStream(prev <-chan struct{}) *stream {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &stream{
 		c:        c,
 		cancel:   cancel,
 		done:     make(chan struct{}),
 		kick:     make(chan struct{}, 1),
+		idle:     make(chan struct{}, 1),
+		deaf:     make(chan uint64, 1),
 		watchers: map[string]*watcher{},
 		changed:  make(chan struct{}),
 	}
-	go s.run(ctx)
+	go s.run(ctx, prev)
 	return s
 }
 
@@ -163,6 +206,10 @@ func (s *stream) setState(up bool, err error) {
 	defer s.mu.Unlock()
 	s.up = up
 	s.current = ""
+	if up {
+		s.conn++
+		s.frames = 0
+	}
 	if err != nil {
 		s.lastErr = err
 		if !up {
@@ -183,62 +230,141 @@ func (s *stream) setState(up bool, err error) {
 	}
 }
 
-func (s *stream) run(ctx context.Context) {
+func (s *stream) run(ctx context.Context, prev <-chan struct{}) {
 	defer close(s.done)
+	if prev != nil {
+		// The server unregisters the client id when it handles the end of
+		// the previous connection: give it time to, before registering anew.
+		select {
+		case <-prev:
+		case <-ctx.Done():
+			return
+		}
+		if !s.sleep(ctx, s.c.reconnectMin, false) {
+			return
+		}
+	}
 	log := s.c.log
 	backoff := s.c.reconnectMin
 	for {
-		sock, err := s.c.Connect(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
+		sock, greeting, err := s.connect(ctx)
+		ownClose := false
+		if err == nil {
+			connectedAt := time.Now()
+			s.setState(true, nil)
+			s.dispatch(greeting)
+			err = s.pump(ctx, sock)
+			_ = sock.Close()
+			if time.Since(connectedAt) > s.c.reconnectMax {
+				backoff = s.c.reconnectMin
+			}
+			if errors.Is(err, errIdle) {
 				return
 			}
-			log.Warn("websocket connect failed", "error", err, "retry_in", backoff)
-			s.setState(false, err)
-			if !s.sleep(ctx, backoff) {
-				return
-			}
-			backoff = min(2*backoff, s.c.reconnectMax)
-			continue
+			ownClose = errors.Is(err, errDeaf)
+			err = fmt.Errorf("comfy: websocket dropped: %w", err)
 		}
-		connectedAt := time.Now()
-		s.setState(true, nil)
-		err = s.pump(ctx, sock)
-		_ = sock.Close()
 		if ctx.Err() != nil {
+			s.setState(false, ErrClientClosed)
 			return
 		}
-		if time.Since(connectedAt) > s.c.reconnectMax {
-			backoff = s.c.reconnectMin
+		s.setState(false, err)
+		if s.c.retire(s) {
+			return
 		}
-		log.Warn("websocket dropped", "error", err, "retry_in", backoff)
-		s.setState(false, fmt.Errorf("comfy: websocket dropped: %w", err))
-		if !s.sleep(ctx, backoff) {
+		log.Warn("websocket down", "error", err, "retry_in", backoff)
+		if !s.sleep(ctx, backoff, !ownClose) {
 			return
 		}
 		backoff = min(2*backoff, s.c.reconnectMax)
 	}
 }
 
-// sleep waits d, or less if a new watcher kicks, and reports false once ctx
-// is done.
-func (s *stream) sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-	case <-s.kick:
+// connect dials the websocket and waits for the server's greeting, the
+// status message it sends once it has registered the socket.
+func (s *stream) connect(ctx context.Context) (*Socket, Event, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.c.connectTimeout)
+	defer cancel()
+	sock, err := s.c.Connect(ctx)
+	if err != nil {
+		return nil, Event{}, err
 	}
-	return true
+	select {
+	case ev, open := <-sock.Events():
+		if open {
+			return sock, ev, nil
+		}
+		if err = sock.Err(); err == nil {
+			err = errors.New("connection closed")
+		}
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	_ = sock.Close()
+	return nil, Event{}, fmt.Errorf("comfy: websocket: no greeting from the server: %w", err)
 }
 
+// sleep waits d, or, if kickable, less when a new watcher kicks, and reports
+// false once ctx is done or the last watcher left. After closing a connection
+// of its own, the stream waits the whole time: the server must handle that
+// end before the next connection registers.
+func (s *stream) sleep(ctx context.Context, d time.Duration, kickable bool) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	kick := s.kick
+	if !kickable {
+		kick = nil
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-s.idle:
+			if s.c.retire(s) {
+				return false
+			}
+		case <-t.C:
+			return true
+		case <-kick:
+			return true
+		}
+	}
+}
+
+// pump delivers the socket's messages until it ends, the stream is
+// cancelled, it has been idle for idleTimeout (errIdle) or a watcher found it
+// deaf (errDeaf).
 func (s *stream) pump(ctx context.Context, sock *Socket) error {
+	var idle *time.Timer
+	var idleC <-chan time.Time
+	defer func() {
+		if idle != nil {
+			idle.Stop()
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-s.idle:
+			if idle == nil {
+				idle = time.NewTimer(s.c.idleTimeout)
+			} else {
+				idle.Reset(s.c.idleTimeout)
+			}
+			idleC = idle.C
+		case <-idleC:
+			idleC = nil
+			if s.c.retire(s) {
+				return errIdle
+			}
+		case n := <-s.deaf:
+			s.mu.Lock()
+			current := s.conn
+			s.mu.Unlock()
+			if n == current {
+				return errDeaf
+			}
 		case ev, open := <-sock.Events():
 			if !open {
 				if err := sock.Err(); err != nil {
@@ -248,6 +374,32 @@ func (s *stream) pump(ctx context.Context, sock *Socket) error {
 			}
 			s.dispatch(ev)
 		}
+	}
+}
+
+// earmark is how much a connection had received at some point.
+type earmark struct{ conn, frames uint64 }
+
+func (s *stream) mark() earmark {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return earmark{s.conn, s.frames}
+}
+
+// silent reports whether the connection of m is still up and has received
+// nothing since m.
+func (s *stream) silent(m earmark) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.up && s.conn == m.conn && s.frames == m.frames
+}
+
+// redial drops connection conn, if it is still the current one, and
+// connects again: the server no longer routes this client's messages to it.
+func (s *stream) redial(conn uint64) {
+	select {
+	case s.deaf <- conn:
+	default:
 	}
 }
 
@@ -261,6 +413,7 @@ var runEvents = map[string]bool{
 func (s *stream) dispatch(ev Event) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.frames++
 	id := ev.PromptID
 	if id == "" {
 		id = s.current

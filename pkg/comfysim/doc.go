@@ -13,6 +13,12 @@
 // nodes write real, small PNG, GIF, WebP and MP4 files to an in-memory
 // disk served by /view.
 //
+// Like ComfyUI it keeps one websocket per client id: a new connection with
+// an id takes over that id's messages, and the end of any connection with
+// the id unregisters it, so a client that re-dials with its id while its
+// old connection is still ending may be left with a socket that hears
+// nothing.
+//
 // Beyond the recorded server it answers 409 when a client-chosen
 // prompt_id is already queued or in the history, as newer servers do.
 //

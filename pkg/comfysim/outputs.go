@@ -10,6 +10,8 @@ import (
 	"image/gif"
 	"image/jpeg"
 	"image/png"
+	"slices"
+	"sync"
 )
 
 // maxOutputSide caps the side of every image the simulator encodes, so
@@ -56,18 +58,77 @@ type textChunk struct {
 	key, value string
 }
 
+// pngBuffers lets the simulators of a process reuse PNG encoder state:
+// allocating a compressor (over a megabyte) cost more than the encoding
+// of a solid image.
+var pngBuffers encoderBufferPool
+
+// encoderBufferPool is a png.EncoderBufferPool.
+type encoderBufferPool struct{ pool sync.Pool }
+
+func (p *encoderBufferPool) Get() *png.EncoderBuffer {
+	b, _ := p.pool.Get().(*png.EncoderBuffer)
+	return b
+}
+
+func (p *encoderBufferPool) Put(b *png.EncoderBuffer) { p.pool.Put(b) }
+
+// solidPNGs keeps the last solid-colour PNGs encoded in the process: scenes
+// repeat sizes and colours, and encoding was the largest part of what a
+// scene cost the simulator.
+var solidPNGs = pngCache{entries: map[pngKey][]byte{}}
+
+// pngCacheSize bounds solidPNGs; an image of at most 256×256 pixels of one
+// colour takes about a kilobyte.
+const pngCacheSize = 512
+
+type pngKey struct {
+	w, h int
+	c    color.NRGBA
+}
+
+type pngCache struct {
+	mu      sync.Mutex
+	entries map[pngKey][]byte
+}
+
+func (p *pngCache) get(k pngKey) ([]byte, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	b, ok := p.entries[k]
+	return b, ok
+}
+
+func (p *pngCache) put(k pngKey, b []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.entries) >= pngCacheSize {
+		for old := range p.entries {
+			delete(p.entries, old)
+			break
+		}
+	}
+	p.entries[k] = b
+}
+
 // encodePNG encodes a solid-colour RGB PNG with tEXt chunks after IHDR.
+// Without texts the result may be shared: callers must not modify it.
 func encodePNG(w, h int, c color.NRGBA, texts []textChunk) ([]byte, error) {
-	var b bytes.Buffer
-	enc := png.Encoder{CompressionLevel: png.BestSpeed}
-	if err := enc.Encode(&b, solidImage(w, h, c)); err != nil {
-		return nil, fmt.Errorf("encode png: %w", err)
+	key := pngKey{w, h, c}
+	raw, ok := solidPNGs.get(key)
+	if !ok {
+		var b bytes.Buffer
+		enc := png.Encoder{CompressionLevel: png.BestSpeed, BufferPool: &pngBuffers}
+		if err := enc.Encode(&b, solidImage(w, h, c)); err != nil {
+			return nil, fmt.Errorf("encode png: %w", err)
+		}
+		raw = slices.Clip(b.Bytes())
+		solidPNGs.put(key, raw)
 	}
 	if len(texts) == 0 {
-		return b.Bytes(), nil
+		return raw, nil
 	}
 	const ihdrEnd = 8 + 4 + 4 + 13 + 4
-	raw := b.Bytes()
 	var out bytes.Buffer
 	out.Write(raw[:ihdrEnd])
 	for _, t := range texts {

@@ -51,6 +51,22 @@ func (o obj) MarshalJSON() ([]byte, error) {
 	return b.Bytes(), nil
 }
 
+// AppendPyJSON appends the members in order, as json.dumps writes a dict.
+func (o obj) AppendPyJSON(out []byte) ([]byte, error) {
+	var err error
+	out = append(out, '{')
+	for i, m := range o {
+		if i > 0 {
+			out = append(out, ", "...)
+		}
+		out = append(pyjson.AppendString(out, m.K), ": "...)
+		if out, err = pyjson.Append(out, m.V); err != nil {
+			return nil, err
+		}
+	}
+	return append(out, '}'), nil
+}
+
 // get returns the value stored under key.
 func (o obj) get(key string) (any, bool) {
 	for _, m := range o {

@@ -15,6 +15,31 @@ func TestOrderedObjectsInPythonsFormat(t *testing.T) {
 	}
 }
 
+// TestPyJSONFastPathMatchesReformat: the direct encoding of the simulator's
+// message types gives the same bytes as encoding/json reformatted.
+func TestPyJSONFastPathMatchesReformat(t *testing.T) {
+	values := []any{
+		nil, true, false, "", "plain", "é<>&\n\"\\\t\x01\x7f🎥", "bad \xff utf-8", 0, -7, int64(1) << 62, pyFloat(2), pyFloat(1e-7),
+		obj(nil), obj{}, []any(nil), []any{}, []string(nil), []string{}, []string{"a", "ü"},
+		obj{{"k:,", obj{{"n", nil}, {"l", []any{1, "x", pyFloat(0.5), obj{{"deep", []string{"y"}}}, 2.5, 3.0}}}}, {"é", map[string]any{"b": 1, "a": 1.5}}},
+		json.RawMessage(`{"raw": [1.0, 2]}`), qnum{v: -3},
+	}
+	for _, v := range values {
+		raw, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := pyjson.Format(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := pyjson.Marshal(v)
+		if err != nil || string(got) != string(want) {
+			t.Errorf("pyjson.Marshal(%#v) = %s, %v; want %s", v, got, err, want)
+		}
+	}
+}
+
 func TestPyRepr(t *testing.T) {
 	for in, want := range map[string]string{
 		"sinc": `'sinc'`, "it's": `"it's"`, `a'b"c`: `'a\'b"c'`, "tab\there": `'tab\there'`, "é": `'é'`, "\x01": `'\x01'`,

@@ -461,17 +461,12 @@ func newInstance(s *Server, ln net.Listener) *instance {
 }
 
 func (in *instance) start() {
-	in.wg.Add(2)
-	go func() {
-		defer in.wg.Done()
+	in.wg.Go(func() {
 		if err := in.srv.Serve(in.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			in.log.Warn("comfysim: serve", "err", err)
 		}
-	}()
-	go func() {
-		defer in.wg.Done()
-		in.work()
-	}()
+	})
+	in.wg.Go(in.work)
 }
 
 // track registers a goroutine that Close and Kill must wait for; it

@@ -271,6 +271,47 @@ func TestCloseStopsEveryGoroutine(t *testing.T) {
 	}
 }
 
+// TestEndOfAReplacedSocketUnregistersItsClientID: as in ComfyUI, whose
+// websocket handler ends with sockets.pop(sid), a socket that ends after
+// another socket took over its client id unregisters the id; the newer
+// socket stays open but hears nothing more until the client reconnects.
+func TestEndOfAReplacedSocketUnregistersItsClientID(t *testing.T) {
+	sim := startSim(t, comfysim.Config{})
+	c := newClient(t, sim.URL())
+	old := dialWS(t, sim.URL(), "twice", false)
+	replacement := dialWS(t, sim.URL(), "twice", false)
+	witness := dialWS(t, sim.URL(), "witness", false)
+	old.close()
+
+	// The server handles the old socket's end shortly after the close
+	// handshake: run prompts until one ends unheard by the replacement.
+	deadline := time.Now().Add(waitTimeout)
+	for i := 0; ; i++ {
+		mark, seen := replacement.mark(), witness.mark()
+		c.submit(tiny(i, "twice"), "twice")
+		witness.waitFor(seen, "the queue emptied", func(f wsFrame) bool {
+			return f.typ == "status" && strings.Contains(string(f.data), `"queue_remaining": 0`)
+		})
+		if replacement.mark() == mark {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the replacement socket still receives after the old one ended: %v", tokens(replacement.since(mark)))
+		}
+	}
+	replacement.mu.Lock()
+	err := replacement.err
+	replacement.mu.Unlock()
+	if err != nil {
+		t.Errorf("the unregistered socket was closed: %v", err)
+	}
+
+	again := dialWS(t, sim.URL(), "twice", false)
+	mark := again.mark()
+	id := c.submit(tiny(0xffffff, "twice"), "twice")
+	again.waitDone(mark, id)
+}
+
 func TestInterrupt(t *testing.T) {
 	sim := startSim(t, comfysim.Config{StepDuration: 10 * time.Millisecond})
 	c := newClient(t, sim.URL())

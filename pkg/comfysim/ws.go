@@ -38,8 +38,12 @@ type frame struct {
 
 // wsClient is one open websocket.
 type wsClient struct {
-	sid             string
-	out             chan frame
+	sid string
+	// out holds the frames waiting to be written, guarded by the hub's
+	// mutex; it grows only as far as a backlog needs, so that an idle
+	// socket costs little. ready has a token while out is not empty.
+	out             []frame
+	ready           chan struct{}
 	gone            chan struct{}
 	goneOnce        sync.Once
 	previewMetadata atomic.Bool
@@ -47,7 +51,7 @@ type wsClient struct {
 }
 
 func newWSClient(sid string) *wsClient {
-	return &wsClient{sid: sid, out: make(chan frame, clientBacklog), gone: make(chan struct{})}
+	return &wsClient{sid: sid, ready: make(chan struct{}, 1), gone: make(chan struct{})}
 }
 
 func (c *wsClient) markGone() {
@@ -57,7 +61,8 @@ func (c *wsClient) markGone() {
 // hub routes messages to websockets: status to all, everything else to
 // the socket registered under the prompt's client_id. A new socket with
 // the same clientId replaces the old one, which stays open but no longer
-// receives anything.
+// receives anything; and, as in ComfyUI, when any socket of a client id
+// ends, the id is unregistered, even if a newer socket had taken it over.
 type hub struct {
 	log *slog.Logger
 
@@ -82,16 +87,30 @@ func (h *hub) stop() {
 }
 
 func (h *hub) enqueueLocked(c *wsClient, f frame) {
-	select {
-	case c.out <- f:
-	default:
-		h.log.Warn("comfysim: websocket client too slow, closing it", "client_id", c.sid, "backlog", clientBacklog)
+	if len(c.out) >= clientBacklog {
+		if !c.tooSlow.Swap(true) {
+			h.log.Warn("comfysim: websocket client too slow, closing it", "client_id", c.sid, "backlog", clientBacklog)
+		}
 		if h.clients[c.sid] == c {
 			delete(h.clients, c.sid)
 		}
-		c.tooSlow.Store(true)
 		c.markGone()
+		return
 	}
+	c.out = append(c.out, f)
+	select {
+	case c.ready <- struct{}{}:
+	default:
+	}
+}
+
+// takeOut returns the frames waiting for c, in order, and empties its queue.
+func (h *hub) takeOut(c *wsClient) []frame {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := c.out
+	c.out = nil
+	return out
 }
 
 // attach registers a socket and queues its greeting: status with its sid
@@ -110,13 +129,14 @@ func (h *hub) attach(c *wsClient, remaining int) bool {
 	return true
 }
 
-// detach unregisters a socket unless another took its place.
+// detach unregisters the client id of a socket that ended. Like ComfyUI's
+// websocket handler (its finally: sockets.pop(sid)), it does so even when
+// a newer socket with the same id took the old one's place: that socket
+// stays open but receives nothing more, not even status broadcasts.
 func (h *hub) detach(c *wsClient) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.clients[c.sid] == c {
-		delete(h.clients, c.sid)
-	}
+	delete(h.clients, c.sid)
 }
 
 func (h *hub) broadcast(data []byte) {
@@ -228,7 +248,9 @@ func serverFeatures() obj {
 	return obj{{"supports_preview_metadata", true}, {"max_upload_size", maxUploadSize}}
 }
 
-// serveWS runs one websocket until the client leaves or the server stops.
+// serveWS upgrades the request and hands the websocket to a goroutine of
+// the instance: http.Server.Shutdown does not wait for hijacked
+// connections, Close and Kill wait for the instance's goroutines.
 func (in *instance) serveWS(w http.ResponseWriter, r *http.Request) {
 	if !in.track() {
 		writeBare(w, http.StatusServiceUnavailable)
@@ -244,17 +266,21 @@ func (in *instance) serveWS(w http.ResponseWriter, r *http.Request) {
 	if sid == "" {
 		sid = in.s.newSID()
 	}
-	c := newWSClient(sid)
+	// Started through WaitGroup.Go, whose Done runs after the goroutine's
+	// own frames have returned, so nothing of it is left once Wait returns.
+	in.wg.Go(func() { in.runWS(conn, sid) })
+}
 
+// runWS serves one websocket until the client leaves or the server stops.
+func (in *instance) runWS(conn *websocket.Conn, sid string) {
+	c := newWSClient(sid)
 	readCtx, stopReading := context.WithCancel(context.Background())
 	defer stopReading()
 	readDone := make(chan struct{})
-	in.wg.Add(1)
-	go func() {
-		defer in.wg.Done()
+	in.wg.Go(func() {
 		defer close(readDone)
 		in.readWS(readCtx, conn, c)
-	}()
+	})
 
 	if in.hub.attach(c, int(in.q.remaining.Load())) {
 		in.writeWS(conn, c)
@@ -281,9 +307,15 @@ func (in *instance) writeWS(conn *websocket.Conn, c *wsClient) {
 			return
 		case <-c.gone:
 			return
-		case f := <-c.out:
-			if in.ctx.Err() != nil {
+		case <-c.ready:
+		}
+		for _, f := range in.hub.takeOut(c) {
+			select {
+			case <-in.ctx.Done():
 				return
+			case <-c.gone:
+				return
+			default:
 			}
 			typ := websocket.MessageText
 			if f.binary {

@@ -46,6 +46,7 @@ func (e *executor) drive(ctx context.Context) {
 		e.live.add(d.node)
 		wg.Go(func() {
 			defer close(d.done)
+			defer client.Close()
 			defer e.live.remove(d.node)
 			e.runNode(nctx, d.node)
 		})

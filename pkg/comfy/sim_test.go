@@ -1,0 +1,199 @@
+package comfy
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+)
+
+// startSim starts a simulator whose nodes take a millisecond.
+func startSim(t *testing.T) *comfysim.Server {
+	t.Helper()
+	sim, err := comfysim.Start(comfysim.Config{NodeDuration: time.Millisecond, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sim.Close() })
+	return sim
+}
+
+// connections returns how many websocket connections the client's current
+// stream made and whether one is up: 0 without a stream.
+func connections(c *Client) (n uint64, up bool) {
+	c.streamMu.Lock()
+	s := c.stream
+	c.streamMu.Unlock()
+	if s == nil {
+		return 0, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conn, s.up
+}
+
+// tinyGraph is a two-node prompt that the simulator runs in about two node
+// durations; i makes each one distinct.
+func tinyGraph(i int) Graph {
+	return Graph{
+		"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"width": 8, "height": 8, "batch_size": 1, "color": i}},
+		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "short"}},
+	}
+}
+
+// TestShortPromptsNeverWaitForTheWatchdog drives many one-millisecond prompts
+// through one Client against the simulator, one at a time (the shared
+// websocket's last watcher leaves between prompts) and two at a time (one
+// running, one queued, as the executor keeps a node busy). Every prompt's
+// messages must reach its Run: with the watchdog out of reach, a Run that
+// missed them would hit its deadline instead of returning.
+func TestShortPromptsNeverWaitForTheWatchdog(t *testing.T) {
+	t.Parallel()
+	sim := startSim(t)
+	c := New(sim.URL(), WithLogger(testLogger(t)))
+	t.Cleanup(func() { c.Close() })
+	c.watchdogInterval = time.Hour
+
+	const perPrompt = 5 * time.Second
+	run := func(i int) error {
+		ctx, cancel := context.WithTimeout(context.Background(), perPrompt)
+		defer cancel()
+		start := time.Now()
+		res, err := c.Run(ctx, tinyGraph(i), "", nil)
+		switch {
+		case err != nil:
+			return fmt.Errorf("prompt %d: %w after %s", i, err, time.Since(start).Round(time.Millisecond))
+		case len(res.Outputs) != 1:
+			return fmt.Errorf("prompt %d: outputs %+v, want one image", i, res.Outputs)
+		}
+		return nil
+	}
+
+	const sequential, paired = 100, 100
+	for i := range sequential {
+		if err := run(i); err != nil {
+			t.Fatalf("one at a time: %v", err)
+		}
+	}
+	next := make(chan int)
+	errs := make(chan error, 2)
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			for i := range next {
+				if err := run(i); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+feed:
+	for i := sequential; i < sequential+paired; i++ {
+		select {
+		case next <- i:
+		case err := <-errs:
+			t.Errorf("two at a time: %v", err)
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("two at a time: %v", err)
+	}
+	if got := sim.Stats().Completed; got != sequential+paired && !t.Failed() {
+		t.Errorf("simulator completed %d prompts, want %d", got, sequential+paired)
+	}
+	if n, _ := connections(c); n != 1 {
+		t.Errorf("%d websocket connections, want one kept for every prompt", n)
+	}
+}
+
+// TestDeafSocketIsRedialled: another connection with the client's id takes
+// the client's registration on the server and ends, as a stale connection of
+// the same id does when the server notices it late. The client's socket stays
+// open but hears nothing; the next Run notices that its submission was not
+// even followed by the status broadcast, follows its prompt by polling, and
+// drops the socket, so that the Run after it hears its prompt again.
+func TestDeafSocketIsRedialled(t *testing.T) {
+	t.Parallel()
+	sim := startSim(t)
+	c := New(sim.URL(), WithLogger(testLogger(t)), WithClientID("deaf"), WithPollInterval(20*time.Millisecond))
+	t.Cleanup(func() { c.Close() })
+	c.watchdogInterval = time.Hour
+	c.silenceTimeout = 100 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Run(ctx, tinyGraph(1), "", nil); err != nil {
+		t.Fatal(err)
+	}
+
+	intruder, _, err := websocket.Dial(ctx, strings.Replace(sim.URL(), "http", "ws", 1)+"/ws?clientId=deaf", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := intruder.Read(ctx); err != nil { // the greeting: it is registered
+		t.Fatal(err)
+	}
+	intruder.CloseNow()
+
+	if _, err := c.Run(ctx, tinyGraph(2), "", nil); err != nil {
+		t.Fatalf("Run on a deaf socket: %v", err)
+	}
+	// The server may handle the end of the dropped socket only after the
+	// next one registered, which is then deaf too: the client recovers the
+	// same way.
+	for i := range 5 {
+		var p progressLog
+		if _, err := c.Run(ctx, tinyGraph(3+i), "", p.add); err != nil {
+			t.Fatal(err)
+		}
+		if len(p.nodes()) > 0 {
+			return
+		}
+	}
+	t.Error("no Run heard its prompt after the socket went deaf")
+}
+
+// TestIdleSocketCloses: the socket outlives a Run by the idle timeout, then
+// closes; the next Run connects again.
+func TestIdleSocketCloses(t *testing.T) {
+	t.Parallel()
+	sim := startSim(t)
+	c := New(sim.URL(), WithLogger(testLogger(t)))
+	t.Cleanup(func() { c.Close() })
+	c.idleTimeout = 20 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := range 2 {
+		if _, err := c.Run(ctx, tinyGraph(i), "", nil); err != nil {
+			t.Fatal(err)
+		}
+		c.streamMu.Lock()
+		s := c.stream
+		c.streamMu.Unlock()
+		if s == nil {
+			t.Fatal("no websocket stream right after Run")
+		}
+		fleettest.Eventually(t, 5*time.Second, func() bool {
+			select {
+			case <-s.done:
+				return true
+			default:
+				return false
+			}
+		}, "the idle websocket stayed open")
+		if n, _ := connections(c); n != 0 {
+			t.Errorf("a retired stream is still the client's")
+		}
+	}
+}
