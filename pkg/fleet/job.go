@@ -3,6 +3,7 @@ package fleet
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -256,6 +257,12 @@ func NewJobState(j *Job) *JobState {
 		Outcomes:  strings.Repeat(string(rune(outcomeOpen)), len(j.Scenes)),
 		CreatedAt: j.CreatedAt, UpdatedAt: j.CreatedAt,
 	}
+}
+
+func (s *JobState) clone() *JobState {
+	c := *s
+	c.Retries = maps.Clone(s.Retries)
+	return &c
 }
 
 // Scenes is the number of scenes of the job.

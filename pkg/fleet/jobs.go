@@ -107,33 +107,48 @@ func (s *Jobs) State(ctx context.Context, id string) (*JobState, uint64, error) 
 // ErrNoChange to skip the write. It returns the state as written (or as read, when
 // nothing changed).
 func (s *Jobs) UpdateState(ctx context.Context, id string, mutate func(*JobState) error) (*JobState, error) {
+	st, _, err := s.UpdateStateFrom(ctx, id, nil, 0, mutate)
+	return st, err
+}
+
+// UpdateStateFrom is UpdateState starting from a state the caller read before, at
+// revision rev, instead of reading it: a copy that is still current saves a read. A
+// nil known reads the state first. It returns the state as written and its revision;
+// known itself is left as it was.
+func (s *Jobs) UpdateStateFrom(ctx context.Context, id string, known *JobState, rev uint64, mutate func(*JobState) error) (*JobState, uint64, error) {
 	for {
-		st, rev, err := s.State(ctx, id)
-		if err != nil {
-			return nil, err
+		var st *JobState
+		if known != nil {
+			st, known = known.clone(), nil
+		} else {
+			var err error
+			if st, rev, err = s.State(ctx, id); err != nil {
+				return nil, 0, err
+			}
 		}
 		if err := mutate(st); errors.Is(err, ErrNoChange) {
-			return st, nil
+			return st, rev, nil
 		} else if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		b, err := json.Marshal(st)
 		if err != nil {
-			return nil, fmt.Errorf("encode state of job %s: %w", id, err)
+			return nil, 0, fmt.Errorf("encode state of job %s: %w", id, err)
 		}
+		var next uint64
 		if rev == 0 {
-			_, err = s.states.Create(ctx, id, b)
+			next, err = s.states.Create(ctx, id, b)
 		} else {
-			_, err = s.states.Update(ctx, id, b, rev)
+			next, err = s.states.Update(ctx, id, b, rev)
 		}
 		if err == nil {
-			return st, nil
+			return st, next, nil
 		}
-		if !errors.Is(err, jetstream.ErrKeyExists) && !isWrongLastSequence(err) {
-			return nil, fmt.Errorf("update state of job %s: %w", id, err)
+		if !casConflict(err) {
+			return nil, 0, fmt.Errorf("update state of job %s: %w", id, err)
 		}
 		if ctx.Err() != nil {
-			return nil, ctx.Err()
+			return nil, 0, ctx.Err()
 		}
 	}
 }
@@ -245,8 +260,42 @@ func directGet(ctx context.Context, nc *nats.Conn, apiPrefix, stream string, req
 	if err != nil {
 		return nil, 0, err
 	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+	}
+	// A callback subscription: a synchronous one would allocate a channel of the
+	// connection's whole pending limit for every read.
+	var (
+		mu      sync.Mutex
+		out     []*nats.Msg
+		pending uint64
+		failure error
+		ended   = make(chan struct{})
+	)
 	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
+	sub, err := nc.Subscribe(inbox, func(m *nats.Msg) {
+		mu.Lock()
+		defer mu.Unlock()
+		select {
+		case <-ended:
+			return
+		default:
+		}
+		switch status := m.Header.Get("Status"); status {
+		case "":
+			out = append(out, m)
+			return
+		case "204":
+			pending, _ = strconv.ParseUint(m.Header.Get("Nats-Num-Pending"), 10, 64)
+		case "404":
+			out = nil
+		default:
+			failure = fmt.Errorf("direct get from %s: status %s %s", stream, status, m.Header.Get("Description"))
+		}
+		close(ended)
+	})
 	if err != nil {
 		return nil, 0, err
 	}
@@ -254,29 +303,14 @@ func directGet(ctx context.Context, nc *nats.Conn, apiPrefix, stream string, req
 	if err := nc.PublishRequest(apiPrefix+"DIRECT.GET."+stream, inbox, req); err != nil {
 		return nil, 0, err
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
+	select {
+	case <-ended:
+	case <-ctx.Done():
+		return nil, 0, fmt.Errorf("direct get from %s: %w", stream, ctx.Err())
 	}
-	var out []*nats.Msg
-	for {
-		m, err := sub.NextMsgWithContext(ctx)
-		if err != nil {
-			return nil, 0, fmt.Errorf("direct get from %s: %w", stream, err)
-		}
-		switch status := m.Header.Get("Status"); status {
-		case "":
-			out = append(out, m)
-		case "204":
-			pending, _ := strconv.ParseUint(m.Header.Get("Nats-Num-Pending"), 10, 64)
-			return out, pending, nil
-		case "404":
-			return nil, 0, nil
-		default:
-			return nil, 0, fmt.Errorf("direct get from %s: status %s %s", stream, status, m.Header.Get("Description"))
-		}
-	}
+	mu.Lock()
+	defer mu.Unlock()
+	return out, pending, failure
 }
 
 // ReadStream returns the messages of stream on subjects matching filter, from

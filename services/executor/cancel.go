@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -33,18 +35,20 @@ func (e *executor) cancelJob(ctx context.Context, job string) int {
 	return ended
 }
 
-// followCancels listens to the cancelled events of every scene from now on and ends
-// the attempts of those scenes that run here. The consumer is ordered, so it picks up
-// where it was after a lost connection. Call the returned function to stop.
+// cancelMemory is how far back the executor reads cancellations when it starts, and
+// how long it remembers each: a scene placed before its job was cancelled and
+// delivered later is dropped without a look at its events.
+const cancelMemory = 10 * time.Minute
+
+// followCancels listens to the cancelled events of every scene, from cancelMemory
+// ago on, remembers their jobs, and ends the attempts of those jobs' scenes that run
+// here. The consumer is ordered, so it picks up where it was after a lost
+// connection. Call the returned function to stop.
 func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
-	info, err := e.events.Info(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("executor: events stream: %w", err)
-	}
 	cons, err := e.events.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{fleet.SceneCancelledFilter},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
-		OptStartSeq:    info.State.LastSeq + 1,
+		DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
+		OptStartTime:   new(time.Now().Add(-cancelMemory)),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("executor: consumer of cancelled events: %w", err)
@@ -56,6 +60,7 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 			return
 		}
 		// A job is cancelled as a whole.
+		e.cancels.add(ev.JobID, ev.Time)
 		if n := e.cancelJob(ctx, ev.JobID); n > 0 {
 			e.log.Info("job cancelled; interrupting its scenes", "job", ev.JobID, "attempts", n)
 		}
@@ -64,4 +69,31 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 		return nil, fmt.Errorf("executor: follow cancelled events: %w", err)
 	}
 	return func() { cc.Stop(); <-cc.Closed() }, nil
+}
+
+// cancelledJobs are the jobs cancelled in the last cancelMemory.
+type cancelledJobs struct {
+	mu   sync.Mutex
+	jobs map[string]time.Time
+}
+
+func (c *cancelledJobs) add(job string, at time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.jobs == nil {
+		c.jobs = map[string]time.Time{}
+	}
+	for j, t := range c.jobs {
+		if time.Since(t) > cancelMemory {
+			delete(c.jobs, j)
+		}
+	}
+	c.jobs[job] = at
+}
+
+func (c *cancelledJobs) has(job string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.jobs[job]
+	return ok
 }

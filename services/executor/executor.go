@@ -132,6 +132,7 @@ type executor struct {
 	events    jetstream.Stream
 	payloads  jetstream.Stream
 	live      liveNodes
+	cancels   cancelledJobs
 	metrics   metrics
 }
 

@@ -86,9 +86,16 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 	release := n.hold(t.RunKey(), t.JobID, promptID(t, attempt), cancel)
 	defer release()
 
-	if ended, err := e.jobs.SceneEnded(ctx, t.JobID, t.Index, t.Retry); err == nil && ended {
-		log.Info("scene already ended; dropping its redelivery")
+	if e.cancels.has(t.JobID) {
+		log.Info("job cancelled; dropping its scene")
 		return nil
+	}
+	// A scene delivered again, or back from another node, may have ended since.
+	if delivered > 1 || t.Moves > 0 {
+		if ended, err := e.jobs.SceneEnded(ctx, t.JobID, t.Index, t.Retry); err == nil && ended {
+			log.Info("scene already ended; dropping its redelivery")
+			return nil
+		}
 	}
 	item, err := e.load(runCtx, t)
 	if errors.Is(err, errPayloadMissing) {

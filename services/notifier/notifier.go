@@ -117,6 +117,7 @@ type notifier struct {
 	pub      *fleet.Publisher
 	webhooks metric.Int64Counter
 	running  runningJobs
+	states   stateCache
 }
 
 // Run runs the notifier until ctx is done.
@@ -206,12 +207,16 @@ func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
 		n.running.add(ev.JobID)
 		return nil
 	}
-	st, err := n.jobs.UpdateState(ctx, ev.JobID, func(st *fleet.JobState) error {
+	known, rev := n.states.get(ev.JobID)
+	st, rev, err := n.jobs.UpdateStateFrom(ctx, ev.JobID, known, rev, func(st *fleet.JobState) error {
 		if !st.End(ev.Index, ev.Retry, ev.Type, ev.Time) {
 			return fleet.ErrNoChange
 		}
 		return nil
 	})
+	if err == nil {
+		n.states.put(ev.JobID, st, rev)
+	}
 	if errors.Is(err, fleet.ErrJobNotFound) {
 		return fleet.UnknownJob(msg, ev.JobID)
 	}
@@ -227,6 +232,7 @@ func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
 		return nil
 	}
 	n.running.remove(ev.JobID)
+	n.states.drop(ev.JobID)
 	done := fleet.DoneMsg{JobID: st.ID, Round: st.Round}
 	return n.pub.JSON(ctx, fleet.DoneSubject(st.ID), done.MsgID(), done)
 }
@@ -258,6 +264,44 @@ func (n *notifier) recordDeadLetter(ctx context.Context, st *fleet.JobState, ev 
 		return fmt.Errorf("record dead letter: %w", err)
 	}
 	return nil
+}
+
+// stateCache keeps the last state the tracker wrote of each job it is following, with
+// its revision: the next end of one of the job's scenes is then written without a read
+// first, unless another notifier wrote in between.
+type stateCache struct {
+	mu     sync.Mutex
+	states map[string]cachedState
+}
+
+type cachedState struct {
+	st  *fleet.JobState
+	rev uint64
+}
+
+// stateCacheKept bounds the states kept; past it, the cache starts afresh.
+const stateCacheKept = 1 << 14
+
+func (c *stateCache) get(job string) (*fleet.JobState, uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.states[job]
+	return s.st, s.rev
+}
+
+func (c *stateCache) put(job string, st *fleet.JobState, rev uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.states == nil || len(c.states) >= stateCacheKept {
+		c.states = map[string]cachedState{}
+	}
+	c.states[job] = cachedState{st, rev}
+}
+
+func (c *stateCache) drop(job string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.states, job)
 }
 
 // runningJobs remembers jobs known to have started, so that the starts of their
