@@ -97,12 +97,14 @@ func parseNode(v string) (fleet.NodeConfig, error) {
 // serviceFlags are the flags of a service that runs against an external NATS.
 type serviceFlags struct {
 	natsURL  string
+	health   string
 	settings settingsFlags
 	log      logFlags
 }
 
 func (s *serviceFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&s.natsURL, "nats", nats.DefaultURL, "NATS server URL(s), comma-separated")
+	fs.StringVar(&s.health, "health", "", "listen address for container probes: /healthz (alive) and /readyz (connected to NATS); none if empty")
 	s.settings.register(fs)
 	s.log.register(fs)
 }
@@ -147,7 +149,18 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 		_ = shutdown(ctx)
 		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURLs(s.natsURL), err)
 	}
+	stopHealth := func() {}
+	if s.health != "" {
+		h, err := startHealth(s.health, nc)
+		if err != nil {
+			nc.Close()
+			_ = shutdown(ctx)
+			return nil, err
+		}
+		stopHealth = h.stop
+	}
 	return &service{conn: nc, settings: settings, log: log, close: func() {
+		stopHealth()
 		_ = nc.Drain()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()

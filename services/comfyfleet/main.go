@@ -10,6 +10,7 @@
 //	comfyfleet nats          a NATS server with JetStream, for running the services apart
 //	comfyfleet bench NAME    a benchmark that prints a table (failover)
 //	comfyfleet apikey create an API key for a tenant and role
+//	comfyfleet healthcheck   exit 0 if --url answers 2xx (container health checks)
 //
 // Every flag can also be set by an environment variable: COMFYFLEET_ and the flag's
 // name in upper case with '-' as '_' (COMFYFLEET_HTTP=0.0.0.0:8080). Flags win.
@@ -45,6 +46,7 @@ func commands() []command {
 		{"nats", "run a NATS server with JetStream (embedded nats-server) alone", runNATS},
 		{"bench", "run a benchmark and print its table: failover", runBench},
 		{"apikey", "create an API key: apikey create --tenant NAME --role read|submit|admin", runAPIKey},
+		{"healthcheck", "exit 0 if --url answers 2xx: a container health check without curl", runHealthcheck},
 	}
 }
 
@@ -84,6 +86,11 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "\n'comfyfleet <command> -h' lists a command's flags and their environment variables.")
 }
 
+// parsed, when set, is called with a command's flag set once its arguments have
+// parsed, and its error is returned instead of running the command: tests check
+// command lines (docker-compose.yml, deploy/k8s) with it.
+var parsed func(*flag.FlagSet) error
+
 // parse parses args into fs after applying COMFYFLEET_* environment variables, so
 // that flags on the command line win.
 func parse(fs *flag.FlagSet, args []string) error {
@@ -108,7 +115,13 @@ func parse(fs *flag.FlagSet, args []string) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	return fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if parsed != nil {
+		return parsed(fs)
+	}
+	return nil
 }
 
 func envName(flagName string) string {
