@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
 )
@@ -273,8 +274,9 @@ func connectAs(t *testing.T, s *server.Server, user, password string) *nats.Conn
 // TestHubClusterAndRegionLeafFromDeployConfigs starts the three hub servers from
 // hub.conf and a region's leaf node from its leaf-<region>.conf, runs an executor in
 // that region against the leaf node, and checks that the hub sees it (its node in the
-// registry, its heartbeats), and that the link carries what an executor may publish
-// and nothing else.
+// registry, its heartbeats), that the executor user of the region stores outputs and
+// takes and acknowledges work in the hub's JetStream, and that the link carries what
+// an executor may publish and nothing else.
 func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 	passwords := setNATSEnv(t)
 	// JetStream needs its routes configured before the cluster starts, so the
@@ -363,6 +365,48 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		_, err = registry.Get(ctx, "gpu-"+region)
 		return err == nil
 	}, "the node of the %s executor is not in the hub's registry", region)
+
+	// An output stored in the region lands in the hub's object store.
+	regional := connectAs(t, leaf, "executor", passwords["executor"])
+	regionalJS, err := jetstream.New(regional)
+	if err != nil {
+		t.Fatal(err)
+	}
+	outputs, err := regionalJS.ObjectStore(ctx, "fleet_outputs")
+	if err != nil {
+		t.Fatalf("the outputs' object store through the leaf node: %v", err)
+	}
+	if _, err := outputs.PutBytes(ctx, "job/0/out.png", []byte("png")); err != nil {
+		t.Fatalf("store an output through the leaf node: %v", err)
+	}
+	hubOutputs, err := intakeJS.ObjectStore(ctx, "fleet_outputs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := hubOutputs.GetBytes(ctx, "job/0/out.png"); err != nil || string(got) != "png" {
+		t.Fatalf("the output stored in %s reads %q, %v in the hub", region, got, err)
+	}
+
+	// Work placed in the hub reaches a consumer in the region, and its ack returns.
+	probe, err := regionalJS.CreateOrUpdateConsumer(ctx, fleet.StreamWork, jetstream.ConsumerConfig{
+		Durable: "node-probe", FilterSubject: fleet.WorkSubject("probe"), AckPolicy: jetstream.AckExplicitPolicy})
+	if err != nil {
+		t.Fatalf("a work consumer through the leaf node: %v", err)
+	}
+	if _, err := adminJS.Publish(ctx, fleet.WorkSubject("probe"), []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	batch, err := probe.Fetch(1, jetstream.FetchMaxWait(10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	work, ok := <-batch.Messages()
+	if !ok {
+		t.Fatalf("no work reached the region: %v", batch.Error())
+	}
+	if err := work.DoubleAck(ctx); err != nil {
+		t.Fatalf("ack work through the leaf node: %v", err)
+	}
 
 	// Whatever a region runs, its link carries no more than an executor may publish:
 	// a leaf node without any users of its own, logged in as the leaf user.
