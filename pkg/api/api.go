@@ -43,7 +43,7 @@ type Scene struct {
 
 // Output is a downloadable file of a scene.
 type Output struct {
-	Name        string `json:"name"`
+	Name        string `json:"name" doc:"File name, unique within the job: s<index>_ and the name ComfyUI gave the file, e.g. s3_comfyfleet_00001_.png."`
 	ContentType string `json:"content_type"`
 	Size        int64  `json:"size"`
 	Kind        string `json:"kind,omitempty" doc:"ComfyUI output kind: images, gifs, audio, …"`

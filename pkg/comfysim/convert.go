@@ -8,6 +8,8 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // widgetValue is a literal input after Python's int()/float() conversion.
@@ -29,7 +31,7 @@ func (w widgetValue) str() string {
 	if w.isInt {
 		return w.i.String()
 	}
-	return formatPyFloat(w.f)
+	return pyjson.FormatFloat(w.f)
 }
 
 func (w widgetValue) big() *big.Float {

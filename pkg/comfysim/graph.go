@@ -32,9 +32,10 @@ type graph struct {
 // errBadPrompt marks a prompt the real server fails on with a 500.
 var errBadPrompt = errors.New("malformed prompt")
 
-// parseGraph reads the "prompt" member of POST /prompt. A prompt that is
-// not an object of objects makes the real server raise, hence errBadPrompt.
-func parseGraph(raw json.RawMessage) (*graph, error) {
+// parseGraph reads the "prompt" member of POST /prompt against the node
+// classes of the server. A prompt that is not an object of objects makes
+// the real server raise, hence errBadPrompt.
+func parseGraph(raw json.RawMessage, classes *classTable) (*graph, error) {
 	members, err := parseObject(raw)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", errBadPrompt, err)

@@ -4,6 +4,8 @@ import (
 	_ "embed"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 )
 
@@ -52,6 +54,9 @@ type nodeClass struct {
 	Inputs     []inputSpec
 	Outputs    []string
 	OutputNode bool
+	// models replaces the option lists of model-file inputs in info, by input name
+	// (Config.Models).
+	models map[string][]string
 }
 
 // input returns the declared input called name.
@@ -78,8 +83,14 @@ func (c *nodeClass) hidden() []member {
 }
 
 // render builds the object_info entry, replacing the option lists of
-// inputs named in choices (LoadImage lists the files in the input folder).
+// inputs named in choices (LoadImage lists the files in the input folder)
+// and of the model inputs the server configures.
 func (c *nodeClass) render(choices map[string][]string) obj {
+	if len(c.models) > 0 {
+		merged := maps.Clone(c.models)
+		maps.Copy(merged, choices)
+		choices = merged
+	}
 	out := membersObj(c.info)
 	if len(choices) == 0 {
 		return out
@@ -111,6 +122,81 @@ func (c *nodeClass) render(choices map[string][]string) obj {
 type classTable struct {
 	order  []string
 	byName map[string]*nodeClass
+}
+
+// withModels returns a copy of t whose model inputs offer the files given
+// by input name, and that lacks the classes in without. A name that no
+// class declares as a combo input, or no class of t, is an error.
+func (t *classTable) withModels(models map[string][]string, without []string) (*classTable, error) {
+	for _, name := range without {
+		if _, ok := t.byName[name]; !ok {
+			return nil, fmt.Errorf("no class %q to leave out", name)
+		}
+	}
+	used := map[string]bool{}
+	out := &classTable{byName: make(map[string]*nodeClass, len(t.byName))}
+	for _, name := range t.order {
+		if slices.Contains(without, name) {
+			continue
+		}
+		c := t.byName[name]
+		var copied *nodeClass
+		for i, in := range c.Inputs {
+			files, ok := models[in.Name]
+			if !ok || !in.isCombo() {
+				continue
+			}
+			used[in.Name] = true
+			if copied == nil {
+				cc := *c
+				cc.Inputs = slices.Clone(c.Inputs)
+				cc.models = maps.Clone(c.models)
+				if cc.models == nil {
+					cc.models = map[string][]string{}
+				}
+				copied = &cc
+			}
+			spec, err := in.offering(files)
+			if err != nil {
+				return nil, fmt.Errorf("class %s input %s: %w", name, in.Name, err)
+			}
+			copied.Inputs[i] = spec
+			copied.models[in.Name] = spec.Choices
+		}
+		if copied != nil {
+			c = copied
+		}
+		out.order = append(out.order, name)
+		out.byName[name] = c
+	}
+	for name := range models {
+		if !used[name] {
+			return nil, fmt.Errorf("no class has a combo input %q", name)
+		}
+	}
+	return out, nil
+}
+
+// offering returns the combo input with files as its options, sorted as
+// ComfyUI sorts a model folder's listing.
+func (in inputSpec) offering(files []string) (inputSpec, error) {
+	files = slices.Clone(files)
+	slices.Sort(files)
+	files = slices.Compact(files)
+	if files == nil {
+		files = []string{}
+	}
+	parts, _ := parseArray(in.Raw)
+	spec := []any{files}
+	for _, p := range parts[1:] {
+		spec = append(spec, p)
+	}
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		return in, err
+	}
+	in.Raw, in.Choices = raw, files
+	return in, nil
 }
 
 // classes is parsed once from the embedded table; a malformed table is a
@@ -220,6 +306,7 @@ func (s *Server) objectInfo(name string) obj {
 	}
 	sort.Strings(images)
 	dynamic := map[string]map[string][]string{"LoadImage": {"image": images}}
+	classes := s.classes()
 	if name != "" {
 		c, ok := classes.byName[name]
 		if !ok {

@@ -4,35 +4,14 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
-func TestFormatPyFloat(t *testing.T) {
-	for f, want := range map[float64]string{
-		0: "0.0", 1: "1.0", -2.5: "-2.5", 0.1: "0.1", 100: "100.0", 1e16: "1e+16", 1.5e-7: "1.5e-07",
-		0.0001: "0.0001", 123456789012345678: "1.2345678901234568e+17", 8: "8.0",
-	} {
-		if got := formatPyFloat(f); got != want {
-			t.Errorf("formatPyFloat(%v) = %s, want %s", f, got, want)
-		}
-	}
-}
-
-func TestPyFormat(t *testing.T) {
-	cases := map[string]string{
-		`{"a":1,"b":[1.50,2e3,"x"]}`:                `{"a": 1, "b": [1.5, 2000.0, "x"]}`,
-		`{"s":"é\u003c\n\"\\","e":"🎥"}`:             `{"s": "\u00e9<\n\"\\", "e": "\ud83c\udfa5"}`,
-		`[true,false,null,-0,18446744073709551615]`: `[true, false, null, -0, 18446744073709551615]`,
-		`{"k:,":"v, w: x"}`:                         `{"k:,": "v, w: x"}`,
-	}
-	for in, want := range cases {
-		got, err := pyFormat([]byte(in))
-		if err != nil || string(got) != want {
-			t.Errorf("pyFormat(%s) = %s, %v; want %s", in, got, err, want)
-		}
-	}
-	b, err := pyJSON(obj{{"z", 1}, {"a", obj{}}, {"m", pyFloat(1)}, {"n", nil}})
+func TestOrderedObjectsInPythonsFormat(t *testing.T) {
+	b, err := pyjson.Marshal(obj{{"z", 1}, {"a", obj{}}, {"m", pyFloat(1)}, {"n", nil}})
 	if err != nil || string(b) != `{"z": 1, "a": {}, "m": 1.0, "n": null}` {
-		t.Errorf("pyJSON: %s %v", b, err)
+		t.Errorf("pyjson.Marshal: %s %v", b, err)
 	}
 }
 
@@ -116,7 +95,7 @@ func TestTorchRepr(t *testing.T) {
 func TestObjectInfoTable(t *testing.T) {
 	for _, name := range classes.order {
 		c := classes.byName[name]
-		if _, err := pyJSON(c.render(nil)); err != nil {
+		if _, err := pyjson.Marshal(c.render(nil)); err != nil {
 			t.Errorf("%s: %v", name, err)
 		}
 		for _, in := range c.Inputs {

@@ -9,6 +9,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // maxUploadSize is the server's --max-upload-size (100 MB), which aiohttp
@@ -20,7 +22,7 @@ const maxUploadSize = 100 << 20
 var sensitiveExtraData = []string{"auth_token_comfy_org", "api_key_comfy_org"}
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
-	body, err := pyJSON(v)
+	body, err := pyjson.Marshal(v)
 	if err != nil {
 		writeServerError(w)
 		return
@@ -257,7 +259,7 @@ func (in *instance) postPrompt(w http.ResponseWriter, r *http.Request, _ string)
 		writeJSON(w, http.StatusBadRequest, noPrompt)
 		return
 	}
-	g, err := parseGraph(promptRaw)
+	g, err := parseGraph(promptRaw, in.s.classes())
 	if err != nil {
 		in.log.Debug("comfysim: malformed prompt", "err", err)
 		writeServerError(w)

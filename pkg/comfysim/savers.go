@@ -7,6 +7,8 @@ import (
 	"path"
 	"strconv"
 	"strings"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // maxImagesPerNode caps how many files one save node writes for a batch.
@@ -15,7 +17,7 @@ const maxImagesPerNode = 64
 // pngTexts is the metadata ComfyUI embeds in saved images: the prompt
 // and every extra_pnginfo entry (the UI's workflow).
 func (r *nodeRun) pngTexts() []textChunk {
-	prompt, err := pyFormat(r.e.j.g.raw)
+	prompt, err := pyjson.Format(r.e.j.g.raw)
 	if err != nil {
 		return nil
 	}
@@ -24,7 +26,7 @@ func (r *nodeRun) pngTexts() []textChunk {
 		if b, ok := raw.(json.RawMessage); ok {
 			ms, _ := parseObject(b)
 			for _, m := range ms {
-				if v, err := pyFormat(m.Raw); err == nil {
+				if v, err := pyjson.Format(m.Raw); err == nil {
 					texts = append(texts, textChunk{m.Key, string(v)})
 				}
 			}

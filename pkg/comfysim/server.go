@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -69,6 +70,19 @@ type Config struct {
 	// OnRendered, if set, is called with the id of each prompt that ran to
 	// success, after its history is recorded. Defaults to nil.
 	OnRendered func(promptID string)
+	// Models replaces the model files the node has, by input name: "ckpt_name"
+	// sets the checkpoints every checkpoint loader lists in /object_info and
+	// accepts, "lora_name" the LoRAs, "vae_name" the VAEs. Inputs left out
+	// keep the embedded table's files (every checkpoint the shipped workflow
+	// templates use). A name that no class declares as a combo input makes
+	// Start fail. Defaults to nil.
+	Models map[string][]string
+	// WithoutClasses are node classes the node lacks, as a server without a
+	// custom node ("VHS_VideoCombine") or one of an older release: they are
+	// missing from /object_info, and a prompt naming one is rejected as a
+	// real server rejects an unknown class. A class the table does not have
+	// makes Start fail. Defaults to none.
+	WithoutClasses []string
 }
 
 func (c Config) withDefaults() Config {
@@ -164,6 +178,10 @@ type Server struct {
 
 	statsMu sync.Mutex
 	stats   Stats
+
+	// modelsMu serialises changes of table; readers load it.
+	modelsMu sync.Mutex
+	table    atomic.Pointer[classTable]
 }
 
 // Start listens on cfg.Addr and serves in the background until Close.
@@ -171,6 +189,15 @@ func Start(cfg Config) (*Server, error) {
 	cfg = cfg.withDefaults()
 	s := &Server{cfg: cfg, log: cfg.Logger, files: newFileStore(), rng: cfg.Rand}
 	s.speed.Store(math.Float64bits(cfg.Speed))
+	table := classes
+	if len(cfg.Models) > 0 || len(cfg.WithoutClasses) > 0 {
+		t, err := classes.withModels(cfg.Models, cfg.WithoutClasses)
+		if err != nil {
+			return nil, fmt.Errorf("comfysim: config: %w", err)
+		}
+		table = t
+	}
+	s.table.Store(table)
 	example, err := encodePNG(64, 64, colorOf(0x808080), nil)
 	if err != nil {
 		return nil, fmt.Errorf("comfysim: %w", err)
@@ -284,6 +311,44 @@ func (s *Server) Model() string {
 		return ""
 	}
 	return inst.gpu.resident()
+}
+
+// classes returns the node classes the server has now.
+func (s *Server) classes() *classTable { return s.table.Load() }
+
+// SetModels replaces the files that the model inputs called input offer
+// (see Config.Models), from the next request on: a refreshed /object_info
+// shows them, and prompts are validated against them.
+func (s *Server) SetModels(input string, files []string) error {
+	s.modelsMu.Lock()
+	defer s.modelsMu.Unlock()
+	t, err := s.table.Load().withModels(map[string][]string{input: files}, nil)
+	if err != nil {
+		return fmt.Errorf("comfysim: set models: %w", err)
+	}
+	s.table.Store(t)
+	return nil
+}
+
+// AddModel adds file to the files that the model inputs called input
+// offer, as when a checkpoint is copied into a node's models folder.
+func (s *Server) AddModel(input, file string) error {
+	s.modelsMu.Lock()
+	defer s.modelsMu.Unlock()
+	t := s.table.Load()
+	var files []string
+	for _, name := range t.order {
+		if in, ok := t.byName[name].input(input); ok && in.isCombo() {
+			files = append(slices.Clone(in.Choices), file)
+			break
+		}
+	}
+	t, err := t.withModels(map[string][]string{input: files}, nil)
+	if err != nil {
+		return fmt.Errorf("comfysim: add model: %w", err)
+	}
+	s.table.Store(t)
+	return nil
 }
 
 // SetSpeed changes the relative GPU speed from the next step or node on;

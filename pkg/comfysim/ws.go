@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // writeTimeout bounds one websocket write to a client that stopped
@@ -191,7 +193,7 @@ func previewPlain(png []byte) []byte {
 }
 
 func previewWithMetadata(meta obj, png []byte) []byte {
-	m, err := pyJSON(meta)
+	m, err := pyjson.Marshal(meta)
 	if err != nil {
 		m = []byte("{}")
 	}
@@ -203,7 +205,7 @@ func previewWithMetadata(meta obj, png []byte) []byte {
 
 // message encodes {"type": typ, "data": data} as the server sends it.
 func message(typ string, data any) []byte {
-	b, err := pyJSON(obj{{"type", typ}, {"data", data}})
+	b, err := pyjson.Marshal(obj{{"type", typ}, {"data", data}})
 	if err != nil {
 		// Every payload is built from encodable values.
 		panic("comfysim: encode " + typ + ": " + err.Error())

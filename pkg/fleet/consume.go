@@ -4,24 +4,204 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
+	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
 
-// Handler decides one message: it must Ack, Nak or Term it. ctx carries the trace
-// context found in the message's headers.
-type Handler func(ctx context.Context, msg jetstream.Msg)
+// Handler processes one message. What it returns settles the message: nil acks it;
+// an error made by RetryAfter naks it with that delay; one made by Permanent
+// terminates it with its reason; any other error naks it with a back-off from the
+// number of deliveries. A handler never acks, naks or terminates a message itself;
+// a handler that panics is recovered, logged with its stack, and its message retried.
+type Handler func(ctx context.Context, msg jetstream.Msg) error
 
-// Consume feeds the messages of the durable consumer cfg on stream, one at a time, to
-// handle until ctx is done. It creates the consumer, and creates it and its
-// iterator again whenever they stop (the consumer lost, a NATS server restarted on
-// another store), so a running service never stops consuming unnoticed.
-func Consume(ctx context.Context, js jetstream.JetStream, stream string, cfg jetstream.ConsumerConfig, log *slog.Logger, handle Handler) error {
+// retryAfter is the error of a handler that wants its message again after delay.
+type retryAfter struct {
+	delay time.Duration
+	err   error
+}
+
+func (e *retryAfter) Error() string { return e.err.Error() }
+func (e *retryAfter) Unwrap() error { return e.err }
+
+// RetryAfter makes a handler's message come again after delay, for err.
+func RetryAfter(delay time.Duration, err error) error {
+	if err == nil {
+		err = errors.New("retry")
+	}
+	return &retryAfter{delay: delay, err: err}
+}
+
+// permanent is the error of a handler whose message can never succeed.
+type permanent struct{ err error }
+
+func (e *permanent) Error() string { return e.err.Error() }
+func (e *permanent) Unwrap() error { return e.err }
+
+// Permanent makes a handler's message be dropped (terminated) for err: retrying
+// cannot help.
+func Permanent(err error) error { return &permanent{err: err} }
+
+// unknownJobDeliveries is how often a message about a job that cannot be found is
+// tried before it is dropped: a job always exists before anything about it is
+// published, so "not found" is a store still recovering, until it persists.
+const unknownJobDeliveries = 5
+
+// UnknownJob is what a handler returns for a message about a job that was not found:
+// it is tried again a second later, and dropped after a few deliveries.
+func UnknownJob(msg jetstream.Msg, job string) error {
+	err := fmt.Errorf("job %s: %w", job, ErrJobNotFound)
+	if md, mdErr := msg.Metadata(); mdErr == nil && md.NumDelivered < unknownJobDeliveries {
+		return RetryAfter(time.Second, err)
+	}
+	return Permanent(err)
+}
+
+// handlerBackoff is the first delay of a message whose handler failed; it doubles
+// per delivery up to handlerMaxBackoff.
+const (
+	handlerBackoff    = 500 * time.Millisecond
+	handlerMaxBackoff = 30 * time.Second
+)
+
+// Processor runs handlers for the messages of one consumer and settles them by what
+// the handlers return, with a span, metrics, logs and panic recovery around each: the
+// one place that does so for every consumer of the fleet.
+type Processor struct {
+	name   string
+	log    *slog.Logger
+	handle Handler
+	tracer trace.Tracer
+	count  metric.Int64Counter
+	took   metric.Float64Histogram
+}
+
+// NewProcessor returns the Processor of the consumer name of service (its spans and
+// metrics are the service's: "comfyfleet/<service>") running handle.
+func NewProcessor(service, name string, log *slog.Logger, handle Handler) *Processor {
+	scope := "comfyfleet/" + service
+	meter := otel.Meter(scope)
+	count, _ := meter.Int64Counter("comfyfleet.messages",
+		metric.WithDescription("Messages handled, by consumer and outcome: ack, retry, term or panic."))
+	took, _ := meter.Float64Histogram("comfyfleet.message.duration", metric.WithUnit("s"),
+		metric.WithDescription("Time a handler took, by consumer."))
+	return &Processor{name: name, log: log, handle: handle, tracer: otel.Tracer(scope), count: count, took: took}
+}
+
+// Process handles msg and settles it.
+func (p *Processor) Process(ctx context.Context, msg jetstream.Msg) {
+	ctx = telemetry.Extract(ctx, msg.Headers())
+	ctx, span := p.tracer.Start(ctx, p.name, trace.WithSpanKind(trace.SpanKindConsumer),
+		trace.WithAttributes(attribute.String("messaging.destination.name", msg.Subject())))
+	defer span.End()
+	start := time.Now()
+	err := p.run(ctx, msg)
+	outcome := p.settle(msg, err)
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+	}
+	attrs := metric.WithAttributes(attribute.String("consumer", p.name))
+	p.took.Record(ctx, time.Since(start).Seconds(), attrs)
+	p.count.Add(ctx, 1, attrs, metric.WithAttributes(attribute.String("outcome", outcome)))
+}
+
+// errPanicked marks a handler that panicked.
+var errPanicked = errors.New("handler panicked")
+
+func (p *Processor) run(ctx context.Context, msg jetstream.Msg) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.log.Error("handler panicked; its message will be retried", "consumer", p.name, "subject", msg.Subject(),
+				"panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("%w: %v", errPanicked, r)
+		}
+	}()
+	return p.handle(ctx, msg)
+}
+
+// settle acknowledges, retries or terminates msg by err, and names what it did.
+func (p *Processor) settle(msg jetstream.Msg, err error) string {
+	var ra *retryAfter
+	var perm *permanent
+	switch {
+	case err == nil:
+		if err := msg.Ack(); err != nil {
+			p.log.Warn("ack", "consumer", p.name, "subject", msg.Subject(), "err", err)
+		}
+		return "ack"
+	case errors.As(err, &perm):
+		p.log.Warn("message dropped", "consumer", p.name, "subject", msg.Subject(), "err", err)
+		_ = msg.TermWithReason(truncate(err.Error(), 256))
+		return "term"
+	case errors.As(err, &ra):
+		_ = msg.NakWithDelay(ra.delay)
+		return "retry"
+	}
+	delivered := uint64(1)
+	if md, mdErr := msg.Metadata(); mdErr == nil {
+		delivered = md.NumDelivered
+	}
+	delay := ExponentialDelay(handlerBackoff, handlerMaxBackoff, int(delivered))
+	p.log.Warn("message will be retried", "consumer", p.name, "subject", msg.Subject(), "in", delay.Round(time.Millisecond), "err", err)
+	_ = msg.NakWithDelay(delay)
+	if errors.Is(err, errPanicked) {
+		return "panic"
+	}
+	return "retry"
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+// ConsumeOption tunes Consume.
+type ConsumeOption func(*consumeOptions)
+
+type consumeOptions struct {
+	service string
+	workers int
+	key     func(jetstream.Msg) string
+}
+
+// Service names the service that consumes, for its spans and metrics.
+func Service(name string) ConsumeOption {
+	return func(o *consumeOptions) { o.service = name }
+}
+
+// Workers handles up to n messages at once. Messages for which key returns the same
+// string are handled one after another, in the order they came; key may be nil.
+func Workers(n int, key func(jetstream.Msg) string) ConsumeOption {
+	return func(o *consumeOptions) { o.workers, o.key = max(n, 1), key }
+}
+
+// Consume feeds the messages of the durable consumer cfg on stream to handle until
+// ctx is done, settling each by what handle returns (see Handler). It creates the
+// consumer, and creates it and its iterator again whenever they stop (the consumer
+// lost, a NATS server restarted on another store), so a running service never stops
+// consuming unnoticed.
+func Consume(ctx context.Context, js jetstream.JetStream, stream string, cfg jetstream.ConsumerConfig, log *slog.Logger, handle Handler, opts ...ConsumeOption) error {
+	o := consumeOptions{service: "fleet", workers: 1}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	proc := NewProcessor(o.service, cfg.Durable, log, handle)
 	for ctx.Err() == nil {
 		var cons jetstream.Consumer
 		err := Retry(ctx, log, "create consumer "+cfg.Durable, func(ctx context.Context) error {
@@ -32,7 +212,7 @@ func Consume(ctx context.Context, js jetstream.JetStream, stream string, cfg jet
 		if err != nil {
 			return IgnoreStop(ctx, fmt.Errorf("create consumer %s: %w", cfg.Durable, err))
 		}
-		err = consumeUntilStopped(ctx, cons, log, handle)
+		err = consumeUntilStopped(ctx, cons, log, proc, o)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -41,14 +221,32 @@ func Consume(ctx context.Context, js jetstream.JetStream, stream string, cfg jet
 	return nil
 }
 
-func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog.Logger, handle Handler) error {
-	it, err := cons.Messages(jetstream.PullMaxMessages(1))
+func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog.Logger, proc *Processor, o consumeOptions) error {
+	it, err := cons.Messages(jetstream.PullMaxMessages(max(o.workers, 1)))
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", cons.CachedInfo().Name, err)
 	}
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 	defer it.Stop()
+	lanes := make([]chan jetstream.Msg, o.workers)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for i := range lanes {
+		lanes[i] = make(chan jetstream.Msg, 1)
+		lane := lanes[i]
+		wg.Go(func() {
+			for msg := range lane {
+				proc.Process(ctx, msg)
+			}
+		})
+	}
+	defer func() {
+		for _, lane := range lanes {
+			close(lane)
+		}
+	}()
+	next := 0
 	for {
 		msg, err := it.Next()
 		if ctx.Err() != nil {
@@ -61,33 +259,15 @@ func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog
 			log.Warn("fetch message", "consumer", cons.CachedInfo().Name, "err", err)
 			continue
 		}
-		handle(telemetry.Extract(ctx, msg.Headers()), msg)
-	}
-}
-
-// unknownJobDeliveries is how often a message about a job that cannot be found is
-// tried before it is dropped: a job always exists before anything about it is
-// published, so "not found" is a store still recovering, until it persists.
-const unknownJobDeliveries = 5
-
-// DropUnknownJob settles a message about a job that was not found: it is tried
-// again later, and dropped only after unknownJobDeliveries deliveries. It reports
-// whether the message was dropped.
-func DropUnknownJob(log *slog.Logger, msg jetstream.Msg, job string) bool {
-	if md, err := msg.Metadata(); err == nil && md.NumDelivered < unknownJobDeliveries {
-		_ = msg.NakWithDelay(time.Second)
-		return false
-	}
-	log.Warn("drop message of unknown job", "job", job, "subject", msg.Subject())
-	_ = msg.TermWithReason("unknown job")
-	return true
-}
-
-// Ack acknowledges msg and waits for the server to confirm, logging a failure: a lost
-// acknowledgement only means the message comes again, which every handler tolerates.
-func Ack(ctx context.Context, log *slog.Logger, msg jetstream.Msg) {
-	if err := msg.DoubleAck(ctx); err != nil {
-		log.Warn("ack", "subject", msg.Subject(), "err", err)
+		lane := next
+		if o.key != nil {
+			h := fnv.New32a()
+			_, _ = h.Write([]byte(o.key(msg)))
+			lane = int(h.Sum32() % uint32(len(lanes)))
+		} else {
+			next = (next + 1) % len(lanes)
+		}
+		lanes[lane] <- msg
 	}
 }
 

@@ -58,6 +58,9 @@ type SceneEvent struct {
 	Pool     string    `json:"pool,omitempty"`
 	Progress *Progress `json:"progress,omitempty"`
 	Error    string    `json:"error,omitempty"`
+	// Failures are the run's earlier failed attempts, on retrying and failed events,
+	// so that the last of them holds the scene's whole history.
+	Failures []Attempt `json:"failures,omitempty"`
 	Outputs  []Output  `json:"outputs,omitempty"`
 	// Duration is how long the attempt ran on its node, on completed events: from
 	// the moment ComfyUI started it, so without time queued inside ComfyUI.

@@ -18,7 +18,7 @@ func TestEnsureIsIdempotent(t *testing.T) {
 	}
 }
 
-func TestJobsUpdateConcurrentScenesKeepEveryChange(t *testing.T) {
+func TestJobStateConcurrentEndsKeepEveryChange(t *testing.T) {
 	t.Parallel()
 	_, _, js := fleettest.Fleet(t, fleet.Settings{})
 	ctx := context.Background()
@@ -37,9 +37,8 @@ func TestJobsUpdateConcurrentScenesKeepEveryChange(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			ev := fleet.SceneEvent{JobID: "j1", Index: i, Type: fleet.EventCompleted, Attempt: 1, Node: "n", Time: time.Now()}
-			if _, err := jobs.Update(ctx, "j1", func(j *fleet.Job) error {
-				if !j.Apply(ev) {
+			if _, err := jobs.UpdateState(ctx, "j1", func(st *fleet.JobState) error {
+				if !st.End(i, 0, fleet.EventCompleted, time.Now()) {
 					return fleet.ErrNoChange
 				}
 				return nil
@@ -49,12 +48,122 @@ func TestJobsUpdateConcurrentScenesKeepEveryChange(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	got, _, err := jobs.Get(ctx, "j1")
+	st, _, err := jobs.State(ctx, "j1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Status != fleet.StatusSucceeded {
-		t.Fatalf("job status %s, want succeeded; scenes %+v", got.Status, got.Scenes)
+	if succeeded, _, _ := st.Counts(); st.Status != fleet.StatusSucceeded || succeeded != n {
+		t.Fatalf("job state %s with %d succeeded, want succeeded with %d; outcomes %q", st.Status, succeeded, n, st.Outcomes)
+	}
+}
+
+func TestJobStateIgnoresEndsOfEarlierRuns(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	st := fleet.NewJobState(&fleet.Job{ID: "j", Scenes: make([]fleet.Scene, 2)})
+	st.End(0, 0, fleet.EventFailed, now)
+	st.End(1, 0, fleet.EventCompleted, now)
+	if st.Status != fleet.StatusFailed || st.FinishedAt == nil {
+		t.Fatalf("status %s finished %v, want failed and finished", st.Status, st.FinishedAt)
+	}
+	if !st.Reopen(0, 1, now) || st.Reopen(0, 1, now) {
+		t.Fatal("reopen changed nothing, or reopening the same run twice changed something")
+	}
+	if st.Status != fleet.StatusRunning || st.FinishedAt != nil || st.Round != 1 {
+		t.Fatalf("after reopen: status %s finished %v round %d", st.Status, st.FinishedAt, st.Round)
+	}
+	if st.End(0, 0, fleet.EventFailed, now) {
+		t.Fatal("a late end of the first run counted")
+	}
+	if !st.End(0, 1, fleet.EventCompleted, now) || st.Status != fleet.StatusSucceeded {
+		t.Fatalf("end of the retry: status %s", st.Status)
+	}
+}
+
+func TestGetFoldsTheEventsOfEveryScene(t *testing.T) {
+	t.Parallel()
+	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	ctx := context.Background()
+	jobs, err := fleet.OpenJobs(ctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// More scenes than one batched read of their events covers.
+	const n = 230
+	created := time.Now().UTC().Truncate(time.Millisecond)
+	job := &fleet.Job{ID: "big", Status: fleet.StatusQueued, Scenes: make([]fleet.Scene, n), CreatedAt: created}
+	for i := range job.Scenes {
+		job.Scenes[i] = fleet.Scene{Index: i, Pool: "image", Status: fleet.StatusQueued, QueuedAt: created}
+	}
+	if err := jobs.Create(ctx, job); err != nil {
+		t.Fatal(err)
+	}
+	pub := fleet.NewPublisher(js, "test")
+	publish := func(ev fleet.SceneEvent) {
+		t.Helper()
+		ev.JobID = "big"
+		if err := pub.SceneEvent(ctx, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range n {
+		publish(fleet.SceneEvent{Index: i, Type: fleet.EventQueued, Pool: "image"})
+		publish(fleet.SceneEvent{Index: i, Type: fleet.EventStarted, Attempt: 1, Node: "a"})
+		if i == 7 {
+			continue // still running
+		}
+		publish(fleet.SceneEvent{Index: i, Type: fleet.EventProgress, Attempt: 1, Node: "a", Progress: &fleet.Progress{Value: 5, Max: 10}})
+		publish(fleet.SceneEvent{Index: i, Type: fleet.EventCompleted, Attempt: 1, Node: "a", Outputs: []fleet.Output{{Name: "x.png"}}})
+	}
+	// Scene 3 of the last chunk failed twice, then for good; then was retried by
+	// hand, and its retry runs.
+	last := n - 3
+	first := fleet.Attempt{Attempt: 1, Node: "a", Error: "one"}
+	publish(fleet.SceneEvent{Index: last, Type: fleet.EventRetrying, Attempt: 2, Node: "b", Error: "two", Failures: []fleet.Attempt{first}})
+	gotJob, err := jobs.Get(ctx, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := gotJob.Scenes[last]
+	if s.Status != fleet.StatusSucceeded {
+		t.Fatalf("scene %d is %s; a retrying event after its completion must not reopen it", last, s.Status)
+	}
+	publish(fleet.SceneEvent{Index: 7, Type: fleet.EventFailed, Attempt: 3, Node: "c", Error: "three",
+		Failures: []fleet.Attempt{first, {Attempt: 2, Node: "b", Error: "two"}}})
+	publish(fleet.SceneEvent{Index: 7, Retry: 1, Type: fleet.EventQueued, Pool: "image"})
+	publish(fleet.SceneEvent{Index: 7, Retry: 1, Type: fleet.EventStarted, Attempt: 4, Node: "d"})
+	gotJob, err = jobs.Get(ctx, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s = gotJob.Scenes[7]
+	if s.Status != fleet.StatusRunning || s.Retries != 1 || s.Attempts != 4 || s.Node != "d" {
+		t.Fatalf("retried scene: %+v", s)
+	}
+	if len(s.Failures) != 3 || s.Failures[0].Error != "one" || s.Failures[2].Error != "three" {
+		t.Fatalf("failures of the retried scene: %+v, want its three failed attempts in order", s.Failures)
+	}
+	if gotJob.Status != fleet.StatusRunning || gotJob.FinishedAt != nil {
+		t.Fatalf("job %s finished %v, want running", gotJob.Status, gotJob.FinishedAt)
+	}
+	for i, sc := range gotJob.Scenes {
+		if i != 7 && (sc.Status != fleet.StatusSucceeded || len(sc.Outputs) != 1 || sc.StartedAt == nil) {
+			t.Fatalf("scene %d: %+v, want succeeded with its output", i, sc)
+		}
+	}
+	publish(fleet.SceneEvent{Index: 7, Retry: 1, Type: fleet.EventCompleted, Attempt: 4, Node: "d"})
+	gotJob, err = jobs.Get(ctx, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gotJob.Status != fleet.StatusSucceeded || gotJob.FinishedAt == nil {
+		t.Fatalf("job %s finished %v, want succeeded", gotJob.Status, gotJob.FinishedAt)
+	}
+	if ended, err := jobs.SceneEnded(ctx, "big", 7, 1); err != nil || !ended {
+		t.Fatalf("SceneEnded(7, run 1) = %v, %v", ended, err)
+	}
+	if ended, err := jobs.SceneEnded(ctx, "big", 7, 2); err != nil || ended {
+		t.Fatalf("SceneEnded(7, run 2) = %v, %v; want false", ended, err)
 	}
 }
 

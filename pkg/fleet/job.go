@@ -3,6 +3,8 @@ package fleet
 import (
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -36,12 +38,14 @@ type Attempt struct {
 
 // Scene is the state of one scene of a job.
 type Scene struct {
-	Index    int       `json:"index"`
-	Spec     SceneSpec `json:"spec"`
-	Pool     string    `json:"pool"`
-	Status   Status    `json:"status"`
-	Node     string    `json:"node,omitempty"`
-	Attempts int       `json:"attempts"`
+	Index int       `json:"index"`
+	Spec  SceneSpec `json:"spec"`
+	Pool  string    `json:"pool"`
+	// Model is the checkpoint the scene's graph loads first.
+	Model    string `json:"model,omitempty"`
+	Status   Status `json:"status"`
+	Node     string `json:"node,omitempty"`
+	Attempts int    `json:"attempts"`
 	// Retries counts the runs started by hand after the scene failed.
 	Retries    int        `json:"retries,omitempty"`
 	Progress   *Progress  `json:"progress,omitempty"`
@@ -73,26 +77,34 @@ type Job struct {
 
 // Apply folds a scene event into the job and reports whether anything changed.
 // It is idempotent and tolerates events out of order or from stale attempts: a
-// terminal scene never changes again, an event of an earlier run (see Retries) is
-// ignored, and so is one of an older attempt than the one recorded, except a
-// completion (the work is done, whichever attempt did it) and a cancellation (it
-// applies to the scene, whichever attempt runs).
+// terminal scene never changes again within its run, an event of an earlier run
+// (see Retries) is ignored, an event of a later run reopens the scene, and an event
+// of an older attempt than the one recorded is ignored, except a completion (the
+// work is done, whichever attempt did it) and a cancellation (it applies to the
+// scene, whichever attempt runs).
 func (j *Job) Apply(e SceneEvent) bool {
 	if e.Index < 0 || e.Index >= len(j.Scenes) {
 		return false
 	}
 	s := &j.Scenes[e.Index]
+	at := e.Time
+	reopened := false
+	if e.Retry > s.Retries {
+		s.Retries, s.Status, s.Error, s.Progress, s.FinishedAt, s.QueuedAt = e.Retry, StatusQueued, "", nil, nil, at
+		reopened = true
+	}
 	stale := e.Retry < s.Retries || e.Attempt < s.Attempts && e.Type != EventCompleted && e.Type != EventCancelled
 	if s.Status.Terminal() || stale {
 		return false
 	}
-	at := e.Time
 	switch e.Type {
 	case EventQueued:
-		if s.Status != StatusQueued || s.Pool == e.Pool {
+		if !reopened && (s.Status != StatusQueued || s.Pool == e.Pool || e.Pool == "") {
 			return false
 		}
-		s.Pool = e.Pool
+		if e.Pool != "" {
+			s.Pool = e.Pool
+		}
 	case EventStarted:
 		if e.Attempt == s.Attempts && s.Status == StatusRunning {
 			return false
@@ -112,7 +124,7 @@ func (j *Job) Apply(e SceneEvent) bool {
 			return false
 		}
 		s.Status, s.Progress, s.Attempts = StatusQueued, nil, e.Attempt
-		s.Failures = append(s.Failures, Attempt{Attempt: e.Attempt, Node: e.Node, Error: e.Error, At: at})
+		s.Failures = mergeFailures(s.Failures, e.Failures, Attempt{Attempt: e.Attempt, Node: e.Node, Error: e.Error, At: at})
 	case EventCompleted:
 		s.Status, s.Node, s.Outputs, s.Error = StatusSucceeded, e.Node, e.Outputs, ""
 		s.Attempts = max(s.Attempts, e.Attempt)
@@ -124,18 +136,33 @@ func (j *Job) Apply(e SceneEvent) bool {
 		if e.Node != "" {
 			s.Node = e.Node
 		}
-		s.Failures = append(s.Failures, Attempt{Attempt: e.Attempt, Node: e.Node, Error: e.Error, At: at})
+		s.Failures = mergeFailures(s.Failures, e.Failures, Attempt{Attempt: e.Attempt, Node: e.Node, Error: e.Error, At: at})
 		s.Progress = nil
 		s.FinishedAt = &at
 	case EventCancelled:
 		s.Status, s.Progress = StatusCancelled, nil
 		s.FinishedAt = &at
 	default:
-		return false
+		return reopened
 	}
-	j.UpdatedAt = at
+	if at.After(j.UpdatedAt) {
+		j.UpdatedAt = at
+	}
 	j.settle(at)
 	return true
+}
+
+// mergeFailures adds the failures an event carries, and the one it reports, to
+// those recorded, once per attempt, in attempt order.
+func mergeFailures(recorded, carried []Attempt, last Attempt) []Attempt {
+	out := recorded
+	for _, f := range append(slices.Clip(carried), last) {
+		if !slices.ContainsFunc(out, func(o Attempt) bool { return o.Attempt == f.Attempt }) {
+			out = append(out, f)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b Attempt) int { return a.Attempt - b.Attempt })
+	return out
 }
 
 // ErrNotRetryable is returned by Reopen for a scene that has not failed.
@@ -182,8 +209,146 @@ func (j *Job) settle(at time.Time) {
 	}
 	switch {
 	case !open:
-		j.Status, j.FinishedAt = status, &at
+		j.Status = status
+		if j.FinishedAt == nil || at.After(*j.FinishedAt) {
+			j.FinishedAt = &at
+		}
 	case started:
-		j.Status = StatusRunning
+		j.Status, j.FinishedAt = StatusRunning, nil
+	default:
+		j.Status, j.FinishedAt = StatusQueued, nil
 	}
+}
+
+// Outcome bytes of JobState.Outcomes.
+const (
+	outcomeOpen      = '.'
+	outcomeSucceeded = 's'
+	outcomeFailed    = 'f'
+	outcomeCancelled = 'c'
+)
+
+// JobState is a job's progress, kept in BucketJobState apart from the job's record
+// so that the end of a scene rewrites a record of about one byte per scene rather
+// than the whole job: what completion and job lists need.
+type JobState struct {
+	ID       string `json:"id"`
+	Tenant   string `json:"tenant,omitempty"`
+	Priority int    `json:"priority"`
+	Status   Status `json:"status"`
+	// Round counts how often the job was reopened by a scene retry.
+	Round int `json:"round,omitempty"`
+	// Outcomes holds one byte per scene: '.' not ended, 's' succeeded, 'f' failed,
+	// 'c' cancelled.
+	Outcomes string `json:"outcomes"`
+	// Retries are the runs by hand of the scenes retried, by index.
+	Retries    map[int]int `json:"retries,omitempty"`
+	CreatedAt  time.Time   `json:"created_at"`
+	UpdatedAt  time.Time   `json:"updated_at"`
+	StartedAt  *time.Time  `json:"started_at,omitempty"`
+	FinishedAt *time.Time  `json:"finished_at,omitempty"`
+}
+
+// NewJobState is the state of job j as it was submitted: every scene open.
+func NewJobState(j *Job) *JobState {
+	return &JobState{
+		ID: j.ID, Tenant: j.Tenant, Priority: j.Priority, Status: StatusQueued,
+		Outcomes:  strings.Repeat(string(rune(outcomeOpen)), len(j.Scenes)),
+		CreatedAt: j.CreatedAt, UpdatedAt: j.CreatedAt,
+	}
+}
+
+// Scenes is the number of scenes of the job.
+func (s *JobState) Scenes() int { return len(s.Outcomes) }
+
+// Counts returns how many scenes succeeded, failed and were cancelled.
+func (s *JobState) Counts() (succeeded, failed, cancelled int) {
+	for i := range len(s.Outcomes) {
+		switch s.Outcomes[i] {
+		case outcomeSucceeded:
+			succeeded++
+		case outcomeFailed:
+			failed++
+		case outcomeCancelled:
+			cancelled++
+		}
+	}
+	return succeeded, failed, cancelled
+}
+
+// Start records that a scene of the job started; it reports whether that changed
+// the state.
+func (s *JobState) Start(at time.Time) bool {
+	if s.Status != StatusQueued {
+		return false
+	}
+	s.Status, s.StartedAt, s.UpdatedAt = StatusRunning, &at, at
+	return true
+}
+
+// End records the end of run retry of scene index by an event of type t, and
+// reports whether that changed the state. The first end of a run counts; ends of
+// earlier runs are ignored.
+func (s *JobState) End(index, retry int, t EventType, at time.Time) bool {
+	if index < 0 || index >= len(s.Outcomes) || retry < s.Retries[index] || s.Outcomes[index] != outcomeOpen {
+		return false
+	}
+	var o byte
+	switch t {
+	case EventCompleted:
+		o = outcomeSucceeded
+	case EventFailed:
+		o = outcomeFailed
+	case EventCancelled:
+		o = outcomeCancelled
+	default:
+		return false
+	}
+	b := []byte(s.Outcomes)
+	b[index] = o
+	s.Outcomes, s.UpdatedAt = string(b), at
+	if s.StartedAt == nil {
+		s.StartedAt = &at
+	}
+	s.settle(at)
+	return true
+}
+
+// Reopen records run retry of scene index, started by hand after the scene failed,
+// and reports whether that changed the state. Asking again for the same run changes
+// nothing.
+func (s *JobState) Reopen(index, retry int, at time.Time) bool {
+	if index < 0 || index >= len(s.Outcomes) || retry <= s.Retries[index] {
+		return false
+	}
+	if s.Retries == nil {
+		s.Retries = map[int]int{}
+	}
+	s.Retries[index] = retry
+	b := []byte(s.Outcomes)
+	b[index] = outcomeOpen
+	s.Outcomes, s.UpdatedAt = string(b), at
+	s.Round++
+	s.settle(at)
+	return true
+}
+
+// Ended reports whether every scene has ended.
+func (s *JobState) Ended() bool { return !strings.ContainsRune(s.Outcomes, outcomeOpen) }
+
+func (s *JobState) settle(at time.Time) {
+	if !s.Ended() {
+		s.Status, s.FinishedAt = StatusRunning, nil
+		return
+	}
+	_, failed, cancelled := s.Counts()
+	switch {
+	case failed > 0:
+		s.Status = StatusFailed
+	case cancelled > 0:
+		s.Status = StatusCancelled
+	default:
+		s.Status = StatusSucceeded
+	}
+	s.FinishedAt = &at
 }

@@ -5,89 +5,346 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
 // ErrJobNotFound is returned for a job id that is not in the bucket.
 var ErrJobNotFound = errors.New("job not found")
 
-// ErrNoChange may be returned by an Update mutation to skip the write.
+// ErrNoChange may be returned by an UpdateState mutation to skip the write.
 var ErrNoChange = errors.New("no change")
 
-// Jobs reads and writes job state in BucketJobs. Every write is a compare-and-set on
-// the entry's revision, so concurrent updates never overwrite each other.
+// Jobs reads and writes jobs. A job is kept in three parts, so that no part is
+// rewritten whole for every scene event: its record as submitted (BucketJobs,
+// written once), its state (BucketJobState: status, round and one byte per scene,
+// changed by compare-and-set on the revision), and the events of its scenes
+// (StreamEvents), from which every scene's state is folded when the job is read.
 type Jobs struct {
-	kv jetstream.KeyValue
+	nc      *nats.Conn
+	apiPfx  string
+	records jetstream.KeyValue
+	states  jetstream.KeyValue
 }
 
-// OpenJobs binds to the jobs bucket, which Ensure must have created.
+// OpenJobs binds to the job buckets, which Ensure must have created.
 func OpenJobs(ctx context.Context, js jetstream.JetStream) (*Jobs, error) {
-	kv, err := js.KeyValue(ctx, BucketJobs)
+	records, err := js.KeyValue(ctx, BucketJobs)
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s: %w", BucketJobs, err)
 	}
-	return &Jobs{kv: kv}, nil
+	states, err := js.KeyValue(ctx, BucketJobState)
+	if err != nil {
+		return nil, fmt.Errorf("open bucket %s: %w", BucketJobState, err)
+	}
+	return &Jobs{nc: js.Conn(), apiPfx: apiPrefix(js), records: records, states: states}, nil
 }
 
-// Create stores a new job; it fails if the id exists.
+// Create stores the record of a new job; it fails with jetstream.ErrKeyExists if
+// the id exists.
 func (s *Jobs) Create(ctx context.Context, j *Job) error {
 	b, err := json.Marshal(j)
 	if err != nil {
 		return fmt.Errorf("encode job %s: %w", j.ID, err)
 	}
-	if _, err := s.kv.Create(ctx, j.ID, b); err != nil {
+	if _, err := s.records.Create(ctx, j.ID, b); err != nil {
 		return fmt.Errorf("create job %s: %w", j.ID, err)
 	}
 	return nil
 }
 
-// Get returns the job and its revision.
-func (s *Jobs) Get(ctx context.Context, id string) (*Job, uint64, error) {
+// Record returns the job as it was submitted: every scene queued.
+func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {
 	if !ValidToken(id) {
-		return nil, 0, ErrJobNotFound
+		return nil, ErrJobNotFound
 	}
-	e, err := s.kv.Get(ctx, id)
+	e, err := s.records.Get(ctx, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, 0, ErrJobNotFound
+		return nil, ErrJobNotFound
 	}
 	if err != nil {
-		return nil, 0, fmt.Errorf("get job %s: %w", id, err)
+		return nil, fmt.Errorf("get job %s: %w", id, err)
 	}
 	var j Job
 	if err := json.Unmarshal(e.Value(), &j); err != nil {
-		return nil, 0, fmt.Errorf("decode job %s: %w", id, err)
+		return nil, fmt.Errorf("decode job %s: %w", id, err)
 	}
-	return &j, e.Revision(), nil
+	return &j, nil
 }
 
-// Update reads the job, applies mutate and writes it back if the revision is still
-// the one read, retrying on conflict. mutate may return ErrNoChange to skip the write.
-// It returns the job as written (or as read, when nothing changed).
-func (s *Jobs) Update(ctx context.Context, id string, mutate func(*Job) error) (*Job, error) {
+// State returns the job's state and its revision; a job whose state was not
+// written yet has the state it was submitted with and revision 0.
+func (s *Jobs) State(ctx context.Context, id string) (*JobState, uint64, error) {
+	if !ValidToken(id) {
+		return nil, 0, ErrJobNotFound
+	}
+	e, err := s.states.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		rec, err := s.Record(ctx, id)
+		if err != nil {
+			return nil, 0, err
+		}
+		return NewJobState(rec), 0, nil
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("get state of job %s: %w", id, err)
+	}
+	var st JobState
+	if err := json.Unmarshal(e.Value(), &st); err != nil {
+		return nil, 0, fmt.Errorf("decode state of job %s: %w", id, err)
+	}
+	return &st, e.Revision(), nil
+}
+
+// UpdateState reads the job's state, applies mutate and writes it back if the
+// revision is still the one read, retrying on conflict. mutate may return
+// ErrNoChange to skip the write. It returns the state as written (or as read, when
+// nothing changed).
+func (s *Jobs) UpdateState(ctx context.Context, id string, mutate func(*JobState) error) (*JobState, error) {
 	for {
-		j, rev, err := s.Get(ctx, id)
+		st, rev, err := s.State(ctx, id)
 		if err != nil {
 			return nil, err
 		}
-		if err := mutate(j); errors.Is(err, ErrNoChange) {
-			return j, nil
+		if err := mutate(st); errors.Is(err, ErrNoChange) {
+			return st, nil
 		} else if err != nil {
 			return nil, err
 		}
-		b, err := json.Marshal(j)
+		b, err := json.Marshal(st)
 		if err != nil {
-			return nil, fmt.Errorf("encode job %s: %w", id, err)
+			return nil, fmt.Errorf("encode state of job %s: %w", id, err)
 		}
-		_, err = s.kv.Update(ctx, id, b, rev)
+		if rev == 0 {
+			_, err = s.states.Create(ctx, id, b)
+		} else {
+			_, err = s.states.Update(ctx, id, b, rev)
+		}
 		if err == nil {
-			return j, nil
+			return st, nil
 		}
-		if !errors.Is(err, jetstream.ErrKeyExists) {
-			return nil, fmt.Errorf("update job %s: %w", id, err)
+		if !errors.Is(err, jetstream.ErrKeyExists) && !isWrongLastSequence(err) {
+			return nil, fmt.Errorf("update state of job %s: %w", id, err)
 		}
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
 	}
+}
+
+func isWrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
+}
+
+// Get returns the job with the state of every scene: its record, its state, and
+// the last event of each type of each scene folded in.
+func (s *Jobs) Get(ctx context.Context, id string) (*Job, error) {
+	j, err := s.Record(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	st, _, err := s.State(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	j.Round = st.Round
+	j.UpdatedAt = st.UpdatedAt
+	if err := s.fold(ctx, j); err != nil {
+		return nil, err
+	}
+	return j, nil
+}
+
+// foldChunk is how many scenes one read of their events covers: each has at most
+// seven event subjects, and the server answers at most 1024 in one read.
+const foldChunk = 100
+
+// fold applies to j the last event of every type of each of its scenes.
+func (s *Jobs) fold(ctx context.Context, j *Job) error {
+	var (
+		mu     sync.Mutex
+		events = make([][]SceneEvent, (len(j.Scenes)+foldChunk-1)/foldChunk)
+		wg     sync.WaitGroup
+		errs   = make([]error, len(events))
+	)
+	for c := range events {
+		wg.Go(func() {
+			from := c * foldChunk
+			to := min(from+foldChunk, len(j.Scenes))
+			filters := make([]string, 0, to-from)
+			for i := from; i < to; i++ {
+				filters = append(filters, fmt.Sprintf("%s.scene.%s.%d.*", eventPrefix, j.ID, i))
+			}
+			msgs, err := lastMessages(ctx, s.nc, s.apiPfx, StreamEvents, filters)
+			if err != nil {
+				errs[c] = fmt.Errorf("read events of job %s: %w", j.ID, err)
+				return
+			}
+			evs := make([]SceneEvent, 0, len(msgs))
+			for _, m := range msgs {
+				if ev, err := DecodeSceneEvent(m.Data); err == nil {
+					evs = append(evs, ev)
+				}
+			}
+			mu.Lock()
+			events[c] = evs
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	for _, evs := range events {
+		for _, ev := range evs {
+			j.Apply(ev)
+		}
+	}
+	j.FinishedAt = nil
+	if last := j.lastFinish(); last != nil {
+		j.settle(*last)
+	} else {
+		j.settle(j.UpdatedAt)
+	}
+	return nil
+}
+
+// lastFinish is when the scene that ended last ended, nil if none has.
+func (j *Job) lastFinish() *time.Time {
+	var last *time.Time
+	for _, s := range j.Scenes {
+		if s.FinishedAt != nil && (last == nil || s.FinishedAt.After(*last)) {
+			last = s.FinishedAt
+		}
+	}
+	return last
+}
+
+// lastMessages reads, in one batched direct get, the last message of every subject
+// that matches one of filters in stream, in stream order. The stream must allow
+// direct gets.
+func lastMessages(ctx context.Context, nc *nats.Conn, apiPrefix, stream string, filters []string) ([]*nats.Msg, error) {
+	msgs, _, err := directGet(ctx, nc, apiPrefix, stream, struct {
+		MultiLast []string `json:"multi_last"`
+	}{filters})
+	slices.SortFunc(msgs, compareSeq)
+	return msgs, err
+}
+
+// directGet sends a batched direct get request and returns the messages of its
+// answer, and how many more match after them.
+func directGet(ctx context.Context, nc *nats.Conn, apiPrefix, stream string, request any) ([]*nats.Msg, uint64, error) {
+	req, err := json.Marshal(request)
+	if err != nil {
+		return nil, 0, err
+	}
+	inbox := nc.NewInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer sub.Unsubscribe()
+	if err := nc.PublishRequest(apiPrefix+"DIRECT.GET."+stream, inbox, req); err != nil {
+		return nil, 0, err
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+	}
+	var out []*nats.Msg
+	for {
+		m, err := sub.NextMsgWithContext(ctx)
+		if err != nil {
+			return nil, 0, fmt.Errorf("direct get from %s: %w", stream, err)
+		}
+		switch status := m.Header.Get("Status"); status {
+		case "":
+			out = append(out, m)
+		case "204":
+			pending, _ := strconv.ParseUint(m.Header.Get("Nats-Num-Pending"), 10, 64)
+			return out, pending, nil
+		case "404":
+			return nil, 0, nil
+		default:
+			return nil, 0, fmt.Errorf("direct get from %s: status %s %s", stream, status, m.Header.Get("Description"))
+		}
+	}
+}
+
+// ReadStream returns the messages of stream on subjects matching filter, from
+// sequence from on, in order, reading them in batches. The stream must allow direct
+// gets.
+func ReadStream(ctx context.Context, js jetstream.JetStream, stream, filter string, from uint64) ([]*nats.Msg, error) {
+	nc, pfx := js.Conn(), apiPrefix(js)
+	var out []*nats.Msg
+	for {
+		msgs, pending, err := directGet(ctx, nc, pfx, stream, struct {
+			Seq   uint64 `json:"seq"`
+			Next  string `json:"next_by_subj"`
+			Batch int    `json:"batch"`
+		}{max(from, 1), filter, 1000})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, msgs...)
+		if pending == 0 || len(msgs) == 0 {
+			return out, nil
+		}
+		last, _ := strconv.ParseUint(msgs[len(msgs)-1].Header.Get(jetstream.SequenceHeader), 10, 64)
+		from = last + 1
+	}
+}
+
+// MsgSequence is the stream sequence of a message read by ReadStream.
+func MsgSequence(m *nats.Msg) uint64 {
+	seq, _ := strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
+	return seq
+}
+
+func compareSeq(a, b *nats.Msg) int {
+	sa, sb := MsgSequence(a), MsgSequence(b)
+	switch {
+	case sa < sb:
+		return -1
+	case sa > sb:
+		return 1
+	}
+	return 0
+}
+
+// SceneEnded reports whether run retry (or a later one) of scene index of job has
+// ended, from the scene's events: a redelivered or late scene need not run.
+func (s *Jobs) SceneEnded(ctx context.Context, job string, index, retry int) (bool, error) {
+	msgs, err := lastMessages(ctx, s.nc, s.apiPfx, StreamEvents,
+		[]string{eventPrefix + ".scene." + job + "." + strconv.Itoa(index) + ".*"})
+	if err != nil {
+		return false, fmt.Errorf("read events of scene %s: %w", SceneKey(job, index), err)
+	}
+	for _, m := range msgs {
+		ev, err := DecodeSceneEvent(m.Data)
+		if err == nil && ev.Type.Terminal() && ev.Retry >= retry {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// apiPrefix is the subject prefix of js's API requests, with its domain if any.
+func apiPrefix(js jetstream.JetStream) string {
+	o := js.Options()
+	switch {
+	case o.Domain != "":
+		return "$JS." + o.Domain + ".API."
+	case o.APIPrefix != "":
+		return strings.TrimSuffix(o.APIPrefix, ".") + "."
+	}
+	return jetstream.DefaultAPIPrefix
 }

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"bytes"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -26,16 +27,19 @@ type SceneSpec struct {
 // Timeout is TimeoutS as a duration, zero for no limit.
 func (s SceneSpec) Timeout() time.Duration { return time.Duration(s.TimeoutS) * time.Second }
 
-// WorkItem is one scene on its way from intake through the dispatcher to an
-// executor: everything an executor needs, with the graph already resolved.
-type WorkItem struct {
-	JobID       string    `json:"job_id"`
-	Index       int       `json:"index"`
-	Tenant      string    `json:"tenant,omitempty"`
-	Priority    int       `json:"priority"`
-	Pool        string    `json:"pool"`
-	Workflow    string    `json:"workflow,omitempty"`
-	Graph       Graph     `json:"graph"`
+// Ticket is a scene on its way through the queue to a node, and back to the queue
+// when an attempt fails or its node is lost: who and what the scene is, without its
+// graph, which executors read from the scene's ScenePayload. It is what the
+// dispatcher keeps for every waiting scene, so it stays small.
+type Ticket struct {
+	JobID    string `json:"job_id"`
+	Index    int    `json:"index"`
+	Tenant   string `json:"tenant,omitempty"`
+	Priority int    `json:"priority"`
+	Pool     string `json:"pool"`
+	Workflow string `json:"workflow,omitempty"`
+	// Model is the checkpoint the scene's graph loads first (see Checkpoint).
+	Model       string    `json:"model,omitempty"`
 	SubmittedAt time.Time `json:"submitted_at"`
 	// Retry is how many times the scene was run again by hand after it failed; 0 for
 	// its first run.
@@ -55,13 +59,27 @@ type WorkItem struct {
 	// Avoid is the node whose attempt failed last: the dispatcher places the scene
 	// elsewhere when another node can take it.
 	Avoid string `json:"avoid,omitempty"`
+	// Failures are this run's failed attempts so far, so that the scene's retrying
+	// and failed events carry its whole history.
+	Failures []Attempt `json:"failures,omitempty"`
+}
+
+// ScenePayload is what an executor needs to run a scene beyond its Ticket: the graph,
+// already rendered, its input images and its timeout. The intake stores it once per
+// scene, before the job is committed, on ScenePayloadSubject.
+type ScenePayload struct {
+	JobID string `json:"job_id"`
+	Index int    `json:"index"`
+	Graph Graph  `json:"graph"`
 	// Timeout is the most time one attempt may run on its node; then it is
 	// interrupted and counts as a transient failure. Zero means no limit.
 	Timeout time.Duration `json:"timeout_ns,omitempty"`
-
 	// Inputs are the images to upload to the node before the graph is submitted.
 	Inputs []Input `json:"inputs,omitempty"`
 }
+
+// MsgID is the de-duplication id of the scene's payload.
+func (p ScenePayload) MsgID() string { return "payload." + SceneKey(p.JobID, p.Index) }
 
 // Binding names one node input that a template parameter sets. In a template Node is
 // the node's id or its `_meta.title`; in an Input it is always the node's id.
@@ -87,24 +105,33 @@ type Input struct {
 	Bind []Binding `json:"bind"`
 }
 
-// MsgID is the JetStream de-duplication id of the scene's submit message, and the
-// name of its run in logs.
-func (w WorkItem) MsgID() string { return SceneKey(w.JobID, w.Index) + retrySuffix(w.Retry) }
+// RunKey names the ticket's run of its scene in logs, in the dispatcher's books and in
+// executors: one per scene and retry by hand.
+func (t Ticket) RunKey() string { return SceneKey(t.JobID, t.Index) + retrySuffix(t.Retry) }
 
 // PlacementID is the de-duplication id of the scene's queue entry and of the work
 // message that places it: a second dispatcher placing the same entry elsewhere, or
 // a dispatcher retrying a placement, is dropped as a duplicate.
-func (w WorkItem) PlacementID() string { return w.MsgID() + ".m" + strconv.Itoa(w.Moves) }
+func (t Ticket) PlacementID() string { return t.RunKey() + ".m" + strconv.Itoa(t.Moves) }
 
-// Attempt is the attempt number of the item's delivered-th delivery on its node.
-func (w WorkItem) Attempt(delivered int) int { return w.AttemptBase + w.Requeued + delivered }
+// Attempt is the attempt number of the ticket's delivered-th delivery on its node.
+func (t Ticket) Attempt(delivered int) int { return t.AttemptBase + t.Requeued + delivered }
 
-// Requeue returns the item to put back in the queue, counting attempted more
-// attempts of this run.
-func (w WorkItem) Requeue(attempted int) WorkItem {
-	w.Requeued += attempted
-	w.Moves++
-	return w
+// Requeue returns the ticket to put back in the queue, counting attempted more
+// attempts of this run, to be placed again after delay and elsewhere than avoid if
+// possible. A failure, if not nil, joins the run's history.
+func (t Ticket) Requeue(attempted int, avoid string, delay time.Duration, failure *Attempt) Ticket {
+	t.Requeued += attempted
+	t.Moves++
+	t.Avoid = avoid
+	t.NotBefore = time.Time{}
+	if delay > 0 {
+		t.NotBefore = time.Now().Add(delay).UTC()
+	}
+	if failure != nil {
+		t.Failures = append(slices.Clip(t.Failures), *failure)
+	}
+	return t
 }
 
 // Checkpoint is the model checkpoint a graph loads first (by node id), or "".
@@ -216,6 +243,24 @@ type NodeStatus struct {
 	Heartbeat time.Time `json:"heartbeat"`
 }
 
+// SubmitMsgID is the de-duplication id of job's commit on the submit stream.
+func SubmitMsgID(job string) string { return "submit." + job }
+
+// SceneRetry asks the dispatcher's router to run scene Index of job JobID again after
+// it failed: run Retry, its attempts counting on from AttemptBase.
+type SceneRetry struct {
+	JobID       string    `json:"job_id"`
+	Index       int       `json:"index"`
+	Retry       int       `json:"retry"`
+	AttemptBase int       `json:"attempt_base"`
+	At          time.Time `json:"at"`
+}
+
+// MsgID is the de-duplication id of the retry command.
+func (r SceneRetry) MsgID() string {
+	return "retry." + SceneKey(r.JobID, r.Index) + retrySuffix(r.Retry)
+}
+
 // DoneMsg tells the notifier that a job reached a terminal state.
 type DoneMsg struct {
 	JobID string `json:"job_id"`
@@ -255,4 +300,40 @@ func InputImageType(data []byte) (contentType, ext string, ok bool) {
 		return "image/webp", ".webp", true
 	}
 	return "", "", false
+}
+
+// QueuesSubject is where a dispatcher answers requests for a QueueSummary.
+const QueuesSubject = "fleet.sched.queues"
+
+// QueueSummary is what waits in the queue and how fast scenes flow, as a dispatcher
+// sees it.
+type QueueSummary struct {
+	Pools []PoolQueue `json:"pools"`
+	// Nodes counts the known nodes by state: online, busy, draining, offline.
+	Nodes map[string]int `json:"nodes"`
+	Rates QueueRates     `json:"rates"`
+	// Dispatcher is the dispatcher that answered, and Leading whether it places.
+	Dispatcher string    `json:"dispatcher"`
+	Leading    bool      `json:"leading"`
+	At         time.Time `json:"at"`
+}
+
+// PoolQueue is the waiting scenes of one pool.
+type PoolQueue struct {
+	Pool string `json:"pool"`
+	// Depth counts every waiting scene, Delayed those whose retry back-off runs.
+	Depth   int `json:"depth"`
+	Delayed int `json:"delayed"`
+	// OldestAgeS is how long the oldest waiting scene has waited since its
+	// submission, in seconds.
+	OldestAgeS float64        `json:"oldest_age_s"`
+	ByPriority map[string]int `json:"by_priority"`
+	ByTenant   map[string]int `json:"by_tenant"`
+}
+
+// QueueRates are the rates of the last minute, per second.
+type QueueRates struct {
+	AcceptedPerS  float64 `json:"accepted_per_s"`
+	CompletedPerS float64 `json:"completed_per_s"`
+	FailedPerS    float64 `json:"failed_per_s"`
 }

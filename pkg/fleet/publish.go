@@ -40,6 +40,75 @@ func (p *Publisher) JSON(ctx context.Context, subject, msgID string, v any) erro
 	return nil
 }
 
+// Outgoing is one message of a Batch.
+type Outgoing struct {
+	Subject string
+	MsgID   string
+	Value   any
+	// Header holds further headers.
+	Header map[string]string
+	// Opts are further publish options, e.g. an expected last sequence.
+	Opts []jetstream.PublishOpt
+}
+
+// Batch publishes msgs asynchronously, each as JSON with its message id and the
+// caller's trace context, and waits until the server has stored every one of them
+// or one failed. It is how a job's scenes go out: together, awaited together.
+func (p *Publisher) Batch(ctx context.Context, msgs []Outgoing) error {
+	_, err := p.BatchAcks(ctx, msgs)
+	return err
+}
+
+// BatchAcks is Batch, returning the server's acknowledgement of each message.
+func (p *Publisher) BatchAcks(ctx context.Context, msgs []Outgoing) ([]*jetstream.PubAck, error) {
+	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
+	for _, m := range msgs {
+		data, err := json.Marshal(m.Value)
+		if err != nil {
+			return nil, fmt.Errorf("encode message for %s: %w", m.Subject, err)
+		}
+		msg := &nats.Msg{Subject: m.Subject, Data: data, Header: nats.Header{}}
+		telemetry.Inject(ctx, msg.Header)
+		for k, v := range m.Header {
+			msg.Header.Set(k, v)
+		}
+		f, err := p.js.PublishMsgAsync(msg, append([]jetstream.PublishOpt{jetstream.WithMsgID(m.MsgID)}, m.Opts...)...)
+		if err != nil {
+			return nil, fmt.Errorf("publish %s: %w", m.Subject, err)
+		}
+		futures = append(futures, f)
+	}
+	acks := make([]*jetstream.PubAck, len(futures))
+	for i, f := range futures {
+		select {
+		case ack := <-f.Ok():
+			acks[i] = ack
+		case err := <-f.Err():
+			return nil, fmt.Errorf("publish %s: %w", f.Msg().Subject, err)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return acks, nil
+}
+
+// SceneEvents publishes scene events as CloudEvents, as one Batch.
+func (p *Publisher) SceneEvents(ctx context.Context, events []SceneEvent) error {
+	msgs := make([]Outgoing, 0, len(events))
+	now := time.Now().UTC()
+	for _, e := range events {
+		if e.Time.IsZero() {
+			e.Time = now
+		}
+		ev, err := e.Envelope(p.source)
+		if err != nil {
+			return err
+		}
+		msgs = append(msgs, Outgoing{Subject: SceneEventSubject(e.JobID, e.Index, e.Type), MsgID: ev.ID, Value: ev})
+	}
+	return p.Batch(ctx, msgs)
+}
+
 // SceneEvent publishes a scene event as a CloudEvent.
 func (p *Publisher) SceneEvent(ctx context.Context, e SceneEvent) error {
 	if e.Time.IsZero() {

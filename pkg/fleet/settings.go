@@ -34,6 +34,9 @@ type Settings struct {
 	// NodeTTL is how long a node's observed state outlives its last heartbeat.
 	// Defaults to 10s.
 	NodeTTL time.Duration
+	// LeaseTTL is how long a standby dispatcher waits, after the leading one stops
+	// renewing its lease, before it takes over. Defaults to 1s.
+	LeaseTTL time.Duration
 }
 
 // DefaultSettings returns Settings with every default filled in.
@@ -65,6 +68,9 @@ func (s *Settings) fill() {
 	if s.NodeTTL == 0 {
 		s.NodeTTL = 10 * time.Second
 	}
+	if s.LeaseTTL == 0 {
+		s.LeaseTTL = time.Second
+	}
 }
 
 // Normalize fills in defaults and checks the values.
@@ -79,6 +85,9 @@ func (s Settings) Normalize() (Settings, error) {
 	}
 	if s.NodeTTL < time.Second {
 		errs = append(errs, fmt.Errorf("node TTL %s is below 1s", s.NodeTTL))
+	}
+	if s.LeaseTTL < 250*time.Millisecond {
+		errs = append(errs, fmt.Errorf("lease TTL %s is below 250ms: renewals could not keep up", s.LeaseTTL))
 	}
 	return s, errors.Join(errs...)
 }

@@ -18,23 +18,37 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 	streams := []jetstream.StreamConfig{
 		{
 			Name:        StreamSubmit,
-			Description: "accepted scenes waiting for the dispatcher",
+			Description: "committed jobs and scene retries waiting for the dispatcher's router",
 			Subjects:    []string{submitPrefix + ".>"},
 			Retention:   jetstream.WorkQueuePolicy,
 			Duplicates:  s.DuplicateWindow,
 		},
 		{
-			Name:        StreamQueue,
-			Description: "scenes waiting for the dispatcher to place them on a node",
-			Subjects:    []string{queuePrefix + ".>"},
-			Retention:   jetstream.LimitsPolicy,
-			Duplicates:  s.DuplicateWindow,
+			Name:              StreamScenes,
+			Description:       "scene payloads: rendered graphs, inputs, timeouts",
+			Subjects:          []string{scenePrefix + ".>"},
+			Retention:         jetstream.LimitsPolicy,
+			MaxAge:            s.EventsMaxAge,
+			MaxMsgsPerSubject: 1,
+			AllowDirect:       true,
+			Duplicates:        s.DuplicateWindow,
+		},
+		{
+			Name:              StreamQueue,
+			Description:       "tickets of the scenes waiting to be placed on a node, and tombstones of those placed",
+			Subjects:          []string{queuePrefix + ".>"},
+			Retention:         jetstream.LimitsPolicy,
+			MaxMsgsPerSubject: 1,
+			AllowMsgTTL:       true,
+			AllowDirect:       true,
+			Duplicates:        s.DuplicateWindow,
 		},
 		{
 			Name:        StreamWork,
 			Description: "scenes placed on a node, waiting for its executor",
 			Subjects:    []string{workPrefix + ".>"},
 			Retention:   jetstream.WorkQueuePolicy,
+			AllowDirect: true,
 			Duplicates:  s.DuplicateWindow,
 		},
 		{
@@ -43,6 +57,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			Subjects:    []string{eventPrefix + ".>"},
 			Retention:   jetstream.LimitsPolicy,
 			MaxAge:      s.EventsMaxAge,
+			AllowDirect: true,
 			Duplicates:  s.DuplicateWindow,
 		},
 		{
@@ -67,13 +82,15 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		}
 	}
 	buckets := []jetstream.KeyValueConfig{
-		{Bucket: BucketJobs, Description: "job state, changed by compare-and-set", History: 1},
+		{Bucket: BucketJobs, Description: "jobs as submitted", History: 1, TTL: s.EventsMaxAge},
+		{Bucket: BucketJobState, Description: "job progress, changed by compare-and-set", History: 1, TTL: s.EventsMaxAge},
 		{Bucket: BucketNodes, Description: "observed node state", History: 1, TTL: s.NodeTTL},
 		{Bucket: BucketRegistry, Description: "desired node configuration", History: 1},
 		{Bucket: BucketDeadLetters, Description: "scenes that failed for good", History: 1},
 		{Bucket: BucketAPIKeys, Description: "API keys by hash", History: 1},
 		{Bucket: BucketTenants, Description: "tenants and their webhook secrets", History: 1},
 		{Bucket: BucketWorkflows, Description: "workflow templates by name", History: 5},
+		{Bucket: BucketLeases, Description: "leases electing one instance of a service", History: 1, TTL: s.LeaseTTL},
 	}
 	for _, cfg := range buckets {
 		cfg.Storage = s.Storage
@@ -118,37 +135,46 @@ func WorkConsumer(node string, s Settings) jetstream.ConsumerConfig {
 // WorkConsumerName is the name of node's work consumer.
 func WorkConsumerName(node string) string { return "node-" + node }
 
-// The dispatcher's handlers take milliseconds; a short AckWait lets a restarted
-// dispatcher resume at once the message its dead predecessor held.
-const dispatcherAckWait = 5 * time.Second
+// The dispatcher's and notifier's handlers take milliseconds; a short AckWait lets a
+// surviving instance resume at once the messages a dead one held.
+const serviceAckWait = 5 * time.Second
 
-// SubmitConsumer is the dispatcher's durable consumer of accepted scenes.
-func SubmitConsumer() jetstream.ConsumerConfig {
+// RouterConsumer is the durable consumer, shared by every dispatcher, of the submit
+// stream: the router records committed jobs and queues their scenes.
+func RouterConsumer() jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
-		Durable:   "dispatcher",
-		AckPolicy: jetstream.AckExplicitPolicy,
-		AckWait:   dispatcherAckWait,
-	}
-}
-
-// StateConsumer is the dispatcher's durable consumer of scene events, which it folds
-// into the jobs bucket.
-func StateConsumer() jetstream.ConsumerConfig {
-	return jetstream.ConsumerConfig{
-		Durable:       "dispatcher-state",
-		FilterSubject: SceneEventsFilter,
+		Durable:       "router",
 		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       dispatcherAckWait,
-		MaxAckPending: 1,
+		AckWait:       serviceAckWait,
+		MaxAckPending: 256,
 	}
 }
+
+// TrackerConsumer is the durable consumer, shared by every notifier, of the scene
+// events that change a job's state: starts and ends.
+func TrackerConsumer() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable: "tracker",
+		FilterSubjects: []string{
+			SceneEventFilter(EventStarted), SceneEventFilter(EventCompleted),
+			SceneEventFilter(EventFailed), SceneEventFilter(EventCancelled),
+		},
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       serviceAckWait,
+		MaxAckPending: 1024,
+	}
+}
+
+// QueueTombstoneTTL is how long the tombstone of a placed scene stays in the queue
+// stream: long enough for every dispatcher following the stream to see it.
+const QueueTombstoneTTL = 2 * time.Minute
 
 // DeadLetterConsumer is the dispatcher's durable consumer of max-deliveries advisories.
 func DeadLetterConsumer() jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
 		Durable:   "dispatcher-deadletters",
 		AckPolicy: jetstream.AckExplicitPolicy,
-		AckWait:   dispatcherAckWait,
+		AckWait:   serviceAckWait,
 	}
 }
 

@@ -7,10 +7,16 @@ import (
 
 // Stream, bucket and object store names.
 const (
-	// StreamSubmit holds one message per accepted scene until the dispatcher routes it.
+	// StreamSubmit holds the commands that commit a job (its record) or a scene's
+	// retry, until the dispatcher's router has recorded them and queued their scenes.
 	StreamSubmit = "FLEET_SUBMIT"
-	// StreamQueue holds the scenes waiting for the dispatcher to place them on a node,
-	// one subject per pool. The dispatcher deletes an entry once it has placed it.
+	// StreamScenes holds each scene's ScenePayload (rendered graph, inputs, timeout),
+	// written by the intake before the job is committed and read by executors.
+	StreamScenes = "FLEET_SCENES"
+	// StreamQueue holds the tickets of the scenes waiting for the dispatcher to place
+	// them on a node, one subject per scene that keeps only its last message. Placing
+	// a scene replaces its ticket with a tombstone that expires, so that every
+	// dispatcher following the stream, standbys included, knows the queue exactly.
 	StreamQueue = "FLEET_QUEUE"
 	// StreamWork holds placed scenes, one subject per node, until the executor driving
 	// the node acknowledges them.
@@ -23,8 +29,10 @@ const (
 	// messages, so that no exhausted scene goes unnoticed while the dispatcher is down.
 	StreamDeadLetters = "FLEET_DEADLETTERS"
 
-	// BucketJobs maps a job id to its Job.
+	// BucketJobs maps a job id to its record: the Job as submitted.
 	BucketJobs = "fleet_jobs"
+	// BucketJobState maps a job id to its JobState.
+	BucketJobState = "fleet_job_state"
 	// BucketNodes maps a node id to its observed NodeStatus; entries expire when
 	// heartbeats stop.
 	BucketNodes = "fleet_nodes"
@@ -37,6 +45,9 @@ const (
 	// BucketDeadLetters maps DeadLetterKey to the DeadLetter of a scene that failed
 	// for good.
 	BucketDeadLetters = "fleet_deadletters"
+	// BucketLeases holds the leases that elect one instance of a service, e.g. the
+	// dispatcher that places scenes; its entries expire after Settings.LeaseTTL.
+	BucketLeases = "fleet_leases"
 	// BucketWorkflows maps a workflow template's name to its JSON (pkg/workflow's
 	// Template). Every intake mirrors it, so all of them offer the same versions.
 	BucketWorkflows = "fleet_workflows"
@@ -49,21 +60,48 @@ const (
 
 // Subject prefixes.
 const (
-	submitPrefix    = "fleet.submit"
-	queuePrefix     = "fleet.queue"
-	workPrefix      = "fleet.work"
-	eventPrefix     = "fleet.evt"
-	donePrefix      = "fleet.done"
-	heartbeatPrefix = "fleet.node.hb"
+	submitPrefix = "fleet.submit"
+	scenePrefix  = "fleet.scene"
+	queuePrefix  = "fleet.queue"
+	workPrefix   = "fleet.work"
+	eventPrefix  = "fleet.evt"
+	donePrefix   = "fleet.done"
 )
 
-// SubmitSubject is where intake publishes scene index of job.
-func SubmitSubject(job string, index int) string {
-	return fmt.Sprintf("%s.%s.%d", submitPrefix, job, index)
+// Kinds of submit commands, the third token of their subjects.
+const (
+	SubmitJob   = "job"
+	SubmitRetry = "retry"
+)
+
+// SubmitKind is the kind of command a submit subject carries: SubmitJob or SubmitRetry.
+func SubmitKind(subject string) string {
+	kind, _, _ := strings.Cut(strings.TrimPrefix(subject, submitPrefix+"."), ".")
+	return kind
 }
 
-// QueueSubject is where scenes of pool wait for the dispatcher to place them.
-func QueueSubject(pool string) string { return queuePrefix + "." + pool }
+// SubmitJobSubject is where the intake commits job: its record, once the payloads of
+// its scenes are stored.
+func SubmitJobSubject(job string) string { return submitPrefix + "." + SubmitJob + "." + job }
+
+// SubmitRetrySubject is where the intake asks to run scene index of job again.
+func SubmitRetrySubject(job string, index int) string {
+	return fmt.Sprintf("%s.%s.%s.%d", submitPrefix, SubmitRetry, job, index)
+}
+
+// ScenePayloadSubject is where the payload of scene index of job is kept.
+func ScenePayloadSubject(job string, index int) string {
+	return fmt.Sprintf("%s.%s.%d", scenePrefix, job, index)
+}
+
+// QueueSubject is where scene index of job waits, in pool, for the dispatcher to
+// place it.
+func QueueSubject(pool, job string, index int) string {
+	return fmt.Sprintf("%s.%s.%s.%d", queuePrefix, pool, job, index)
+}
+
+// QueuePoolFilter matches the queue subjects of every scene of pool.
+func QueuePoolFilter(pool string) string { return queuePrefix + "." + pool + ".>" }
 
 // QueueFilter matches the queue subjects of every pool.
 const QueueFilter = queuePrefix + ".>"
@@ -93,6 +131,9 @@ const SceneEventsFilter = eventPrefix + ".scene.>"
 // SceneCancelledFilter matches the cancelled events of every scene of every job.
 const SceneCancelledFilter = eventPrefix + ".scene.*.*." + string(EventCancelled)
 
+// SceneEventFilter matches the events of type t of every scene of every job.
+func SceneEventFilter(t EventType) string { return eventPrefix + ".scene.*.*." + string(t) }
+
 // JobEventsFilter returns the filter that matches every event, scene or job, of job.
 func JobEventsFilter(job string) []string {
 	return []string{eventPrefix + ".scene." + job + ".>", eventPrefix + ".job." + job + ".>"}
@@ -100,12 +141,6 @@ func JobEventsFilter(job string) []string {
 
 // DoneSubject is where the dispatcher announces that job reached a terminal state.
 func DoneSubject(job string) string { return donePrefix + "." + job }
-
-// HeartbeatSubject is the core NATS subject on which an executor reports a node's state.
-func HeartbeatSubject(node string) string { return heartbeatPrefix + "." + node }
-
-// HeartbeatFilter matches every node heartbeat.
-const HeartbeatFilter = heartbeatPrefix + ".*"
 
 // deadLetterAdvisories is the subject of the server's max-deliveries advisories for
 // every consumer of the work stream.

@@ -3,6 +3,7 @@
 package tenancy
 
 import (
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/rand"
@@ -12,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -154,6 +156,87 @@ func (s *Store) Tenant(ctx context.Context, name string) (Tenant, error) {
 			return Tenant{}, fmt.Errorf("create tenant %s: %w", name, err)
 		}
 	}
+}
+
+// KeyInfo is a stored key as it is listed: what it stands for and its ID.
+type KeyInfo struct {
+	// ID lists and revokes the key without revealing it (see ShortID).
+	ID string `json:"id"`
+	Key
+}
+
+// ShortIDLength is the length of a key's ID: hex digits of its SHA-256.
+const ShortIDLength = 12
+
+// ShortID is the ID by which the key plain is listed and revoked: the first
+// ShortIDLength hex digits of its SHA-256, which reveal nothing of the key.
+func ShortID(plain string) string { return hashKey(plain)[:ShortIDLength] }
+
+// ErrAmbiguousKeyID is returned by Revoke for an ID that several keys start with.
+var ErrAmbiguousKeyID = errors.New("several API keys have this ID; give more of its hash")
+
+// Keys returns every key, ordered by tenant, then by creation.
+func (s *Store) Keys(ctx context.Context) ([]KeyInfo, error) {
+	lister, err := s.keys.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list keys: %w", err)
+	}
+	defer lister.Stop()
+	var out []KeyInfo
+	for hash := range lister.Keys() {
+		e, err := s.keys.Get(ctx, hash)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("get key %s: %w", hash[:ShortIDLength], err)
+		}
+		var k Key
+		if err := json.Unmarshal(e.Value(), &k); err != nil {
+			return nil, fmt.Errorf("decode key %s: %w", hash[:ShortIDLength], err)
+		}
+		out = append(out, KeyInfo{ID: hash[:ShortIDLength], Key: k})
+	}
+	slices.SortFunc(out, func(a, b KeyInfo) int {
+		return cmp.Or(cmp.Compare(a.Tenant, b.Tenant), a.Created.Compare(b.Created), cmp.Compare(a.ID, b.ID))
+	})
+	return out, nil
+}
+
+// Revoke deletes the key whose SHA-256 starts with id (its ID, or more of the
+// hash): from then on it is refused. It returns ErrUnknownKey when no key has that
+// ID, and ErrAmbiguousKeyID when several have.
+func (s *Store) Revoke(ctx context.Context, id string) (KeyInfo, error) {
+	id = strings.ToLower(id)
+	if len(id) < ShortIDLength || strings.Trim(id, "0123456789abcdef") != "" {
+		return KeyInfo{}, fmt.Errorf("key ID %q: give at least %d hex digits, as apikey list shows them", id, ShortIDLength)
+	}
+	lister, err := s.keys.ListKeys(ctx, jetstream.MetaOnly())
+	if err != nil {
+		return KeyInfo{}, fmt.Errorf("list keys: %w", err)
+	}
+	var match []string
+	for hash := range lister.Keys() {
+		if strings.HasPrefix(hash, id) {
+			match = append(match, hash)
+		}
+	}
+	_ = lister.Stop()
+	switch len(match) {
+	case 0:
+		return KeyInfo{}, ErrUnknownKey
+	case 1:
+	default:
+		return KeyInfo{}, ErrAmbiguousKeyID
+	}
+	info := KeyInfo{ID: match[0][:ShortIDLength]}
+	if e, err := s.keys.Get(ctx, match[0]); err == nil {
+		_ = json.Unmarshal(e.Value(), &info.Key)
+	}
+	if err := s.keys.Purge(ctx, match[0]); err != nil {
+		return KeyInfo{}, fmt.Errorf("revoke key %s: %w", info.ID, err)
+	}
+	return info, nil
 }
 
 // KeyID names an API key without revealing it: its SHA-256, which is also its

@@ -231,6 +231,18 @@ func (t *Template) Bindings(name string) []Binding {
 	return out
 }
 
+// ParamAt returns the parameter bound to input of the node with id node, if one is.
+func (t *Template) ParamAt(node, input string) (string, bool) {
+	for _, name := range t.ParamNames() {
+		for _, b := range t.Bindings(name) {
+			if b.Node == node && b.Input == input {
+				return name, true
+			}
+		}
+	}
+	return "", false
+}
+
 // ParamNames returns the template's parameter names in order.
 func (t *Template) ParamNames() []string {
 	return slices.Sorted(maps.Keys(t.Params))
@@ -362,10 +374,22 @@ func deepCopy(v any) any {
 	return v
 }
 
-// ValidateGraph checks that g has the shape of a ComfyUI API-format prompt: at least
-// one node, each an object with a string class_type and an inputs object, and every
-// link [node_id, output_index] pointing at a node of the graph.
-func ValidateGraph(g fleet.Graph) error {
+// ValidateGraph checks g with CheckGraph against StockClasses.
+func ValidateGraph(g fleet.Graph) error { return CheckGraph(g, StockClasses) }
+
+// CheckGraph checks that g has the shape of a ComfyUI API-format prompt (at least one
+// node, each an object with a string class_type and an inputs object, and every link
+// [node_id, output_index] pointing at a node of the graph), and that it has an output
+// node as classes tells them, as ComfyUI requires ("Prompt has no outputs"): a graph
+// that names a class classes does not know passes, since that class may be its output.
+func CheckGraph(g fleet.Graph, classes NodeClasses) error {
+	if err := checkShape(g); err != nil {
+		return err
+	}
+	return checkOutputs(g, classes)
+}
+
+func checkShape(g fleet.Graph) error {
 	if len(g) == 0 {
 		return &GraphError{Message: "has no nodes"}
 	}

@@ -112,6 +112,53 @@ func TestValidateGraph(t *testing.T) {
 	}
 }
 
+func TestGraphNeedsAnOutputNode(t *testing.T) {
+	t.Parallel()
+	node := func(class string, inputs map[string]any) map[string]any {
+		return map[string]any{"class_type": class, "inputs": inputs}
+	}
+	image := node("EmptyImage", map[string]any{"width": 8, "height": 8, "batch_size": 1, "color": 0})
+	for _, tc := range []struct {
+		name  string
+		graph fleet.Graph
+		ok    bool
+	}{
+		{"as ComfyUI's transcript 29", fleet.Graph{"1": image}, false},
+		{"a sampler without a saver", fleet.Graph{"1": image, "2": node("ImageInvert", map[string]any{"image": []any{"1", 0.0}})}, false},
+		{"saved", fleet.Graph{"1": image, "2": node("SaveImage", map[string]any{"images": []any{"1", 0.0}})}, true},
+		{"previewed", fleet.Graph{"1": image, "2": node("PreviewImage", map[string]any{"images": []any{"1", 0.0}})}, true},
+		{"a video saved by VideoHelperSuite", fleet.Graph{"1": image, "2": node("VHS_VideoCombine", map[string]any{"images": []any{"1", 0.0}})}, true},
+		{"a custom class that may be an output", fleet.Graph{"1": image, "2": node("Image Save", map[string]any{"images": []any{"1", 0.0}})}, true},
+	} {
+		err := workflow.ValidateGraph(tc.graph)
+		var ge *workflow.GraphError
+		switch {
+		case tc.ok && err != nil:
+			t.Errorf("%s: ValidateGraph = %v", tc.name, err)
+		case !tc.ok && (!errors.As(err, &ge) || ge.Node != "" || !strings.Contains(err.Error(), "Prompt has no outputs")):
+			t.Errorf("%s: ValidateGraph = %v, want a graph error quoting ComfyUI's \"Prompt has no outputs\"", tc.name, err)
+		}
+	}
+	if err := workflow.CheckGraph(fleet.Graph{"1": image}, nil); err != nil {
+		t.Errorf("CheckGraph without classes = %v, want the shape checked only", err)
+	}
+}
+
+func TestParamAt(t *testing.T) {
+	t.Parallel()
+	tpl, _ := catalog(t).Get("txt2video")
+	for _, tc := range []struct{ node, input, want string }{
+		{"1", "ckpt_name", "checkpoint"},
+		{"10", "seed", "seed"},
+		{"7", "ckpt_name", ""},
+		{"1", "text", ""},
+	} {
+		if got, ok := tpl.ParamAt(tc.node, tc.input); got != tc.want || ok != (tc.want != "") {
+			t.Errorf("ParamAt(%s, %s) = %q, %v; want %q", tc.node, tc.input, got, ok, tc.want)
+		}
+	}
+}
+
 func TestImageParamsTakeAFileNameOnly(t *testing.T) {
 	t.Parallel()
 	for _, name := range []string{"img2img", "img2video"} {

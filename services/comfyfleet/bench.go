@@ -23,12 +23,17 @@ import (
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
 )
 
-func runBench(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) > 0 && args[0] == "scheduling" {
-		return runBenchScheduling(ctx, args[1:], stdout)
+func runBench(ctx context.Context, args []string, stdout, _ io.Writer) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "scheduling":
+			return runBenchScheduling(ctx, args[1:], stdout)
+		case "throughput":
+			return runBenchThroughput(ctx, args[1:], stdout)
+		}
 	}
 	if len(args) == 0 || args[0] != "failover" {
-		return fmt.Errorf("bench: name a benchmark: failover or scheduling")
+		return fmt.Errorf("bench: name a benchmark: throughput, failover or scheduling")
 	}
 	fs := flag.NewFlagSet("bench failover", flag.ContinueOnError)
 	rounds := fs.Int("rounds", 5, "rounds of each scenario")

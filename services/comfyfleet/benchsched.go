@@ -233,7 +233,7 @@ func (sc schedScenario) run(ctx context.Context, policy dispatcher.Policy, targe
 	settings := fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 20 * time.Millisecond, NodeTTL: 3 * time.Second}
 	st, err := stack.Start(ctx, stack.Config{DataDir: dir, NATSPort: -1, HTTPAddr: "127.0.0.1:0", Open: true, Sync: "2m",
 		Comfy: nodes, Settings: settings, Logger: slog.New(slog.DiscardHandler),
-		Intake:     intake.Config{RatePerKey: 1000, RateBurst: 1000},
+		Intake:     intake.Config{SubmitRate: intake.RateLimit{PerSecond: intake.Unlimited}, ReadRate: intake.RateLimit{PerSecond: intake.Unlimited}},
 		Executor:   executor.Config{HeartbeatInterval: 100 * time.Millisecond},
 		Dispatcher: dispatcher.Config{Policy: policy, ModelLoadPenalty: real(sc.load)}})
 	if err != nil {

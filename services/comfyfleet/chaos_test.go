@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"regexp"
@@ -75,7 +74,7 @@ func (f *chaosFleet) kill(name string) func() {
 	f.retired = append(f.retired, cp.p)
 	f.mu.Unlock()
 	_ = cp.p.cmd.Process.Kill()
-	<-cp.p.done
+	<-cp.p.exited
 	return func() {
 		p := startProc(f.t, f.bin, name, cp.args...)
 		f.mu.Lock()
@@ -103,14 +102,13 @@ func (f *chaosFleet) output(prefix string) string {
 	return b.String()
 }
 
-func freePort(t *testing.T) int {
+func testPort(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := freePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return port
 }
 
 // hookLog records every webhook delivery.
@@ -164,7 +162,7 @@ func TestChaos(t *testing.T) {
 	bin := buildBinary(t)
 	started := time.Now()
 	f := &chaosFleet{t: t, bin: bin, procs: map[string]*chaosProc{}, kinds: map[string][]string{}}
-	natsPort, httpPort := freePort(t), freePort(t)
+	natsPort, httpPort := testPort(t), testPort(t)
 	natsURL := fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
 	apiURL := fmt.Sprintf("http://127.0.0.1:%d", httpPort)
 	common := []string{"--nats", natsURL, "--ack-wait", "2s", "--retry-backoff", "200ms", "--max-attempts", "10", "--node-ttl", "3s", "--log-level", "warn"}
@@ -176,7 +174,7 @@ func TestChaos(t *testing.T) {
 
 	var comfyArgs [2][]string
 	for i := range 4 {
-		port := freePort(t)
+		port := testPort(t)
 		name := fmt.Sprintf("sim-%d", i)
 		f.start("simulated node", name, regexp.MustCompile(`(listening)`), "sim", "--addr", fmt.Sprintf("127.0.0.1:%d", port),
 			"--step", "5ms", "--name", name, "--log-renders")
@@ -187,7 +185,7 @@ func TestChaos(t *testing.T) {
 	receiver := httptest.NewServer(hooks)
 	defer receiver.Close()
 
-	f.start("intake", "intake", nil, append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--allow-callback", "127.0.0.1", "--rate", "1000"}, common...)...)
+	f.start("intake", "intake", nil, append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--allow-callback", "127.0.0.1", "--rate-submit", "0", "--rate-read", "0"}, common...)...)
 	f.start("dispatcher", "dispatcher", nil, append([]string{"dispatcher"}, common...)...)
 	f.start("notifier", "notifier", nil, append([]string{"notifier", "--public-url", apiURL, "--allow-callback", "127.0.0.1"}, common...)...)
 	for i := range 2 {

@@ -274,7 +274,7 @@ func connectAs(t *testing.T, s *server.Server, user, password string) *nats.Conn
 // TestHubClusterAndRegionLeafFromDeployConfigs starts the three hub servers from
 // hub.conf and a region's leaf node from its leaf-<region>.conf, runs an executor in
 // that region against the leaf node, and checks that the hub sees it (its node in the
-// registry, its heartbeats), that the executor user of the region stores outputs and
+// registry, its state in the nodes' bucket), that the executor user of the region stores outputs and
 // takes and acknowledges work in the hub's JetStream, and that the link carries what
 // an executor may publish and nothing else.
 func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
@@ -329,14 +329,6 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = sim.Close() })
-	dispatcher := connectAs(t, hubs[1], "dispatcher", passwords["dispatcher"])
-	heartbeats, err := dispatcher.SubscribeSync("fleet.node.hb.gpu-" + region)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := dispatcher.Flush(); err != nil {
-		t.Fatal(err)
-	}
 	execCtx, stopExec := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {
@@ -349,22 +341,22 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 	})
 	t.Cleanup(func() { stopExec(); wg.Wait() })
 
-	if _, err := heartbeats.NextMsg(15 * time.Second); err != nil {
-		t.Fatalf("no heartbeat of the %s executor reached the hub: %v", region, err)
-	}
 	intake := connectAs(t, hubs[2], "intake", passwords["intake"])
 	intakeJS, err := jetstream.New(intake)
 	if err != nil {
 		t.Fatal(err)
 	}
-	fleettest.Eventually(t, 10*time.Second, func() bool {
-		registry, err := intakeJS.KeyValue(ctx, "fleet_registry")
-		if err != nil {
-			return false
-		}
-		_, err = registry.Get(ctx, "gpu-"+region)
-		return err == nil
-	}, "the node of the %s executor is not in the hub's registry", region)
+	node := "gpu-" + region
+	for _, bucket := range []string{fleet.BucketRegistry, fleet.BucketNodes} {
+		fleettest.Eventually(t, 15*time.Second, func() bool {
+			kv, err := intakeJS.KeyValue(ctx, bucket)
+			if err != nil {
+				return false
+			}
+			_, err = kv.Get(ctx, node)
+			return err == nil
+		}, "the %s executor's node %s is not in the hub's %s", region, node, bucket)
+	}
 
 	// An output stored in the region lands in the hub's object store.
 	regional := connectAs(t, leaf, "executor", passwords["executor"])
@@ -429,7 +421,7 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 	// A denied subject first, then an allowed one, on one connection and one link:
 	// once the allowed one arrives, the denied one would have arrived before it.
 	for {
-		for _, subject := range []string{"fleet.submit.job.0", "fleet.work.gpu-" + region, "fleet.node.hb.probe"} {
+		for _, subject := range []string{"fleet.submit.job.0", "fleet.work.gpu-" + region, "fleet.evt.scene.probe.0.progress"} {
 			if err := anyone.Publish(subject, []byte("{}")); err != nil {
 				t.Fatal(err)
 			}
@@ -444,7 +436,7 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		if err != nil {
 			t.Fatalf("nothing crossed the leaf link: %v", err)
 		}
-		if msg.Subject != "fleet.node.hb.probe" {
+		if msg.Subject != "fleet.evt.scene.probe.0.progress" {
 			t.Fatalf("the leaf link carried %s, which an executor may not publish", msg.Subject)
 		}
 		break

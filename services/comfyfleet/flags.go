@@ -2,10 +2,15 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"strconv"
 	"strings"
@@ -17,6 +22,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
+	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
 // settingsFlags are the delivery settings every service must agree on.
@@ -98,6 +104,7 @@ func parseNode(v string) (fleet.NodeConfig, error) {
 type serviceFlags struct {
 	natsURL  string
 	health   string
+	pprof    string
 	settings settingsFlags
 	log      logFlags
 }
@@ -105,6 +112,7 @@ type serviceFlags struct {
 func (s *serviceFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&s.natsURL, "nats", nats.DefaultURL, "NATS server URL(s), comma-separated")
 	fs.StringVar(&s.health, "health", "", "listen address for container probes: /healthz (alive) and /readyz (connected to NATS); none if empty")
+	fs.StringVar(&s.pprof, "pprof", "", "serve Go's pprof profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060 (default off)")
 	s.settings.register(fs)
 	s.log.register(fs)
 }
@@ -149,10 +157,17 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 		_ = shutdown(ctx)
 		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURLs(s.natsURL), err)
 	}
+	stopProfiles, err := serveProfiles(s.pprof, log)
+	if err != nil {
+		nc.Close()
+		_ = shutdown(ctx)
+		return nil, err
+	}
 	stopHealth := func() {}
 	if s.health != "" {
 		h, err := startHealth(s.health, nc)
 		if err != nil {
+			stopProfiles()
 			nc.Close()
 			_ = shutdown(ctx)
 			return nil, err
@@ -161,11 +176,40 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 	}
 	return &service{conn: nc, settings: settings, log: log, close: func() {
 		stopHealth()
+		stopProfiles()
 		_ = nc.Drain()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = shutdown(ctx)
 	}}, nil
+}
+
+// serveProfiles serves net/http/pprof's profiles on addr until the returned function
+// is called; an empty addr serves nothing.
+func serveProfiles(addr string, log *slog.Logger) (stop func(), err error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--pprof %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Warn("serve profiles", "err", err)
+		}
+	}()
+	log.Info("serving pprof profiles", "addr", ln.Addr().String())
+	return func() { _ = srv.Close(); <-done }, nil
 }
 
 // allowFlag is --allow-callback: internal addresses that callbacks may reach.
@@ -206,4 +250,54 @@ func redactURLs(urls string) string {
 		parts[i] = u.Redacted()
 	}
 	return strings.Join(parts, ",")
+}
+
+// rateFlags are the API's two budgets per API key: --rate-submit and --rate-read,
+// with their bursts.
+type rateFlags struct {
+	submit, read           rateFlag
+	submitBurst, readBurst int
+}
+
+// register adds the flags; offWhenOpen says, in their help, that an open API
+// (up on loopback) limits nothing unless they are given.
+func (r *rateFlags) register(fs *flag.FlagSet, offWhenOpen bool) {
+	r.submit.v, r.read.v = intake.DefaultSubmitRate.PerSecond, intake.DefaultReadRate.PerSecond
+	note := "; 0 turns the limit off"
+	if offWhenOpen {
+		note += "; unless given, an open API (no keys, loopback) limits nothing"
+	}
+	fs.Var(&r.submit, "rate-submit", "at most `n` job submissions and other changes (POST, PUT, DELETE) a second per API key"+note)
+	fs.IntVar(&r.submitBurst, "rate-submit-burst", 0, "at most `n` submissions and changes at once per API key (default twice --rate-submit)")
+	fs.Var(&r.read, "rate-read", "at most `n` reads (GET: jobs, events, outputs, nodes, …) a second per API key"+note)
+	fs.IntVar(&r.readBurst, "rate-read-burst", 0, "at most `n` reads at once per API key (default twice --rate-read)")
+}
+
+// limits returns the intake's budgets; on an open API, a rate not given is off.
+func (r *rateFlags) limits(open bool) (submit, read intake.RateLimit) {
+	return r.submit.limit(r.submitBurst, open), r.read.limit(r.readBurst, open)
+}
+
+// rateFlag is a rate a second that knows whether it was given.
+type rateFlag struct {
+	v   float64
+	set bool
+}
+
+func (f *rateFlag) String() string { return strconv.FormatFloat(f.v, 'g', -1, 64) }
+
+func (f *rateFlag) Set(s string) error {
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) {
+		return fmt.Errorf("%q is not a rate a second (a number, 0 for no limit)", s)
+	}
+	f.v, f.set = v, true
+	return nil
+}
+
+func (f rateFlag) limit(burst int, open bool) intake.RateLimit {
+	if f.v == 0 || open && !f.set {
+		return intake.RateLimit{PerSecond: intake.Unlimited}
+	}
+	return intake.RateLimit{PerSecond: f.v, Burst: burst}
 }

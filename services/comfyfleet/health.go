@@ -55,7 +55,7 @@ func (h *healthServer) stop() {
 	<-h.done
 }
 
-func runHealthcheck(ctx context.Context, args []string, _ io.Writer) error {
+func runHealthcheck(ctx context.Context, args []string, _, _ io.Writer) error {
 	fs := flag.NewFlagSet("healthcheck", flag.ContinueOnError)
 	url := fs.String("url", "http://127.0.0.1:8080/readyz", "URL that must answer 2xx")
 	timeout := fs.Duration("timeout", 3*time.Second, "longest wait for the answer")

@@ -9,8 +9,11 @@
 //	comfyfleet sim           one simulated ComfyUI node
 //	comfyfleet nats          a NATS server with JetStream, for running the services apart
 //	comfyfleet bench NAME    a benchmark that prints a table (failover)
-//	comfyfleet apikey create an API key for a tenant and role
-//	comfyfleet healthcheck   exit 0 if --url answers 2xx (container health checks)
+//	comfyfleet apikey       create, list and revoke API keys, straight in NATS
+//	comfyfleet submit       submit a job through the API, follow it, download its outputs
+//	comfyfleet jobs         list, show, cancel, retry and follow jobs through the API
+//	comfyfleet nodes        list, add, drain, undrain and remove nodes through the API
+//	comfyfleet healthcheck  exit 0 if --url answers 2xx (container health checks)
 //
 // Every flag can also be set by an environment variable: COMFYFLEET_ and the flag's
 // name in upper case with '-' as '_' (COMFYFLEET_HTTP=0.0.0.0:8080). Flags win.
@@ -32,7 +35,7 @@ import (
 type command struct {
 	name    string
 	summary string
-	run     func(ctx context.Context, args []string, stdout io.Writer) error
+	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
 }
 
 func commands() []command {
@@ -45,7 +48,10 @@ func commands() []command {
 		{"sim", "run one simulated ComfyUI node", runSim},
 		{"nats", "run a NATS server with JetStream (embedded nats-server) alone", runNATS},
 		{"bench", "run a benchmark and print its table: failover", runBench},
-		{"apikey", "create an API key: apikey create --tenant NAME --role read|submit|admin", runAPIKey},
+		{"submit", "submit a job (-f job.json, or --workflow txt2img --param prompt=… --count 6); --wait follows it, --out DIR downloads its outputs", runSubmit},
+		{"jobs", "jobs list|get|cancel|retry|watch, through the API (--api, --key)", runJobs},
+		{"nodes", "nodes list|add|drain|undrain|rm, through the API (--api, --key)", runNodes},
+		{"apikey", "API keys, straight in NATS: apikey create --tenant NAME --role read|submit|admin, apikey list, apikey revoke ID", runAPIKey},
 		{"healthcheck", "exit 0 if --url answers 2xx: a container health check without curl", runHealthcheck},
 	}
 }
@@ -56,6 +62,10 @@ func main() {
 	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		if !errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(os.Stderr, "comfyfleet:", err)
+		}
+		var coded interface{ ExitCode() int }
+		if errors.As(err, &coded) {
+			os.Exit(coded.ExitCode())
 		}
 		os.Exit(2)
 	}
@@ -71,7 +81,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	for _, c := range commands() {
 		if c.name == args[0] {
-			return c.run(ctx, args[1:], stdout)
+			return c.run(ctx, args[1:], stdout, stderr)
 		}
 	}
 	usage(stderr)
@@ -122,6 +132,23 @@ func parse(fs *flag.FlagSet, args []string) error {
 		return parsed(fs)
 	}
 	return nil
+}
+
+// parseArgs is parse for a command that takes arguments among its flags, as in
+// "nodes add gpu-1 --url http://…": it returns the arguments that are not flags.
+func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	if err := parse(fs, args); err != nil {
+		return nil, err
+	}
+	var positional []string
+	for fs.NArg() > 0 {
+		rest := fs.Args()
+		positional = append(positional, rest[0])
+		if err := fs.Parse(rest[1:]); err != nil {
+			return nil, err
+		}
+	}
+	return positional, nil
 }
 
 func envName(flagName string) string {

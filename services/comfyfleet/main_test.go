@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
 // testClient has a transport of its own: httptest servers closing in parallel tests
@@ -111,5 +112,38 @@ func TestRedactURLsHidesCredentials(t *testing.T) {
 	}
 	if want := "nats://intake:xxxxx@nats-1:4222,nats://xxxxx@nats-2:4222,nats://nats-3:4222"; got != want {
 		t.Errorf("redactURLs = %q, want %q", got, want)
+	}
+}
+
+func TestRateFlags(t *testing.T) {
+	t.Parallel()
+	off := intake.RateLimit{PerSecond: intake.Unlimited}
+	for _, tc := range []struct {
+		args         []string
+		open         bool
+		submit, read intake.RateLimit
+	}{
+		{nil, false, intake.RateLimit{PerSecond: 20}, intake.RateLimit{PerSecond: 200}},
+		{nil, true, off, off},
+		{[]string{"--rate-read", "50"}, true, off, intake.RateLimit{PerSecond: 50}},
+		{[]string{"--rate-submit", "5", "--rate-submit-burst", "7", "--rate-read", "0"}, false, intake.RateLimit{PerSecond: 5, Burst: 7}, off},
+	} {
+		fs := flag.NewFlagSet("x", flag.ContinueOnError)
+		var r rateFlags
+		r.register(fs, true)
+		if err := fs.Parse(tc.args); err != nil {
+			t.Fatal(err)
+		}
+		submit, read := r.limits(tc.open)
+		if submit != tc.submit || read != tc.read {
+			t.Errorf("%v (open %v): submit %+v read %+v, want %+v and %+v", tc.args, tc.open, submit, read, tc.submit, tc.read)
+		}
+	}
+	fs := flag.NewFlagSet("x", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var r rateFlags
+	r.register(fs, false)
+	if err := fs.Parse([]string{"--rate-read", "-1"}); err == nil {
+		t.Error("--rate-read -1 was accepted")
 	}
 }

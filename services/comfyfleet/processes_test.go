@@ -28,12 +28,14 @@ type proc struct {
 	mu    sync.Mutex
 	out   bytes.Buffer
 	lines chan string
-	done  chan error
+	// exited is closed once the process has exited, with its error in err.
+	exited chan struct{}
+	err    error
 }
 
 func startProc(t *testing.T, bin, name string, args ...string) *proc {
 	t.Helper()
-	p := &proc{name: name, cmd: exec.Command(bin, args...), lines: make(chan string, 1024), done: make(chan error, 1)}
+	p := &proc{name: name, cmd: exec.Command(bin, args...), lines: make(chan string, 1024), exited: make(chan struct{})}
 	stdout, _ := p.cmd.StdoutPipe()
 	stderr, _ := p.cmd.StderrPipe()
 	if err := p.cmd.Start(); err != nil {
@@ -54,10 +56,17 @@ func startProc(t *testing.T, bin, name string, args ...string) *proc {
 			}
 		})
 	}
-	go func() { wg.Wait(); p.done <- p.cmd.Wait() }()
+	go func() {
+		wg.Wait()
+		p.err = p.cmd.Wait()
+		close(p.exited)
+	}()
 	t.Cleanup(func() {
-		if p.cmd.ProcessState == nil {
+		select {
+		case <-p.exited:
+		default:
 			_ = p.cmd.Process.Kill()
+			<-p.exited
 		}
 		if t.Failed() {
 			p.mu.Lock()
@@ -78,8 +87,8 @@ func (p *proc) await(t *testing.T, re *regexp.Regexp) string {
 			if m := re.FindStringSubmatch(line); m != nil {
 				return m[1]
 			}
-		case err := <-p.done:
-			t.Fatalf("%s exited (%v) before printing %s", p.name, err, re)
+		case <-p.exited:
+			t.Fatalf("%s exited (%v) before printing %s", p.name, p.err, re)
 		case <-deadline:
 			t.Fatalf("%s did not print %s within 30s", p.name, re)
 		}
@@ -91,9 +100,9 @@ func (p *proc) stop(t *testing.T) {
 	t.Helper()
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case err := <-p.done:
-		if err != nil {
-			t.Errorf("%s exited with %v after SIGTERM", p.name, err)
+	case <-p.exited:
+		if p.err != nil {
+			t.Errorf("%s exited with %v after SIGTERM", p.name, p.err)
 		}
 	case <-time.After(15 * time.Second):
 		t.Errorf("%s still running 15s after SIGTERM", p.name)

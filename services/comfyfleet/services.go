@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -17,13 +16,14 @@ import (
 	"github.com/comfyfleet/comfyfleet/workflows"
 )
 
-func runIntake(ctx context.Context, args []string, _ io.Writer) error {
+func runIntake(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("intake", flag.ContinueOnError)
 	var sf serviceFlags
 	httpAddr := fs.String("http", "127.0.0.1:8080", "API listen address")
 	publicURL := fs.String("public-url", "", "base URL clients reach the API at (default http://<--http>)")
 	maxScenes := fs.Int("max-scenes", 100, "most scenes in one job")
-	rateKey := fs.Float64("rate", 20, "requests a second allowed per API key (burst twice that)")
+	var rates rateFlags
+	rates.register(fs, false)
 	var allow allowFlag
 	allow.register(fs)
 	sf.register(fs)
@@ -34,7 +34,7 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "intake", os.Stderr)
+	svc, err := sf.start(ctx, "intake", stderr)
 	if err != nil {
 		return err
 	}
@@ -43,30 +43,32 @@ func runIntake(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
 	}
+	submitRate, readRate := rates.limits(false)
 	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
 		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: guard,
-		RatePerKey: *rateKey, RateBurst: int(2 * *rateKey), Logger: svc.log})
+		SubmitRate: submitRate, ReadRate: readRate, Logger: svc.log})
 }
 
-func runDispatcher(ctx context.Context, args []string, _ io.Writer) error {
+func runDispatcher(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("dispatcher", flag.ContinueOnError)
 	var sf serviceFlags
 	policy := fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
 	loadCost := fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
+	name := fs.String("name", "", "dispatcher name in logs, its lease and queue summaries (default host-pid)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "dispatcher", os.Stderr)
+	svc, err := sf.start(ctx, "dispatcher", stderr)
 	if err != nil {
 		return err
 	}
 	defer svc.close()
-	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log,
+	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log, Name: *name,
 		Policy: dispatcher.Policy(*policy), ModelLoadPenalty: *loadCost})
 }
 
-func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
+func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("executor", flag.ContinueOnError)
 	var (
 		sf    serviceFlags
@@ -94,7 +96,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "executor", os.Stderr)
+	svc, err := sf.start(ctx, "executor", stderr)
 	if err != nil {
 		return err
 	}
@@ -103,7 +105,7 @@ func runExecutor(ctx context.Context, args []string, _ io.Writer) error {
 		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 
-func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
+func runNotifier(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := flag.NewFlagSet("notifier", flag.ContinueOnError)
 	var sf serviceFlags
 	publicURL := fs.String("public-url", "http://127.0.0.1:8080", "the API's base URL, for output links in webhooks")
@@ -118,7 +120,7 @@ func runNotifier(ctx context.Context, args []string, _ io.Writer) error {
 	if err != nil {
 		return err
 	}
-	svc, err := sf.start(ctx, "notifier", os.Stderr)
+	svc, err := sf.start(ctx, "notifier", stderr)
 	if err != nil {
 		return err
 	}

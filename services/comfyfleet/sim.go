@@ -12,7 +12,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
 )
 
-func runSim(ctx context.Context, args []string, stdout io.Writer) error {
+func runSim(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("sim", flag.ContinueOnError)
 	addr := fs.String("addr", "127.0.0.1:8188", "listen address")
 	name := fs.String("name", "sim", "device name shown in /system_stats")
@@ -41,7 +41,7 @@ func runSim(ctx context.Context, args []string, stdout io.Writer) error {
 	return sim.Close()
 }
 
-func runNATS(ctx context.Context, args []string, stdout io.Writer) error {
+func runNATS(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("nats", flag.ContinueOnError)
 	host := fs.String("host", "127.0.0.1", "listen host")
 	port := fs.Int("port", 4222, "client port")

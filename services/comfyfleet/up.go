@@ -18,7 +18,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
-func runUp(ctx context.Context, args []string, stdout io.Writer) error {
+func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("up", flag.ContinueOnError)
 	var (
 		dataDir   = fs.String("data", "./.comfyfleet", "directory of the embedded NATS file store")
@@ -36,16 +36,18 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		comfy     listFlag
 		allow     = listFlag{"127.0.0.0/8", "::1"}
 		settings  settingsFlags
+		rates     rateFlags
 		logs      logFlags
 	)
 	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
 	fs.Var(&allow, "allow-callback", "internal addresses or CIDR prefixes that callback URLs may reach (repeatable; default loopback)")
 	settings.register(fs)
+	rates.register(fs, true)
 	logs.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	log, err := logs.logger(os.Stderr)
+	log, err := logs.logger(stderr)
 	if err != nil {
 		return err
 	}
@@ -66,6 +68,7 @@ func runUp(ctx context.Context, args []string, stdout io.Writer) error {
 		HTTPAddr: *httpAddr, PublicURL: *publicURL, Open: open, CallbackAllow: allowed, Settings: st, Logger: log,
 		Executor: executor.Config{InputTimeout: *inputWait},
 	}
+	cfg.Intake.SubmitRate, cfg.Intake.ReadRate = rates.limits(open)
 	if cfg.Dispatcher.Policy, err = dispatcher.ParsePolicy(*policy); err != nil {
 		return fmt.Errorf("--policy: %w", err)
 	}

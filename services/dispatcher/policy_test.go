@@ -25,8 +25,28 @@ func fleetOf(speeds ...float64) []*nodeView {
 func scenes(n int, priority int, tenant string, at time.Time) []*waiting {
 	var out []*waiting
 	for i := range n {
-		out = append(out, &waiting{seq: uint64(i + 1), item: fleet.WorkItem{JobID: "j" + tenant, Index: i, Tenant: tenant,
+		out = append(out, &waiting{seq: uint64(i + 1), t: fleet.Ticket{JobID: "j" + tenant, Index: i, Tenant: tenant,
 			Priority: priority, Pool: "image", Workflow: "txt2img", SubmittedAt: at}})
+	}
+	return out
+}
+
+func queueOf(ws ...*waiting) *queue {
+	q := newQueue()
+	for _, w := range ws {
+		q.add(w, time.Time{})
+	}
+	return q
+}
+
+// order lists the queue as the planner considers it, with no resident checkpoint.
+func order(q *queue, held map[string]int) []*waiting {
+	var out []*waiting
+	for _, pool := range q.poolNames() {
+		q.each(pool, func(string) bool { return false }, held, func(w *waiting) bool {
+			out = append(out, w)
+			return true
+		})
 	}
 	return out
 }
@@ -55,7 +75,7 @@ func TestFastestFinishKeepsTheLastScenesOffSlowNodes(t *testing.T) {
 		{[]float64{1, 1, 1, 1, 1, 1}, 6, map[string]int{"n0": 1, "n1": 1, "n2": 1, "n3": 1, "n4": 1, "n5": 1}},
 	} {
 		p := planner{policy: FastestFinish}
-		got := count(p.plan(now, scenes(tc.scenes, 5, "t", now), fleetOf(tc.speeds...)))
+		got := count(p.plan(now, queueOf(scenes(tc.scenes, 5, "t", now)...), fleetOf(tc.speeds...), nil))
 		if !maps.Equal(got, tc.want) {
 			t.Errorf("%d scenes on %v: placed %v, want %v", tc.scenes, tc.speeds, got, tc.want)
 		}
@@ -68,11 +88,11 @@ func TestFastestFinishWaitsForAFastNodeThatIsBusy(t *testing.T) {
 	// The fast node holds a running and a queued scene: 0.6s of work. The slow
 	// node would take 3s; the scene waits for the fast node.
 	for i := range 2 {
-		nodes[0].held = append(nodes[0].held, &held{item: fleet.WorkItem{Workflow: "txt2img"}, seq: uint64(i)})
+		nodes[0].held = append(nodes[0].held, &held{t: fleet.Ticket{Workflow: "txt2img"}, seq: uint64(i)})
 	}
 	nodes[0].held[0].startedAt = now
 	p := planner{policy: FastestFinish}
-	if got := p.plan(now, scenes(1, 5, "t", now), nodes); len(got) != 0 {
+	if got := p.plan(now, queueOf(scenes(1, 5, "t", now)...), nodes, nil); len(got) != 0 {
 		t.Errorf("placed %v; want the scene kept for the fast node", count(got))
 	}
 }
@@ -81,35 +101,38 @@ func TestFastestFinishGroupsCheckpoints(t *testing.T) {
 	now := time.Now()
 	nodes := fleetOf(1, 1)
 	nodes[0].model, nodes[1].model = "a.safetensors", "b.safetensors"
-	queue := scenes(4, 5, "t", now)
-	for i, w := range queue {
-		w.model = []string{"a.safetensors", "b.safetensors"}[i%2]
+	ws := scenes(4, 5, "t", now)
+	for i, w := range ws {
+		w.t.Model = []string{"a.safetensors", "b.safetensors"}[i%2]
 	}
 	p := planner{policy: FastestFinish, loadPenalty: 5 * time.Second}
-	for _, pl := range p.plan(now, queue, nodes) {
-		if want := map[string]string{"n0": "a.safetensors", "n1": "b.safetensors"}[pl.node.id]; pl.w.model != want {
-			t.Errorf("scene of %s placed on %s, which has %s loaded", pl.w.model, pl.node.id, want)
+	placed := p.plan(now, queueOf(ws...), nodes, nil)
+	if len(placed) != 4 {
+		t.Fatalf("placed %d scenes, want all 4 (two slots a node)", len(placed))
+	}
+	for _, pl := range placed {
+		if want := map[string]string{"n0": "a.safetensors", "n1": "b.safetensors"}[pl.node.id]; pl.w.t.Model != want {
+			t.Errorf("scene of %s placed on %s, which has %s loaded", pl.w.t.Model, pl.node.id, want)
 		}
 	}
 }
 
 func TestPriorityFirstThenTenantsInTurn(t *testing.T) {
 	now := time.Now()
-	queue := append(scenes(3, 1, "a", now), scenes(3, 1, "b", now.Add(time.Second))...)
+	ws := append(scenes(3, 1, "a", now), scenes(3, 1, "b", now.Add(time.Second))...)
 	urgent := scenes(1, 10, "c", now.Add(time.Hour))[0]
-	queue = append(queue, urgent)
-	got := order(queue, map[string]int{"a": 0, "b": 0})
+	got := order(queueOf(append(ws, urgent)...), map[string]int{"a": 0, "b": 0})
 	var tenants []string
 	for _, w := range got {
-		tenants = append(tenants, w.item.Tenant)
+		tenants = append(tenants, w.t.Tenant)
 	}
 	if want := []string{"c", "a", "b", "a", "b", "a", "b"}; !slices.Equal(tenants, want) {
 		t.Errorf("order %v, want %v", tenants, want)
 	}
 	// A tenant already holding scenes yields to one holding none.
-	got = order(queue[:6], map[string]int{"a": 2})
-	if got[0].item.Tenant != "b" || got[1].item.Tenant != "b" {
-		t.Errorf("tenant a holds 2 scenes, yet the order starts %s, %s", got[0].item.Tenant, got[1].item.Tenant)
+	got = order(queueOf(ws...), map[string]int{"a": 2})
+	if got[0].t.Tenant != "b" || got[1].t.Tenant != "b" {
+		t.Errorf("tenant a holds 2 scenes, yet the order starts %s, %s", got[0].t.Tenant, got[1].t.Tenant)
 	}
 }
 
@@ -120,14 +143,14 @@ func TestBaselinePoliciesCommitEveryScene(t *testing.T) {
 		LeastConn:  {"n0": 2, "n1": 2, "n2": 2},
 	} {
 		p := planner{policy: policy}
-		if got := count(p.plan(now, scenes(6, 5, "t", now), fleetOf(3, 1, 1))); !maps.Equal(got, want) {
+		if got := count(p.plan(now, queueOf(scenes(6, 5, "t", now)...), fleetOf(3, 1, 1), nil)); !maps.Equal(got, want) {
 			t.Errorf("%s placed %v, want %v", policy, got, want)
 		}
 	}
 	nodes := fleetOf(3, 1, 1)
 	nodes[0].weight = 3
 	p := planner{policy: Weighted}
-	if got, want := count(p.plan(now, scenes(5, 5, "t", now), nodes)), map[string]int{"n0": 3, "n1": 1, "n2": 1}; !maps.Equal(got, want) {
+	if got, want := count(p.plan(now, queueOf(scenes(5, 5, "t", now)...), nodes, nil)), map[string]int{"n0": 3, "n1": 1, "n2": 1}; !maps.Equal(got, want) {
 		t.Errorf("weighted placed %v, want %v", got, want)
 	}
 }
@@ -139,10 +162,87 @@ func TestUnusableNodesAndOtherPoolsGetNothing(t *testing.T) {
 	nodes[1].pools = []string{"video"}
 	for _, policy := range Policies {
 		p := planner{policy: policy}
-		for _, pl := range p.plan(now, scenes(3, 5, "t", now), nodes) {
+		for _, pl := range p.plan(now, queueOf(scenes(3, 5, "t", now)...), nodes, nil) {
 			if pl.node.id != "n2" {
 				t.Errorf("%s placed an image scene on %s", policy, pl.node.id)
 			}
 		}
+	}
+}
+
+func TestFastestFinishAvoidsTheNodeThatFailedUnlessItIsTheOnlyOne(t *testing.T) {
+	now := time.Now()
+	w := scenes(1, 5, "t", now)[0]
+	w.t.Avoid = "n0"
+	p := planner{policy: FastestFinish}
+	got := p.plan(now, queueOf(w), fleetOf(10, 1), nil)
+	if len(got) != 1 || got[0].node.id != "n1" {
+		t.Fatalf("placed %v; want the scene on n1, away from the fast node it failed on", count(got))
+	}
+	got = p.plan(now, queueOf(w), fleetOf(10), nil)
+	if len(got) != 1 || got[0].node.id != "n0" {
+		t.Fatalf("placed %v; want the scene back on n0, the only node", count(got))
+	}
+}
+
+func TestQueueReplacesEntriesAndKeepsBackedOffScenesApart(t *testing.T) {
+	now := time.Now()
+	q := newQueue()
+	a := scenes(2, 5, "t", now)
+	q.add(a[0], now)
+	q.add(a[1], now)
+	requeued := &waiting{seq: 9, t: a[0].t}
+	requeued.t.Moves, requeued.t.NotBefore = 1, now.Add(time.Second)
+	if old := q.add(requeued, now); old != a[0] {
+		t.Fatalf("add of a requeued ticket replaced %v, want the first entry", old)
+	}
+	if got := order(q, map[string]int{}); len(got) != 1 || got[0] != a[1] {
+		t.Fatalf("order %v, want only the scene not backed off", got)
+	}
+	if next := q.due(now); !next.Equal(requeued.t.NotBefore) {
+		t.Fatalf("next due %v, want %v", next, requeued.t.NotBefore)
+	}
+	if next := q.due(now.Add(2 * time.Second)); !next.IsZero() {
+		t.Fatalf("next due %v after the back-off passed, want none", next)
+	}
+	if got := order(q, map[string]int{}); len(got) != 2 {
+		t.Fatalf("order has %d scenes after the back-off, want 2", len(got))
+	}
+	q.remove(a[1].key())
+	q.remove(requeued.key())
+	if q.len() != 0 || len(q.pools) != 0 {
+		t.Fatalf("queue keeps %d scenes and %d pools after every removal", q.len(), len(q.pools))
+	}
+}
+
+// BenchmarkPlanDeepQueue times one plan, as a slot frees on one of 500 busy nodes
+// while a million scenes wait.
+func BenchmarkPlanDeepQueue(b *testing.B) {
+	now := time.Now()
+	speeds := make([]float64, 500)
+	for i := range speeds {
+		speeds[i] = 1 + float64(i%4)
+	}
+	nodes := fleetOf(speeds...)
+	for _, n := range nodes {
+		for i := range fleet.NodeSlots {
+			n.held = append(n.held, &held{t: fleet.Ticket{Workflow: "txt2img"}, seq: uint64(i), startedAt: now})
+		}
+	}
+	q := newQueue()
+	for i := range 1_000_000 {
+		tenant := fmt.Sprintf("t%d", i%7)
+		q.add(&waiting{seq: uint64(i + 1), t: fleet.Ticket{JobID: fmt.Sprintf("j%d", i/100), Index: i % 100, Tenant: tenant,
+			Priority: 1 + i%10, Pool: "image", Workflow: "txt2img", SubmittedAt: now.Add(time.Duration(i))}}, now)
+	}
+	p := planner{policy: FastestFinish}
+	b.ResetTimer()
+	for i := range b.N {
+		n := nodes[i%len(nodes)]
+		n.held = n.held[:1]
+		if got := p.plan(now, q, nodes, nil); len(got) != 1 {
+			b.Fatalf("placed %d scenes, want 1", len(got))
+		}
+		n.held = n.held[:2]
 	}
 }

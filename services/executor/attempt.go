@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
-	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
 // errNodeLost ends an attempt whose node stopped answering its probes.
@@ -22,7 +21,7 @@ func (e *timeoutError) Error() string { return fmt.Sprintf("timed out after %gs"
 // watch ends the attempt of item on n early, through cancel, when the node is found
 // dead, when the scene's timeout passes, or when the scene is cancelled; the cause
 // tells which. Call the returned function once the attempt is over.
-func (e *executor) watch(ctx context.Context, cancel context.CancelCauseFunc, n *node, item fleet.WorkItem) (stop func()) {
+func (e *executor) watch(ctx context.Context, cancel context.CancelCauseFunc, n *node, item scene) (stop func()) {
 	var timer *time.Timer
 	if item.Timeout > 0 {
 		timer = time.AfterFunc(item.Timeout, func() { cancel(&timeoutError{after: item.Timeout}) })

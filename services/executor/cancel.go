@@ -65,20 +65,3 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 	}
 	return func() { cc.Stop(); <-cc.Closed() }, nil
 }
-
-// cancelled reports whether the item's run of its scene was cancelled, from its
-// event: the jobs bucket may not show it yet.
-func (e *executor) cancelled(ctx context.Context, item fleet.WorkItem) (bool, error) {
-	raw, err := e.events.GetLastMsgForSubject(ctx, fleet.SceneEventSubject(item.JobID, item.Index, fleet.EventCancelled))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("look up cancellation of scene %s: %w", item.MsgID(), err)
-	}
-	ev, err := fleet.DecodeSceneEvent(raw.Data)
-	if err != nil {
-		return false, fmt.Errorf("look up cancellation of scene %s: %w", item.MsgID(), err)
-	}
-	return ev.Retry >= item.Retry, nil
-}

@@ -56,7 +56,7 @@ func (e *executor) drive(ctx context.Context) {
 		start(nc)
 	}
 	for ctx.Err() == nil {
-		watch, err := e.registry.WatchAll(ctx)
+		watch, err := e.registry.Watch(ctx)
 		if err != nil {
 			e.log.Warn("watch the registry", "err", err)
 			fleet.Pause(ctx, e.cfg.HeartbeatInterval)
@@ -100,11 +100,12 @@ func (e *executor) drive(ctx context.Context) {
 			case d != nil:
 				d.node.setDrained(nc.Drained)
 			case nc.Executor == "" && e.cfg.Adopt && fleet.ValidToken(id):
-				if err := e.adopt(ctx, entry, &nc); err != nil {
+				claimed, err := e.adopt(ctx, id)
+				if err != nil {
 					e.log.Debug("adopt node", "node", id, "err", err)
 					continue
 				}
-				start(nc)
+				start(claimed)
 			}
 		}
 		watch.Stop()
@@ -112,21 +113,26 @@ func (e *executor) drive(ctx context.Context) {
 	}
 }
 
+// errClaimed is the error of an adoption another executor made first.
+var errClaimed = errors.New("driven by another executor")
+
 // adopt claims a node registered through the API by compare-and-set, so that only
 // one adopting executor drives it.
-func (e *executor) adopt(ctx context.Context, entry jetstream.KeyValueEntry, nc *fleet.NodeConfig) error {
-	if len(nc.Pools) == 0 {
-		return errors.New("node serves no pool")
-	}
-	nc.ID, nc.Executor = entry.Key(), e.cfg.Name
-	b, err := json.Marshal(nc)
-	if err != nil {
-		return fmt.Errorf("encode node %s: %w", nc.ID, err)
-	}
-	if _, err := e.registry.Update(ctx, nc.ID, b, entry.Revision()); err != nil {
-		return fmt.Errorf("claim node %s: %w", nc.ID, err)
-	}
-	return nil
+func (e *executor) adopt(ctx context.Context, id string) (fleet.NodeConfig, error) {
+	nc, _, err := e.registry.Change(ctx, id, func(cur *fleet.NodeConfig) (*fleet.NodeConfig, error) {
+		switch {
+		case cur == nil:
+			return nil, fleet.ErrNodeNotFound
+		case cur.Executor != "" && cur.Executor != e.cfg.Name:
+			return nil, errClaimed
+		case len(cur.Pools) == 0:
+			return nil, errors.New("node serves no pool")
+		}
+		next := *cur
+		next.ID, next.Executor = id, e.cfg.Name
+		return &next, nil
+	})
+	return nc, err
 }
 
 // liveNodes are the nodes the executor drives now.

@@ -6,7 +6,6 @@ package executor
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -128,8 +127,10 @@ type executor struct {
 	inputs    jetstream.ObjectStore
 	pub       *fleet.Publisher
 	js        jetstream.JetStream
-	registry  jetstream.KeyValue
+	registry  *fleet.Registry
+	nodes     jetstream.KeyValue
 	events    jetstream.Stream
+	payloads  jetstream.Stream
 	live      liveNodes
 	metrics   metrics
 }
@@ -191,43 +192,40 @@ func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	if e.events, err = js.Stream(ctx, fleet.StreamEvents); err != nil {
 		return fmt.Errorf("open events: %w", err)
 	}
+	if e.payloads, err = js.Stream(ctx, fleet.StreamScenes); err != nil {
+		return fmt.Errorf("open scene payloads: %w", err)
+	}
+	if e.nodes, err = js.KeyValue(ctx, fleet.BucketNodes); err != nil {
+		return fmt.Errorf("open nodes bucket: %w", err)
+	}
 	if err := e.openInputs(ctx, js); err != nil {
 		return err
 	}
-	if e.registry, err = js.KeyValue(ctx, fleet.BucketRegistry); err != nil {
-		return fmt.Errorf("open registry: %w", err)
+	if e.registry, err = fleet.OpenRegistry(ctx, js); err != nil {
+		return err
 	}
 	for _, nc := range e.cfg.Nodes {
 		nc.Executor = e.cfg.Name
-		if err := register(ctx, e.registry, nc); err != nil {
-			return err
+		if _, _, err := e.registry.Change(ctx, nc.ID, func(cur *fleet.NodeConfig) (*fleet.NodeConfig, error) {
+			// A drain set through the API outlives the executor's restarts.
+			if cur != nil {
+				nc.Drained = cur.Drained
+			}
+			return &nc, nil
+		}); err != nil {
+			return fmt.Errorf("register node %s: %w", nc.ID, err)
 		}
 	}
 	return nil
 }
 
-// register records nc as the desired configuration of its node, keeping a drain
-// set through the API.
-func register(ctx context.Context, registry jetstream.KeyValue, nc fleet.NodeConfig) error {
-	if old, err := registry.Get(ctx, nc.ID); err == nil {
-		var prev fleet.NodeConfig
-		if json.Unmarshal(old.Value(), &prev) == nil {
-			nc.Drained = prev.Drained
-		}
-	}
-	b, err := json.Marshal(nc)
-	if err != nil {
-		return fmt.Errorf("encode node %s: %w", nc.ID, err)
-	}
-	if _, err := registry.Put(ctx, nc.ID, b); err != nil {
-		return fmt.Errorf("register node %s: %w", nc.ID, err)
-	}
-	return nil
-}
+// fetchWait is how long one pull for a node's next scene waits on the server.
+const fetchWait = 10 * time.Second
 
 // serve pulls scenes for n and runs them while n is healthy: up to NodeSlots at
 // once, so that ComfyUI holds the next prompt queued behind the running one.
 func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) {
+	proc := fleet.NewProcessor("executor", fleet.WorkConsumerName(n.cfg.ID), e.log, e.handler(n))
 	slots := make(chan struct{}, fleet.NodeSlots)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -240,23 +238,48 @@ func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) 
 		case <-ctx.Done():
 			return
 		}
-		batch, err := cons.Fetch(1, jetstream.FetchMaxWait(time.Second))
-		if err != nil {
+		msg, err := e.next(ctx, n, cons)
+		if err != nil || msg == nil {
 			<-slots
-			e.log.Warn("fetch work", "node", n.cfg.ID, "err", err)
-			fleet.Pause(ctx, time.Second)
+			if err != nil {
+				e.log.Warn("fetch work", "node", n.cfg.ID, "err", err)
+				fleet.Pause(ctx, time.Second)
+			}
 			continue
 		}
-		got := false
-		for msg := range batch.Messages() {
-			got = true
-			wg.Go(func() {
-				defer func() { <-slots }()
-				e.run(ctx, n, msg)
-			})
-		}
-		if !got {
-			<-slots
-		}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			proc.Process(ctx, msg)
+		})
 	}
+}
+
+// next waits for n's next scene, at most fetchWait, and less when n goes down.
+func (e *executor) next(ctx context.Context, n *node, cons jetstream.Consumer) (jetstream.Msg, error) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	fctx, cancel := context.WithTimeout(ctx, fetchWait)
+	defer cancel()
+	lost := n.lost()
+	wg.Go(func() {
+		select {
+		case <-lost:
+			cancel()
+		case <-fctx.Done():
+		}
+	})
+	batch, err := cons.Fetch(1, jetstream.FetchContext(fctx))
+	if err != nil {
+		if fctx.Err() != nil {
+			return nil, nil
+		}
+		return nil, err
+	}
+	for msg := range batch.Messages() {
+		return msg, nil
+	}
+	if err := batch.Error(); err != nil && fctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+		return nil, err
+	}
+	return nil, nil
 }

@@ -99,9 +99,9 @@ func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.
 	return nc
 }
 
-// submit records a job of one txt2img scene of steps sampler steps and queues the
-// scene in the image pool.
-func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.WorkItem {
+// submit commits a job of one txt2img scene of steps sampler steps in the image pool,
+// as the intake does: the scene's payload, then the job; the dispatcher queues it.
+func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.Ticket {
 	r.t.Helper()
 	catalog, err := workflow.Load(os.DirFS("../../workflows"))
 	if err != nil {
@@ -114,20 +114,18 @@ func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.WorkIte
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	jobs, err := fleet.OpenJobs(ctx, r.js)
-	if err != nil {
-		r.t.Fatal(err)
-	}
 	now := time.Now().UTC()
-	if err := jobs.Create(ctx, &fleet.Job{ID: job, Status: fleet.StatusQueued, CreatedAt: now, UpdatedAt: now,
-		Scenes: []fleet.Scene{{Index: 0, Pool: "image", Status: fleet.StatusQueued, QueuedAt: now}}}); err != nil {
+	j := &fleet.Job{ID: job, Status: fleet.StatusQueued, Priority: 5, CreatedAt: now, UpdatedAt: now,
+		Scenes: []fleet.Scene{{Index: 0, Pool: "image", Spec: fleet.SceneSpec{Workflow: "txt2img"}, Model: fleet.Checkpoint(graph),
+			Status: fleet.StatusQueued, QueuedAt: now}}}
+	payload := fleet.ScenePayload{JobID: job, Index: 0, Graph: graph, Timeout: timeout}
+	if err := fleet.NewPublisher(r.js, "test").Batch(ctx, []fleet.Outgoing{
+		{Subject: fleet.ScenePayloadSubject(job, 0), MsgID: payload.MsgID(), Value: payload},
+		{Subject: fleet.SubmitJobSubject(job), MsgID: fleet.SubmitMsgID(job), Value: j},
+	}); err != nil {
 		r.t.Fatal(err)
 	}
-	item := fleet.WorkItem{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", Graph: graph, SubmittedAt: now, Timeout: timeout}
-	if err := fleet.NewPublisher(r.js, "test").JSON(ctx, fleet.QueueSubject("image"), item.PlacementID(), item); err != nil {
-		r.t.Fatal(err)
-	}
-	return item
+	return fleet.Ticket{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", SubmittedAt: now}
 }
 
 // await returns the first scene event of type typ, failing the test after within;
@@ -168,7 +166,7 @@ func (r *rig) await(typ fleet.EventType, within time.Duration, seen *[]fleet.Sce
 	}
 }
 
-func promptID(item fleet.WorkItem, attempt string) string {
+func promptID(item fleet.Ticket, attempt string) string {
 	return comfy.PromptID(item.JobID, "0", attempt)
 }
 

@@ -18,7 +18,7 @@ import (
 )
 
 // runOnNode places the scene's input images on n, then runs its graph there.
-func (e *executor) runOnNode(ctx context.Context, n *node, item fleet.WorkItem, promptID string, onProgress func(comfy.Progress)) (comfy.Result, error) {
+func (e *executor) runOnNode(ctx context.Context, n *node, item scene, promptID string, onProgress func(comfy.Progress)) (comfy.Result, error) {
 	if err := e.placeInputs(ctx, n, item); err != nil {
 		return comfy.Result{}, err
 	}
@@ -28,7 +28,7 @@ func (e *executor) runOnNode(ctx context.Context, n *node, item fleet.WorkItem, 
 // placeInputs fetches each input image of the scene (from the inputs object store or
 // its URL), uploads it to n as comfyfleet_<job>_<index>_<param>.<ext>, and writes the
 // uploaded file's name into item.Graph at the input's bindings.
-func (e *executor) placeInputs(ctx context.Context, n *node, item fleet.WorkItem) error {
+func (e *executor) placeInputs(ctx context.Context, n *node, item scene) error {
 	if len(item.Inputs) == 0 {
 		return nil
 	}

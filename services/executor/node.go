@@ -285,7 +285,9 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 		e.probe(ctx, n)
 		if ctx.Err() != nil {
 			n.setHealth(errStopped, nil)
-			e.report(n)
+			stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+			e.report(stopCtx, n)
+			cancel()
 			return
 		}
 		if q, err := n.client.QueueRemaining(ctx); err == nil {
@@ -293,7 +295,7 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 			n.status.QueueRemaining = q
 			n.mu.Unlock()
 		}
-		e.report(n)
+		e.report(ctx, n)
 		select {
 		case <-ctx.Done():
 		case <-t.C:
@@ -301,14 +303,16 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 	}
 }
 
-func (e *executor) report(n *node) {
+// report records n's observed state in the nodes bucket, where the dispatchers and
+// the API read it; the entry expires when reports stop.
+func (e *executor) report(ctx context.Context, n *node) {
 	st := n.snapshot()
 	b, err := json.Marshal(st)
 	if err != nil {
 		e.log.Error("encode heartbeat", "node", n.cfg.ID, "err", err)
 		return
 	}
-	if err := e.nc.Publish(fleet.HeartbeatSubject(n.cfg.ID), b); err != nil && e.nc.IsConnected() {
-		e.log.Warn("publish heartbeat", "node", n.cfg.ID, "err", err)
+	if _, err := e.nodes.Put(ctx, n.cfg.ID, b); err != nil && ctx.Err() == nil && e.nc.IsConnected() {
+		e.log.Warn("report node state", "node", n.cfg.ID, "err", err)
 	}
 }

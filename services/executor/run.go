@@ -14,7 +14,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
@@ -23,53 +22,86 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
 
-// run executes one delivered scene on n and settles its message: ack on success or
-// when the scene was cancelled; on a transient failure, back to the queue with a
-// back-off and a word to avoid n; term on a permanent failure or the last attempt;
-// and back to the queue at once when the executor stops or n is drained or removed
-// before the scene started.
-func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
-	md, err := msg.Metadata()
+// scene is a scene to run: its ticket, and what its payload adds.
+type scene struct {
+	fleet.Ticket
+	Graph   fleet.Graph
+	Inputs  []fleet.Input
+	Timeout time.Duration
+}
+
+// errPayloadMissing is the error of a scene whose payload is not in the store: its
+// job expired or was deleted.
+var errPayloadMissing = errors.New("the scene's payload is gone from the store")
+
+// load returns the scene of ticket t, with its payload.
+func (e *executor) load(ctx context.Context, t fleet.Ticket) (scene, error) {
+	raw, err := e.payloads.GetLastMsgForSubject(ctx, fleet.ScenePayloadSubject(t.JobID, t.Index))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return scene{}, errPayloadMissing
+	}
 	if err != nil {
-		e.log.Error("work message without metadata", "err", err)
-		_ = msg.Nak()
-		return
+		return scene{}, fmt.Errorf("read the payload of scene %s: %w", t.RunKey(), err)
 	}
-	var item fleet.WorkItem
-	if err := json.Unmarshal(msg.Data(), &item); err != nil {
-		e.log.Error("drop undecodable work message", "subject", msg.Subject(), "err", err)
-		_ = msg.TermWithReason("undecodable")
-		return
+	var p fleet.ScenePayload
+	if err := json.Unmarshal(raw.Data, &p); err != nil {
+		return scene{}, fmt.Errorf("decode the payload of scene %s: %w", t.RunKey(), err)
 	}
-	delivered := int(md.NumDelivered)
-	attempt := item.Attempt(delivered)
+	return scene{Ticket: t, Graph: p.Graph, Inputs: p.Inputs, Timeout: p.Timeout}, nil
+}
+
+// handler returns the handler of n's work messages. It runs the scene on n and
+// settles its message by what it returns: nil (ack) once the scene completed, was
+// cancelled, or went back to the queue (a transient failure, with a back-off and a
+// word to avoid n; the executor stopping; n drained or removed before the scene
+// started); Permanent (term) once it failed for good; RetryAfter when the outcome
+// could not be published, so that the message comes again.
+func (e *executor) handler(n *node) fleet.Handler {
+	return func(ctx context.Context, msg jetstream.Msg) error {
+		md, err := msg.Metadata()
+		if err != nil {
+			return fmt.Errorf("work message without metadata: %w", err)
+		}
+		var t fleet.Ticket
+		if err := json.Unmarshal(msg.Data(), &t); err != nil {
+			return fleet.Permanent(fmt.Errorf("undecodable work message: %w", err))
+		}
+		return e.run(ctx, n, msg, t, int(md.NumDelivered))
+	}
+}
+
+func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.Ticket, delivered int) error {
+	attempt := t.Attempt(delivered)
 	stopKeepAlive := e.keepAlive(msg)
 	defer stopKeepAlive()
-
-	ctx = telemetry.Extract(ctx, msg.Headers())
-	ctx, span := tracer.Start(ctx, "execute scene", trace.WithAttributes(telemetry.SceneAttrs(item.JobID, item.Index)...),
-		trace.WithAttributes(attribute.String("comfyfleet.node", n.cfg.ID), attribute.Int("comfyfleet.attempt", attempt)))
-	defer span.End()
-	log := e.log.With("scene", item.MsgID(), "node", n.cfg.ID, "attempt", attempt)
+	span := trace.SpanFromContext(ctx)
+	span.SetAttributes(telemetry.SceneAttrs(t.JobID, t.Index)...)
+	span.SetAttributes(attribute.String("comfyfleet.node", n.cfg.ID), attribute.Int("comfyfleet.attempt", attempt))
+	log := e.log.With("scene", t.RunKey(), "node", n.cfg.ID, "attempt", attempt)
 
 	// The attempt ends early when the node is found dead, the scene times out or is
 	// cancelled, or the node hands it back, not only when we stop.
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	release := n.hold(item.MsgID(), item.JobID, promptID(item, attempt), cancel)
+	release := n.hold(t.RunKey(), t.JobID, promptID(t, attempt), cancel)
 	defer release()
+
+	if ended, err := e.jobs.SceneEnded(ctx, t.JobID, t.Index, t.Retry); err == nil && ended {
+		log.Info("scene already ended; dropping its redelivery")
+		return nil
+	}
+	item, err := e.load(runCtx, t)
+	if errors.Is(err, errPayloadMissing) {
+		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)
+	}
+	if err != nil {
+		return err
+	}
 	stopWatch := e.watch(runCtx, cancel, n, item)
 	defer stopWatch()
-
-	if done, err := e.alreadyTerminal(ctx, item); err == nil && done {
-		log.Info("scene already terminal; dropping its redelivery")
-		fleet.Ack(ctx, e.log, msg)
-		return
-	}
 	event := func(typ fleet.EventType) fleet.SceneEvent {
-		return fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: typ, Attempt: attempt, Node: n.cfg.ID}
+		return fleet.SceneEvent{JobID: t.JobID, Index: t.Index, Retry: t.Retry, Type: typ, Attempt: attempt, Node: n.cfg.ID}
 	}
-	model := fleet.Checkpoint(item.Graph)
 	var started time.Time
 	var loaded bool
 	steps := 0
@@ -80,12 +112,12 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 			return
 		}
 		started = time.Now()
-		loaded = n.start(item.MsgID(), model)
+		loaded = n.start(t.RunKey(), t.Model)
 		if err := e.pub.SceneEvent(ctx, event(fleet.EventStarted)); err != nil {
 			log.Warn("publish started event", "err", err)
 		}
 	}
-	report := e.progress(ctx, item, attempt, n.cfg.ID)
+	report := e.progress(ctx, t, attempt, n.cfg.ID)
 	onProgress := func(p comfy.Progress) {
 		markStarted()
 		steps = max(steps, p.Max)
@@ -105,14 +137,12 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	if ctx.Err() != nil || errors.Is(context.Cause(runCtx), errHandBack) {
 		log.Info("handing the scene back to the queue")
 		e.metrics.attempt(context.WithoutCancel(ctx), n.cfg.ID, "handed_back")
-		e.requeue(context.WithoutCancel(ctx), msg, item.Requeue(delivered), n.cfg.ID, 0, log)
-		return
+		return e.requeue(context.WithoutCancel(ctx), t.Requeue(delivered, n.cfg.ID, 0, nil), 0)
 	}
 	if errors.Is(context.Cause(runCtx), errCancelled) {
 		log.Info("scene cancelled: attempt stopped", "seconds", elapsed.Seconds())
 		e.metrics.attempt(ctx, n.cfg.ID, "cancelled")
-		fleet.Ack(ctx, e.log, msg)
-		return
+		return nil
 	}
 	if err != nil {
 		err = attemptError(runCtx, n, err)
@@ -120,65 +150,56 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg) {
 	if err == nil {
 		ev := event(fleet.EventCompleted)
 		ev.Outputs, ev.Duration = outputs, elapsed
-		ev.Workflow, ev.Model, ev.ModelLoaded = item.Workflow, model, loaded
+		ev.Workflow, ev.Model, ev.ModelLoaded = t.Workflow, t.Model, loaded
 		if err := e.pub.SceneEvent(ctx, ev); err != nil {
-			log.Warn("publish completed event; the scene will run again", "err", err)
-			_ = msg.NakWithDelay(e.cfg.Settings.RetryDelay(attempt))
-			return
+			return fleet.RetryAfter(e.cfg.Settings.RetryDelay(attempt), fmt.Errorf("publish completed event; the scene will run again: %w", err))
 		}
-		n.finished(item.Workflow, elapsed, steps, loaded)
+		n.finished(t.Workflow, elapsed, steps, loaded)
 		e.metrics.attempt(ctx, n.cfg.ID, "completed")
 		e.metrics.duration.Record(ctx, elapsed.Seconds(), metric.WithAttributes(attribute.String("node", n.cfg.ID)))
-		fleet.Ack(ctx, e.log, msg)
-		log.Info("scene completed", "outputs", len(outputs), "seconds", elapsed.Seconds())
-		return
+		log.Debug("scene completed", "outputs", len(outputs), "seconds", elapsed.Seconds())
+		return nil
 	}
 
-	span.RecordError(err)
-	span.SetStatus(codes.Error, err.Error())
 	permanent := isPermanent(err)
 	if !permanent {
 		e.probe(ctx, n)
 	}
-	if permanent || attempt-item.AttemptBase >= e.cfg.Settings.MaxAttempts {
-		ev := event(fleet.EventFailed)
-		ev.Error = err.Error()
-		if err := e.pub.SceneEvent(ctx, ev); err != nil {
-			log.Warn("publish failed event", "err", err)
-			_ = msg.NakWithDelay(e.cfg.Settings.RetryDelay(attempt))
-			return
-		}
-		e.metrics.attempt(ctx, n.cfg.ID, "failed")
-		_ = msg.TermWithReason("failed")
-		log.Warn("scene failed", "permanent", permanent, "err", err)
-		return
+	if permanent || attempt-t.AttemptBase >= e.cfg.Settings.MaxAttempts {
+		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)
 	}
+	failure := fleet.Attempt{Attempt: attempt, Node: n.cfg.ID, Error: err.Error(), At: time.Now().UTC()}
 	ev := event(fleet.EventRetrying)
-	ev.Error = err.Error()
+	ev.Error, ev.Failures = err.Error(), t.Failures
 	if err := e.pub.SceneEvent(ctx, ev); err != nil {
 		log.Warn("publish retrying event", "err", err)
 	}
 	delay := e.cfg.Settings.RetryDelay(attempt)
 	e.metrics.attempt(ctx, n.cfg.ID, "retrying")
 	e.freeAfterOOM(ctx, n, err)
-	e.requeue(ctx, msg, item.Requeue(delivered), n.cfg.ID, delay, log)
 	log.Warn("scene attempt failed; retrying", "in", delay, "err", err)
+	return e.requeue(ctx, t.Requeue(delivered, n.cfg.ID, delay, &failure), delay)
 }
 
-// requeue puts item back in the queue, to be placed again after delay and
-// elsewhere than avoid if possible, then acknowledges msg. If the queue cannot be
-// reached, msg is redelivered to this node instead.
-func (e *executor) requeue(ctx context.Context, msg jetstream.Msg, item fleet.WorkItem, avoid string, delay time.Duration, log *slog.Logger) {
-	item.Avoid = avoid
-	if delay > 0 {
-		item.NotBefore = time.Now().Add(delay).UTC()
+// fail ends the scene's run for good with err.
+func (e *executor) fail(ctx context.Context, t fleet.Ticket, attempt int, node string, err error, log *slog.Logger) error {
+	ev := fleet.SceneEvent{JobID: t.JobID, Index: t.Index, Retry: t.Retry, Type: fleet.EventFailed, Attempt: attempt, Node: node,
+		Error: err.Error(), Failures: t.Failures}
+	if perr := e.pub.SceneEvent(ctx, ev); perr != nil {
+		return fleet.RetryAfter(e.cfg.Settings.RetryDelay(attempt), fmt.Errorf("publish failed event: %w", perr))
 	}
-	if err := e.pub.JSON(ctx, fleet.QueueSubject(item.Pool), item.PlacementID(), item); err != nil {
-		log.Warn("put the scene back in the queue; it comes back to this node", "err", err)
-		_ = msg.NakWithDelay(max(delay, time.Second))
-		return
+	e.metrics.attempt(ctx, node, "failed")
+	log.Warn("scene failed", "err", err)
+	return fleet.Permanent(fmt.Errorf("scene %s failed: %w", t.RunKey(), err))
+}
+
+// requeue puts t back in the queue. If the queue cannot be reached, the message
+// comes again to this node instead, after delay.
+func (e *executor) requeue(ctx context.Context, t fleet.Ticket, delay time.Duration) error {
+	if err := e.pub.JSON(ctx, fleet.QueueSubject(t.Pool, t.JobID, t.Index), t.PlacementID(), t); err != nil {
+		return fleet.RetryAfter(max(delay, time.Second), fmt.Errorf("put the scene back in the queue; it comes back to this node: %w", err))
 	}
-	fleet.Ack(ctx, e.log, msg)
+	return nil
 }
 
 // keepAlive marks msg in progress every heartbeat interval until the returned
@@ -203,23 +224,9 @@ func (e *executor) keepAlive(msg jetstream.Msg) (stop func()) {
 	return func() { close(done); wg.Wait() }
 }
 
-// alreadyTerminal reports whether the scene has ended, as for a redelivery after
-// the completion was recorded but the acknowledgement lost, or a scene cancelled
-// before it started.
-func (e *executor) alreadyTerminal(ctx context.Context, item fleet.WorkItem) (bool, error) {
-	if cancelled, err := e.cancelled(ctx, item); err != nil || cancelled {
-		return cancelled, err
-	}
-	job, _, err := e.jobs.Get(ctx, item.JobID)
-	if err != nil {
-		return false, err
-	}
-	return item.Index < len(job.Scenes) && job.Scenes[item.Index].Status.Terminal(), nil
-}
-
 // progress returns the callback that publishes a scene's progress, at most once per
 // ProgressInterval and always for the last step.
-func (e *executor) progress(ctx context.Context, item fleet.WorkItem, attempt int, node string) func(comfy.Progress) {
+func (e *executor) progress(ctx context.Context, item fleet.Ticket, attempt int, node string) func(comfy.Progress) {
 	var last time.Time
 	return func(p comfy.Progress) {
 		if p.Max <= 0 {
@@ -233,26 +240,22 @@ func (e *executor) progress(ctx context.Context, item fleet.WorkItem, attempt in
 		ev := fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: fleet.EventProgress, Attempt: attempt, Node: node,
 			Progress: &fleet.Progress{Value: p.Value + 1, Max: p.Max, Node: p.Node}}
 		if err := e.pub.SceneEvent(ctx, ev); err != nil {
-			e.log.Debug("publish progress", "scene", item.MsgID(), "err", err)
+			e.log.Debug("publish progress", "scene", item.RunKey(), "err", err)
 		}
 	}
 }
 
 // store copies the prompt's output files from the node into the object store.
-func (e *executor) store(ctx context.Context, n *node, item fleet.WorkItem, outs []comfy.Output) ([]fleet.Output, error) {
+func (e *executor) store(ctx context.Context, n *node, item scene, outs []comfy.Output) ([]fleet.Output, error) {
 	ctx, span := tracer.Start(ctx, "store outputs", trace.WithAttributes(attribute.Int("comfyfleet.outputs", len(outs))))
 	defer span.End()
 	stored := make([]fleet.Output, 0, len(outs))
-	names := map[string]bool{}
+	names := newOutputNames(item.Index)
 	for _, o := range outs {
 		if o.File.Filename == "" {
 			continue
 		}
-		name := o.File.Filename
-		if names[name] {
-			name = fmt.Sprintf("%s_%s", o.NodeID, name)
-		}
-		names[name] = true
+		name := names.next(o.NodeID, o.File.Filename)
 		body, contentType, err := n.client.View(ctx, o.File)
 		if err != nil {
 			return nil, &fileError{err: fmt.Errorf("fetch output %s from node %s: %w", o.File.Filename, n.cfg.ID, err)}

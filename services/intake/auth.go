@@ -6,10 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
-	"sync"
 
 	"github.com/danielgtaylor/huma/v2"
-	"golang.org/x/time/rate"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
@@ -44,27 +42,8 @@ func secured(role tenancy.Role, op huma.Operation) huma.Operation {
 	return op
 }
 
-// limiters holds a token bucket per API key.
-type limiters struct {
-	perSecond float64
-	burst     int
-	mu        sync.Mutex
-	byKey     map[string]*rate.Limiter
-}
-
-func (l *limiters) allow(key string) bool {
-	l.mu.Lock()
-	lim, ok := l.byKey[key]
-	if !ok {
-		lim = rate.NewLimiter(rate.Limit(l.perSecond), l.burst)
-		l.byKey[key] = lim
-	}
-	l.mu.Unlock()
-	return lim.Allow()
-}
-
 // authenticate resolves the caller of every operation that declares a role, checks
-// the role and the caller's rate, and refuses with problem JSON otherwise.
+// the role and the caller's budget for the call, and refuses with problem JSON otherwise.
 func (in *intake) authenticate(api huma.API) func(huma.Context, func(huma.Context)) {
 	return func(ctx huma.Context, next func(huma.Context)) {
 		need, _ := ctx.Operation().Metadata[roleMetadata].(tenancy.Role)
@@ -86,9 +65,11 @@ func (in *intake) authenticate(api huma.API) func(huma.Context, func(huma.Contex
 			_ = huma.WriteErr(api, ctx, http.StatusForbidden, fmt.Sprintf("this needs role %s; the key has %s", need, p.Role))
 			return
 		}
-		if !in.limits.allow(p.limiterKey) {
-			ctx.SetHeader("Retry-After", "1")
-			_ = huma.WriteErr(api, ctx, http.StatusTooManyRequests, fmt.Sprintf("more than %g requests a second for this key", in.limits.perSecond))
+		b := in.limits.of(ctx.Method())
+		if ok, wait := b.take(p.limiterKey); !ok {
+			msg, retryAfter := b.refusal(wait)
+			ctx.SetHeader("Retry-After", retryAfter)
+			_ = huma.WriteErr(api, ctx, http.StatusTooManyRequests, msg)
 			return
 		}
 		next(huma.WithValue(ctx, principalKey{}, p))
@@ -114,7 +95,7 @@ func (in *intake) identify(ctx context.Context, authorization string) (principal
 
 // tenantJob returns the caller's job id; another tenant's job does not exist for it.
 func (in *intake) tenantJob(ctx context.Context, id string) (*fleet.Job, error) {
-	job, _, err := in.jobs.Get(ctx, id)
+	job, err := in.jobs.Get(ctx, id)
 	if errors.Is(err, fleet.ErrJobNotFound) || err == nil && job.Tenant != caller(ctx).Tenant {
 		return nil, huma.Error404NotFound("no job " + id)
 	}

@@ -32,7 +32,8 @@ func (in *intake) addControlRoutes(a huma.API) {
 }
 
 // cancelJob publishes a cancelled event for each scene of the job that has not ended.
-// Those events are the cancellation: the dispatcher folds them into the job, and
+// Those events are the cancellation: the notifier's tracker folds them into the job's
+// state, the dispatcher drops the scenes still queued, and
 // executors stop the attempts they run and drop the scenes they are handed later.
 func (in *intake) cancelJob(ctx context.Context, input *jobIDInput) (*cancelOutput, error) {
 	job, err := in.tenantJob(ctx, input.ID)
@@ -45,18 +46,19 @@ func (in *intake) cancelJob(ctx context.Context, input *jobIDInput) (*cancelOutp
 	ctx, span := tracer.Start(ctx, "cancel job", trace.WithAttributes(attribute.String("comfyfleet.job", job.ID)))
 	defer span.End()
 	now := time.Now().UTC()
-	cancelled := 0
+	var events []fleet.SceneEvent
 	for _, s := range job.Scenes {
-		if s.Status.Terminal() {
-			continue
+		if !s.Status.Terminal() {
+			events = append(events, fleet.SceneEvent{JobID: job.ID, Index: s.Index, Retry: s.Retries, Type: fleet.EventCancelled, Time: now})
 		}
-		ev := fleet.SceneEvent{JobID: job.ID, Index: s.Index, Retry: s.Retries, Type: fleet.EventCancelled, Time: now}
-		if err := in.pub.SceneEvent(ctx, ev); err != nil {
-			return nil, huma.Error503ServiceUnavailable("cannot cancel the job's scenes now; retry", err)
-		}
-		job.Apply(ev)
-		cancelled++
 	}
+	if err := in.pub.SceneEvents(ctx, events); err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot cancel the job's scenes now; retry", err)
+	}
+	for _, ev := range events {
+		job.Apply(ev)
+	}
+	cancelled := len(events)
 	in.log.Info("job cancelled", "job", job.ID, "scenes", cancelled)
 	return &cancelOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
 }

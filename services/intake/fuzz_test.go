@@ -35,7 +35,7 @@ func FuzzCreateJob(f *testing.F) {
 		f.Fatal(err)
 	}
 	ln.Close()
-	cfg := Config{Conn: nc, Templates: os.DirFS("../../workflows"), Listener: ln, Open: true, RatePerKey: 1e9, RateBurst: 1e9,
+	cfg := Config{Conn: nc, Templates: os.DirFS("../../workflows"), Listener: ln, Open: true, SubmitRate: RateLimit{PerSecond: Unlimited}, ReadRate: RateLimit{PerSecond: Unlimited},
 		Logger: slog.New(slog.DiscardHandler)}
 	if err := cfg.fill(); err != nil {
 		f.Fatal(err)

@@ -64,8 +64,9 @@ func post(t *testing.T, url, key string, body any) reply {
 	return reply{resp.StatusCode, job.ID, resp.Header.Get("Idempotent-Replayed")}
 }
 
+// submitted counts the scene payloads stored.
 func submitted(t *testing.T, js jetstream.JetStream) uint64 {
-	s, err := js.Stream(context.Background(), fleet.StreamSubmit)
+	s, err := js.Stream(context.Background(), fleet.StreamScenes)
 	if err != nil {
 		t.Fatal(err)
 	}

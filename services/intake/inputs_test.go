@@ -97,16 +97,16 @@ func TestInputImagesAreStoredAndReferenced(t *testing.T) {
 		t.Fatalf("stored input: %d bytes, %v; want the %d bytes sent", len(stored), err, len(img))
 	}
 
-	stream, err := js.Stream(ctx, fleet.StreamSubmit)
+	stream, err := js.Stream(ctx, fleet.StreamScenes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	item := func(i int) fleet.WorkItem {
-		msg, err := stream.GetLastMsgForSubject(ctx, fleet.SubmitSubject(job.ID, i))
+	item := func(i int) fleet.ScenePayload {
+		msg, err := stream.GetLastMsgForSubject(ctx, fleet.ScenePayloadSubject(job.ID, i))
 		if err != nil {
 			t.Fatal(err)
 		}
-		var w fleet.WorkItem
+		var w fleet.ScenePayload
 		if err := json.Unmarshal(msg.Data, &w); err != nil {
 			t.Fatal(err)
 		}

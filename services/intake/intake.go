@@ -21,8 +21,6 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/metric"
 
-	"golang.org/x/time/rate"
-
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
@@ -50,7 +48,7 @@ type Config struct {
 	// PublicURL is the base URL clients reach the API at, used in Location headers and
 	// download links. Defaults to "http://" + the listener's address.
 	PublicURL string
-	// MaxScenes caps the scenes of one job. Defaults to 100.
+	// MaxScenes caps the scenes of one job. Defaults to 1000.
 	MaxScenes int
 	// Open serves without API keys, every caller acting as the admin of the default
 	// tenant: for a single user on loopback only. Defaults to false: every API call
@@ -60,16 +58,22 @@ type Config struct {
 	// Defaults to a guard that refuses loopback, private, link-local and metadata
 	// addresses.
 	CallbackGuard *callback.Guard
-	// RatePerKey and RateBurst bound each API key's requests a second. Default to 20
-	// and 40.
-	RatePerKey float64
-	RateBurst  int
+	// SubmitRate bounds each API key's submissions and other changes (every call but
+	// GET and HEAD). Defaults to DefaultSubmitRate: 20 a second, bursts of 40.
+	SubmitRate RateLimit
+	// ReadRate bounds each API key's reads (GET and HEAD: jobs, events, outputs,
+	// nodes, workflows). Defaults to DefaultReadRate: 200 a second, bursts of 400.
+	ReadRate RateLimit
 	// MaxInputBytes caps the size of one input image sent in base64. Defaults to
 	// fleet.MaxInputBytes (20 MiB).
 	MaxInputBytes int
 	// ShutdownTimeout bounds how long running requests may finish after ctx ends.
 	// Defaults to 10s.
 	ShutdownTimeout time.Duration
+	// AfterCommit, if set, is called once a job is committed and before this intake
+	// records it; an error it returns fails the request there, as if the intake had
+	// died at that point (tests).
+	AfterCommit func(job string) error
 	// Logger defaults to slog.Default.
 	Logger *slog.Logger
 }
@@ -87,17 +91,13 @@ func (c *Config) fill() error {
 		c.PublicURL = "http://" + c.Listener.Addr().String()
 	}
 	if c.MaxScenes == 0 {
-		c.MaxScenes = 100
+		c.MaxScenes = 1000
 	}
 	if c.CallbackGuard == nil {
 		c.CallbackGuard = callback.NewGuard()
 	}
-	if c.RatePerKey == 0 {
-		c.RatePerKey = 20
-	}
-	if c.RateBurst == 0 {
-		c.RateBurst = 40
-	}
+	c.SubmitRate = c.SubmitRate.orDefault(DefaultSubmitRate)
+	c.ReadRate = c.ReadRate.orDefault(DefaultReadRate)
 	if c.MaxInputBytes == 0 {
 		c.MaxInputBytes = fleet.MaxInputBytes
 	}
@@ -110,6 +110,10 @@ func (c *Config) fill() error {
 	return nil
 }
 
+// publishWindow bounds the asynchronous publishes in flight, across requests: enough
+// for several jobs of the largest size at once.
+const publishWindow = 16384
+
 type intake struct {
 	cfg      Config
 	log      *slog.Logger
@@ -117,7 +121,7 @@ type intake struct {
 	js       jetstream.JetStream
 	jobs     *fleet.Jobs
 	nodes    jetstream.KeyValue
-	registry jetstream.KeyValue
+	registry *fleet.Registry
 	dead     jetstream.KeyValue
 	outputs  jetstream.ObjectStore
 	inputs   jetstream.ObjectStore
@@ -125,7 +129,7 @@ type intake struct {
 	catalog  *workflow.Catalog
 	pub      *fleet.Publisher
 	keys     *tenancy.Store
-	limits   *limiters
+	limits   *rateLimits
 	accepted metric.Int64Counter
 	// done is closed when the intake stops; long-lived responses end then.
 	done <-chan struct{}
@@ -218,7 +222,7 @@ func spanName(_ string, r *http.Request) string {
 func open(ctx context.Context, cfg Config) (*intake, error) {
 	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn, done: ctx.Done()}
 	var err error
-	if in.js, err = jetstream.New(cfg.Conn); err != nil {
+	if in.js, err = jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(publishWindow)); err != nil {
 		return nil, fmt.Errorf("intake: jetstream: %w", err)
 	}
 	if err := fleet.Ensure(ctx, in.js, cfg.Settings); err != nil {
@@ -230,8 +234,8 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.nodes, err = in.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
 		return nil, fmt.Errorf("intake: open nodes bucket: %w", err)
 	}
-	if in.registry, err = in.js.KeyValue(ctx, fleet.BucketRegistry); err != nil {
-		return nil, fmt.Errorf("intake: open registry bucket: %w", err)
+	if in.registry, err = fleet.OpenRegistry(ctx, in.js); err != nil {
+		return nil, fmt.Errorf("intake: %w", err)
 	}
 	if in.dead, err = in.js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
 		return nil, fmt.Errorf("intake: open dead letters bucket: %w", err)
@@ -259,7 +263,7 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.keys, err = tenancy.Open(ctx, in.js); err != nil {
 		return nil, fmt.Errorf("intake: %w", err)
 	}
-	in.limits = &limiters{perSecond: cfg.RatePerKey, burst: cfg.RateBurst, byKey: map[string]*rate.Limiter{}}
+	in.limits = newRateLimits(cfg.SubmitRate, cfg.ReadRate)
 	if in.accepted, err = otel.Meter("comfyfleet/intake").Int64Counter("comfyfleet.scenes.accepted",
 		metric.WithDescription("Scenes accepted, by pool.")); err != nil {
 		return nil, fmt.Errorf("intake metrics: %w", err)
@@ -278,5 +282,6 @@ func newAPI(mux *http.ServeMux, in *intake) huma.API {
 	api := humago.New(mux, config)
 	api.UseMiddleware(in.authenticate(api))
 	in.addRoutes(api)
+	in.addAPIKeyRoutes(api)
 	return api
 }

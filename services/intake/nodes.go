@@ -3,7 +3,6 @@ package intake
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -249,23 +248,15 @@ func checkNodeInput(body *NodeInput) []error {
 }
 
 func (in *intake) deleteNode(ctx context.Context, input *nodeIDInput) (*struct{}, error) {
-	for {
-		_, rev, err := in.registered(ctx, input.ID)
-		if err != nil {
-			return nil, err
-		}
-		err = in.registry.Delete(ctx, input.ID, jetstream.LastRevision(rev))
-		if err == nil {
-			in.log.Info("node removed", "node", input.ID)
-			return nil, nil
-		}
-		if !casConflict(err) {
-			return nil, huma.Error503ServiceUnavailable("cannot remove the node now; retry", err)
-		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
+	err := in.registry.Delete(ctx, input.ID)
+	if errors.Is(err, fleet.ErrNodeNotFound) {
+		return nil, huma.Error404NotFound("no node " + input.ID)
 	}
+	if err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot remove the node now; retry", err)
+	}
+	in.log.Info("node removed", "node", input.ID)
+	return nil, nil
 }
 
 // drainNode returns the handler that sets a node's Drained to drained.
@@ -298,77 +289,34 @@ func (in *intake) drainNode(drained bool) func(context.Context, *nodeIDInput) (*
 }
 
 // changeNode writes the registry entry of id as change makes it from the current one
-// (nil when there is none), by compare-and-set on the entry's revision, retrying on
-// conflict. change may return fleet.ErrNoChange with the entry to skip the write, or a
-// huma error to refuse. It returns the entry as written, and whether it is new. Its
-// errors are huma errors.
+// (see fleet.Registry.Change). Its errors are huma errors.
 func (in *intake) changeNode(ctx context.Context, id string, change func(cur *fleet.NodeConfig) (*fleet.NodeConfig, error)) (fleet.NodeConfig, bool, error) {
-	for {
-		cur, rev, err := in.registered(ctx, id)
-		var model *huma.ErrorModel
-		if errors.As(err, &model) && model.Status == http.StatusNotFound {
-			cur, err = nil, nil
-		}
-		if err != nil {
-			return fleet.NodeConfig{}, false, err
-		}
-		next, err := change(cur)
-		if errors.Is(err, fleet.ErrNoChange) {
-			return *next, false, nil
-		}
-		if err != nil {
-			return fleet.NodeConfig{}, false, err
-		}
-		b, err := json.Marshal(next)
-		if err != nil {
-			return fleet.NodeConfig{}, false, fmt.Errorf("encode node %s: %w", id, err)
-		}
-		if cur == nil {
-			_, err = in.registry.Create(ctx, id, b)
-		} else {
-			_, err = in.registry.Update(ctx, id, b, rev)
-		}
-		if err == nil {
-			return *next, cur == nil, nil
-		}
-		if !casConflict(err) {
-			return fleet.NodeConfig{}, false, huma.Error503ServiceUnavailable("cannot store the node now; retry", err)
-		}
-		if ctx.Err() != nil {
-			return fleet.NodeConfig{}, false, ctx.Err()
-		}
+	cfg, created, err := in.registry.Change(ctx, id, change)
+	var status huma.StatusError
+	switch {
+	case err == nil, errors.As(err, &status):
+		return cfg, created, err
 	}
-}
-
-// casConflict reports whether a compare-and-set write lost to another writer.
-func casConflict(err error) bool {
-	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)
+	return cfg, created, huma.Error503ServiceUnavailable("cannot store the node now; retry", err)
 }
 
 // registered returns the registry entry of id and its revision; an unknown node is a
 // 404. Its errors are huma errors.
 func (in *intake) registered(ctx context.Context, id string) (*fleet.NodeConfig, uint64, error) {
-	if !fleet.ValidToken(id) {
-		return nil, 0, huma.Error404NotFound("no node " + id)
-	}
-	e, err := in.registry.Get(ctx, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	cfg, rev, err := in.registry.Get(ctx, id)
+	if errors.Is(err, fleet.ErrNodeNotFound) {
 		return nil, 0, huma.Error404NotFound("no node " + id)
 	}
 	if err != nil {
 		return nil, 0, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
 	}
-	var cfg fleet.NodeConfig
-	if err := json.Unmarshal(e.Value(), &cfg); err != nil {
-		return nil, 0, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", fmt.Errorf("decode node %s: %w", id, err))
-	}
-	return &cfg, e.Revision(), nil
+	return cfg, rev, nil
 }
 
 // readNodes returns every node, registered or only seen through its heartbeats, with
 // what it was last seen doing, ordered by id. Its errors are huma errors.
 func (in *intake) readNodes(ctx context.Context) ([]Node, error) {
-	configs, err := readAll[fleet.NodeConfig](ctx, in.registry)
+	configs, err := in.registry.All(ctx)
 	if err != nil {
 		return nil, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
 	}

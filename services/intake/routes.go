@@ -11,6 +11,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
@@ -200,10 +201,15 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 	return out, nil
 }
 
-// submit validates a job request, records the job, stores its input images and
-// queues its scenes. With an Idempotency-Key, a request seen before returns the job
-// it created (replayed) and a key reused for another request is a conflict. Its
-// errors are huma errors.
+// submit validates a job request, stores its input images and the payloads of its
+// scenes, commits it, and records it. With an Idempotency-Key, a request seen before
+// returns the job it created (replayed) and a key reused for another request is a
+// conflict. Its errors are huma errors.
+//
+// The commit is one message on the submit stream, published together with the
+// payloads and awaited with them: once it is stored, the dispatcher's router records
+// the job (if this intake could not) and queues its scenes, so that an intake that
+// dies after the commit leaves no job half-queued.
 func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey string) (job *fleet.Job, replayed bool, err error) {
 	scenes, errs := in.resolve(ctx, body)
 	if len(errs) > 0 {
@@ -236,57 +242,101 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	refs := inputRefs(id, scenes)
 	for i, s := range scenes {
 		spec := s.spec
-		spec.Inputs = refs[i]
-		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Status: fleet.StatusQueued, QueuedAt: now}
+		spec.Inputs, spec.Graph = refs[i], nil
+		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Model: fleet.Checkpoint(s.graph), Status: fleet.StatusQueued, QueuedAt: now}
 	}
-	existing, _, err := in.jobs.Get(ctx, id)
-	switch {
-	case err == nil && idempotencyKey != "":
-		if job, replayed, err = in.replay(existing, hash); err != nil {
-			return nil, false, err
-		}
-		if time.Since(job.CreatedAt) > in.cfg.Settings.DuplicateWindow {
-			return job, true, nil
-		}
-	case err != nil && !errors.Is(err, fleet.ErrJobNotFound):
-		return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
-	default:
-		if _, err := in.storeInputs(ctx, job.ID, scenes); err != nil {
-			return nil, false, huma.Error503ServiceUnavailable("cannot store the input images now; retry", err)
-		}
-		err = in.jobs.Create(ctx, job)
-		if errors.Is(err, jetstream.ErrKeyExists) && idempotencyKey != "" {
-			// A concurrent request with the same key recorded the job first; the
-			// images under its id are that request's.
-			if existing, _, err = in.jobs.Get(ctx, id); err != nil {
-				return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
-			}
+	if idempotencyKey != "" {
+		existing, err := in.jobs.Record(ctx, id)
+		switch {
+		case err == nil:
 			if job, replayed, err = in.replay(existing, hash); err != nil {
 				return nil, false, err
 			}
-		} else if err != nil {
-			in.removeInputs(context.WithoutCancel(ctx), refs)
-			return nil, false, huma.Error503ServiceUnavailable("cannot record the job now; retry", err)
+			if time.Since(job.CreatedAt) <= in.cfg.Settings.DuplicateWindow {
+				// The first request may have stopped before its commit; the
+				// message ids make this a no-op otherwise.
+				if _, err := in.commit(ctx, job, scenes, refs); err != nil {
+					return nil, false, err
+				}
+			}
+			if job, err = in.jobs.Get(ctx, id); err != nil {
+				return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+			}
+			return job, true, nil
+		case !errors.Is(err, fleet.ErrJobNotFound):
+			return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
 		}
 	}
-	// Queue the scenes; a replay within the duplicate window queues them again in
-	// case the first request stopped half-way, which the message ids make a no-op
-	// otherwise.
+	if _, err := in.storeInputs(ctx, job.ID, scenes); err != nil {
+		return nil, false, huma.Error503ServiceUnavailable("cannot store the input images now; retry", err)
+	}
+	first, err := in.commit(ctx, job, scenes, refs)
+	if err != nil {
+		in.removeInputs(context.WithoutCancel(ctx), refs)
+		return nil, false, err
+	}
+	if !first {
+		// A concurrent request with the same Idempotency-Key committed the job; the
+		// images under its id are that request's.
+		return in.replayCommitted(ctx, id, hash)
+	}
+	if in.cfg.AfterCommit != nil {
+		if err := in.cfg.AfterCommit(job.ID); err != nil {
+			return nil, false, huma.Error503ServiceUnavailable("stopped after committing the job", err)
+		}
+	}
+	// Recorded here too, so that the job can be read as soon as it is accepted; the
+	// router records it if this fails or the router was first.
+	if err := in.jobs.Create(ctx, job); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		in.log.Warn("record job; the router records it", "job", job.ID, "err", err)
+	}
+	for _, s := range scenes {
+		in.accepted.Add(ctx, 1, metric.WithAttributes(attribute.String("pool", s.pool)))
+	}
+	in.log.Debug("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority)
+	return job, false, nil
+}
+
+// commit stores the payloads of the job's scenes and the job's commit, together, and
+// reports whether this was the job's first commit: of concurrent requests with one
+// Idempotency-Key, the server stores one commit and drops the others as duplicates.
+func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved, refs [][]fleet.Input) (first bool, err error) {
+	msgs := make([]fleet.Outgoing, 0, len(scenes)+1)
 	for i, s := range scenes {
-		item := fleet.WorkItem{
-			JobID: job.ID, Index: i, Tenant: job.Tenant, Priority: job.Priority, Pool: s.pool,
-			Workflow: s.spec.Workflow, Graph: s.graph, SubmittedAt: job.CreatedAt,
-			Timeout: s.spec.Timeout(), Inputs: refs[i],
-		}
-		if err := in.pub.JSON(ctx, fleet.SubmitSubject(job.ID, i), item.MsgID(), item); err != nil {
-			return nil, false, huma.Error503ServiceUnavailable("cannot queue the job's scenes now; retry", err)
-		}
-		if !replayed {
-			in.accepted.Add(ctx, 1, metric.WithAttributes(attribute.String("pool", s.pool)))
-		}
+		p := fleet.ScenePayload{JobID: job.ID, Index: i, Graph: s.graph, Timeout: s.spec.Timeout(), Inputs: refs[i]}
+		msgs = append(msgs, fleet.Outgoing{Subject: fleet.ScenePayloadSubject(job.ID, i), MsgID: p.MsgID(), Value: p})
 	}
-	in.log.Info("job accepted", "job", job.ID, "scenes", len(scenes), "priority", job.Priority, "replayed", replayed)
-	return job, replayed, nil
+	msgs = append(msgs, fleet.Outgoing{Subject: fleet.SubmitJobSubject(job.ID), MsgID: fleet.SubmitMsgID(job.ID), Value: job})
+	acks, err := in.pub.BatchAcks(ctx, msgs)
+	if err != nil {
+		return false, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
+	}
+	return !acks[len(acks)-1].Duplicate, nil
+}
+
+// replayCommitted answers a request whose Idempotency-Key another request committed
+// a moment ago: with that job once it is recorded, or 409 if it was another request.
+func (in *intake) replayCommitted(ctx context.Context, id, hash string) (*fleet.Job, bool, error) {
+	var rec *fleet.Job
+	err := backoff.Retry(func() error {
+		var err error
+		rec, err = in.jobs.Record(ctx, id)
+		if err != nil && !errors.Is(err, fleet.ErrJobNotFound) {
+			return backoff.Permanent(err)
+		}
+		return err
+	}, backoff.WithContext(backoff.WithMaxRetries(backoff.NewConstantBackOff(20*time.Millisecond), 250), ctx))
+	if err != nil {
+		return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+	}
+	if _, _, err := in.replay(rec, hash); err != nil {
+		return nil, false, err
+	}
+	job, err := in.jobs.Get(ctx, id)
+	if err != nil {
+		return nil, false, huma.Error503ServiceUnavailable("cannot read the job now; retry", err)
+	}
+	return job, true, nil
 }
 
 type jobIDInput struct {

@@ -1,6 +1,9 @@
-// Package notifier completes jobs: for each job that reached a terminal state it
-// publishes the public job event and POSTs the job to its callback URL, retrying
-// with back-off until the receiver accepts it.
+// Package notifier follows jobs to their end: its tracker folds the starts and ends
+// of scenes into each job's state, a compare-and-set of about one byte per scene,
+// records failed scenes as dead letters, and announces a job whose scenes have all
+// ended; for each such job it publishes the public job event and POSTs the job to its
+// callback URL, retrying with back-off until the receiver accepts it. Any number of
+// notifiers run at once; each message goes to one of them.
 package notifier
 
 import (
@@ -12,7 +15,10 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -20,7 +26,6 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
@@ -58,6 +63,9 @@ type Config struct {
 	// WebhookAttempts is how many times a webhook is tried before it is given up.
 	// Defaults to 20 (about 75 minutes with the default back-off).
 	WebhookAttempts int
+	// TrackerWorkers is how many scene events the tracker handles at once; the
+	// events of one job are handled in order, one at a time. Defaults to 32.
+	TrackerWorkers int
 	// Logger defaults to slog.Default.
 	Logger *slog.Logger
 }
@@ -91,6 +99,9 @@ func (c *Config) fill() error {
 	if c.WebhookAttempts == 0 {
 		c.WebhookAttempts = 20
 	}
+	if c.TrackerWorkers == 0 {
+		c.TrackerWorkers = 32
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -101,9 +112,11 @@ type notifier struct {
 	cfg      Config
 	log      *slog.Logger
 	jobs     *fleet.Jobs
+	dead     jetstream.KeyValue
 	tenants  *tenancy.Store
 	pub      *fleet.Publisher
 	webhooks metric.Int64Counter
+	running  runningJobs
 }
 
 // Run runs the notifier until ctx is done.
@@ -128,6 +141,9 @@ func run(ctx context.Context, cfg Config) error {
 		if n.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
 			return err
 		}
+		if n.dead, err = js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
+			return fmt.Errorf("open dead letters bucket: %w", err)
+		}
 		n.tenants, err = tenancy.Open(ctx, js)
 		return err
 	}); err != nil {
@@ -139,73 +155,190 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	n.log.Info("notifier running")
 	defer n.log.Info("notifier stopped")
-	return fleet.Consume(ctx, js, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts), n.log, n.complete)
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	wg.Go(func() {
+		errs <- fleet.Consume(ctx, js, fleet.StreamEvents, fleet.TrackerConsumer(), n.log, n.track, fleet.Service("notifier"), fleet.Workers(cfg.TrackerWorkers, jobOfEvent))
+	})
+	wg.Go(func() {
+		errs <- fleet.Consume(ctx, js, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts), n.log, n.complete, fleet.Service("notifier"), fleet.Workers(8, nil))
+	})
+	wg.Wait()
+	close(errs)
+	var all []error
+	for err := range errs {
+		all = append(all, err)
+	}
+	return errors.Join(all...)
+}
+
+// jobOfEvent is the job a scene event's subject names: fleet.evt.scene.<job>.….
+func jobOfEvent(msg jetstream.Msg) string {
+	parts := strings.SplitN(msg.Subject(), ".", 5)
+	if len(parts) < 4 {
+		return msg.Subject()
+	}
+	return parts[3]
+}
+
+// track folds a scene's start or end into its job's state, and announces the job
+// once every scene has ended.
+func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
+	ev, err := fleet.DecodeSceneEvent(msg.Data())
+	if err != nil {
+		return fleet.Permanent(err)
+	}
+	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", ev.JobID), attribute.Int("comfyfleet.scene", ev.Index))
+	if ev.Type == fleet.EventStarted {
+		if n.running.has(ev.JobID) {
+			return nil
+		}
+		if _, err := n.jobs.UpdateState(ctx, ev.JobID, func(st *fleet.JobState) error {
+			if !st.Start(ev.Time) {
+				return fleet.ErrNoChange
+			}
+			return nil
+		}); errors.Is(err, fleet.ErrJobNotFound) {
+			return fleet.UnknownJob(msg, ev.JobID)
+		} else if err != nil {
+			return err
+		}
+		n.running.add(ev.JobID)
+		return nil
+	}
+	st, err := n.jobs.UpdateState(ctx, ev.JobID, func(st *fleet.JobState) error {
+		if !st.End(ev.Index, ev.Retry, ev.Type, ev.Time) {
+			return fleet.ErrNoChange
+		}
+		return nil
+	})
+	if errors.Is(err, fleet.ErrJobNotFound) {
+		return fleet.UnknownJob(msg, ev.JobID)
+	}
+	if err != nil {
+		return err
+	}
+	if ev.Type == fleet.EventFailed && ev.Retry >= st.Retries[ev.Index] {
+		if err := n.recordDeadLetter(ctx, st, ev); err != nil {
+			return err
+		}
+	}
+	if !st.Ended() {
+		return nil
+	}
+	n.running.remove(ev.JobID)
+	done := fleet.DoneMsg{JobID: st.ID, Round: st.Round}
+	return n.pub.JSON(ctx, fleet.DoneSubject(st.ID), done.MsgID(), done)
+}
+
+// recordDeadLetter keeps a failed scene where GET /v1/deadletters finds it. It runs
+// again for a redelivered event, so the record survives a crash after the update.
+func (n *notifier) recordDeadLetter(ctx context.Context, st *fleet.JobState, ev fleet.SceneEvent) error {
+	rec, err := n.jobs.Record(ctx, ev.JobID)
+	if err != nil {
+		return err
+	}
+	if ev.Index >= len(rec.Scenes) {
+		return nil
+	}
+	s := rec.Scenes[ev.Index]
+	failures := ev.Failures
+	if !slices.ContainsFunc(failures, func(a fleet.Attempt) bool { return a.Attempt == ev.Attempt }) {
+		failures = append(slices.Clip(failures), fleet.Attempt{Attempt: ev.Attempt, Node: ev.Node, Error: ev.Error, At: ev.Time})
+	}
+	dl := fleet.DeadLetter{
+		JobID: ev.JobID, Index: ev.Index, Tenant: st.Tenant, Workflow: s.Spec.Workflow, Pool: s.Pool,
+		Error: ev.Error, Attempts: ev.Attempt, Failures: failures, FailedAt: ev.Time,
+	}
+	b, err := json.Marshal(dl)
+	if err != nil {
+		return fmt.Errorf("encode dead letter: %w", err)
+	}
+	if _, err := n.dead.Put(ctx, fleet.DeadLetterKey(ev.JobID, ev.Index), b); err != nil {
+		return fmt.Errorf("record dead letter: %w", err)
+	}
+	return nil
+}
+
+// runningJobs remembers jobs known to have started, so that the starts of their
+// other scenes cost nothing.
+type runningJobs struct {
+	mu   sync.Mutex
+	jobs map[string]struct{}
+}
+
+// runningJobsKept bounds the memory of started jobs; past it, it starts afresh.
+const runningJobsKept = 1 << 16
+
+func (r *runningJobs) has(job string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.jobs[job]
+	return ok
+}
+
+func (r *runningJobs) add(job string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.jobs == nil || len(r.jobs) >= runningJobsKept {
+		r.jobs = map[string]struct{}{}
+	}
+	r.jobs[job] = struct{}{}
+}
+
+func (r *runningJobs) remove(job string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.jobs, job)
 }
 
 // complete publishes the job's terminal event and delivers its webhook.
-func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) {
+func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 	var done fleet.DoneMsg
 	if err := json.Unmarshal(msg.Data(), &done); err != nil {
-		_ = msg.TermWithReason("undecodable")
-		return
+		return fleet.Permanent(fmt.Errorf("undecodable done message: %w", err))
 	}
 	md, err := msg.Metadata()
 	if err != nil {
-		_ = msg.NakWithDelay(time.Second)
-		return
+		return err
 	}
 	attempt := int(md.NumDelivered)
-	ctx, span := tracer.Start(ctx, "complete job", trace.WithAttributes(
-		attribute.String("comfyfleet.job", done.JobID), attribute.Int("comfyfleet.attempt", attempt)))
-	defer span.End()
-
-	job, _, err := n.jobs.Get(ctx, done.JobID)
+	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", done.JobID), attribute.Int("comfyfleet.attempt", attempt))
+	retry := func(err error) error {
+		return fleet.RetryAfter(fleet.ExponentialDelay(n.cfg.WebhookBackoff, n.cfg.WebhookMaxBackoff, attempt), err)
+	}
+	job, err := n.jobs.Get(ctx, done.JobID)
 	if errors.Is(err, fleet.ErrJobNotFound) {
-		fleet.DropUnknownJob(n.log, msg, done.JobID)
-		return
+		return fleet.UnknownJob(msg, done.JobID)
 	}
 	if err != nil {
-		n.retry(span, msg, attempt, err)
-		return
+		return retry(err)
 	}
 	if !job.Status.Terminal() || job.Round > done.Round {
 		n.log.Info("job reopened by a retry since it ended; its next end will be announced", "job", job.ID)
-		fleet.Ack(ctx, n.log, msg)
-		return
+		return nil
 	}
 	typ := jobEventType(job.Status)
 	if err := n.pub.JobEvent(ctx, fleet.JobEvent{Type: typ, Job: *job}); err != nil {
-		n.retry(span, msg, attempt, err)
-		return
+		return retry(err)
 	}
 	if job.CallbackURL == "" {
-		fleet.Ack(ctx, n.log, msg)
-		return
+		return nil
 	}
 	err = n.deliver(ctx, job, typ)
 	outcome := "retrying"
+	defer func() { n.webhooks.Add(ctx, 1, metric.WithAttributes(attribute.String("outcome", outcome))) }()
 	switch {
 	case err == nil:
 		outcome = "delivered"
 		n.log.Info("webhook delivered", "job", job.ID, "attempt", attempt)
-		fleet.Ack(ctx, n.log, msg)
+		return nil
 	case attempt >= n.cfg.WebhookAttempts || errors.Is(err, errGone):
 		outcome = "given_up"
-		span.RecordError(err)
 		n.log.Error("webhook given up", "job", job.ID, "attempts", attempt, "err", err)
-		_ = msg.TermWithReason("webhook given up")
-	default:
-		n.retry(span, msg, attempt, err)
+		return fleet.Permanent(fmt.Errorf("webhook given up: %w", err))
 	}
-	n.webhooks.Add(ctx, 1, metric.WithAttributes(attribute.String("outcome", outcome)))
-}
-
-func (n *notifier) retry(span trace.Span, msg jetstream.Msg, attempt int, err error) {
-	span.RecordError(err)
-	span.SetStatus(codes.Error, err.Error())
-	delay := fleet.ExponentialDelay(n.cfg.WebhookBackoff, n.cfg.WebhookMaxBackoff, attempt)
-	n.log.Warn("job completion will be retried", "subject", msg.Subject(), "attempt", attempt, "in", delay, "err", err)
-	_ = msg.NakWithDelay(delay)
+	return retry(err)
 }
 
 // errGone marks a receiver that answered 410 Gone: it wants no more attempts.

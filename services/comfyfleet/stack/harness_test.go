@@ -79,8 +79,14 @@ func startStack(t *testing.T, sims []comfysim.Config) *bundle {
 // startStackWith is startStack with the dispatcher tuned by ds.
 func startStackWith(t *testing.T, sims []comfysim.Config, ds dispatcher.Config) *bundle {
 	t.Helper()
+	return startStackTuned(t, sims, func(c *stack.Config) { c.Dispatcher = ds })
+}
+
+// startStackTuned is startStack with its configuration changed by tune.
+func startStackTuned(t *testing.T, sims []comfysim.Config, tune func(*stack.Config)) *bundle {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	s, err := stack.Start(ctx, stack.Config{
+	cfg := stack.Config{
 		DataDir:       t.TempDir(),
 		NATSPort:      -1,
 		HTTPAddr:      "127.0.0.1:0",
@@ -88,11 +94,12 @@ func startStackWith(t *testing.T, sims []comfysim.Config, ds dispatcher.Config) 
 		CallbackAllow: loopback,
 		Sims:          sims,
 		Settings:      testSettings(),
-		Dispatcher:    ds,
 		Executor:      executor.Config{HeartbeatInterval: 200 * time.Millisecond},
 		Notifier:      notifier.Config{WebhookBackoff: 50 * time.Millisecond},
 		Logger:        testLogger(t),
-	})
+	}
+	tune(&cfg)
+	s, err := stack.Start(ctx, cfg)
 	if err != nil {
 		cancel()
 		t.Fatal(err)

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
+	"mime"
 	"net/http"
 	"net/url"
 	"os"
@@ -11,8 +13,12 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
+	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
 // n8nWorkflow is the part of an exported n8n workflow that the test reads.
@@ -54,9 +60,11 @@ func evaluate(t *testing.T, param string, values map[string]string) string {
 }
 
 // TestN8nStoryboardExampleRunsAgainstTheAPI plays the example n8n workflow against a
-// fleet: it follows the workflow's connections, builds the request body the way n8n
-// would, posts it, takes the callback in place of n8n's Wait node, runs the Code node
-// (when Node.js is installed) on the callback, and downloads what it lists.
+// fleet that needs API keys: it follows the workflow's connections, builds the
+// request body of a 100-scene storyboard the way n8n would, posts it, takes the
+// callback in place of n8n's Wait node, runs the Code node (when Node.js is
+// installed) on the callback, and downloads what it lists as n8n does, a batch of
+// items at once, checking that no two files would be saved under one name.
 func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	t.Parallel()
 	raw, err := os.ReadFile(filepath.Join("..", "..", "..", "workflows", "n8n", "storyboard.json"))
@@ -115,12 +123,28 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	if err := json.Unmarshal([]byte(storyboard.Parameters["jsonOutput"].(string)), &item); err != nil {
 		t.Fatalf("Storyboard output: %v", err)
 	}
-	var scenes []any
+	var scenes []map[string]any
 	if err := json.Unmarshal(item.Scenes, &scenes); err != nil || len(scenes) != 6 {
 		t.Fatalf("the storyboard has %d scenes (%v), want six", len(scenes), err)
 	}
 
-	b := startStack(t, testSims(1, 1, 1))
+	// A storyboard of 100 scenes, the most one job holds, as a user's own source of
+	// scenes would make it: the Storyboard node's scenes over and over, each with a
+	// seed of its own (and few steps, to keep the test quick).
+	board := make([]map[string]any, storyboardScenes)
+	for i := range board {
+		var scene map[string]any
+		if err := json.Unmarshal(mustJSON(t, scenes[i%len(scenes)]), &scene); err != nil {
+			t.Fatal(err)
+		}
+		params := scene["params"].(map[string]any)
+		params["seed"], params["steps"] = 2000+i, 2
+		board[i] = scene
+	}
+
+	// API keys and the default budgets, as on a server reached over the network.
+	b := startSecureStack(t, 0)
+	key := b.key(t, "studio", tenancy.RoleSubmit)
 	p := submit.Parameters
 	target, err := url.Parse(p["url"].(string))
 	if p["method"] != "POST" || p["sendBody"] != true || p["specifyBody"] != "json" || err != nil || target.Path != "/v1/jobs" {
@@ -128,9 +152,20 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	}
 	body := evaluate(t, p["jsonBody"].(string), map[string]string{
 		"$execution.resumeUrl":         b.hooks.URL,
-		"JSON.stringify($json.scenes)": string(item.Scenes),
+		"JSON.stringify($json.scenes)": string(mustJSON(t, board)),
 	})
-	resp, err := client.Post(b.stack.APIURL+target.Path, "application/json", strings.NewReader(body))
+	// The header that the README has the user add to Submit job and Download.
+	withKey := func(method, url string, body io.Reader) *http.Request {
+		req, err := http.NewRequest(method, url, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+key)
+		return req
+	}
+	req := withKey("POST", b.api+target.Path, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,11 +175,11 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	err = json.NewDecoder(resp.Body).Decode(&job)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusAccepted || err != nil {
-		t.Fatalf("POST the example's body: %s (%v); body:\n%s", resp.Status, err, body)
+		t.Fatalf("POST the example's body: %s (%v)", resp.Status, err)
 	}
 
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
-	if hook.Body.Type != "job.completed" || len(hook.Body.Job.Scenes) != 6 {
+	hook := b.hooks.wait(t, job.ID, 2*time.Minute)
+	if hook.Body.Type != "job.completed" || len(hook.Body.Job.Scenes) != storyboardScenes {
 		t.Fatalf("callback %s with %d scenes", hook.Body.Type, len(hook.Body.Job.Scenes))
 	}
 
@@ -169,21 +204,70 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	var items []struct {
 		JSON struct {
 			Scene int    `json:"scene"`
+			Name  string `json:"name"`
 			URL   string `json:"url"`
 		} `json:"json"`
 	}
-	if err := json.Unmarshal(bytes.TrimSpace(out), &items); err != nil || len(items) != 6 {
-		t.Fatalf("the Code node returned %s (%v), want six items", out, err)
+	if err := json.Unmarshal(bytes.TrimSpace(out), &items); err != nil || len(items) != storyboardScenes {
+		t.Fatalf("the Code node returned %d items (%v), want %d", len(items), err, storyboardScenes)
 	}
-	for i, it := range items {
-		u := evaluate(t, download.Parameters["url"].(string), map[string]string{"$json.url": it.JSON.URL})
-		res, err := client.Get(u)
-		if err != nil {
-			t.Fatal(err)
-		}
-		res.Body.Close()
-		if it.JSON.Scene != i || res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != "image/png" {
-			t.Errorf("item %d: scene %d, GET %s: %s %s", i, it.JSON.Scene, u, res.Status, res.Header.Get("Content-Type"))
-		}
+
+	// Download sends each batch of items at once, as n8n does; a batch must fit in
+	// a key's read burst.
+	batch := len(items)
+	if opts, ok := download.Parameters["options"].(map[string]any)["batching"].(map[string]any); ok {
+		batch = int(opts["batch"].(map[string]any)["batchSize"].(float64))
 	}
+	if batch > intake.DefaultReadRate.Burst {
+		t.Errorf("Download sends %d requests at once; a key's default read burst is %d", batch, intake.DefaultReadRate.Burst)
+	}
+	type result struct {
+		status             int
+		contentType, saved string
+	}
+	results := make([]result, len(items))
+	for start := 0; start < len(items); start += batch {
+		var wg sync.WaitGroup
+		for i := start; i < min(start+batch, len(items)); i++ {
+			wg.Go(func() {
+				u := evaluate(t, download.Parameters["url"].(string), map[string]string{"$json.url": items[i].JSON.URL})
+				res, err := client.Do(withKey("GET", u, nil))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				_, disp, _ := mime.ParseMediaType(res.Header.Get("Content-Disposition"))
+				results[i] = result{res.StatusCode, res.Header.Get("Content-Type"), disp["filename"]}
+			})
+		}
+		wg.Wait()
+	}
+	saved := map[string]int{}
+	for i, r := range results {
+		if items[i].JSON.Scene != i || r.status != http.StatusOK || r.contentType != "image/png" {
+			t.Errorf("item %d: scene %d, GET: %d %s", i, items[i].JSON.Scene, r.status, r.contentType)
+		}
+		if r.saved != items[i].JSON.Name {
+			t.Errorf("item %d: n8n would save it as %q, the job calls it %q", i, r.saved, items[i].JSON.Name)
+		}
+		if j, seen := saved[r.saved]; seen {
+			t.Errorf("items %d and %d would both be saved as %q", j, i, r.saved)
+		}
+		saved[r.saved] = i
+	}
+}
+
+// storyboardScenes is the size of the storyboard the test plays: the most scenes
+// one job holds.
+const storyboardScenes = 100
+
+func mustJSON(t *testing.T, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -268,7 +268,7 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 		return errors.New("no keys listed")
 	})
 	refused("executor publishes fleet.submit", func(ctx context.Context) error {
-		_, err := executorConn.js.Publish(ctx, fleet.SubmitSubject("x", 0), []byte(`{}`))
+		_, err := executorConn.js.Publish(ctx, fleet.SubmitJobSubject("x"), []byte(`{}`))
 		return err
 	})
 

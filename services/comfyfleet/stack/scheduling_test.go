@@ -179,13 +179,13 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 	t.Parallel()
 	type placement struct {
 		at   time.Time
-		item fleet.WorkItem
+		item fleet.Ticket
 	}
 	var (
 		pmu    sync.Mutex
 		placed []placement
 	)
-	b := startStackWith(t, testSims(1), dispatcher.Config{OnPlaced: func(_ string, item fleet.WorkItem) {
+	b := startStackWith(t, testSims(1), dispatcher.Config{OnPlaced: func(_ string, item fleet.Ticket) {
 		pmu.Lock()
 		placed = append(placed, placement{time.Now(), item})
 		pmu.Unlock()

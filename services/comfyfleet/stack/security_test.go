@@ -48,18 +48,23 @@ type secureBundle struct {
 	logs  *lockedBuffer
 }
 
-// startSecureStack runs a fleet that needs API keys and lets callbacks reach
-// loopback (the receivers here) and nothing else internal.
+// startSecureStack runs a fleet that needs API keys, allows each key rate reads and
+// rate submissions a second (the defaults for 0), and lets callbacks reach loopback
+// (the receivers here) and nothing else internal.
 func startSecureStack(t *testing.T, rate float64) *secureBundle {
 	t.Helper()
 	logs := &lockedBuffer{}
+	var limit intake.RateLimit
+	if rate > 0 {
+		limit = intake.RateLimit{PerSecond: rate, Burst: max(2, int(2*rate))}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s, err := stack.Start(ctx, stack.Config{
 		DataDir: t.TempDir(), NATSPort: -1, HTTPAddr: "127.0.0.1:0",
 		CallbackAllow: loopback,
 		Sims:          testSims(1),
 		Settings:      testSettings(),
-		Intake:        intake.Config{RatePerKey: rate, RateBurst: max(2, int(2*rate))},
+		Intake:        intake.Config{SubmitRate: limit, ReadRate: limit},
 		Executor:      executor.Config{HeartbeatInterval: 200 * time.Millisecond},
 		Notifier:      notifier.Config{WebhookBackoff: 50 * time.Millisecond},
 		Logger:        slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),

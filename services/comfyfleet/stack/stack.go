@@ -54,7 +54,7 @@ type Config struct {
 	Sims []comfysim.Config
 	// Settings are shared by every service. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
-	// Intake tunes the intake (MaxScenes, RatePerKey, RateBurst); the rest is set here.
+	// Intake tunes the intake (MaxScenes, SubmitRate, ReadRate); the rest is set here.
 	Intake intake.Config
 	// Dispatcher tunes the dispatcher (Policy, ModelLoadPenalty, OnPlaced); its Conn,
 	// Settings and Logger are set here.

@@ -1,0 +1,237 @@
+package outputs_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
+)
+
+func testContext(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func read(t *testing.T, s outputs.Store, key string) ([]byte, outputs.Object) {
+	t.Helper()
+	r, obj, err := s.Open(testContext(t), key)
+	if err != nil {
+		t.Fatalf("open %s: %v", key, err)
+	}
+	defer r.Close()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatalf("read %s: %v", key, err)
+	}
+	return b, obj
+}
+
+// exercise runs what every Store must do.
+func exercise(t *testing.T, s outputs.Store) {
+	t.Helper()
+	ctx := testContext(t)
+	image := []byte("\x89PNG\r\n\x1a\n not really an image")
+	key := fleet.OutputKey("job1", 0, "fox_00001_.png")
+	obj, err := s.Put(ctx, key, "image/png", int64(len(image)), bytes.NewReader(image))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if obj != (outputs.Object{Key: key, ContentType: "image/png", Size: int64(len(image))}) {
+		t.Errorf("Put = %+v", obj)
+	}
+	got, obj := read(t, s, key)
+	if !bytes.Equal(got, image) || obj.ContentType != "image/png" || obj.Size != int64(len(image)) {
+		t.Errorf("Open = %q %+v, want the bytes put as image/png", got, obj)
+	}
+	// A size not known in advance.
+	video := bytes.Repeat([]byte("frame "), 1000)
+	if obj, err := s.Put(ctx, fleet.OutputKey("job1", 1, "clip.mp4"), "video/mp4", -1, io.MultiReader(bytes.NewReader(video))); err != nil || obj.Size != int64(len(video)) {
+		t.Errorf("Put of unknown size = %+v, %v", obj, err)
+	}
+	other := fleet.OutputKey("job10", 0, "other.png")
+	if _, err := s.Put(ctx, other, "image/png", 3, strings.NewReader("abc")); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, _, err := s.Open(ctx, fleet.OutputKey("job1", 0, "missing.png")); !errors.Is(err, outputs.ErrNotFound) {
+		t.Errorf("Open(missing) = %v, want ErrNotFound", err)
+	}
+	if err := s.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Open(ctx, key); !errors.Is(err, outputs.ErrNotFound) {
+		t.Errorf("Open after Delete = %v, want ErrNotFound", err)
+	}
+	if err := s.Delete(ctx, key); err != nil {
+		t.Errorf("Delete of a deleted file = %v, want nil", err)
+	}
+	if err := s.DeletePrefix(ctx, "job1/"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Open(ctx, fleet.OutputKey("job1", 1, "clip.mp4")); !errors.Is(err, outputs.ErrNotFound) {
+		t.Errorf("Open after DeletePrefix = %v, want ErrNotFound", err)
+	}
+	if got, _ := read(t, s, other); string(got) != "abc" {
+		t.Errorf("DeletePrefix(job1/) took job10's file too")
+	}
+}
+
+func TestJetStream(t *testing.T) {
+	t.Parallel()
+	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	s, err := outputs.Open(testContext(t), "", js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exercise(t, s)
+	if u, err := s.URL(testContext(t), fleet.OutputKey("job10", 0, "other.png"), time.Hour); u != "" || err != nil {
+		t.Errorf("URL = %q, %v; want none: the API serves JetStream outputs", u, err)
+	}
+}
+
+// TestS3FromTheEnvironment configures the store as an operator would: --outputs and
+// the standard AWS variables.
+func TestS3FromTheEnvironment(t *testing.T) {
+	srv := startS3(t, "studio")
+	dir := t.TempDir()
+	for k, v := range map[string]string{
+		"AWS_ENDPOINT_URL_S3": srv.URL, "AWS_REGION": region, "AWS_ACCESS_KEY_ID": accessKey, "AWS_SECRET_ACCESS_KEY": secretKey,
+		"AWS_CONFIG_FILE": filepath.Join(dir, "config"), "AWS_SHARED_CREDENTIALS_FILE": filepath.Join(dir, "credentials"),
+		"AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "", "AWS_PROFILE": "",
+	} {
+		t.Setenv(k, v)
+	}
+	s, err := outputs.Open(testContext(t), "s3://studio/renders/2026", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exercise(t, s)
+
+	// The file lands in the bucket under the prefix.
+	if _, err := srv.backend.HeadObject("studio", "renders/2026/job10/0/other.png"); err != nil {
+		t.Errorf("no object renders/2026/job10/0/other.png in the bucket: %v", err)
+	}
+	// Its presigned URL downloads the same bytes without credentials.
+	u, err := s.URL(testContext(t), fleet.OutputKey("job10", 0, "other.png"), 10*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(u, srv.URL+"/studio/renders/2026/job10/0/other.png?") || !strings.Contains(u, "X-Amz-Expires=600") {
+		t.Errorf("presigned URL %s: want path-style, under the prefix, for 600 s", u)
+	}
+	if code, body := httpGet(t, u); code != http.StatusOK || string(body) != "abc" {
+		t.Errorf("GET presigned URL: %d %q, want the file", code, body)
+	}
+	if code, _ := httpGet(t, tamper(t, u)); code != http.StatusForbidden {
+		t.Errorf("GET with another object's key and the same signature: %d, want 403", code)
+	}
+}
+
+func tamper(t *testing.T, raw string) string {
+	t.Helper()
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Path = strings.Replace(u.Path, "other.png", "another.png", 1)
+	return u.String()
+}
+
+func httpGet(t *testing.T, u string) (int, []byte) {
+	t.Helper()
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, b
+}
+
+func awsConfig(endpoint, secret string) *aws.Config {
+	return &aws.Config{
+		Region:       region,
+		BaseEndpoint: aws.String(endpoint),
+		Credentials:  credentials.NewStaticCredentialsProvider(accessKey, secret, ""),
+	}
+}
+
+func TestS3MultipartVideoArrivesWhole(t *testing.T) {
+	t.Parallel()
+	srv := startS3(t, "studio")
+	const partSize = 5 << 20
+	s, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "studio", Prefix: "/videos/", PartSize: partSize, Concurrency: 2,
+		AWS: awsConfig(srv.URL, secretKey)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	video := make([]byte, 20<<20+12345)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range video {
+		video[i] = byte(rng.Uint32())
+	}
+	key := fleet.OutputKey("job2", 0, "clip_00001.mp4")
+	// As the executor streams it from ComfyUI's /view: a reader of unknown length.
+	obj, err := s.Put(testContext(t), key, "video/mp4", -1, io.MultiReader(bytes.NewReader(video)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if obj.Size != int64(len(video)) {
+		t.Errorf("stored %d bytes, want %d", obj.Size, len(video))
+	}
+	started := srv.count(func(r string) bool { return strings.HasPrefix(r, "POST ") && strings.Contains(r, "?uploads") })
+	parts := srv.count(func(r string) bool { return strings.HasPrefix(r, "PUT ") && strings.Contains(r, "partNumber=") })
+	if started != 1 || parts != 5 {
+		t.Errorf("%d multipart uploads with %d parts, want 1 with 5 parts of at most 5 MiB", started, parts)
+	}
+	u, err := s.URL(testContext(t), key, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, body := httpGet(t, u)
+	if code != http.StatusOK || sha256.Sum256(body) != sha256.Sum256(video) {
+		t.Errorf("GET presigned URL: %d, %d bytes; want the %d bytes put", code, len(body), len(video))
+	}
+	if _, err := srv.backend.HeadObject("studio", "videos/job2/0/clip_00001.mp4"); err != nil {
+		t.Errorf("not under the prefix: %v", err)
+	}
+}
+
+func TestS3RefusesWrongCredentialsAndBadSpecs(t *testing.T) {
+	t.Parallel()
+	srv := startS3(t, "studio")
+	s, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "studio", AWS: awsConfig(srv.URL, "not the secret")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Put(testContext(t), "a/0/x.png", "image/png", 1, strings.NewReader("x")); err == nil {
+		t.Errorf("Put with a wrong secret succeeded: the server does not check signatures")
+	}
+	for _, spec := range []string{"s3://", "s3:///prefix", "file:///tmp", "s3://bucket/p?x=1", "S3"} {
+		if _, err := outputs.Open(testContext(t), spec, nil); err == nil {
+			t.Errorf("Open(%q) accepted it", spec)
+		}
+	}
+	if _, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "b", PartSize: 1 << 20, AWS: awsConfig(srv.URL, secretKey)}); err == nil {
+		t.Errorf("NewS3 accepted parts of 1 MiB")
+	}
+}

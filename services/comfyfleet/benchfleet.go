@@ -1,0 +1,369 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// benchFleet is a fleet run as it is deployed, for the benchmarks: a NATS server and
+// every service in an OS process of its own (this binary), and simulated ComfyUI
+// nodes, which stand for the GPUs, in the benchmark's process.
+type benchFleet struct {
+	bin, dir string
+	natsURL  string
+	apiURL   string
+	key      string
+	common   []string
+	procs    []*benchProc
+	sims     []*comfysim.Server
+	nodes    []fleet.NodeConfig
+	keep     bool
+}
+
+// benchFleetOptions shape a benchFleet.
+type benchFleetOptions struct {
+	// Nodes are the simulated nodes, and Executors how many executor processes
+	// drive them (the nodes are shared out in turn).
+	Nodes     []comfysim.Config
+	Executors int
+	// Dispatchers and Notifiers are how many of each run.
+	Dispatchers, Notifiers int
+	// Settings are passed to every service as flags.
+	Settings fleet.Settings
+	// Profile serves pprof profiles from every service, on ports it reports.
+	Profile bool
+	// Keep leaves the fleet's directory (its NATS store and every process's log)
+	// when it stops.
+	Keep bool
+}
+
+// benchProc is a process of the fleet.
+type benchProc struct {
+	name  string
+	args  []string
+	cmd   *exec.Cmd
+	pprof string
+	// exited is closed once the process has exited.
+	exited chan struct{}
+}
+
+func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, err error) {
+	bin, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("bench: find own binary: %w", err)
+	}
+	dir, err := os.MkdirTemp("", "comfyfleet-bench-")
+	if err != nil {
+		return nil, fmt.Errorf("bench: %w", err)
+	}
+	f := &benchFleet{bin: bin, dir: dir, keep: o.Keep}
+	defer func() {
+		if err != nil {
+			f.stop()
+		}
+	}()
+	natsPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	f.natsURL = fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
+	if _, err := f.start("nats", "nats", "--port", strconv.Itoa(natsPort), "--store", filepath.Join(dir, "nats")); err != nil {
+		return nil, err
+	}
+	f.common = []string{"--nats", f.natsURL, "--log-format", "json", "--log-level", "warn",
+		"--ack-wait", o.Settings.AckWait.String(), "--max-attempts", strconv.Itoa(o.Settings.MaxAttempts),
+		"--retry-backoff", o.Settings.RetryBackoff.String()}
+	if f.key, err = f.apiKey(ctx); err != nil {
+		return nil, err
+	}
+	httpPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	f.apiURL = fmt.Sprintf("http://127.0.0.1:%d", httpPort)
+	intake := append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--rate-submit", "0", "--rate-read", "0", "--allow-callback", "127.0.0.1"}, f.common...)
+	if _, err := f.startService("intake", o.Profile, intake...); err != nil {
+		return nil, err
+	}
+	for i := range max(o.Dispatchers, 1) {
+		if _, err := f.startService(fmt.Sprintf("dispatcher-%d", i+1), o.Profile, append([]string{"dispatcher", "--name", fmt.Sprintf("dispatcher-%d", i+1)}, f.common...)...); err != nil {
+			return nil, err
+		}
+	}
+	for i := range max(o.Notifiers, 1) {
+		if _, err := f.startService(fmt.Sprintf("notifier-%d", i+1), o.Profile, append([]string{"notifier", "--public-url", f.apiURL, "--allow-callback", "127.0.0.1"}, f.common...)...); err != nil {
+			return nil, err
+		}
+	}
+	quiet := slog.New(slog.DiscardHandler)
+	executors := make([][]string, max(o.Executors, 1))
+	for i, sc := range o.Nodes {
+		sc.Logger = quiet
+		sim, err := comfysim.Start(sc)
+		if err != nil {
+			return nil, fmt.Errorf("bench: simulated node %s: %w", sc.Name, err)
+		}
+		f.sims = append(f.sims, sim)
+		n := fleet.NodeConfig{ID: sc.Name, URL: sim.URL(), Pools: []string{"image", "video"}, Weight: max(sc.Speed, 1)}
+		f.nodes = append(f.nodes, n)
+		e := i % len(executors)
+		executors[e] = append(executors[e], "--comfy", fmt.Sprintf("%s,id=%s,pool=image+video,weight=%g", n.URL, n.ID, n.Weight))
+	}
+	for i, nodes := range executors {
+		args := append(append([]string{"executor", "--name", fmt.Sprintf("executor-%d", i+1)}, f.common...), nodes...)
+		if _, err := f.startService(fmt.Sprintf("executor-%d", i+1), o.Profile, args...); err != nil {
+			return nil, err
+		}
+	}
+	if err := f.awaitReady(ctx); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// start starts a process of this binary with args, its output in a file of the
+// fleet's directory.
+func (f *benchFleet) start(name string, args ...string) (*benchProc, error) {
+	out, err := os.Create(filepath.Join(f.dir, name+".log"))
+	if err != nil {
+		return nil, fmt.Errorf("bench: %w", err)
+	}
+	cmd := exec.Command(f.bin, args...)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		out.Close()
+		return nil, fmt.Errorf("bench: start %s: %w", name, err)
+	}
+	p := &benchProc{name: name, args: args, cmd: cmd, exited: make(chan struct{})}
+	f.procs = append(f.procs, p)
+	go func() {
+		defer close(p.exited)
+		_ = cmd.Wait()
+		out.Close()
+	}()
+	return p, nil
+}
+
+func (f *benchFleet) startService(name string, profile bool, args ...string) (*benchProc, error) {
+	var pprofAddr string
+	if profile {
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		pprofAddr = fmt.Sprintf("127.0.0.1:%d", port)
+		args = append(args, "--pprof", pprofAddr)
+	}
+	p, err := f.start(name, args...)
+	if p != nil {
+		p.pprof = pprofAddr
+	}
+	return p, err
+}
+
+// apiKey creates an admin key of the default tenant.
+func (f *benchFleet) apiKey(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, f.bin, "apikey", "create", "--nats", f.natsURL, "--tenant", "default", "--role", "admin").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("bench: create an API key: %v: %s", err, out)
+	}
+	m := regexp.MustCompile(`(?m)^\s+(cf_\S+)$`).FindSubmatch(out)
+	if m == nil {
+		return "", fmt.Errorf("bench: no API key in %q", out)
+	}
+	return string(m[1]), nil
+}
+
+// awaitReady waits until the API answers and every node is online.
+func (f *benchFleet) awaitReady(ctx context.Context) error {
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		var nodes struct {
+			Nodes []struct {
+				Health struct {
+					Status string `json:"status"`
+				} `json:"health"`
+			} `json:"nodes"`
+		}
+		if err := f.get(ctx, "/v1/nodes", &nodes); err == nil {
+			online := 0
+			for _, n := range nodes.Nodes {
+				if n.Health.Status == "online" {
+					online++
+				}
+			}
+			if online == len(f.nodes) {
+				return nil
+			}
+		}
+		fleet.Pause(ctx, 100*time.Millisecond)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	return fmt.Errorf("bench: the fleet was not ready within a minute; logs in %s", f.dir)
+}
+
+func (f *benchFleet) get(ctx context.Context, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.apiURL+path, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+f.key)
+	resp, err := benchClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// post submits a job and returns its id.
+func (f *benchFleet) post(ctx context.Context, body []byte) (string, error) {
+	req, err := newJSONRequest(ctx, f.apiURL+"/v1/jobs", string(body))
+	if err != nil {
+		return "", err
+	}
+	req.Header.Set("Authorization", "Bearer "+f.key)
+	resp, err := benchClient.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("submit: %w", err)
+	}
+	defer resp.Body.Close()
+	var job struct {
+		ID string `json:"id"`
+	}
+	if resp.StatusCode != http.StatusAccepted {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return "", fmt.Errorf("submit: %s: %s", resp.Status, b)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&job); err != nil {
+		return "", fmt.Errorf("submit: %w", err)
+	}
+	return job.ID, nil
+}
+
+// procUsage is what a process used: CPU time and peak resident memory.
+type procUsage struct {
+	cpu    time.Duration
+	rssMax int64
+}
+
+// usage reads each running process's CPU time and peak RSS from /proc.
+func (f *benchFleet) usage() map[string]procUsage {
+	out := map[string]procUsage{}
+	for _, p := range f.procs {
+		if p.cmd.Process == nil {
+			continue
+		}
+		u, err := readUsage(p.cmd.Process.Pid)
+		if err == nil {
+			out[p.name] = u
+		}
+	}
+	return out
+}
+
+func readUsage(pid int) (procUsage, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return procUsage{}, err
+	}
+	// Fields after the command name, which is in parentheses and may hold spaces.
+	fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+2:]))
+	if len(fields) < 13 {
+		return procUsage{}, errors.New("short /proc stat")
+	}
+	utime, _ := strconv.ParseInt(fields[11], 10, 64)
+	stime, _ := strconv.ParseInt(fields[12], 10, 64)
+	const ticks = 100 // USER_HZ on Linux
+	u := procUsage{cpu: time.Duration(utime+stime) * time.Second / ticks}
+	status, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return u, err
+	}
+	defer status.Close()
+	sc := bufio.NewScanner(status)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			u.rssMax = kb << 10
+		}
+	}
+	return u, nil
+}
+
+// proc returns the first process whose name starts with prefix.
+func (f *benchFleet) proc(prefix string) *benchProc {
+	for _, p := range f.procs {
+		if strings.HasPrefix(p.name, prefix) {
+			return p
+		}
+	}
+	return nil
+}
+
+// stop stops the services with SIGTERM, NATS last, then the simulated nodes, and
+// removes the fleet's directory unless it is kept.
+func (f *benchFleet) stop() {
+	for i := len(f.procs) - 1; i >= 0; i-- {
+		f.procs[i].terminate(15 * time.Second)
+	}
+	for _, s := range f.sims {
+		_ = s.Close()
+	}
+	if f.keep {
+		fmt.Fprintf(os.Stderr, "the fleet's store and logs are in %s\n", f.dir)
+		return
+	}
+	_ = os.RemoveAll(f.dir)
+}
+
+// terminate stops p with SIGTERM and waits until it exits, killing it after d.
+func (p *benchProc) terminate(d time.Duration) {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(d):
+		_ = p.cmd.Process.Kill()
+		<-p.exited
+	}
+}
+
+// kill stops p with SIGKILL and waits until it exits.
+func (p *benchProc) kill() {
+	_ = p.cmd.Process.Kill()
+	<-p.exited
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("bench: find a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}

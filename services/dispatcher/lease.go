@@ -1,0 +1,81 @@
+package dispatcher
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// leaseKey is the key of the dispatchers' lease in fleet.BucketLeases.
+const leaseKey = "dispatcher"
+
+// lease elects the one dispatcher that places scenes: the one holding a key in the
+// leases bucket, whose entries expire after the lease's TTL unless renewed. The
+// holder renews it five times per TTL; the others try to take it as often, so a
+// standby takes over within about one TTL of the holder's death, and at once when
+// the holder stops and releases it.
+type lease struct {
+	kv  jetstream.KeyValue
+	id  string
+	ttl time.Duration
+	log *slog.Logger
+}
+
+// run calls leading with whether this dispatcher holds the lease, each time that
+// changes, until ctx is done; then it releases the lease if it holds it.
+func (l *lease) run(ctx context.Context, leading func(bool)) {
+	every := l.ttl / 5
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	var rev uint64
+	report := leading
+	for {
+		if rev == 0 {
+			r, err := l.kv.Create(ctx, leaseKey, []byte(l.id))
+			if err == nil {
+				rev = r
+				l.log.Info("this dispatcher leads: it places scenes", "dispatcher", l.id)
+				report(true)
+			} else if !errors.Is(err, jetstream.ErrKeyExists) && ctx.Err() == nil {
+				l.log.Debug("take the dispatchers' lease", "err", err)
+			}
+		} else {
+			callCtx, cancel := context.WithTimeout(ctx, every)
+			r, err := l.kv.Update(callCtx, leaseKey, []byte(l.id), rev)
+			cancel()
+			if err != nil && ctx.Err() == nil {
+				l.log.Warn("lost the dispatchers' lease; standing by", "dispatcher", l.id, "err", err)
+				rev = 0
+				report(false)
+			} else if err == nil {
+				rev = r
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if rev != 0 {
+				release, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+				if err := l.kv.Delete(release, leaseKey, jetstream.LastRevision(rev)); err != nil {
+					l.log.Debug("release the dispatchers' lease", "err", err)
+				}
+				cancel()
+			}
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// openLease binds to the leases bucket.
+func openLease(ctx context.Context, js jetstream.JetStream, id string, ttl time.Duration, log *slog.Logger) (*lease, error) {
+	kv, err := js.KeyValue(ctx, fleet.BucketLeases)
+	if err != nil {
+		return nil, err
+	}
+	return &lease{kv: kv, id: id, ttl: ttl, log: log}, nil
+}

@@ -1,0 +1,322 @@
+package dispatcher
+
+import (
+	"cmp"
+	"container/heap"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// Policy decides where the dispatcher places waiting scenes.
+type Policy string
+
+// The scheduling policies.
+const (
+	// FastestFinish, the default, predicts from measured history when each node
+	// would finish each waiting scene (the work it holds, its speed for the scene's
+	// workflow, the time to load another checkpoint) and gives each scene, highest
+	// priority first, to the node that finishes it earliest. It releases a scene
+	// only when that node has a free slot, so a fast node that is busy gets the
+	// scene a little later rather than a slow idle node getting it now, and higher
+	// priorities overtake what is still waiting.
+	FastestFinish Policy = "fastest-finish"
+	// RoundRobin gives waiting scenes to the nodes of their pool in turn, as a
+	// client cycling through a list of nodes does.
+	RoundRobin Policy = "round-robin"
+	// LeastConn gives each waiting scene to the node holding the fewest scenes, as
+	// a load balancer's least-connections does.
+	LeastConn Policy = "least-conn"
+	// Weighted gives each waiting scene to the node with the fewest scenes per unit
+	// of its static weight, as nginx's least_conn with weights does.
+	Weighted Policy = "weighted"
+)
+
+// Policies lists every policy, the default first.
+var Policies = []Policy{FastestFinish, RoundRobin, LeastConn, Weighted}
+
+// ParsePolicy returns the policy named s.
+func ParsePolicy(s string) (Policy, error) {
+	if s == "" {
+		return FastestFinish, nil
+	}
+	p := Policy(s)
+	if !slices.Contains(Policies, p) {
+		return "", fmt.Errorf("unknown scheduling policy %q: use one of %v", s, Policies)
+	}
+	return p, nil
+}
+
+// workflowKey names the workflow whose durations a scene shares: its template, or
+// "graph" for a raw graph.
+func workflowKey(name string) string {
+	if name == "" {
+		return "graph"
+	}
+	return name
+}
+
+// held is a scene placed on a node and not yet finished.
+type held struct {
+	t        fleet.Ticket
+	seq      uint64
+	placedAt time.Time
+	// startedAt is when ComfyUI started it; zero while it waits on the node.
+	startedAt time.Time
+}
+
+// nodeView is what the planner knows of a node.
+type nodeView struct {
+	id     string
+	pools  []string
+	weight float64
+	// usable is false for a node that must get no new scene: drained, unregistered,
+	// silent or offline.
+	usable bool
+	// model is the checkpoint the node ran last.
+	model string
+	held  []*held
+	speed *speedModel
+}
+
+func (n *nodeView) serves(pool string) bool { return slices.Contains(n.pools, pool) }
+
+// placement is the planner's decision to release a waiting scene to a node.
+type placement struct {
+	w    *waiting
+	node *nodeView
+}
+
+// planner decides placements. It is pure: plan reads the queue and the nodes and
+// returns decisions, keeping only round-robin's turn between calls.
+type planner struct {
+	policy Policy
+	// loadPenalty is the assumed time to load a checkpoint on a node that has not
+	// been measured doing so.
+	loadPenalty time.Duration
+	// turn is round-robin's position in each pool.
+	turn map[string]int
+}
+
+// horizon bounds how many scenes of a pool one plan considers, as a multiple of the
+// pool's slots: scenes further back could only reserve time far in the future.
+const horizonPerSlot = 4
+
+// plan returns the placements to make now. nodes are sorted by id; holding counts
+// the scenes each tenant holds on nodes.
+func (p *planner) plan(now time.Time, q *queue, nodes []*nodeView, holding map[string]int) []placement {
+	held := make(map[string]int, len(holding))
+	for t, n := range holding {
+		held[t] = n
+	}
+	if p.policy == FastestFinish {
+		return p.fastestFinish(now, q, nodes, held)
+	}
+	var out []placement
+	load := map[*nodeView]int{}
+	for _, n := range nodes {
+		load[n] = len(n.held)
+	}
+	for _, pool := range q.poolNames() {
+		q.each(pool, func(string) bool { return true }, held, func(w *waiting) bool {
+			cands := candidates(w, nodes)
+			if len(cands) == 0 {
+				return true
+			}
+			var n *nodeView
+			switch p.policy {
+			case RoundRobin:
+				if p.turn == nil {
+					p.turn = map[string]int{}
+				}
+				n = cands[p.turn[w.t.Pool]%len(cands)]
+				p.turn[w.t.Pool]++
+			case LeastConn:
+				n = slices.MinFunc(cands, func(a, b *nodeView) int { return cmp.Compare(load[a], load[b]) })
+			case Weighted:
+				n = slices.MinFunc(cands, func(a, b *nodeView) int {
+					return cmp.Compare(float64(load[a]+1)/a.weight, float64(load[b]+1)/b.weight)
+				})
+			}
+			load[n]++
+			out = append(out, placement{w, n})
+			return true
+		})
+	}
+	return out
+}
+
+// candidates are the usable nodes of w's pool, without the node its last attempt
+// failed on unless no other can take it.
+func candidates(w *waiting, nodes []*nodeView) []*nodeView {
+	var all, others []*nodeView
+	for _, n := range nodes {
+		if !n.usable || !n.serves(w.t.Pool) {
+			continue
+		}
+		all = append(all, n)
+		if n.id != w.t.Avoid {
+			others = append(others, n)
+		}
+	}
+	if len(others) > 0 {
+		return others
+	}
+	return all
+}
+
+// future is a node's state at the end of what the plan gave it so far.
+type future struct {
+	node  *nodeView
+	free  int
+	until time.Time
+	model string
+	// end is when the node would finish the scene being placed; pos its place in
+	// the class heap.
+	end time.Time
+	pos int
+}
+
+// fastestFinish plans the waiting scenes of each pool in order (see queue.each) on
+// the node that would finish each earliest, given what each node holds and what the
+// plan gave it before. A scene is released only if that node has a free slot;
+// otherwise it stays in the queue, and the node's time stays reserved for it, so
+// that a later scene does not take its place. A pool is planned until its nodes have
+// no free slot left, or a horizon of scenes has been considered.
+func (p *planner) fastestFinish(now time.Time, q *queue, nodes []*nodeView, held map[string]int) []placement {
+	fut := make(map[*nodeView]*future, len(nodes))
+	for _, n := range nodes {
+		f := &future{node: n, free: fleet.NodeSlots - len(n.held), until: now, model: n.model}
+		for _, h := range n.held {
+			d := p.duration(n, f.model, h.t.Workflow, h.t.Model)
+			if !h.startedAt.IsZero() {
+				d -= now.Sub(h.startedAt)
+			}
+			f.until = f.until.Add(max(d, 0))
+			if h.t.Model != "" {
+				f.model = h.t.Model
+			}
+		}
+		fut[n] = f
+	}
+	var out []placement
+	for _, pool := range q.poolNames() {
+		var cands []*future
+		free := 0
+		for _, n := range nodes {
+			if n.usable && n.serves(pool) {
+				cands = append(cands, fut[n])
+				free += max(fut[n].free, 0)
+			}
+		}
+		if free == 0 {
+			continue
+		}
+		resident := map[string]bool{}
+		for _, f := range cands {
+			resident[f.model] = true
+		}
+		horizon := max(64, horizonPerSlot*fleet.NodeSlots*len(cands))
+		considered := 0
+		var h *classHeap
+		q.each(pool, func(m string) bool { return resident[m] }, held, func(w *waiting) bool {
+			considered++
+			if h == nil || h.workflow != w.t.Workflow || h.model != w.t.Model {
+				h = p.newClassHeap(w.t.Workflow, w.t.Model, cands)
+			}
+			f := h.best(w.t.Avoid)
+			f.until = f.end
+			if w.t.Model != "" {
+				f.model = w.t.Model
+			}
+			if f.free > 0 {
+				f.free--
+				free--
+				out = append(out, placement{w, f.node})
+			}
+			h.update(f)
+			return free > 0 && considered < horizon
+		})
+	}
+	return out
+}
+
+// classHeap orders a pool's nodes by when each would finish a scene of one workflow
+// and checkpoint: the earliest first; among equals a node with a free slot, then
+// the first by id.
+type classHeap struct {
+	p               *planner
+	workflow, model string
+	nodes           []*future
+}
+
+func (p *planner) newClassHeap(workflow, model string, cands []*future) *classHeap {
+	h := &classHeap{p: p, workflow: workflow, model: model, nodes: slices.Clone(cands)}
+	for i, f := range h.nodes {
+		f.pos = i
+		f.end = h.endOf(f)
+	}
+	heap.Init(h)
+	return h
+}
+
+func (h *classHeap) endOf(f *future) time.Time {
+	return f.until.Add(h.p.duration(f.node, f.model, h.workflow, h.model))
+}
+
+// best is the node that finishes the scene first, other than avoid if another can
+// take it.
+func (h *classHeap) best(avoid string) *future {
+	top := h.nodes[0]
+	if top.node.id != avoid || len(h.nodes) == 1 {
+		return top
+	}
+	heap.Pop(h)
+	next := h.nodes[0]
+	heap.Push(h, top)
+	return next
+}
+
+// update re-orders f after its future changed.
+func (h *classHeap) update(f *future) {
+	f.end = h.endOf(f)
+	heap.Fix(h, f.pos)
+}
+
+func (h *classHeap) Len() int { return len(h.nodes) }
+func (h *classHeap) Less(i, j int) bool {
+	a, b := h.nodes[i], h.nodes[j]
+	if !a.end.Equal(b.end) {
+		return a.end.Before(b.end)
+	}
+	if af, bf := a.free > 0, b.free > 0; af != bf {
+		return af
+	}
+	return a.node.id < b.node.id
+}
+func (h *classHeap) Swap(i, j int) {
+	h.nodes[i], h.nodes[j] = h.nodes[j], h.nodes[i]
+	h.nodes[i].pos, h.nodes[j].pos = i, j
+}
+func (h *classHeap) Push(x any) {
+	f := x.(*future)
+	f.pos = len(h.nodes)
+	h.nodes = append(h.nodes, f)
+}
+func (h *classHeap) Pop() any {
+	f := h.nodes[len(h.nodes)-1]
+	h.nodes = h.nodes[:len(h.nodes)-1]
+	return f
+}
+
+// duration predicts how long a scene of workflow needing model takes on n after a
+// scene that left resident on it.
+func (p *planner) duration(n *nodeView, resident, workflow, model string) time.Duration {
+	d := n.speed.estimate(workflowKey(workflow))
+	if model != "" && model != resident {
+		d += n.speed.loadTime(p.loadPenalty)
+	}
+	return d
+}

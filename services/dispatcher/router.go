@@ -1,0 +1,98 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// router turns the commands of the submit stream into queued scenes: a committed
+// job is recorded (if its intake could not) and its scenes queued, a retried scene is
+// reopened and queued again. Every dispatcher routes, the standbys too; each command
+// goes to one of them, and a command routed twice changes nothing (message ids).
+type router struct {
+	jobs *fleet.Jobs
+	pub  *fleet.Publisher
+}
+
+// route handles one command of the submit stream.
+func (r *router) route(ctx context.Context, msg jetstream.Msg) error {
+	switch fleet.SubmitKind(msg.Subject()) {
+	case fleet.SubmitJob:
+		var j fleet.Job
+		if err := json.Unmarshal(msg.Data(), &j); err != nil || !fleet.ValidToken(j.ID) {
+			return fleet.Permanent(fmt.Errorf("undecodable job: %v", err))
+		}
+		return r.queueJob(ctx, &j)
+	case fleet.SubmitRetry:
+		var cmd fleet.SceneRetry
+		if err := json.Unmarshal(msg.Data(), &cmd); err != nil {
+			return fleet.Permanent(fmt.Errorf("undecodable retry: %w", err))
+		}
+		return r.retry(ctx, msg, cmd)
+	}
+	return fleet.Permanent(fmt.Errorf("unknown command subject %s", msg.Subject()))
+}
+
+// queueJob records j and queues its scenes: queued events first, then tickets, so
+// that the events stream shows each scene queued before it starts.
+func (r *router) queueJob(ctx context.Context, j *fleet.Job) error {
+	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", j.ID), attribute.Int("comfyfleet.scenes", len(j.Scenes)))
+	if err := r.jobs.Create(ctx, j); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return err
+	}
+	events := make([]fleet.SceneEvent, len(j.Scenes))
+	tickets := make([]fleet.Outgoing, len(j.Scenes))
+	for i, s := range j.Scenes {
+		events[i] = fleet.SceneEvent{JobID: j.ID, Index: i, Type: fleet.EventQueued, Pool: s.Pool, Time: j.CreatedAt}
+		t := fleet.Ticket{JobID: j.ID, Index: i, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool,
+			Workflow: s.Spec.Workflow, Model: s.Model, SubmittedAt: j.CreatedAt}
+		tickets[i] = fleet.Outgoing{Subject: fleet.QueueSubject(s.Pool, j.ID, i), MsgID: t.PlacementID(), Value: t,
+			Header: map[string]string{headerBurstLeft: strconv.Itoa(len(j.Scenes) - 1 - i)}}
+	}
+	if err := r.pub.SceneEvents(ctx, events); err != nil {
+		return fmt.Errorf("queue job %s: %w", j.ID, err)
+	}
+	if err := r.pub.Batch(ctx, tickets); err != nil {
+		return fmt.Errorf("queue job %s: %w", j.ID, err)
+	}
+	return nil
+}
+
+// retry reopens the scene in the job's state and queues its new run.
+func (r *router) retry(ctx context.Context, msg jetstream.Msg, cmd fleet.SceneRetry) error {
+	j, err := r.jobs.Record(ctx, cmd.JobID)
+	if errors.Is(err, fleet.ErrJobNotFound) {
+		return fleet.UnknownJob(msg, cmd.JobID)
+	}
+	if err != nil {
+		return err
+	}
+	if cmd.Index < 0 || cmd.Index >= len(j.Scenes) {
+		return fleet.Permanent(fmt.Errorf("job %s has no scene %d", j.ID, cmd.Index))
+	}
+	if _, err := r.jobs.UpdateState(ctx, j.ID, func(st *fleet.JobState) error {
+		if !st.Reopen(cmd.Index, cmd.Retry, cmd.At) {
+			return fleet.ErrNoChange
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	s := j.Scenes[cmd.Index]
+	ev := fleet.SceneEvent{JobID: j.ID, Index: cmd.Index, Retry: cmd.Retry, Type: fleet.EventQueued, Pool: s.Pool, Time: cmd.At}
+	if err := r.pub.SceneEvent(ctx, ev); err != nil {
+		return err
+	}
+	t := fleet.Ticket{JobID: j.ID, Index: cmd.Index, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool,
+		Workflow: s.Spec.Workflow, Model: s.Model, SubmittedAt: cmd.At, Retry: cmd.Retry, AttemptBase: cmd.AttemptBase}
+	return r.pub.JSON(ctx, fleet.QueueSubject(s.Pool, j.ID, cmd.Index), t.PlacementID(), t)
+}

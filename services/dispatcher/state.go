@@ -1,0 +1,299 @@
+package dispatcher
+
+import (
+	"cmp"
+	"slices"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// fleetState is the dispatcher's picture of the fleet: the queue, the nodes and
+// what each holds, and their measured speeds. Every dispatcher keeps it current
+// from the streams and buckets, the standbys too, so that one taking over plans at
+// once. It does no I/O; one goroutine (the scheduler's loop) owns it.
+type fleetState struct {
+	settings fleet.Settings
+	queue    *queue
+	nodes    map[string]*nodeState
+	speeds   fleetSpeeds
+	// registryReady is set once the registry's entries have all been read: until
+	// then a node missing from it may only not be read yet.
+	registryReady bool
+	// finished remembers scene runs that ended recently, so that their tickets or
+	// placements read late (the queue stream behind the events, a scan racing an
+	// acknowledgement) do not count again.
+	finished map[string]time.Time
+}
+
+// nodeState is what the dispatcher knows of a node.
+type nodeState struct {
+	cfg        *fleet.NodeConfig // nil: not registered
+	status     *fleet.NodeStatus // nil: no heartbeat yet
+	heartbeat  time.Time
+	offlineFor int // heartbeats in a row reporting the node offline
+	// model is the checkpoint the node ran last, from its heartbeats and completions.
+	model string
+	// held are the scenes placed on the node and not finished, by run key.
+	held  map[string]*held
+	speed *speedModel
+}
+
+func newFleetState(settings fleet.Settings) *fleetState {
+	return &fleetState{
+		settings: settings,
+		queue:    newQueue(),
+		nodes:    map[string]*nodeState{},
+		speeds:   fleetSpeeds{reference: map[string]float64{}},
+		finished: map[string]time.Time{},
+	}
+}
+
+func (s *fleetState) node(id string) *nodeState {
+	n := s.nodes[id]
+	if n == nil {
+		n = &nodeState{held: map[string]*held{}, speed: newSpeedModel(&s.speeds, 1)}
+		s.nodes[id] = n
+	}
+	return n
+}
+
+// enqueue takes a ticket read from the queue stream at seq. It reports false for
+// the ticket of a run that has ended: its entry is stale and must go.
+func (s *fleetState) enqueue(w *waiting, now time.Time) bool {
+	key := w.t.RunKey()
+	if _, ended := s.finished[key]; ended {
+		return false
+	}
+	// A scene back in the queue is no longer held anywhere.
+	for _, n := range s.nodes {
+		delete(n.held, key)
+	}
+	s.queue.add(w, now)
+	return true
+}
+
+// placedElsewhere follows a tombstone read from the queue stream: the scene's
+// entry before seq was placed on node (empty when unknown), at work sequence
+// workSeq.
+func (s *fleetState) placedElsewhere(k sceneKey, seq uint64, node string, workSeq uint64, now time.Time) {
+	w := s.queue.get(k)
+	if w == nil || w.seq > seq {
+		return
+	}
+	s.queue.remove(k)
+	if node != "" {
+		s.hold(node, w.t, workSeq, now)
+	}
+}
+
+// hold records that the scene of t was placed on node at work sequence seq.
+func (s *fleetState) hold(node string, t fleet.Ticket, seq uint64, now time.Time) {
+	key := t.RunKey()
+	if _, ended := s.finished[key]; ended {
+		return
+	}
+	n := s.node(node)
+	if _, ok := n.held[key]; !ok {
+		n.held[key] = &held{t: t, seq: seq, placedAt: now}
+	}
+}
+
+// registryChanged follows a node's desired configuration; cfg is nil for a node
+// removed from the registry.
+func (s *fleetState) registryChanged(id string, cfg *fleet.NodeConfig) {
+	n := s.node(id)
+	if cfg != nil && n.cfg == nil && len(n.speed.byWorkflow) == 0 && cfg.Weight > 0 {
+		n.speed.slowness = 1 / cfg.Weight
+	}
+	n.cfg = cfg
+}
+
+// heartbeat takes a node's reported state.
+func (s *fleetState) heartbeat(st fleet.NodeStatus, now time.Time) {
+	n := s.node(st.ID)
+	n.status, n.heartbeat = &st, now
+	if st.Model != "" {
+		n.model = st.Model
+	}
+	if st.State == fleet.NodeOffline {
+		n.offlineFor++
+	} else {
+		n.offlineFor = 0
+	}
+	n.speed.seed(st.Workflows)
+}
+
+// sceneEvent follows a scene's life on its node. It returns the queue entry of a
+// scene that ended while it waited, which the leader removes from the stream.
+func (s *fleetState) sceneEvent(ev fleet.SceneEvent, now time.Time) *waiting {
+	key := fleet.Ticket{JobID: ev.JobID, Index: ev.Index, Retry: ev.Retry}.RunKey()
+	switch ev.Type {
+	case fleet.EventStarted:
+		if n := s.nodes[ev.Node]; n != nil {
+			if h := n.held[key]; h != nil && h.startedAt.IsZero() {
+				h.startedAt = ev.Time
+			}
+		}
+	case fleet.EventRetrying:
+		if n := s.nodes[ev.Node]; n != nil {
+			delete(n.held, key)
+		}
+	case fleet.EventCompleted, fleet.EventFailed, fleet.EventCancelled:
+		if n := s.nodes[ev.Node]; n != nil && ev.Type == fleet.EventCompleted && ev.Duration > 0 {
+			n.speed.observe(workflowKey(ev.Workflow), ev.Duration, ev.ModelLoaded)
+		}
+		for _, n := range s.nodes {
+			delete(n.held, key)
+		}
+		if n := s.nodes[ev.Node]; n != nil && ev.Model != "" {
+			n.model = ev.Model
+		}
+		s.finished[key] = now
+		k := sceneKey{ev.JobID, ev.Index}
+		if w := s.queue.get(k); w != nil && w.t.Retry <= ev.Retry {
+			return s.queue.remove(k)
+		}
+	}
+	return nil
+}
+
+// forget drops the memory of runs that ended long enough ago that nothing about
+// them can still be on its way.
+func (s *fleetState) forget(now time.Time) {
+	for key, at := range s.finished {
+		if now.Sub(at) > time.Minute {
+			delete(s.finished, key)
+		}
+	}
+}
+
+// placedMsg is a scene found in the work stream.
+type placedMsg struct {
+	node string
+	seq  uint64
+	t    fleet.Ticket
+}
+
+// scanned replaces what every node holds with what the work stream holds, the
+// truth: a placed scene stays there until its executor acknowledges it.
+func (s *fleetState) scanned(found []placedMsg, now time.Time) {
+	byNode := map[string]map[string]*held{}
+	for _, f := range found {
+		key := f.t.RunKey()
+		if _, gone := s.finished[key]; gone {
+			continue
+		}
+		if byNode[f.node] == nil {
+			byNode[f.node] = map[string]*held{}
+		}
+		h := &held{t: f.t, seq: f.seq, placedAt: now}
+		if old := s.nodes[f.node]; old != nil && old.held[key] != nil {
+			h = old.held[key]
+			h.seq = f.seq
+		}
+		byNode[f.node][key] = h
+	}
+	for id, n := range s.nodes {
+		n.held = byNode[id]
+		if n.held == nil {
+			n.held = map[string]*held{}
+		}
+		delete(byNode, id)
+	}
+	for id, held := range byNode {
+		s.node(id).held = held
+	}
+}
+
+// usable reports whether n may get a new scene.
+func (s *fleetState) usable(n *nodeState, now time.Time) bool {
+	return n.cfg != nil && !n.cfg.Drained && n.status != nil && n.offlineFor == 0 && !s.silent(n, now)
+}
+
+// silent reports whether n's executor has not been heard from for AckWait: the
+// time after which a running scene would move on if its executor died.
+func (s *fleetState) silent(n *nodeState, now time.Time) bool {
+	return now.Sub(n.heartbeat) > s.settings.AckWait
+}
+
+// views returns the planner's picture of the nodes, sorted by id, and how many
+// scenes each tenant holds.
+func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
+	views := make([]*nodeView, 0, len(s.nodes))
+	tenants := map[string]int{}
+	for id, n := range s.nodes {
+		v := &nodeView{id: id, speed: n.speed, usable: s.usable(n, now), model: n.model}
+		if n.cfg != nil {
+			v.pools, v.weight = n.cfg.Pools, n.cfg.Weight
+		}
+		if v.weight <= 0 {
+			v.weight = 1
+		}
+		for _, h := range n.held {
+			v.held = append(v.held, h)
+			tenants[h.t.Tenant]++
+		}
+		slices.SortFunc(v.held, func(a, b *held) int {
+			// Running first, then waiting, each in placement order.
+			return cmp.Or(cmp.Compare(boolInt(a.startedAt.IsZero()), boolInt(b.startedAt.IsZero())), cmp.Compare(a.seq, b.seq))
+		})
+		views = append(views, v)
+	}
+	slices.SortFunc(views, func(a, b *nodeView) int { return cmp.Compare(a.id, b.id) })
+	return views, tenants
+}
+
+// lostNode is a node whose placed scenes must go back to the queue: all of them
+// (its executor is gone), or only those its executor has not taken yet (it was
+// drained or removed, and finishes what it runs).
+type lostNode struct {
+	id              string
+	undeliveredOnly bool
+	// removed is set for a node gone from the registry: its consumer goes too.
+	removed bool
+}
+
+// lost returns the nodes whose scenes must move: every scene of a node whose
+// executor is silent for longer than AckWait, reports the node offline twice in a
+// row, or never reported since the node got scenes (NodeTTL); the scenes not taken
+// yet of a node drained or removed from the registry.
+func (s *fleetState) lost(now time.Time) []lostNode {
+	if !s.registryReady {
+		return nil
+	}
+	var out []lostNode
+	for id, n := range s.nodes {
+		if len(n.held) == 0 {
+			continue
+		}
+		dead := n.status == nil && now.Sub(firstPlaced(n)) > s.settings.NodeTTL ||
+			n.status != nil && (s.silent(n, now) || n.offlineFor >= 2)
+		switch {
+		case dead:
+			out = append(out, lostNode{id: id, removed: n.cfg == nil})
+		case n.cfg == nil || n.cfg.Drained:
+			out = append(out, lostNode{id: id, undeliveredOnly: true})
+		}
+	}
+	slices.SortFunc(out, func(a, b lostNode) int { return cmp.Compare(a.id, b.id) })
+	return out
+}
+
+// firstPlaced is when the dispatcher first counted a scene on n.
+func firstPlaced(n *nodeState) time.Time {
+	var first time.Time
+	for _, h := range n.held {
+		if first.IsZero() || h.placedAt.Before(first) {
+			first = h.placedAt
+		}
+	}
+	return first
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
