@@ -103,6 +103,7 @@ func parseNode(v string) (fleet.NodeConfig, error) {
 // serviceFlags are the flags of a service that runs against an external NATS.
 type serviceFlags struct {
 	natsURL  string
+	health   string
 	pprof    string
 	settings settingsFlags
 	log      logFlags
@@ -110,6 +111,7 @@ type serviceFlags struct {
 
 func (s *serviceFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&s.natsURL, "nats", nats.DefaultURL, "NATS server URL(s), comma-separated")
+	fs.StringVar(&s.health, "health", "", "listen address for container probes: /healthz (alive) and /readyz (connected to NATS); none if empty")
 	fs.StringVar(&s.pprof, "pprof", "", "serve Go's pprof profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060 (default off)")
 	s.settings.register(fs)
 	s.log.register(fs)
@@ -161,7 +163,19 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 		_ = shutdown(ctx)
 		return nil, err
 	}
+	stopHealth := func() {}
+	if s.health != "" {
+		h, err := startHealth(s.health, nc)
+		if err != nil {
+			stopProfiles()
+			nc.Close()
+			_ = shutdown(ctx)
+			return nil, err
+		}
+		stopHealth = h.stop
+	}
 	return &service{conn: nc, settings: settings, log: log, close: func() {
+		stopHealth()
 		stopProfiles()
 		_ = nc.Drain()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

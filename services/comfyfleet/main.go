@@ -13,6 +13,7 @@
 //	comfyfleet submit       submit a job through the API, follow it, download its outputs
 //	comfyfleet jobs         list, show, cancel, retry and follow jobs through the API
 //	comfyfleet nodes        list, add, drain, undrain and remove nodes through the API
+//	comfyfleet healthcheck  exit 0 if --url answers 2xx (container health checks)
 //
 // Every flag can also be set by an environment variable: COMFYFLEET_ and the flag's
 // name in upper case with '-' as '_' (COMFYFLEET_HTTP=0.0.0.0:8080). Flags win.
@@ -51,6 +52,7 @@ func commands() []command {
 		{"jobs", "jobs list|get|cancel|retry|watch, through the API (--api, --key)", runJobs},
 		{"nodes", "nodes list|add|drain|undrain|rm, through the API (--api, --key)", runNodes},
 		{"apikey", "API keys, straight in NATS: apikey create --tenant NAME --role read|submit|admin, apikey list, apikey revoke ID", runAPIKey},
+		{"healthcheck", "exit 0 if --url answers 2xx: a container health check without curl", runHealthcheck},
 	}
 }
 
@@ -94,6 +96,11 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "\n'comfyfleet <command> -h' lists a command's flags and their environment variables.")
 }
 
+// parsed, when set, is called with a command's flag set once its arguments have
+// parsed, and its error is returned instead of running the command: tests check
+// command lines (docker-compose.yml, deploy/k8s) with it.
+var parsed func(*flag.FlagSet) error
+
 // parse parses args into fs after applying COMFYFLEET_* environment variables, so
 // that flags on the command line win.
 func parse(fs *flag.FlagSet, args []string) error {
@@ -118,7 +125,13 @@ func parse(fs *flag.FlagSet, args []string) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	return fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if parsed != nil {
+		return parsed(fs)
+	}
+	return nil
 }
 
 // parseArgs is parse for a command that takes arguments among its flags, as in

@@ -1,0 +1,444 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
+)
+
+// natsDeployDir holds the nats-server configurations shipped for deployments.
+const natsDeployDir = "../../deploy/nats"
+
+// natsUsers are the users of the deploy/nats configurations, each with a password
+// from COMFYFLEET_<USER>_PASSWORD.
+var natsUsers = []string{"intake", "dispatcher", "executor", "notifier", "admin", "leaf", "route"}
+
+// setNATSEnv sets the environment the deploy/nats configurations read: a password per
+// user and, for hub.conf and the leaf nodes, a server name, routes and the hub's URL,
+// all pointing at hosts named as in deploy/k8s. It returns the passwords.
+func setNATSEnv(t *testing.T) map[string]string {
+	t.Helper()
+	passwords := map[string]string{}
+	for _, user := range natsUsers {
+		passwords[user] = "pw-" + user
+		t.Setenv("COMFYFLEET_"+strings.ToUpper(user)+"_PASSWORD", passwords[user])
+	}
+	t.Setenv("COMFYFLEET_NATS_SERVER_NAME", "nats-0")
+	var routes []string
+	for i := range 3 {
+		routes = append(routes, fmt.Sprintf("nats-route://route:%s@nats-%d.nats:6222", passwords["route"], i))
+	}
+	t.Setenv("COMFYFLEET_NATS_ROUTES", "["+strings.Join(routes, ", ")+"]")
+	t.Setenv("COMFYFLEET_HUB_URL", "nats-leaf://leaf:"+passwords["leaf"]+"@nats.example.net:7422")
+	return passwords
+}
+
+func loadNATSConfig(t *testing.T, name string) *server.Options {
+	t.Helper()
+	opts, err := server.ProcessConfigFile(filepath.Join(natsDeployDir, name))
+	if err != nil {
+		t.Fatalf("load deploy/nats/%s: %v", name, err)
+	}
+	return opts
+}
+
+func usersByName(opts *server.Options) map[string]*server.User {
+	out := map[string]*server.User{}
+	for _, u := range opts.Users {
+		out[u.Username] = u
+	}
+	return out
+}
+
+// TestNATSConfigsLoadAndShareTheirPermissions loads every server configuration of
+// deploy/nats as nats-server does, and checks what each is for: the single server and
+// the hub give every service the same permissions, the hub is a three-server JetStream
+// cluster with a leaf-node listener whose user has the executor's permissions, and a
+// region's leaf node runs no JetStream, has only executors, and dials the hub.
+func TestNATSConfigsLoadAndShareTheirPermissions(t *testing.T) {
+	setNATSEnv(t)
+	files, err := filepath.Glob(filepath.Join(natsDeployDir, "*.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	included := map[string]bool{}
+	var leaves []string
+	for _, f := range files {
+		name := filepath.Base(f)
+		switch {
+		case strings.HasPrefix(name, "permissions-"):
+			included[name] = false
+		case strings.HasPrefix(name, "leaf-"):
+			leaves = append(leaves, name)
+		case name != "comfyfleet.conf" && name != "hub.conf":
+			t.Errorf("deploy/nats/%s: a configuration this test does not know; say here what it must mean", name)
+		}
+	}
+	if len(leaves) == 0 {
+		t.Error("deploy/nats has no leaf-<region>.conf")
+	}
+
+	single, hub := loadNATSConfig(t, "comfyfleet.conf"), loadNATSConfig(t, "hub.conf")
+	services := []string{"intake", "dispatcher", "executor", "notifier"}
+	for _, opts := range []*server.Options{single, hub} {
+		if !opts.JetStream {
+			t.Errorf("%s: JetStream is off", opts.ConfigFile)
+		}
+		users := usersByName(opts)
+		for _, name := range append(services, "admin") {
+			u := users[name]
+			if u == nil || u.Permissions == nil || u.Password != "pw-"+name {
+				t.Errorf("%s: user %s missing, without permissions or without its password variable", opts.ConfigFile, name)
+				continue
+			}
+			if name == "admin" {
+				continue
+			}
+			file := "permissions-" + name + ".conf"
+			if _, ok := included[file]; !ok {
+				t.Errorf("deploy/nats/%s is missing", file)
+			}
+			included[file] = true
+			if sub := u.Permissions.Subscribe; sub == nil || !reflect.DeepEqual(sub.Allow, []string{"_INBOX_" + name + ".>"}) && name != "dispatcher" {
+				t.Errorf("%s: %s may subscribe to %+v, want its inbox prefix _INBOX_%s.> only", opts.ConfigFile, name, sub, name)
+			}
+		}
+	}
+	singleUsers, hubUsers := usersByName(single), usersByName(hub)
+	for _, name := range services {
+		if a, b := singleUsers[name], hubUsers[name]; a != nil && b != nil && !reflect.DeepEqual(a.Permissions, b.Permissions) {
+			t.Errorf("%s has other permissions in hub.conf than in comfyfleet.conf", name)
+		}
+	}
+
+	if hub.Cluster.Name == "" || hub.Cluster.Port != 6222 || hub.Cluster.Username != "route" || len(hub.Routes) != 3 {
+		t.Errorf("hub.conf cluster: name %q, port %d, route user %q, %d routes; want a named cluster on 6222 with route auth and 3 routes",
+			hub.Cluster.Name, hub.Cluster.Port, hub.Cluster.Username, len(hub.Routes))
+	}
+	if hub.ServerName != "nats-0" || hub.LeafNode.Port != 7422 || hub.HTTPPort != 8222 || hub.StoreDir == "" {
+		t.Errorf("hub.conf: server name %q, leaf port %d, monitoring port %d, store %q", hub.ServerName, hub.LeafNode.Port, hub.HTTPPort, hub.StoreDir)
+	}
+	if hub.JetStreamDomain != "hub" {
+		t.Errorf("hub.conf: JetStream domain %q; the leaf nodes map their JetStream API to the domain hub", hub.JetStreamDomain)
+	}
+	leaf := hubUsers["leaf"]
+	switch {
+	case leaf == nil:
+		t.Fatal("hub.conf has no user leaf")
+	case !reflect.DeepEqual(leaf.Permissions, onLeafLink(hubUsers["executor"].Permissions)):
+		t.Error("hub.conf: the leaf user's permissions are not the executor's as they read on the link: " +
+			"permissions-executor-leaf.conf must be permissions-executor.conf with $JS.API. as $JS.hub.API. and $KV. as $JS.hub.API.$KV.")
+	case len(leaf.AllowedConnectionTypes) != 1 || !hasKey(leaf.AllowedConnectionTypes, "LEAFNODE"):
+		t.Errorf("hub.conf: the leaf user may connect as %v, want LEAFNODE only", leaf.AllowedConnectionTypes)
+	}
+	included["permissions-executor-leaf.conf"] = true
+
+	for _, name := range leaves {
+		opts := loadNATSConfig(t, name)
+		region := strings.TrimSuffix(strings.TrimPrefix(name, "leaf-"), ".conf")
+		if opts.JetStream {
+			t.Errorf("%s runs JetStream: a region's executors must use the hub's", name)
+		}
+		if opts.ServerName != "leaf-"+region {
+			t.Errorf("%s: server name %q, want leaf-%s", name, opts.ServerName, region)
+		}
+		users := usersByName(opts)
+		if len(users) != 1 || users["executor"] == nil || !reflect.DeepEqual(users["executor"].Permissions, leaf.Permissions) {
+			t.Errorf("%s: users %v; want only executor, with the permissions of the hub's leaf user", name, keys(users))
+		}
+		if len(opts.LeafNode.Remotes) != 1 || len(opts.LeafNode.Remotes[0].URLs) != 1 ||
+			opts.LeafNode.Remotes[0].URLs[0].Host != "nats.example.net:7422" || opts.LeafNode.Remotes[0].URLs[0].User.Username() != "leaf" {
+			t.Errorf("%s: leaf remotes %+v, want one, $COMFYFLEET_HUB_URL", name, opts.LeafNode.Remotes)
+		}
+	}
+	for file, used := range included {
+		if !used {
+			t.Errorf("deploy/nats/%s is included by no configuration", file)
+		}
+	}
+}
+
+// freePorts returns n loopback TCP ports that were free a moment ago.
+func freePorts(t *testing.T, n int) []int {
+	t.Helper()
+	var ports []int
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
+	}
+	return ports
+}
+
+// onLeafLink returns an executor's permissions as they read on a leaf node and its
+// link to the hub: JetStream API subjects in the hub's domain.
+func onLeafLink(p *server.Permissions) *server.Permissions {
+	rewrite := func(subjects []string) []string {
+		var out []string
+		for _, s := range subjects {
+			switch {
+			case strings.HasPrefix(s, "$JS.API."):
+				s = "$JS.hub.API." + strings.TrimPrefix(s, "$JS.API.")
+			case strings.HasPrefix(s, "$KV."):
+				s = "$JS.hub.API." + s
+			}
+			out = append(out, s)
+		}
+		return out
+	}
+	out := &server.Permissions{Subscribe: p.Subscribe, Response: p.Response}
+	if p.Publish != nil {
+		out.Publish = &server.SubjectPermission{Allow: rewrite(p.Publish.Allow), Deny: rewrite(p.Publish.Deny)}
+	}
+	return out
+}
+
+func hasKey[V any](m map[string]V, k string) bool {
+	_, ok := m[k]
+	return ok
+}
+
+func keys[V any](m map[string]V) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+// startNATSFromConfig starts a nats-server from opts loaded from a deploy/nats file,
+// with every listener moved to a free loopback port (the cluster's to clusterPort) and
+// the store to a temporary directory.
+func startNATSFromConfig(t *testing.T, opts *server.Options, clusterPort int) *server.Server {
+	t.Helper()
+	opts.Host, opts.Port = "127.0.0.1", -1
+	if opts.HTTPPort != 0 {
+		opts.HTTPHost, opts.HTTPPort = "127.0.0.1", -1
+	}
+	if opts.Cluster.Port != 0 {
+		opts.Cluster.Host, opts.Cluster.Port = "127.0.0.1", clusterPort
+	}
+	if opts.LeafNode.Port != 0 {
+		opts.LeafNode.Host, opts.LeafNode.Port = "127.0.0.1", -1
+	}
+	if opts.JetStream {
+		opts.StoreDir = t.TempDir()
+	}
+	opts.NoLog, opts.NoSigs = true, true
+	s, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatalf("nats-server from %s: %v", opts.ConfigFile, err)
+	}
+	go s.Start()
+	if !s.ReadyForConnections(10 * time.Second) {
+		s.Shutdown()
+		t.Fatalf("nats-server from %s not ready", opts.ConfigFile)
+	}
+	t.Cleanup(func() { natsembed.Stop(s) })
+	return s
+}
+
+// connectAs connects to s as one user of the deploy configurations, with that user's
+// inbox prefix, as the services do.
+func connectAs(t *testing.T, s *server.Server, user, password string) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(s.ClientURL(), nats.UserInfo(user, password), nats.CustomInboxPrefix("_INBOX_"+user))
+	if err != nil {
+		t.Fatalf("connect to %s as %s: %v", s.Name(), user, err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// TestHubClusterAndRegionLeafFromDeployConfigs starts the three hub servers from
+// hub.conf and a region's leaf node from its leaf-<region>.conf, runs an executor in
+// that region against the leaf node, and checks that the hub sees it (its node in the
+// registry, its state in the nodes' bucket), that the executor user of the region stores outputs and
+// takes and acknowledges work in the hub's JetStream, and that the link carries what
+// an executor may publish and nothing else.
+func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
+	passwords := setNATSEnv(t)
+	// JetStream needs its routes configured before the cluster starts, so the
+	// cluster ports are chosen first.
+	clusterPorts := freePorts(t, 3)
+	var routes []string
+	for _, port := range clusterPorts {
+		routes = append(routes, fmt.Sprintf("nats-route://route:%s@127.0.0.1:%d", passwords["route"], port))
+	}
+	t.Setenv("COMFYFLEET_NATS_ROUTES", "["+strings.Join(routes, ", ")+"]")
+	var hubs []*server.Server
+	for i, port := range clusterPorts {
+		t.Setenv("COMFYFLEET_NATS_SERVER_NAME", fmt.Sprintf("nats-%d", i))
+		opts := loadNATSConfig(t, "hub.conf")
+		hubs = append(hubs, startNATSFromConfig(t, opts, port))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	admin := connectAs(t, hubs[0], "admin", passwords["admin"])
+	adminJS, err := jetstream.New(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fleettest.Eventually(t, 20*time.Second, func() bool {
+		for _, h := range hubs {
+			if h.NumRoutes() < 2 {
+				return false
+			}
+		}
+		callCtx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		_, err := adminJS.AccountInfo(callCtx)
+		return err == nil
+	}, "the hub cluster formed no JetStream cluster")
+
+	varz, err := hubs[0].Varz(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hubLeafAddr := fmt.Sprintf("127.0.0.1:%d", varz.LeafNode.Port)
+	region := "shenzhen"
+	t.Setenv("COMFYFLEET_HUB_URL", fmt.Sprintf("nats-leaf://leaf:%s@%s", passwords["leaf"], hubLeafAddr))
+	leaf := startNATSFromConfig(t, loadNATSConfig(t, "leaf-"+region+".conf"), 0)
+	fleettest.Eventually(t, 10*time.Second, func() bool { return leaf.NumLeafNodes() == 1 && hubs[0].NumLeafNodes() == 1 },
+		"leaf-%s.conf made no leaf connection to the hub", region)
+
+	// An executor in the region, with its ComfyUI, connected to the leaf node only.
+	sim, err := comfysim.Start(comfysim.Config{Addr: "127.0.0.1:0", StepDuration: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sim.Close() })
+	execCtx, stopExec := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		leafURL := fmt.Sprintf("nats://executor:%s@%s", url.QueryEscape(passwords["executor"]), strings.TrimPrefix(leaf.ClientURL(), "nats://"))
+		err := run(execCtx, []string{"executor", "--nats", leafURL, "--name", "executor-" + region,
+			"--comfy", sim.URL() + ",id=gpu-" + region + ",pool=image", "--log-level", "error"}, io.Discard, io.Discard)
+		if err != nil && !errors.Is(err, context.Canceled) {
+			t.Errorf("executor through the leaf node: %v", err)
+		}
+	})
+	t.Cleanup(func() { stopExec(); wg.Wait() })
+
+	intake := connectAs(t, hubs[2], "intake", passwords["intake"])
+	intakeJS, err := jetstream.New(intake)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := "gpu-" + region
+	for _, bucket := range []string{fleet.BucketRegistry, fleet.BucketNodes} {
+		fleettest.Eventually(t, 15*time.Second, func() bool {
+			kv, err := intakeJS.KeyValue(ctx, bucket)
+			if err != nil {
+				return false
+			}
+			_, err = kv.Get(ctx, node)
+			return err == nil
+		}, "the %s executor's node %s is not in the hub's %s", region, node, bucket)
+	}
+
+	// An output stored in the region lands in the hub's object store.
+	regional := connectAs(t, leaf, "executor", passwords["executor"])
+	regionalJS, err := jetstream.New(regional)
+	if err != nil {
+		t.Fatal(err)
+	}
+	outputs, err := regionalJS.ObjectStore(ctx, "fleet_outputs")
+	if err != nil {
+		t.Fatalf("the outputs' object store through the leaf node: %v", err)
+	}
+	if _, err := outputs.PutBytes(ctx, "job/0/out.png", []byte("png")); err != nil {
+		t.Fatalf("store an output through the leaf node: %v", err)
+	}
+	hubOutputs, err := intakeJS.ObjectStore(ctx, "fleet_outputs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := hubOutputs.GetBytes(ctx, "job/0/out.png"); err != nil || string(got) != "png" {
+		t.Fatalf("the output stored in %s reads %q, %v in the hub", region, got, err)
+	}
+
+	// Work placed in the hub reaches a consumer in the region, and its ack returns.
+	probe, err := regionalJS.CreateOrUpdateConsumer(ctx, fleet.StreamWork, jetstream.ConsumerConfig{
+		Durable: "node-probe", FilterSubject: fleet.WorkSubject("probe"), AckPolicy: jetstream.AckExplicitPolicy})
+	if err != nil {
+		t.Fatalf("a work consumer through the leaf node: %v", err)
+	}
+	if _, err := adminJS.Publish(ctx, fleet.WorkSubject("probe"), []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	batch, err := probe.Fetch(1, jetstream.FetchMaxWait(10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	work, ok := <-batch.Messages()
+	if !ok {
+		t.Fatalf("no work reached the region: %v", batch.Error())
+	}
+	if err := work.DoubleAck(ctx); err != nil {
+		t.Fatalf("ack work through the leaf node: %v", err)
+	}
+
+	// Whatever a region runs, its link carries no more than an executor may publish:
+	// a leaf node without any users of its own, logged in as the leaf user.
+	rogue := startNATSFromConfig(t, &server.Options{LeafNode: server.LeafNodeOpts{Remotes: []*server.RemoteLeafOpts{{
+		URLs: []*url.URL{{Scheme: "nats-leaf", User: url.UserPassword("leaf", passwords["leaf"]), Host: hubLeafAddr}},
+	}}}}, 0)
+	fleettest.Eventually(t, 10*time.Second, func() bool { return rogue.NumLeafNodes() == 1 }, "the second leaf node made no connection")
+	seen, err := admin.SubscribeSync("fleet.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	anyone, err := nats.Connect(rogue.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer anyone.Close()
+	// A denied subject first, then an allowed one, on one connection and one link:
+	// once the allowed one arrives, the denied one would have arrived before it.
+	for {
+		for _, subject := range []string{"fleet.submit.job.0", "fleet.work.gpu-" + region, "fleet.evt.scene.probe.0.progress"} {
+			if err := anyone.Publish(subject, []byte("{}")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := anyone.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		msg, err := seen.NextMsg(100 * time.Millisecond)
+		if errors.Is(err, nats.ErrTimeout) && ctx.Err() == nil {
+			continue // the hub's interest has not reached the leaf node yet
+		}
+		if err != nil {
+			t.Fatalf("nothing crossed the leaf link: %v", err)
+		}
+		if msg.Subject != "fleet.evt.scene.probe.0.progress" {
+			t.Fatalf("the leaf link carried %s, which an executor may not publish", msg.Subject)
+		}
+		break
+	}
+}
