@@ -348,7 +348,7 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 	}
 	node := "gpu-" + region
 	for _, bucket := range []string{fleet.BucketRegistry, fleet.BucketNodes} {
-		fleettest.Eventually(t, 15*time.Second, func() bool {
+		fleettest.Eventually(t, 60*time.Second, func() bool {
 			kv, err := intakeJS.KeyValue(ctx, bucket)
 			if err != nil {
 				return false

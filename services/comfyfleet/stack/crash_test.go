@@ -44,9 +44,19 @@ func TestACommittedJobRunsThoughItsIntakeStopsBeforeRecordingIt(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the job was never committed")
 	}
+	// The job is not found until the router records it.
 	fleettest.Eventually(t, 30*time.Second, func() bool {
-		return getJob(t, b.stack.APIURL, id).Status == "succeeded"
-	}, "job %s never succeeded: %+v", id, func() any { return getJob(t, b.stack.APIURL, id) })
+		resp, err := client.Get(b.stack.APIURL + "/v1/jobs/" + id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var job struct {
+			Status string `json:"status"`
+		}
+		_ = json.NewDecoder(resp.Body).Decode(&job)
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK && job.Status == "succeeded"
+	}, "job %s never succeeded", id)
 	job := getJob(t, b.stack.APIURL, id)
 	for _, s := range job.Scenes {
 		if s.Status != "succeeded" || len(s.Outputs) != 1 {
