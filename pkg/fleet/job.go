@@ -2,11 +2,14 @@ package fleet
 
 import (
 	"errors"
+
 	"fmt"
 	"maps"
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // Status is the state of a scene or a job.
@@ -43,10 +46,15 @@ type Scene struct {
 	Spec  SceneSpec `json:"spec"`
 	Pool  string    `json:"pool"`
 	// Model is the checkpoint the scene's graph loads first.
-	Model    string `json:"model,omitempty"`
-	Status   Status `json:"status"`
-	Node     string `json:"node,omitempty"`
-	Attempts int    `json:"attempts"`
+	Model string `json:"model,omitempty"`
+	// NeedsKey names the scene's requirements in the job's Needs.
+	NeedsKey string `json:"needs_key,omitempty"`
+	// Region and PreferRegion are as on the Ticket.
+	Region       string `json:"region,omitempty"`
+	PreferRegion string `json:"prefer_region,omitempty"`
+	Status       Status `json:"status"`
+	Node         string `json:"node,omitempty"`
+	Attempts     int    `json:"attempts"`
 	// Retries counts the runs started by hand after the scene failed.
 	Retries    int        `json:"retries,omitempty"`
 	Progress   *Progress  `json:"progress,omitempty"`
@@ -74,6 +82,9 @@ type Job struct {
 	FinishedAt  *time.Time `json:"finished_at,omitempty"`
 	// Round counts how often the job was reopened by a scene retry.
 	Round int `json:"round,omitempty"`
+	// Needs are the requirements of the job's scenes, by key: scenes of one template
+	// share theirs.
+	Needs map[string]*inventory.Requirements `json:"needs,omitempty"`
 }
 
 // Apply folds a scene event into the job and reports whether anything changed.

@@ -2,9 +2,12 @@ package fleet
 
 import (
 	"bytes"
+
 	"slices"
 	"strconv"
 	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // Graph is a ComfyUI API-format workflow: node id to {"class_type", "inputs", "_meta"}.
@@ -62,6 +65,14 @@ type Ticket struct {
 	// Failures are this run's failed attempts so far, so that the scene's retrying
 	// and failed events carry its whole history.
 	Failures []Attempt `json:"failures,omitempty"`
+	// Needs are the node classes and model files the scene's graph names: it is
+	// placed only on a node whose inventory has them all (or is not known yet).
+	Needs *inventory.Requirements `json:"needs,omitempty"`
+	// Region, if set, is the only region whose nodes may run the scene;
+	// PreferRegion is one whose nodes it goes to unless others finish it
+	// markedly sooner.
+	Region       string `json:"region,omitempty"`
+	PreferRegion string `json:"prefer_region,omitempty"`
 }
 
 // ScenePayload is what an executor needs to run a scene beyond its Ticket: the graph,
@@ -199,6 +210,8 @@ type NodeConfig struct {
 	// the first that adopted it. Empty for a node registered through the API and not
 	// adopted yet.
 	Executor string `json:"executor,omitempty"`
+	// Region is where the node is, e.g. "shanghai"; empty for a fleet in one place.
+	Region string `json:"region,omitempty"`
 }
 
 // NodeState is what a node is observed doing.
@@ -238,9 +251,15 @@ type NodeStatus struct {
 	// without the time spent loading a model.
 	Workflows map[string]float64 `json:"workflows,omitempty"`
 	// Model is the checkpoint the node loaded last.
-	Model     string    `json:"model,omitempty"`
-	Error     string    `json:"error,omitempty"`
-	Heartbeat time.Time `json:"heartbeat"`
+	Model string `json:"model,omitempty"`
+	// Region is where the node is.
+	Region string `json:"region,omitempty"`
+	// SetupSeconds is the moving average of the time from a scene's delivery to its
+	// prompt being on the node: reading its payload and inputs, uploading them.
+	// Across regions it holds the cost of the distance.
+	SetupSeconds float64   `json:"setup_seconds,omitempty"`
+	Error        string    `json:"error,omitempty"`
+	Heartbeat    time.Time `json:"heartbeat"`
 }
 
 // SubmitMsgID is the de-duplication id of job's commit on the submit stream.

@@ -86,6 +86,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketJobState, Description: "job progress, changed by compare-and-set", History: 1, TTL: s.EventsMaxAge},
 		{Bucket: BucketNodes, Description: "observed node state", History: 1, TTL: s.NodeTTL},
 		{Bucket: BucketRegistry, Description: "desired node configuration", History: 1},
+		{Bucket: BucketInventory, Description: "what each node can run: node classes and model files", History: 1},
 		{Bucket: BucketDeadLetters, Description: "scenes that failed for good", History: 1},
 		{Bucket: BucketAPIKeys, Description: "API keys by hash", History: 1},
 		{Bucket: BucketTenants, Description: "tenants and their webhook secrets", History: 1},

@@ -45,6 +45,9 @@ const (
 	// BucketDeadLetters maps DeadLetterKey to the DeadLetter of a scene that failed
 	// for good.
 	BucketDeadLetters = "fleet_deadletters"
+	// BucketInventory maps a node id to its inventory (pkg/inventory): the node
+	// classes and model files it has, as its executor last read them.
+	BucketInventory = "fleet_inventory"
 	// BucketLeases holds the leases that elect one instance of a service, e.g. the
 	// dispatcher that places scenes; its entries expire after Settings.LeaseTTL.
 	BucketLeases = "fleet_leases"

@@ -7,7 +7,6 @@ package inventory
 import (
 	"bytes"
 	"cmp"
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -17,8 +16,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-
-	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 )
 
 // Inventory is what one ComfyUI node can run. It is immutable once built: FromObjectInfo
@@ -87,15 +84,6 @@ func (inv *Inventory) idx() *index {
 		inv.index = x
 	})
 	return inv.index
-}
-
-// Read fetches the node's /object_info and builds its inventory.
-func Read(ctx context.Context, c *comfy.Client) (*Inventory, error) {
-	info, err := c.ObjectInfo(ctx, "")
-	if err != nil {
-		return nil, fmt.Errorf("read inventory: %w", err)
-	}
-	return FromObjectInfo(info)
 }
 
 // classInfo is the part of an object_info entry that an inventory keeps.

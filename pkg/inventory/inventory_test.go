@@ -35,7 +35,11 @@ func read(t *testing.T, c *comfy.Client) *inventory.Inventory {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	inv, err := inventory.Read(ctx, c)
+	info, err := c.ObjectInfo(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv, err := inventory.FromObjectInfo(info)
 	if err != nil {
 		t.Fatal(err)
 	}

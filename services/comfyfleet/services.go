@@ -57,6 +57,7 @@ func runDispatcher(ctx context.Context, args []string, _, stderr io.Writer) erro
 	policy := fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
 	loadCost := fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
 	name := fs.String("name", "", "dispatcher name in logs, its lease and queue summaries (default host-pid)")
+	regionPenalty := fs.Duration("region-penalty", 10*time.Second, "time fastest-finish adds to a scene on a node outside the region it prefers")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -72,7 +73,7 @@ func runDispatcher(ctx context.Context, args []string, _, stderr io.Writer) erro
 	}
 	defer stopMetrics()
 	return dispatcher.Run(ctx, dispatcher.Config{Conn: svc.conn, Settings: svc.settings, Logger: svc.log, Name: *name,
-		Policy: dispatcher.Policy(*policy), ModelLoadPenalty: *loadCost})
+		Policy: dispatcher.Policy(*policy), ModelLoadPenalty: *loadCost, RegionPenalty: *regionPenalty})
 }
 
 func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error {

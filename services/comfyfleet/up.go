@@ -33,6 +33,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		inputWait = fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 		policy    = fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
 		loadCost  = fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
+		regionPen = fs.Duration("region-penalty", 10*time.Second, "time fastest-finish adds to a scene on a node outside the region it prefers")
 		comfy     listFlag
 		allow     = listFlag{"127.0.0.0/8", "::1"}
 		settings  settingsFlags
@@ -72,7 +73,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if cfg.Dispatcher.Policy, err = dispatcher.ParsePolicy(*policy); err != nil {
 		return fmt.Errorf("--policy: %w", err)
 	}
-	cfg.Dispatcher.ModelLoadPenalty = *loadCost
+	cfg.Dispatcher.ModelLoadPenalty, cfg.Dispatcher.RegionPenalty = *loadCost, *regionPen
 	for _, c := range comfy {
 		n, err := parseNode(c)
 		if err != nil {

@@ -40,6 +40,10 @@ type Config struct {
 	// checkpoint other than the one it ran last, until it has measured the node doing
 	// so. Defaults to 5s.
 	ModelLoadPenalty time.Duration
+	// RegionPenalty is the time FastestFinish adds to a scene on a node outside the
+	// region the scene prefers: how much longer it is willing to wait for a node
+	// there. Defaults to 10s.
+	RegionPenalty time.Duration
 	// RouterWorkers is how many commands of the submit stream the router handles at
 	// once. Defaults to 16.
 	RouterWorkers int
@@ -71,6 +75,9 @@ func (c *Config) fill() error {
 	}
 	if c.ModelLoadPenalty == 0 {
 		c.ModelLoadPenalty = 5 * time.Second
+	}
+	if c.RegionPenalty == 0 {
+		c.RegionPenalty = 10 * time.Second
 	}
 	if c.RouterWorkers == 0 {
 		c.RouterWorkers = 16
@@ -110,7 +117,7 @@ func Run(ctx context.Context, cfg Config) error {
 	pub := fleet.NewPublisher(js, source)
 	rt := &router{jobs: jobs, pub: pub}
 	dl := &deadLetters{log: log, js: js, pub: pub, metrics: m}
-	sched := newScheduler(log, cfg.Conn, js, cfg.Settings, planner{policy: cfg.Policy, loadPenalty: cfg.ModelLoadPenalty}, m)
+	sched := newScheduler(log, cfg.Conn, js, cfg.Settings, planner{policy: cfg.Policy, loadPenalty: cfg.ModelLoadPenalty, regionPenalty: cfg.RegionPenalty}, m)
 	sched.onPlaced = cfg.OnPlaced
 
 	summaries, err := cfg.Conn.QueueSubscribe(fleet.QueuesSubject, "dispatchers", func(msg *nats.Msg) {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // Policy decides where the dispatcher places waiting scenes.
@@ -79,9 +80,24 @@ type nodeView struct {
 	model string
 	held  []*held
 	speed *speedModel
+	// region is where the node is; setup its measured time from a scene's delivery
+	// to its prompt being on the node.
+	region string
+	setup  time.Duration
+	// inv is what the node can run; nil while not known.
+	inv *inventory.Inventory
 }
 
 func (n *nodeView) serves(pool string) bool { return slices.Contains(n.pools, pool) }
+
+// fits reports whether n may run w: in the region w requires, if any, with every node
+// class and model file w needs (a node whose inventory is not known yet may).
+func (n *nodeView) fits(w *waiting) bool {
+	if w.t.Region != "" && n.region != w.t.Region {
+		return false
+	}
+	return w.t.Needs == nil || n.inv == nil || n.inv.Runs(w.t.Needs)
+}
 
 // placement is the planner's decision to release a waiting scene to a node.
 type placement struct {
@@ -96,6 +112,9 @@ type planner struct {
 	// loadPenalty is the assumed time to load a checkpoint on a node that has not
 	// been measured doing so.
 	loadPenalty time.Duration
+	// regionPenalty is added to the time of a scene on a node outside the region it
+	// prefers.
+	regionPenalty time.Duration
 	// turn is round-robin's position in each pool.
 	turn map[string]int
 }
@@ -153,7 +172,7 @@ func (p *planner) plan(now time.Time, q *queue, nodes []*nodeView, holding map[s
 func candidates(w *waiting, nodes []*nodeView) []*nodeView {
 	var all, others []*nodeView
 	for _, n := range nodes {
-		if !n.usable || !n.serves(w.t.Pool) {
+		if !n.usable || !n.serves(w.t.Pool) || !n.fits(w) {
 			continue
 		}
 		all = append(all, n)
@@ -223,8 +242,11 @@ func (p *planner) fastestFinish(now time.Time, q *queue, nodes []*nodeView, held
 		var h *classHeap
 		q.each(pool, func(m string) bool { return resident[m] }, held, func(w *waiting) bool {
 			considered++
-			if h == nil || h.workflow != w.t.Workflow || h.model != w.t.Model {
-				h = p.newClassHeap(w.t.Workflow, w.t.Model, cands)
+			if h == nil || !h.of(w) {
+				h = p.newClassHeap(w, cands)
+			}
+			if h.Len() == 0 {
+				return free > 0 && considered < horizon
 			}
 			f := h.best(w.t.Avoid)
 			f.until = f.end
@@ -243,27 +265,42 @@ func (p *planner) fastestFinish(now time.Time, q *queue, nodes []*nodeView, held
 	return out
 }
 
-// classHeap orders a pool's nodes by when each would finish a scene of one workflow
-// and checkpoint: the earliest first; among equals a node with a free slot, then
-// the first by id.
+// classHeap orders the nodes of a pool that fit a class of scenes (one workflow,
+// checkpoint, set of requirements and region) by when each would finish a scene of
+// it: the earliest first; among equals a node with a free slot, then the first by id.
 type classHeap struct {
-	p               *planner
-	workflow, model string
-	nodes           []*future
+	p     *planner
+	class *waiting
+	nodes []*future
 }
 
-func (p *planner) newClassHeap(workflow, model string, cands []*future) *classHeap {
-	h := &classHeap{p: p, workflow: workflow, model: model, nodes: slices.Clone(cands)}
-	for i, f := range h.nodes {
-		f.pos = i
-		f.end = h.endOf(f)
+// of reports whether w is of the heap's class.
+func (h *classHeap) of(w *waiting) bool {
+	c := h.class.t
+	return c.Workflow == w.t.Workflow && c.Model == w.t.Model && c.Needs == w.t.Needs &&
+		c.Region == w.t.Region && c.PreferRegion == w.t.PreferRegion
+}
+
+func (p *planner) newClassHeap(w *waiting, cands []*future) *classHeap {
+	h := &classHeap{p: p, class: w}
+	for _, f := range cands {
+		if f.node.fits(w) {
+			f.pos = len(h.nodes)
+			h.nodes = append(h.nodes, f)
+			f.end = h.endOf(f)
+		}
 	}
 	heap.Init(h)
 	return h
 }
 
 func (h *classHeap) endOf(f *future) time.Time {
-	return f.until.Add(h.p.duration(f.node, f.model, h.workflow, h.model))
+	t := h.class.t
+	d := h.p.duration(f.node, f.model, t.Workflow, t.Model) + f.node.setup
+	if t.PreferRegion != "" && f.node.region != t.PreferRegion {
+		d += h.p.regionPenalty
+	}
+	return f.until.Add(d)
 }
 
 // best is the node that finishes the scene first, other than avoid if another can

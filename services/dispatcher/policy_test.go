@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // fleetOf returns idle image nodes whose measured txt2img duration is 3s/speed.
@@ -244,5 +245,52 @@ func BenchmarkPlanDeepQueue(b *testing.B) {
 			b.Fatalf("placed %d scenes, want 1", len(got))
 		}
 		n.held = n.held[:2]
+	}
+}
+
+func TestFastestFinishKeepsToRegionsAndInventories(t *testing.T) {
+	now := time.Now()
+	nodes := fleetOf(1, 1, 4)
+	nodes[0].region, nodes[1].region, nodes[2].region = "shanghai", "shenzhen", "shenzhen"
+	sdxl := &inventory.Requirements{Key: "sdxl", Classes: map[string][]string{"CheckpointLoaderSimple": {"4"}},
+		Models: []inventory.Model{{Class: "CheckpointLoaderSimple", Input: "ckpt_name", File: "sdxl.safetensors", Nodes: []string{"4"}}}}
+	nodes[2].inv = &inventory.Inventory{Classes: []string{"CheckpointLoaderSimple"}, Models: []inventory.Models{{Kind: "ckpt_name",
+		Inputs: map[string][]string{"CheckpointLoaderSimple": {"ckpt_name"}}, Files: []string{"sd15.safetensors"}}}}
+	p := planner{policy: FastestFinish, regionPenalty: 10 * time.Second}
+	for _, tc := range []struct {
+		name string
+		set  func(*fleet.Ticket)
+		want string
+	}{
+		{"required region", func(t *fleet.Ticket) { t.Region = "shanghai" }, "n0"},
+		// The fast node lacks the checkpoint; of the two others the first by id.
+		{"needs a checkpoint", func(t *fleet.Ticket) { t.Needs = sdxl }, "n0"},
+		{"needs it, in shenzhen", func(t *fleet.Ticket) { t.Needs, t.Region = sdxl, "shenzhen" }, "n1"},
+		// Preferring shanghai costs the fast shenzhen node more than its speed gains.
+		{"prefers shanghai", func(t *fleet.Ticket) { t.PreferRegion = "shanghai" }, "n0"},
+		{"no wish", func(*fleet.Ticket) {}, "n2"},
+	} {
+		w := scenes(1, 5, "t", now)[0]
+		tc.set(&w.t)
+		got := p.plan(now, queueOf(w), nodes, nil)
+		if len(got) != 1 || got[0].node.id != tc.want {
+			t.Errorf("%s: placed %v, want on %s", tc.name, count(got), tc.want)
+		}
+	}
+	w := scenes(1, 5, "t", now)[0]
+	w.t.Region = "beijing"
+	if got := p.plan(now, queueOf(w), nodes, nil); len(got) != 0 {
+		t.Errorf("a scene for a region without nodes was placed: %v", count(got))
+	}
+}
+
+func TestFastestFinishCountsEachNodesSetupTime(t *testing.T) {
+	now := time.Now()
+	nodes := fleetOf(1, 1)
+	// Equal speeds; the first node's scenes come from far away.
+	nodes[0].setup = 2 * time.Second
+	p := planner{policy: FastestFinish}
+	if got := p.plan(now, queueOf(scenes(1, 5, "t", now)...), nodes, nil); len(got) != 1 || got[0].node.id != "n1" {
+		t.Errorf("placed %v, want on the node without the setup time", count(got))
 	}
 }

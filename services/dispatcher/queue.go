@@ -10,6 +10,7 @@ import (
 	"github.com/google/btree"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // sceneKey names a scene: every run of it shares one queue entry.
@@ -72,12 +73,15 @@ type queue struct {
 	scenes  map[sceneKey]*waiting
 	pools   map[string]*poolQueue
 	delayed delayHeap
-	// names interns the strings that many tickets share.
+	// names interns the strings that many tickets share, and needs the
+	// requirements, by key.
 	names map[string]string
+	needs map[string]*inventory.Requirements
 }
 
 func newQueue() *queue {
-	return &queue{scenes: map[sceneKey]*waiting{}, pools: map[string]*poolQueue{}, names: map[string]string{}}
+	return &queue{scenes: map[sceneKey]*waiting{}, pools: map[string]*poolQueue{}, names: map[string]string{},
+		needs: map[string]*inventory.Requirements{}}
 }
 
 func (q *queue) intern(s string) string {
@@ -101,6 +105,14 @@ func (q *queue) get(k sceneKey) *waiting { return q.scenes[k] }
 func (q *queue) add(w *waiting, now time.Time) *waiting {
 	t := &w.t
 	t.Tenant, t.Pool, t.Workflow, t.Model, t.Avoid = q.intern(t.Tenant), q.intern(t.Pool), q.intern(t.Workflow), q.intern(t.Model), q.intern(t.Avoid)
+	t.Region, t.PreferRegion = q.intern(t.Region), q.intern(t.PreferRegion)
+	if t.Needs != nil {
+		if shared, ok := q.needs[t.Needs.Key]; ok {
+			t.Needs = shared
+		} else {
+			q.needs[t.Needs.Key] = t.Needs
+		}
+	}
 	t.Priority = min(max(t.Priority, minPriority), maxPriority)
 	old := q.remove(w.key())
 	q.scenes[w.key()] = w

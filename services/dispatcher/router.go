@@ -53,8 +53,8 @@ func (r *router) queueJob(ctx context.Context, j *fleet.Job) error {
 	tickets := make([]fleet.Outgoing, len(j.Scenes))
 	for i, s := range j.Scenes {
 		events[i] = fleet.SceneEvent{JobID: j.ID, Index: i, Type: fleet.EventQueued, Pool: s.Pool, Time: j.CreatedAt}
-		t := fleet.Ticket{JobID: j.ID, Index: i, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool,
-			Workflow: s.Spec.Workflow, Model: s.Model, SubmittedAt: j.CreatedAt}
+		t := sceneTicket(j, i)
+		t.SubmittedAt = j.CreatedAt
 		tickets[i] = fleet.Outgoing{Subject: fleet.QueueSubject(s.Pool, j.ID, i), MsgID: t.PlacementID(), Value: t,
 			Header: map[string]string{headerBurstLeft: strconv.Itoa(len(j.Scenes) - 1 - i)}}
 	}
@@ -92,7 +92,14 @@ func (r *router) retry(ctx context.Context, msg jetstream.Msg, cmd fleet.SceneRe
 	if err := r.pub.SceneEvent(ctx, ev); err != nil {
 		return err
 	}
-	t := fleet.Ticket{JobID: j.ID, Index: cmd.Index, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool,
-		Workflow: s.Spec.Workflow, Model: s.Model, SubmittedAt: cmd.At, Retry: cmd.Retry, AttemptBase: cmd.AttemptBase}
+	t := sceneTicket(j, cmd.Index)
+	t.SubmittedAt, t.Retry, t.AttemptBase = cmd.At, cmd.Retry, cmd.AttemptBase
 	return r.pub.JSON(ctx, fleet.QueueSubject(s.Pool, j.ID, cmd.Index), t.PlacementID(), t)
+}
+
+// sceneTicket is the ticket of scene index of j, as it first enters the queue.
+func sceneTicket(j *fleet.Job, index int) fleet.Ticket {
+	s := j.Scenes[index]
+	return fleet.Ticket{JobID: j.ID, Index: index, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool,
+		Workflow: s.Spec.Workflow, Model: s.Model, Needs: j.Needs[s.NeedsKey], Region: s.Region, PreferRegion: s.PreferRegion}
 }

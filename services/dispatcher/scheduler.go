@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // Headers of the queue stream's tombstones: the node a scene was placed on (empty
@@ -168,6 +169,15 @@ func (s *scheduler) run(ctx context.Context) error {
 		return fmt.Errorf("watch registry: %w", err)
 	}
 	defer watch.Stop()
+	inventories, err := s.js.KeyValue(ctx, fleet.BucketInventory)
+	if err != nil {
+		return fmt.Errorf("open inventory bucket: %w", err)
+	}
+	invs, err := inventories.WatchAll(ctx)
+	if err != nil {
+		return fmt.Errorf("watch inventories: %w", err)
+	}
+	defer invs.Stop()
 	acks := newPlacer(s, ctx)
 	defer acks.stop()
 
@@ -190,6 +200,11 @@ func (s *scheduler) run(ctx context.Context) error {
 				return errors.New("heartbeat watch ended")
 			}
 			l.heartbeatEntry(e)
+		case e, ok := <-invs.Updates():
+			if !ok {
+				return errors.New("inventory watch ended")
+			}
+			l.inventoryEntry(e, s.log)
 		case <-s.wake:
 		case <-timer.C:
 			l.dirty = true
@@ -360,6 +375,23 @@ func (l *loop) registryEntry(e jetstream.KeyValueEntry, log *slog.Logger) {
 		return
 	}
 	l.state.registryChanged(e.Key(), &cfg)
+}
+
+func (l *loop) inventoryEntry(e jetstream.KeyValueEntry, log *slog.Logger) {
+	if e == nil {
+		return
+	}
+	l.dirty = true
+	if e.Operation() != jetstream.KeyValuePut {
+		l.state.inventoryChanged(e.Key(), nil)
+		return
+	}
+	var inv inventory.Inventory
+	if err := json.Unmarshal(e.Value(), &inv); err != nil {
+		log.Warn("undecodable inventory", "node", e.Key(), "err", err)
+		return
+	}
+	l.state.inventoryChanged(e.Key(), &inv)
 }
 
 func (l *loop) heartbeatEntry(e jetstream.KeyValueEntry) {

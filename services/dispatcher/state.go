@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // fleetState is the dispatcher's picture of the fleet: the queue, the nodes and
@@ -37,6 +38,8 @@ type nodeState struct {
 	// held are the scenes placed on the node and not finished, by run key.
 	held  map[string]*held
 	speed *speedModel
+	// inv is what the node can run; nil until its executor has read it.
+	inv *inventory.Inventory
 }
 
 func newFleetState(settings fleet.Settings) *fleetState {
@@ -107,6 +110,12 @@ func (s *fleetState) registryChanged(id string, cfg *fleet.NodeConfig) {
 		n.speed.slowness = 1 / cfg.Weight
 	}
 	n.cfg = cfg
+}
+
+// inventoryChanged follows what a node can run; inv is nil for a node whose
+// inventory is gone.
+func (s *fleetState) inventoryChanged(id string, inv *inventory.Inventory) {
+	s.node(id).inv = inv
 }
 
 // heartbeat takes a node's reported state.
@@ -223,9 +232,12 @@ func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
 	views := make([]*nodeView, 0, len(s.nodes))
 	tenants := map[string]int{}
 	for id, n := range s.nodes {
-		v := &nodeView{id: id, speed: n.speed, usable: s.usable(n, now), model: n.model}
+		v := &nodeView{id: id, speed: n.speed, usable: s.usable(n, now), model: n.model, inv: n.inv}
 		if n.cfg != nil {
-			v.pools, v.weight = n.cfg.Pools, n.cfg.Weight
+			v.pools, v.weight, v.region = n.cfg.Pools, n.cfg.Weight, n.cfg.Region
+		}
+		if n.status != nil {
+			v.setup = time.Duration(n.status.SetupSeconds * float64(time.Second))
 		}
 		if v.weight <= 0 {
 			v.weight = 1

@@ -426,13 +426,13 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 	}
 	t.Logf("scenes by node: %v; scene %d was running on %s when it was removed: now on %s after %d attempts",
 		byNode, running.Index, a, hook.Body.Job.Scenes[running.Index].Node, hook.Body.Job.Scenes[running.Index].Attempts)
-	// At most the scene that was finishing when the executor saw the removal may
-	// complete on the removed node after it.
+	// At most what the node held when the executor saw the removal may complete
+	// there after it: the scene running, and one ComfyUI had just started behind it.
 	late := log.all(func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventCompleted && ev.Node == a && ev.Time.After(removedAt)
 	})
-	if len(late) > 1 {
-		t.Errorf("%d scenes %v completed on %s after its removal; want at most the one finishing", len(late), sceneKeys(late), a)
+	if len(late) > fleet.NodeSlots {
+		t.Errorf("%d scenes %v completed on %s after its removal; want at most the %d it held", len(late), sceneKeys(late), a, fleet.NodeSlots)
 	}
 	// Nothing new renders there: a prompt ComfyUI starts after the removal is
 	// deleted or interrupted.
@@ -443,7 +443,9 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 		}
 	}
 	if byNode[added] == 0 {
-		t.Errorf("the added node %s completed no scene: %v", added, byNode)
+		var nodes any
+		getJSON(t, b.stack.APIURL+"/v1/nodes", &nodes)
+		t.Errorf("the added node %s completed no scene: %v; nodes now: %v", added, byNode, nodes)
 	}
 
 	// What the removed node did, relative to the removal.
