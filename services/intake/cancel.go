@@ -45,13 +45,7 @@ func (in *intake) cancelJob(ctx context.Context, input *jobIDInput) (*cancelOutp
 	}
 	ctx, span := tracer.Start(ctx, "cancel job", trace.WithAttributes(attribute.String("comfyfleet.job", job.ID)))
 	defer span.End()
-	now := time.Now().UTC()
-	var events []fleet.SceneEvent
-	for _, s := range job.Scenes {
-		if !s.Status.Terminal() {
-			events = append(events, fleet.SceneEvent{JobID: job.ID, Index: s.Index, Retry: s.Retries, Type: fleet.EventCancelled, Time: now})
-		}
-	}
+	events := fleet.CancelEvents(job, time.Now().UTC())
 	if err := in.pub.SceneEvents(ctx, events); err != nil {
 		return nil, huma.Error503ServiceUnavailable("cannot cancel the job's scenes now; retry", err)
 	}
