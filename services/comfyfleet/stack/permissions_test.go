@@ -6,6 +6,7 @@ import (
 	"image/png"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -15,9 +16,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
@@ -169,7 +172,7 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	})
 	run("intake", func() error {
 		return intake.Run(ctx, intake.Config{Conn: conns["intake"].nc, Settings: settings, Templates: workflows.FS, Listener: ln,
-			Open: true, CallbackGuard: callback.NewGuard(loopback...), Logger: log})
+			Open: true, CallbackGuard: callback.NewGuard(loopback...), MinJobTTL: time.Second, Logger: log})
 	})
 	run("executor", func() error {
 		return executor.Run(ctx, executor.Config{Conn: conns["executor"].nc, Settings: settings, Nodes: []fleet.NodeConfig{node},
@@ -203,6 +206,46 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	if got := getJob(t, apiURL, job.ID); got.Status != "succeeded" {
 		t.Errorf("GET job after webhook: %s", got.Status)
 	}
+
+	// The job list (a watch of the job states), the queues (a dispatcher answers the
+	// intake), a job deleted through the API, and one deleted by the notifier's
+	// janitor when its ttl has passed.
+	var page api.JobPage
+	getJSON(t, apiURL+"/v1/jobs", &page)
+	if len(page.Jobs) != 1 || page.Jobs[0].ID != job.ID || page.Jobs[0].Status != "succeeded" {
+		t.Errorf("GET /v1/jobs: %+v, want the job, succeeded", page.Jobs)
+	}
+	var queues fleet.QueueSummary
+	getJSON(t, apiURL+"/v1/queues", &queues)
+	if !slices.ContainsFunc(queues.Pools, func(p fleet.PoolQueue) bool { return p.Pool == "image" && p.Depth == 0 }) {
+		t.Errorf("GET /v1/queues: %+v, want the node's pool, empty", queues)
+	}
+	req, err := http.NewRequest(http.MethodDelete, apiURL+"/v1/jobs/"+job.ID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusNoContent {
+		t.Fatalf("DELETE the job: %s", res.Status)
+	}
+	if gone, left := fleettest.Gone(fleettest.JobPieces(t, conns["admin"].js, job.ID)); !gone {
+		t.Errorf("after DELETE, the job's %v are left", left)
+	}
+	expiring := sceneJob(hooks.URL, 1, 5)
+	expiring["ttl_s"] = 2
+	short, _ := postJob(t, apiURL, expiring)
+	hooks.wait(t, short.ID, 30*time.Second)
+	var left []string
+	fleettest.Eventually(t, 20*time.Second, func() bool {
+		var gone bool
+		gone, left = fleettest.Gone(fleettest.JobPieces(t, conns["admin"].js, short.ID))
+		return gone
+	}, "the janitor left the expired job's %v", &left)
+
 	// The services ran without hitting a single refusal.
 	for user, c := range conns {
 		if v := c.violations(); len(v) > 0 {
