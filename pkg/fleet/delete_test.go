@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -148,5 +149,49 @@ func TestDeleteOfARunningJobCancelsItOrRefuses(t *testing.T) {
 	}
 	if gone, left := fleettest.Gone(fleettest.JobPieces(t, js, "open")); !gone {
 		t.Errorf("after Delete, the job's %v are left", left)
+	}
+}
+
+// BenchmarkDelete deletes a finished job of 100 scenes, each with an output file.
+//
+//	go test ./pkg/fleet -run '^$' -bench Delete -benchtime 5x
+func BenchmarkDelete(b *testing.B) {
+	_, _, js := fleettest.Fleet(b, fleet.Settings{})
+	ctx := context.Background()
+	jobs, err := fleet.OpenJobs(ctx, js)
+	if err != nil {
+		b.Fatal(err)
+	}
+	outputs, err := js.ObjectStore(ctx, fleet.ObjectOutputs)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pub := fleet.NewPublisher(js, "bench")
+	const scenes = 100
+	n := 0
+	for b.Loop() {
+		b.StopTimer()
+		n++
+		id := fmt.Sprintf("job-%d", n)
+		job := &fleet.Job{ID: id, Status: fleet.StatusQueued, CreatedAt: time.Now(), Scenes: make([]fleet.Scene, scenes)}
+		events := make([]fleet.SceneEvent, scenes)
+		for i := range scenes {
+			job.Scenes[i] = fleet.Scene{Index: i, Status: fleet.StatusQueued}
+			name := fmt.Sprintf("s%d_a.png", i)
+			if _, err := outputs.Put(ctx, jetstream.ObjectMeta{Name: fleet.OutputKey(id, i, name)}, bytes.NewReader(make([]byte, 4096))); err != nil {
+				b.Fatal(err)
+			}
+			events[i] = fleet.SceneEvent{JobID: id, Index: i, Type: fleet.EventCompleted, Attempt: 1, Outputs: []fleet.Output{{Name: name}}}
+		}
+		if err := jobs.Create(ctx, job); err != nil {
+			b.Fatal(err)
+		}
+		if err := pub.SceneEvents(ctx, events); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := jobs.Delete(ctx, id, nil); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
