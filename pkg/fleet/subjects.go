@@ -160,6 +160,18 @@ func InputKey(job string, index int, param string) string {
 	return fmt.Sprintf("%s/%d/%s", job, index, param)
 }
 
+// ExecutorAliveSubject is where executor answers, while it runs, a request asking
+// whether it lives. A request there meets "no responders" as soon as the executor's
+// connection is gone, while one that is alive but slow merely answers late.
+func ExecutorAliveSubject(executor string) string {
+	return "fleet.exec.alive." + strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' {
+			return r
+		}
+		return '_'
+	}, executor)
+}
+
 // ValidToken reports whether s can stand as one token of a subject or a KV key:
 // letters, digits, '-' and '_' only.
 func ValidToken(s string) bool {

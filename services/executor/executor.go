@@ -169,6 +169,13 @@ func run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer stopCancels()
+	// Dispatchers ask whether this executor lives; once its connection is gone their
+	// requests meet no responders, and its scenes move on at once.
+	alive, err := e.nc.Subscribe(fleet.ExecutorAliveSubject(cfg.Name), func(m *nats.Msg) { _ = m.Respond(nil) })
+	if err != nil {
+		return fmt.Errorf("executor: answer liveness requests: %w", err)
+	}
+	defer alive.Unsubscribe()
 	var wg sync.WaitGroup
 	wg.Go(func() { e.drive(ctx) })
 	e.log.Info("executor running", "nodes", len(cfg.Nodes), "adopt", cfg.Adopt)
