@@ -23,12 +23,12 @@ import (
 // when the scene ended while it waited), the sequence of the ticket the tombstone
 // replaced, and the sequence of the work message that placed it.
 const (
-	headerPlacedOn   = "Comfyfleet-Placed-On"
-	headerTicketSeq  = "Comfyfleet-Ticket-Seq"
-	headerWorkSeq    = "Comfyfleet-Work-Seq"
-	headerBurstLeft  = "Comfyfleet-Burst-Left"
+	headerPlacedOn  = "Comfyfleet-Placed-On"
+	headerTicketSeq = "Comfyfleet-Ticket-Seq"
+	headerWorkSeq   = "Comfyfleet-Work-Seq"
+	headerBurstLeft = "Comfyfleet-Burst-Left"
 	// HeaderPlacedBy names, on a work message, the dispatcher that placed it.
-	HeaderPlacedBy = "Comfyfleet-Placed-By"
+	HeaderPlacedBy   = "Comfyfleet-Placed-By"
 	traceparentField = "traceparent"
 )
 
