@@ -63,12 +63,13 @@ const (
 
 // Subject prefixes.
 const (
-	submitPrefix = "fleet.submit"
-	scenePrefix  = "fleet.scene"
-	queuePrefix  = "fleet.queue"
-	workPrefix   = "fleet.work"
-	eventPrefix  = "fleet.evt"
-	donePrefix   = "fleet.done"
+	submitPrefix    = "fleet.submit"
+	scenePrefix     = "fleet.scene"
+	queuePrefix     = "fleet.queue"
+	workPrefix      = "fleet.work"
+	eventPrefix     = "fleet.evt"
+	donePrefix      = "fleet.done"
+	heartbeatPrefix = "fleet.node.hb"
 )
 
 // Kinds of submit commands, the third token of their subjects.
@@ -159,6 +160,14 @@ func OutputKey(job string, index int, name string) string {
 func InputKey(job string, index int, param string) string {
 	return fmt.Sprintf("%s/%d/%s", job, index, param)
 }
+
+// HeartbeatSubject is the core NATS subject on which an executor reports a node's
+// state as it puts it in BucketNodes: core messages keep flowing through a NATS
+// server's death, while a watch of the bucket may stall a few seconds.
+func HeartbeatSubject(node string) string { return heartbeatPrefix + "." + node }
+
+// HeartbeatFilter matches every node's heartbeats.
+const HeartbeatFilter = heartbeatPrefix + ".*"
 
 // ExecutorAliveSubject is where executor answers, while it runs, a request asking
 // whether it lives. A request there meets "no responders" as soon as the executor's

@@ -145,6 +145,19 @@ func (s *scheduler) run(ctx context.Context) error {
 		return fmt.Errorf("follow scene events: %w", err)
 	}
 	defer events.Unsubscribe()
+	// Heartbeats straight from their subject too: they keep coming while a watch of
+	// the nodes bucket, which gives the state at start, stalls after a NATS server
+	// dies.
+	hb, err := s.nc.Subscribe(fleet.HeartbeatFilter, func(m *nats.Msg) {
+		var st fleet.NodeStatus
+		if err := json.Unmarshal(m.Data, &st); err == nil && fleet.ValidToken(st.ID) {
+			s.post(func(l *loop) { l.heartbeat(st) })
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("follow heartbeats: %w", err)
+	}
+	defer hb.Unsubscribe()
 	registry, err := s.js.KeyValue(ctx, fleet.BucketRegistry)
 	if err != nil {
 		return fmt.Errorf("open registry: %w", err)
@@ -162,7 +175,7 @@ func (s *scheduler) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("follow queue: %w", err)
 	}
-	cc, err := cons.Consume(func(msg jetstream.Msg) { s.queueMessage(msg) })
+	cc, err := cons.Consume(func(msg jetstream.Msg) { s.queueMessage(msg) }, fleet.PullExpiry, fleet.PullHeartbeat)
 	if err != nil {
 		return fmt.Errorf("follow queue: %w", err)
 	}
@@ -407,6 +420,14 @@ func (l *loop) heartbeatEntry(e jetstream.KeyValueEntry) {
 	var st fleet.NodeStatus
 	if err := json.Unmarshal(e.Value(), &st); err != nil || !fleet.ValidToken(st.ID) {
 		return
+	}
+	l.heartbeat(st)
+}
+
+// heartbeat takes a node's reported state, from its subject or the nodes bucket.
+func (l *loop) heartbeat(st fleet.NodeStatus) {
+	if n := l.state.nodes[st.ID]; n != nil && n.status != nil && !st.Heartbeat.After(n.status.Heartbeat) {
+		return // the same report, by the other way
 	}
 	now := time.Now()
 	n := l.state.nodes[st.ID]
