@@ -4,6 +4,9 @@ package natsembed
 
 import (
 	"fmt"
+	"net"
+	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -22,6 +25,14 @@ type Config struct {
 	// acknowledged is lost on power failure, slower), or a duration such as "2m" (the
 	// nats-server default) or "1s". Defaults to "2m".
 	Sync string
+	// Name is the server's name, unique in a cluster. Defaults to "comfyfleet".
+	Name string
+	// Cluster is the host:port where the server listens for the other servers of its
+	// cluster; empty runs it alone. Routes are those servers' cluster URLs
+	// (nats://host:port), and ClusterName the cluster's name (default "comfyfleet").
+	Cluster     string
+	Routes      []string
+	ClusterName string
 	// Log turns the server's own log on.
 	Log bool
 	// StartTimeout bounds the wait for the server to accept connections. Defaults to 10s.
@@ -33,8 +44,12 @@ func Start(cfg Config) (*server.Server, error) {
 	if cfg.Dir == "" {
 		return nil, fmt.Errorf("embedded nats: a store directory is required")
 	}
+	name := cfg.Name
+	if name == "" {
+		name = "comfyfleet"
+	}
 	opts := &server.Options{
-		ServerName: "comfyfleet",
+		ServerName: name,
 		Host:       cfg.Host,
 		Port:       cfg.Port,
 		JetStream:  true,
@@ -49,6 +64,9 @@ func Start(cfg Config) (*server.Server, error) {
 		opts.Port = 4222
 	}
 	if err := applySync(opts, cfg.Sync); err != nil {
+		return nil, err
+	}
+	if err := applyCluster(opts, cfg); err != nil {
 		return nil, err
 	}
 	timeout := cfg.StartTimeout
@@ -89,5 +107,35 @@ func applySync(opts *server.Options, sync string) error {
 		return fmt.Errorf("embedded nats: sync %q is neither \"always\" nor a positive duration", sync)
 	}
 	opts.SyncInterval = d
+	return nil
+}
+
+// applyCluster joins the server to its cluster, if cfg names one.
+func applyCluster(opts *server.Options, cfg Config) error {
+	if cfg.Cluster == "" {
+		if len(cfg.Routes) > 0 {
+			return fmt.Errorf("embedded nats: routes given without a cluster listen address")
+		}
+		return nil
+	}
+	host, port, err := net.SplitHostPort(cfg.Cluster)
+	if err != nil {
+		return fmt.Errorf("embedded nats: cluster address %q: %w", cfg.Cluster, err)
+	}
+	opts.Cluster.Host = host
+	if opts.Cluster.Port, err = strconv.Atoi(port); err != nil {
+		return fmt.Errorf("embedded nats: cluster port %q: %w", port, err)
+	}
+	opts.Cluster.Name = cfg.ClusterName
+	if opts.Cluster.Name == "" {
+		opts.Cluster.Name = "comfyfleet"
+	}
+	for _, r := range cfg.Routes {
+		u, err := url.Parse(r)
+		if err != nil || u.Host == "" {
+			return fmt.Errorf("embedded nats: route %q: use nats://host:port", r)
+		}
+		opts.Routes = append(opts.Routes, u)
+	}
 	return nil
 }

@@ -36,6 +36,8 @@ type benchFleet struct {
 	sims     []*comfysim.Server
 	nodes    []fleet.NodeConfig
 	keep     bool
+	// executorOf names the executor process driving each node.
+	executorOf map[string]string
 }
 
 // benchFleetOptions shape a benchFleet.
@@ -74,7 +76,7 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
-	f := &benchFleet{bin: bin, dir: dir, keep: o.Keep}
+	f := &benchFleet{bin: bin, dir: dir, keep: o.Keep, executorOf: map[string]string{}}
 	defer func() {
 		if err != nil {
 			f.stop()
@@ -126,6 +128,7 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 		f.nodes = append(f.nodes, n)
 		e := i % len(executors)
 		executors[e] = append(executors[e], "--comfy", fmt.Sprintf("%s,id=%s,pool=image+video,weight=%g", n.URL, n.ID, n.Weight))
+		f.executorOf[n.ID] = fmt.Sprintf("executor-%d", e+1)
 	}
 	for i, nodes := range executors {
 		args := append(append([]string{"executor", "--name", fmt.Sprintf("executor-%d", i+1)}, f.common...), nodes...)
@@ -142,7 +145,7 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 // start starts a process of this binary with args, its output in a file of the
 // fleet's directory.
 func (f *benchFleet) start(name string, args ...string) (*benchProc, error) {
-	out, err := os.Create(filepath.Join(f.dir, name+".log"))
+	out, err := os.OpenFile(filepath.Join(f.dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
@@ -357,6 +360,22 @@ func (p *benchProc) terminate(d time.Duration) {
 func (p *benchProc) kill() {
 	_ = p.cmd.Process.Kill()
 	<-p.exited
+}
+
+// restart starts p again with the same arguments, in its place in the fleet.
+func (f *benchFleet) restart(p *benchProc) (*benchProc, error) {
+	next, err := f.start(p.name, p.args...)
+	if err != nil {
+		return nil, err
+	}
+	next.pprof = p.pprof
+	for i, q := range f.procs {
+		if q == p {
+			f.procs[i] = next
+		}
+	}
+	f.procs = f.procs[:len(f.procs)-1]
+	return next, nil
 }
 
 func freePort() (int, error) {

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,10 +48,20 @@ func runNATS(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	port := fs.Int("port", 4222, "client port")
 	store := fs.String("store", "./.comfyfleet", "JetStream file store directory")
 	syncPolicy := fs.String("sync", "2m", `file store sync policy: "always" or an interval`)
+	name := fs.String("name", "comfyfleet", "server name, unique in a cluster")
+	cluster := fs.String("cluster", "", "host:port where this server listens for the other servers of its cluster (default: no cluster)")
+	clusterName := fs.String("cluster-name", "comfyfleet", "name of the cluster")
+	var routes listFlag
+	fs.Var(&routes, "routes", "cluster URL of another server of the cluster, nats://host:port (repeatable, or comma-separated)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	s, err := natsembed.Start(natsembed.Config{Dir: *store, Host: *host, Port: *port, Sync: *syncPolicy})
+	var routeURLs []string
+	for _, r := range routes {
+		routeURLs = append(routeURLs, strings.Split(r, ",")...)
+	}
+	s, err := natsembed.Start(natsembed.Config{Dir: *store, Host: *host, Port: *port, Sync: *syncPolicy,
+		Name: *name, Cluster: *cluster, ClusterName: *clusterName, Routes: routeURLs})
 	if err != nil {
 		return err
 	}

@@ -169,6 +169,13 @@ func run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer stopCancels()
+	// Dispatchers ask whether this executor lives; once its connection is gone their
+	// requests meet no responders, and its scenes move on at once.
+	alive, err := e.nc.Subscribe(fleet.ExecutorAliveSubject(cfg.Name), func(m *nats.Msg) { _ = m.Respond(nil) })
+	if err != nil {
+		return fmt.Errorf("executor: answer liveness requests: %w", err)
+	}
+	defer alive.Unsubscribe()
 	var wg sync.WaitGroup
 	wg.Go(func() { e.drive(ctx) })
 	e.log.Info("executor running", "nodes", len(cfg.Nodes), "adopt", cfg.Adopt)
@@ -220,8 +227,9 @@ func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	return nil
 }
 
-// fetchWait is how long one pull for a node's next scene waits on the server.
-const fetchWait = 10 * time.Second
+// fetchWait is how long one pull for a node's next scene waits on the server; its
+// heartbeats every second reveal a pull lost with a NATS server sooner.
+const fetchWait = 5 * time.Second
 
 // serve pulls scenes for n and runs them while n is healthy: up to NodeSlots at
 // once, so that ComfyUI holds the next prompt queued behind the running one.
@@ -269,7 +277,7 @@ func (e *executor) next(ctx context.Context, n *node, cons jetstream.Consumer) (
 		case <-fctx.Done():
 		}
 	})
-	batch, err := cons.Fetch(1, jetstream.FetchContext(fctx))
+	batch, err := cons.Fetch(1, jetstream.FetchContext(fctx), jetstream.FetchHeartbeat(time.Second))
 	if err != nil {
 		if fctx.Err() != nil {
 			return nil, nil

@@ -303,14 +303,17 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 	}
 }
 
-// report records n's observed state in the nodes bucket, where the dispatchers and
-// the API read it; the entry expires when reports stop.
+// report sends n's observed state to the dispatchers as a heartbeat, and records it
+// in the nodes bucket, where the API reads it; the entry expires when reports stop.
 func (e *executor) report(ctx context.Context, n *node) {
 	st := n.snapshot()
 	b, err := json.Marshal(st)
 	if err != nil {
 		e.log.Error("encode heartbeat", "node", n.cfg.ID, "err", err)
 		return
+	}
+	if err := e.nc.Publish(fleet.HeartbeatSubject(n.cfg.ID), b); err != nil && e.nc.IsConnected() {
+		e.log.Warn("publish heartbeat", "node", n.cfg.ID, "err", err)
 	}
 	if _, err := e.nodes.Put(ctx, n.cfg.ID, b); err != nil && ctx.Err() == nil && e.nc.IsConnected() {
 		e.log.Warn("report node state", "node", n.cfg.ID, "err", err)

@@ -203,7 +203,7 @@ func (e *executor) fail(ctx context.Context, t fleet.Ticket, attempt int, node s
 // requeue puts t back in the queue. If the queue cannot be reached, the message
 // comes again to this node instead, after delay.
 func (e *executor) requeue(ctx context.Context, t fleet.Ticket, delay time.Duration) error {
-	if err := e.pub.JSON(ctx, fleet.QueueSubject(t.Pool, t.JobID, t.Index), t.PlacementID(), t); err != nil {
+	if err := e.pub.Requeue(ctx, t); err != nil {
 		return fleet.RetryAfter(max(delay, time.Second), fmt.Errorf("put the scene back in the queue; it comes back to this node: %w", err))
 	}
 	return nil
