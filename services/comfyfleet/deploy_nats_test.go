@@ -117,8 +117,13 @@ func TestNATSConfigsLoadAndShareTheirPermissions(t *testing.T) {
 				t.Errorf("deploy/nats/%s is missing", file)
 			}
 			included[file] = true
-			if sub := u.Permissions.Subscribe; sub == nil || !reflect.DeepEqual(sub.Allow, []string{"_INBOX_" + name + ".>"}) && name != "dispatcher" {
-				t.Errorf("%s: %s may subscribe to %+v, want its inbox prefix _INBOX_%s.> only", opts.ConfigFile, name, sub, name)
+			// Beside its inbox, the executor answers the dispatchers' liveness requests.
+			want := []string{"_INBOX_" + name + ".>"}
+			if name == "executor" {
+				want = append(want, "fleet.exec.alive.>")
+			}
+			if sub := u.Permissions.Subscribe; sub == nil || !reflect.DeepEqual(sub.Allow, want) && name != "dispatcher" {
+				t.Errorf("%s: %s may subscribe to %+v, want %v only", opts.ConfigFile, name, sub, want)
 			}
 		}
 	}

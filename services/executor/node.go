@@ -165,24 +165,24 @@ func (n *node) queuedPrompts(job string) []string {
 	return ids
 }
 
-// setDrained follows the registry: a drained node hands back the scenes ComfyUI has
-// not started yet.
-func (n *node) setDrained(drained bool) {
+// setDrained follows the registry: a node drained at `at` hands back the scenes
+// ComfyUI had not started by then.
+func (n *node) setDrained(drained bool, at time.Time) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.drained = drained
 	if drained {
-		n.handBackWaitingLocked()
+		n.handBackLocked(at)
 	}
 }
 
-// retire stops the node taking scenes and hands back those not started; those
-// running finish.
-func (n *node) retire() {
+// retire stops the node taking scenes from `at`, when it left the registry, and hands
+// back those ComfyUI had not started by then; those running since before finish.
+func (n *node) retire(at time.Time) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.retired, n.drained = true, true
-	n.handBackWaitingLocked()
+	n.handBackLocked(at)
 }
 
 func (n *node) isRetired() bool {
@@ -213,11 +213,12 @@ func (n *node) cancelJob(job string) int {
 	return ended
 }
 
-// handBackWaitingLocked ends the attempts of the scenes the node holds that ComfyUI
-// has not started, so that they go back to the queue.
-func (n *node) handBackWaitingLocked() {
+// handBackLocked ends the attempts of the scenes the node holds that ComfyUI had not
+// started by `at` (the moment the registry changed, which the executor learns a
+// little later), so that they go back to the queue; one started since is interrupted.
+func (n *node) handBackLocked(at time.Time) {
 	for _, r := range n.runs {
-		if r.started.IsZero() {
+		if r.started.IsZero() || r.started.After(at) {
 			r.cancel(errHandBack)
 		}
 	}

@@ -98,10 +98,16 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 		}
 	}
 	item, err := e.load(runCtx, t)
-	if errors.Is(err, errPayloadMissing) {
+	switch {
+	case errors.Is(err, errPayloadMissing):
 		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)
-	}
-	if err != nil {
+	case err != nil && (ctx.Err() != nil || errors.Is(context.Cause(runCtx), errHandBack)):
+		// Drained, removed or stopping while the payload was read: the scene goes
+		// back to the queue unstarted, as from a wait inside ComfyUI.
+		return e.requeue(context.WithoutCancel(ctx), t.Requeue(delivered, n.cfg.ID, 0, nil), 0)
+	case errors.Is(context.Cause(runCtx), errCancelled):
+		return nil
+	case err != nil:
 		return err
 	}
 	stopWatch := e.watch(runCtx, cancel, n, item)

@@ -162,6 +162,7 @@ func run(ctx context.Context, cfg Config) error {
 	}); err != nil {
 		return err
 	}
+	in.done = ctx.Done()
 	followCtx, stopFollowing := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -244,7 +245,7 @@ func spanName(_ string, r *http.Request) string {
 }
 
 func open(ctx context.Context, cfg Config) (*intake, error) {
-	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn, done: ctx.Done()}
+	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn}
 	var err error
 	if in.js, err = jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(publishWindow)); err != nil {
 		return nil, fmt.Errorf("intake: jetstream: %w", err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"image/png"
-	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -17,16 +16,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
-	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
-	"github.com/comfyfleet/comfyfleet/services/dispatcher"
-	"github.com/comfyfleet/comfyfleet/services/executor"
-	"github.com/comfyfleet/comfyfleet/services/intake"
-	"github.com/comfyfleet/comfyfleet/services/notifier"
-	"github.com/comfyfleet/comfyfleet/workflows"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
 )
 
 // deployConfig is the nats-server configuration shipped for deployments.
@@ -126,35 +120,6 @@ func (u *userConn) waitViolation(t *testing.T, subject string, within time.Durat
 
 func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	srv, passwords := permServer(t)
-	settings := testSettings()
-	log := testLogger(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	var (
-		wg    sync.WaitGroup
-		conns = map[string]*userConn{}
-	)
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-		for _, c := range conns {
-			c.nc.Close()
-		}
-	})
-	for _, user := range []string{"intake", "dispatcher", "executor", "notifier", "admin"} {
-		conns[user] = dialUser(t, srv, passwords, user)
-	}
-	run := func(name string, f func() error) {
-		wg.Go(func() {
-			if err := f(); err != nil {
-				t.Errorf("%s: %v", name, err)
-			}
-		})
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	apiURL := "http://" + ln.Addr().String()
 	hooks := newHookReceiver(t)
 	sim, err := comfysim.Start(comfysim.Config{Name: "sim-0", StepDuration: 10 * time.Millisecond})
 	if err != nil {
@@ -162,22 +127,26 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	}
 	t.Cleanup(func() { sim.Close() })
 	node := fleet.NodeConfig{ID: "sim-0", URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
-
-	run("dispatcher", func() error {
-		return dispatcher.Run(ctx, dispatcher.Config{Conn: conns["dispatcher"].nc, Settings: settings, Logger: log})
+	// Every service connects as its own user; the stack creates the streams as admin.
+	var mu sync.Mutex
+	conns := map[string]*userConn{}
+	b := startStackTuned(t, nil, func(c *stack.Config) {
+		c.NATSURL, c.DataDir, c.Comfy, c.NoAdopt = srv.ClientURL(), "", []fleet.NodeConfig{node}, true
+		c.Executor.Name = "exec-0"
+		c.Intake.MinJobTTL = time.Second
+		c.Connect = func(name string) (*nats.Conn, error) {
+			user, _, _ := strings.Cut(name, "-")
+			if user == "boot" || user == "test" {
+				user = "admin"
+			}
+			u := dialUser(t, srv, passwords, user)
+			mu.Lock()
+			conns[name] = u
+			mu.Unlock()
+			return u.nc, nil
+		}
 	})
-	run("notifier", func() error {
-		return notifier.Run(ctx, notifier.Config{Conn: conns["notifier"].nc, Settings: settings, PublicURL: apiURL,
-			WebhookBackoff: 50 * time.Millisecond, CallbackGuard: callback.NewGuard(loopback...), Logger: log})
-	})
-	run("intake", func() error {
-		return intake.Run(ctx, intake.Config{Conn: conns["intake"].nc, Settings: settings, Templates: workflows.FS, Listener: ln,
-			Open: true, CallbackGuard: callback.NewGuard(loopback...), MinJobTTL: time.Second, Logger: log})
-	})
-	run("executor", func() error {
-		return executor.Run(ctx, executor.Config{Conn: conns["executor"].nc, Settings: settings, Nodes: []fleet.NodeConfig{node},
-			Name: "exec-0", HeartbeatInterval: 200 * time.Millisecond, Logger: log})
-	})
+	apiURL := b.stack.APIURL
 
 	// A job end to end, every service as its own user.
 	job, _ := postJob(t, apiURL, sceneJob(hooks.URL, 2, 10))
@@ -211,9 +180,9 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	// intake), a job deleted through the API, and one deleted by the notifier's
 	// janitor when its ttl has passed.
 	var page api.JobPage
-	getJSON(t, apiURL+"/v1/jobs", &page)
-	if len(page.Jobs) != 1 || page.Jobs[0].ID != job.ID || page.Jobs[0].Status != "succeeded" {
-		t.Errorf("GET /v1/jobs: %+v, want the job, succeeded", page.Jobs)
+	getJSON(t, apiURL+"/v1/jobs?limit=1", &page)
+	if len(page.Jobs) != 1 || page.Jobs[0].Status != "succeeded" {
+		t.Errorf("GET /v1/jobs?limit=1: %+v, want the last job, succeeded", page.Jobs)
 	}
 	var queues fleet.QueueSummary
 	getJSON(t, apiURL+"/v1/queues", &queues)
@@ -232,7 +201,7 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	if res.StatusCode != http.StatusNoContent {
 		t.Fatalf("DELETE the job: %s", res.Status)
 	}
-	if gone, left := fleettest.Gone(fleettest.JobPieces(t, conns["admin"].js, job.ID)); !gone {
+	if gone, left := fleettest.Gone(fleettest.JobPieces(t, b.js, job.ID)); !gone {
 		t.Errorf("after DELETE, the job's %v are left", left)
 	}
 	expiring := sceneJob(hooks.URL, 1, 5)
@@ -242,11 +211,13 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	var left []string
 	fleettest.Eventually(t, 20*time.Second, func() bool {
 		var gone bool
-		gone, left = fleettest.Gone(fleettest.JobPieces(t, conns["admin"].js, short.ID))
+		gone, left = fleettest.Gone(fleettest.JobPieces(t, b.js, short.ID))
 		return gone
 	}, "the janitor left the expired job's %v", &left)
 
 	// The services ran without hitting a single refusal.
+	mu.Lock()
+	defer mu.Unlock()
 	for user, c := range conns {
 		if v := c.violations(); len(v) > 0 {
 			t.Errorf("%s's connection was refused: %v", user, v)
@@ -280,7 +251,9 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	intakeConn.waitViolation(t, fleet.WorkSubject("image"), 5*time.Second)
 
 	// The executor cannot read the API keys, even one that exists.
-	keys, err := conns["admin"].js.KeyValue(ctx, fleet.BucketAPIKeys)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	keys, err := b.js.KeyValue(ctx, fleet.BucketAPIKeys)
 	if err != nil {
 		t.Fatal(err)
 	}
