@@ -2,6 +2,8 @@ package fleettest
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -24,13 +26,13 @@ func JobPieces(t testing.TB, js jetstream.JetStream, id string) map[string]int {
 		t.Helper()
 		st, err := js.Stream(ctx, stream)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("open stream %s: %v", stream, err)
 		}
 		n := 0
 		for _, f := range filters {
 			info, err := st.Info(ctx, jetstream.WithSubjectFilter(f))
 			if err != nil {
-				t.Fatal(err)
+				t.Fatalf("count %s in %s: %v", f, stream, err)
 			}
 			for _, c := range info.State.Subjects {
 				n += int(c)
@@ -38,22 +40,37 @@ func JobPieces(t testing.TB, js jetstream.JetStream, id string) map[string]int {
 		}
 		return n
 	}
+	// Files are counted from the object store's stream, without a consumer: an
+	// object store's List does not end when the age limit removes objects meanwhile.
 	files := func(bucket string) int {
 		t.Helper()
-		store, err := js.ObjectStore(ctx, bucket)
+		st, err := js.Stream(ctx, "OBJ_"+bucket)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("open the stream of %s: %v", bucket, err)
 		}
-		infos, err := store.List(ctx)
-		if errors.Is(err, jetstream.ErrNoObjectsFound) {
-			return 0
-		}
+		meta := "$O." + bucket + ".M."
+		info, err := st.Info(ctx, jetstream.WithSubjectFilter(meta+">"))
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("list the objects of %s: %v", bucket, err)
 		}
 		n := 0
-		for _, info := range infos {
-			if strings.HasPrefix(info.Name, id+"/") {
+		for subject := range info.State.Subjects {
+			name, err := base64.URLEncoding.DecodeString(strings.TrimPrefix(subject, meta))
+			if err != nil || !strings.HasPrefix(string(name), id+"/") {
+				continue
+			}
+			msg, err := st.GetLastMsgForSubject(ctx, subject)
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				continue
+			}
+			if err != nil {
+				t.Fatalf("read the object %s of %s: %v", name, bucket, err)
+			}
+			var obj jetstream.ObjectInfo
+			if err := json.Unmarshal(msg.Data, &obj); err != nil {
+				t.Fatalf("decode the object %s of %s: %v", name, bucket, err)
+			}
+			if !obj.Deleted {
 				n++
 			}
 		}
@@ -61,13 +78,13 @@ func JobPieces(t testing.TB, js jetstream.JetStream, id string) map[string]int {
 	}
 	states, err := js.KeyValue(ctx, fleet.BucketJobState)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("open bucket %s: %v", fleet.BucketJobState, err)
 	}
 	state := 0
 	if _, err := states.Get(ctx, id); err == nil {
 		state = 1
 	} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
-		t.Fatal(err)
+		t.Fatalf("read the state of %s: %v", id, err)
 	}
 	return map[string]int{
 		"commands":    count(fleet.StreamSubmit, fleet.SubmitFilters(id)...),
