@@ -59,6 +59,9 @@ const (
 	// ObjectInputs stores the input images that clients send with their scenes, under
 	// InputKey names, until an executor uploads them to the node that runs the scene.
 	ObjectInputs = "fleet_inputs"
+	// ObjectNodeInfo maps a node id to the /object_info answer (JSON) its executor
+	// read last: what BucketInventory holds in compact form, whole.
+	ObjectNodeInfo = "fleet_object_info"
 )
 
 // Subject prefixes.
@@ -141,6 +144,10 @@ func SceneEventFilter(t EventType) string { return eventPrefix + ".scene.*.*." +
 func JobEventsFilter(job string) []string {
 	return []string{eventPrefix + ".scene." + job + ".>", eventPrefix + ".job." + job + ".>"}
 }
+
+// NodeRefreshSubject is where the executor driving node answers requests to read
+// the node's inventory again, with a NodeRefreshReply once it has.
+func NodeRefreshSubject(node string) string { return "fleet.node.refresh." + node }
 
 // DoneSubject is where the dispatcher announces that job reached a terminal state.
 func DoneSubject(job string) string { return donePrefix + "." + job }
