@@ -35,7 +35,7 @@ type Scene struct {
 	TimeoutS   int             `json:"timeout_s,omitempty" doc:"Most seconds one attempt may run."`
 	Progress   *fleet.Progress `json:"progress,omitempty" doc:"Sampler progress of the running attempt."`
 	Error      string          `json:"error,omitempty"`
-	WaitingFor string          `json:"waiting_for,omitempty" doc:"Why a queued scene cannot start now, when the reason is that no node taking scenes can run it, e.g. no online node in pool image has checkpoint x.safetensors (the node that has it is offline or drained). Absent when it waits for a free node."`
+	WaitingFor string          `json:"waiting_for,omitempty" doc:"Why a queued scene cannot start now when no node taking scenes (online, not drained) can run it: no node serves its pool, none is online, or those online lack what it needs, e.g. no online node in pool image has checkpoint x.safetensors (the nodes that have it are offline or drained). Absent when it only waits for a free node."`
 	Failures   []fleet.Attempt `json:"failures,omitempty" doc:"Every failed attempt: node and error."`
 	Outputs    []Output        `json:"outputs,omitempty"`
 	QueuedAt   time.Time       `json:"queued_at"`
