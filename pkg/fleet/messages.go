@@ -262,7 +262,7 @@ type NodeStatus struct {
 	Heartbeat    time.Time `json:"heartbeat"`
 }
 
-// NodeRefreshReply answers a request on NodeRefreshSubject: the inventory version
+// NodeRefreshReply answers a request on NodeRefreshSubject (see RefreshNode): the inventory version
 // the node has now, and whether the read changed it; or why it could not be read.
 type NodeRefreshReply struct {
 	Version string `json:"version,omitempty"`

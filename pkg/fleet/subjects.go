@@ -145,10 +145,6 @@ func JobEventsFilter(job string) []string {
 	return []string{eventPrefix + ".scene." + job + ".>", eventPrefix + ".job." + job + ".>"}
 }
 
-// NodeRefreshSubject is where the executor driving node answers requests to read
-// the node's inventory again, with a NodeRefreshReply once it has.
-func NodeRefreshSubject(node string) string { return "fleet.node.refresh." + node }
-
 // DoneSubject is where the dispatcher announces that job reached a terminal state.
 func DoneSubject(job string) string { return donePrefix + "." + job }
 

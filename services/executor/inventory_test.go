@@ -108,15 +108,7 @@ func (r *inventoryRig) rawInventory(node string) *inventory.Inventory {
 
 // refresh asks the executor driving node to read its inventory again.
 func (r *inventoryRig) refresh(node string) (fleet.NodeRefreshReply, error) {
-	var reply fleet.NodeRefreshReply
-	msg, err := r.nc.RequestWithContext(r.ctx, fleet.NodeRefreshSubject(node), nil)
-	if err != nil {
-		return reply, err
-	}
-	if err := json.Unmarshal(msg.Data, &reply); err != nil {
-		r.t.Fatal(err)
-	}
-	return reply, nil
+	return fleet.RefreshNode(r.ctx, r.nc, node)
 }
 
 func checkpoints(inv *inventory.Inventory) []string {
@@ -197,7 +189,7 @@ func TestInventoryPublishedBeforeOnlineOnRequestAndOnSchedule(t *testing.T) {
 	}, "the scheduled read never published the new checkpoint")
 
 	// A node that no executor drives answers nothing.
-	if _, err := r.refresh("nobody"); !errors.Is(err, nats.ErrNoResponders) {
+	if _, err := r.refresh("nobody"); !errors.Is(err, fleet.ErrNoExecutor) {
 		t.Errorf("refresh of a node nobody drives: %v, want no responders", err)
 	}
 

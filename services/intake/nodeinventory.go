@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/danielgtaylor/huma/v2"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -56,18 +55,13 @@ func (in *intake) refreshNode(ctx context.Context, input *nodeIDInput) (*nodeOut
 	}
 	ask, cancel := context.WithTimeout(ctx, refreshTimeout)
 	defer cancel()
-	msg, err := in.nc.RequestWithContext(ask, fleet.NodeRefreshSubject(cfg.ID), nil)
+	reply, err := fleet.RefreshNode(ask, in.nc, cfg.ID)
 	switch {
-	case errors.Is(err, nats.ErrNoResponders):
+	case errors.Is(err, fleet.ErrNoExecutor):
 		return nil, huma.Error503ServiceUnavailable("no executor drives node " + cfg.ID + " now; its inventory is read when one does")
 	case err != nil:
 		return nil, huma.Error503ServiceUnavailable("the executor driving node "+cfg.ID+" did not answer; retry", err)
-	}
-	var reply fleet.NodeRefreshReply
-	if err := json.Unmarshal(msg.Data, &reply); err != nil {
-		return nil, huma.Error503ServiceUnavailable("the executor driving node "+cfg.ID+" answered what this intake cannot read", err)
-	}
-	if reply.Error != "" {
+	case reply.Error != "":
 		return nil, huma.Error502BadGateway("cannot read the inventory of node " + cfg.ID + ": " + reply.Error)
 	}
 	in.log.Info("node inventory refreshed", "node", cfg.ID, "version", reply.Version, "changed", reply.Changed)
