@@ -21,6 +21,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -52,6 +53,10 @@ type Config struct {
 	// Sims are the simulated nodes to start when Comfy is empty; each serves the
 	// image and video pools. Defaults to DefaultSims.
 	Sims []comfysim.Config
+	// Outputs is where scene outputs go: "" (or "nats") for the fleet's JetStream
+	// object store, or "s3://BUCKET/PREFIX" for an S3-compatible bucket configured by
+	// the standard AWS variables (see outputs.Open). Defaults to "".
+	Outputs string
 	// Settings are shared by every service. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
 	// Intake tunes the intake (MaxScenes, SubmitRate, ReadRate); the rest is set here.
@@ -168,6 +173,14 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 
 	guard := callback.NewGuard(cfg.CallbackAllow...)
 	in, ds, ex, nt := cfg.Intake, cfg.Dispatcher, cfg.Executor, cfg.Notifier
+	if cfg.Outputs != "" && cfg.Outputs != "nats" {
+		store, err := outputs.Open(ctx, cfg.Outputs, nil)
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("stack: %w", err)
+		}
+		in.Outputs, ex.Outputs, nt.Outputs = store, store, store
+	}
 	ds.Settings, ds.Logger = cfg.Settings, cfg.Logger
 	ex.Adopt = !cfg.NoAdopt
 	in.Settings, in.Templates, in.Listener, in.PublicURL = cfg.Settings, workflows.FS, ln, cfg.PublicURL
