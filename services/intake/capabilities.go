@@ -183,6 +183,11 @@ func (in *intake) judge(at, pool string, needs *inventory.Requirements, tpl *wor
 	nodes := in.caps.pool(pool)
 	invs := make([]*inventory.Inventory, len(nodes))
 	for i, n := range nodes {
+		// Runs is memoised by the needs' key: the scenes of one template cost one
+		// comparison per node.
+		if n.inv.Runs(needs) {
+			return nil
+		}
 		invs[i] = n.inv
 	}
 	err := inventory.CheckPool(pool, invs, needs)
