@@ -230,26 +230,40 @@ func (in *intake) explainWaits(ctx context.Context, j *fleet.Job, view *api.Job)
 		in.log.Debug("read node states to explain waits", "job", j.ID, "err", err)
 		return
 	}
+	// Scenes of one template share their pool and needs: one answer for all of them.
+	reasons := map[[3]string]string{}
 	for _, i := range queued {
 		s := j.Scenes[i]
-		nodes := in.caps.pool(s.Pool)
-		var online []*inventory.Inventory
-		for _, n := range nodes {
-			st, seen := states[n.cfg.ID]
-			if n.cfg.Drained || !seen || st.State == fleet.NodeOffline || s.Region != "" && n.cfg.Region != s.Region {
-				continue
-			}
-			online = append(online, n.inv)
+		key := [3]string{s.Pool, s.NeedsKey, s.Region}
+		if reason, ok := reasons[key]; ok {
+			view.Scenes[i].WaitingFor = reason
+			continue
 		}
-		switch {
-		case len(nodes) == 0:
-			view.Scenes[i].WaitingFor = "no node serves pool " + s.Pool
-		case len(online) == 0:
-			view.Scenes[i].WaitingFor = "no node of pool " + s.Pool + " is online"
-		default:
-			if err := inventory.CheckOnline(s.Pool, online, j.Needs[s.NeedsKey]); err != nil {
-				view.Scenes[i].WaitingFor = err.Error()
-			}
-		}
+		view.Scenes[i].WaitingFor = in.waitReason(s, j.Needs[s.NeedsKey], states)
+		reasons[key] = view.Scenes[i].WaitingFor
 	}
+}
+
+// waitReason says why no node taking scenes can run s, which needs needs; "" when
+// one can.
+func (in *intake) waitReason(s fleet.Scene, needs *inventory.Requirements, states map[string]fleet.NodeStatus) string {
+	nodes := in.caps.pool(s.Pool)
+	var online []*inventory.Inventory
+	for _, n := range nodes {
+		st, seen := states[n.cfg.ID]
+		if n.cfg.Drained || !seen || st.State == fleet.NodeOffline || s.Region != "" && n.cfg.Region != s.Region {
+			continue
+		}
+		online = append(online, n.inv)
+	}
+	switch {
+	case len(nodes) == 0:
+		return "no node serves pool " + s.Pool
+	case len(online) == 0:
+		return "no node of pool " + s.Pool + " is online"
+	}
+	if err := inventory.CheckOnline(s.Pool, online, needs); err != nil {
+		return err.Error()
+	}
+	return ""
 }
