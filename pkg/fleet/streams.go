@@ -103,6 +103,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 	stores := []jetstream.ObjectStoreConfig{
 		{Bucket: ObjectOutputs, Description: "scene outputs"},
 		{Bucket: ObjectInputs, Description: "input images of scenes"},
+		{Bucket: ObjectNodeInfo, Description: "each node's /object_info, as its executor read it last"},
 	}
 	for _, cfg := range stores {
 		cfg.Storage = s.Storage

@@ -59,6 +59,9 @@ const (
 	// ObjectInputs stores the input images that clients send with their scenes, under
 	// InputKey names, until an executor uploads them to the node that runs the scene.
 	ObjectInputs = "fleet_inputs"
+	// ObjectNodeInfo maps a node id to the /object_info answer (JSON) its executor
+	// read last: what BucketInventory holds in compact form, whole.
+	ObjectNodeInfo = "fleet_object_info"
 )
 
 // Subject prefixes.

@@ -60,7 +60,7 @@ func (in *intake) cancelJob(ctx context.Context, input *jobIDInput) (*cancelOutp
 	}
 	cancelled := len(events)
 	in.log.Info("job cancelled", "job", job.ID, "scenes", cancelled)
-	return &cancelOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
+	return &cancelOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: in.jobView(ctx, job)}, nil
 }
 
 type cancelOutput struct {

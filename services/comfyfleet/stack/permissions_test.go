@@ -171,6 +171,13 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	if got := getJob(t, apiURL, job.ID); got.Status != "succeeded" {
 		t.Errorf("GET job after webhook: %s", got.Status)
 	}
+	// A job awaited (Prefer: wait), and a node's inventory read again on request.
+	if code, _, waited := postJobWaiting(t, apiURL, sceneJob("", 1, 5), 30); code != http.StatusOK || waited.Status != "succeeded" {
+		t.Errorf("POST /v1/jobs with Prefer: wait=30: %d, %s", code, waited.Status)
+	}
+	if st, _, raw := call(t, http.MethodPost, apiURL+"/v1/nodes/sim-0/refresh", "", nil); st != http.StatusOK || !strings.Contains(string(raw), `"inventory"`) {
+		t.Errorf("POST /v1/nodes/sim-0/refresh: %d %s", st, raw)
+	}
 	// The services ran without hitting a single refusal.
 	mu.Lock()
 	defer mu.Unlock()
