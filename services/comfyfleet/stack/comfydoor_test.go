@@ -410,6 +410,15 @@ func postUpload(t *testing.T, base, name string, data []byte, overwrite bool) (i
 func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 	b := startStack(t, testSims(1, 1))
 	door := b.stack.APIURL + "/comfy"
+
+	// Before any node published its object_info, the fleet's own graph checks
+	// answer, in ComfyUI's words.
+	for _, name := range []string{"29_post_prompt_invalid_no_outputs.json", "32_post_prompt_invalid_missing_class_type.json"} {
+		body, status, want := recordedExchange(t, name)
+		if gotStatus, got := postRaw(t, door+"/prompt", body); gotStatus != status || string(got) != want {
+			t.Errorf("%s without object_info: %d %s\nwant %d %s", name, gotStatus, got, status, want)
+		}
+	}
 	publishObjectInfo(t, b.stack, b.js, door)
 
 	t.Run("websocket_api_example", func(t *testing.T) {

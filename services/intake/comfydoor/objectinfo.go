@@ -63,7 +63,7 @@ func newCatalog(store func(ctx context.Context) (jetstream.ObjectStore, error), 
 
 // missingStoreRetry is how often follow looks again for a store that does not exist
 // yet (no executor has published an answer).
-const missingStoreRetry = 5 * time.Second
+const missingStoreRetry = 2 * time.Second
 
 // follow keeps the announced digests equal to the store's until ctx ends.
 func (c *catalog) follow(ctx context.Context) {
