@@ -620,6 +620,89 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		if s, a := postRaw(t, door+"/prompt", body); s != http.StatusConflict || !strings.Contains(string(a), `"duplicate_prompt_id"`) {
 			t.Errorf("another prompt with the same prompt_id: %d %s", s, a)
 		}
+		fleettest.Eventually(t, 30*time.Second, func() bool {
+			var h map[string]json.RawMessage
+			getJSON(t, door+"/history/"+id, &h)
+			return len(h) == 1
+		}, "the prompt did not end")
+	})
+
+	t.Run("queue: delete, clear, interrupt a client's", func(t *testing.T) {
+		var q struct {
+			Running [][]json.RawMessage `json:"queue_running"`
+			Pending [][]json.RawMessage `json:"queue_pending"`
+		}
+		listed := func(items [][]json.RawMessage, id string) bool {
+			return slices.ContainsFunc(items, func(it []json.RawMessage) bool { return string(it[1]) == `"`+id+`"` })
+		}
+		// Long prompts, as many as the nodes' slots.
+		var fillers []string
+		for i := range 2 * fleet.NodeSlots {
+			status, body := postRaw(t, door+"/prompt", map[string]any{"prompt": samplerGraph(100+i, 3000), "client_id": "filler"})
+			var r struct {
+				PromptID string `json:"prompt_id"`
+			}
+			if json.Unmarshal(body, &r); status != http.StatusOK {
+				t.Fatalf("POST /prompt: %d %s", status, body)
+			}
+			fillers = append(fillers, r.PromptID)
+		}
+		fleettest.Eventually(t, 30*time.Second, func() bool {
+			getJSON(t, door+"/queue", &q)
+			return len(q.Running) > 0
+		}, "no node runs the long prompts")
+		status, body := postRaw(t, door+"/prompt", map[string]any{"prompt": samplerGraph(6, 2), "client_id": "waiting", "front": true})
+		var target struct {
+			PromptID string  `json:"prompt_id"`
+			Number   float64 `json:"number"`
+		}
+		if json.Unmarshal(body, &target); status != http.StatusOK || target.Number >= 0 {
+			t.Fatalf("POST /prompt with front: %d %s; want a negative number", status, body)
+		}
+		getJSON(t, door+"/queue", &q)
+		if !listed(q.Pending, target.PromptID) {
+			t.Fatalf("GET /queue: %s is not pending", target.PromptID)
+		}
+		if status, _ := postRaw(t, door+"/queue", map[string]any{"delete": []string{target.PromptID}}); status != http.StatusOK {
+			t.Fatalf("POST /queue delete: %d", status)
+		}
+		fleettest.Eventually(t, 10*time.Second, func() bool {
+			getJSON(t, door+"/queue", &q)
+			return !listed(q.Pending, target.PromptID)
+		}, "the deleted prompt is still queued")
+		var h map[string]json.RawMessage
+		if getJSON(t, door+"/history/"+target.PromptID, &h); len(h) != 0 {
+			t.Errorf("history of a prompt deleted before it started: %v", h)
+		}
+		if status, _ := postRaw(t, door+"/queue", map[string]any{"clear": true}); status != http.StatusOK {
+			t.Fatalf("POST /queue clear: %d", status)
+		}
+		fleettest.Eventually(t, 10*time.Second, func() bool {
+			getJSON(t, door+"/queue", &q)
+			return len(q.Pending) == 0
+		}, "clear left prompts waiting")
+		ran := len(q.Running)
+		if ran == 0 {
+			t.Fatal("clear stopped the running prompts too")
+		}
+		if status, _ := postRaw(t, door+"/interrupt", map[string]any{"client_id": "filler"}); status != http.StatusOK {
+			t.Fatalf("POST /interrupt of a client: %d", status)
+		}
+		fleettest.Eventually(t, 10*time.Second, func() bool {
+			getJSON(t, door+"/queue", &q)
+			return len(q.Pending)+len(q.Running) == 0
+		}, "the client's running prompts still run")
+		interrupted := 0
+		for _, id := range fillers {
+			var h map[string]historyEntry
+			getJSON(t, door+"/history/"+id, &h)
+			if e, ok := h[id]; ok && e.Status.StatusStr == "error" {
+				interrupted++
+			}
+		}
+		if interrupted != ran {
+			t.Errorf("%d of the long prompts have an interrupted history; want the %d that ran", interrupted, ran)
+		}
 	})
 
 	t.Run("pkg/comfy client", func(t *testing.T) {
@@ -669,6 +752,10 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		}
 		if _, err := cc.Submit(ctx, comfy.Graph{"1": map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}}}, ""); !comfy.IsPermanent(err) {
 			t.Errorf("Submit of an unknown class: %v; want a permanent rejection", err)
+		}
+		recent, err := cc.RecentHistory(ctx, 2)
+		if err != nil || len(recent) != 2 || !slices.ContainsFunc(recent, func(h *comfy.HistoryEntry) bool { return h.PromptID == res.PromptID }) {
+			t.Errorf("RecentHistory(2): %d entries, %v; want the last two, this one among them", len(recent), err)
 		}
 	})
 }
