@@ -592,6 +592,47 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		}
 	})
 
+	t.Run("a socket that connects late", func(t *testing.T) {
+		clientID := uuid.NewString()
+		status, body := postRaw(t, door+"/prompt", map[string]any{"prompt": samplerGraph(7, 3000), "client_id": clientID})
+		var queued struct {
+			PromptID string `json:"prompt_id"`
+		}
+		if json.Unmarshal(body, &queued); status != http.StatusOK {
+			t.Fatalf("POST /prompt: %d %s", status, body)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(door, "http")+"/ws?clientId="+clientID, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.CloseNow()
+		c := &scriptClient{t: t, base: door, clientID: clientID, ws: ws}
+		if err := ws.Write(ctx, websocket.MessageText, []byte(`{"type": "feature_flags", "data": {"supports_preview_metadata": true}}`)); err != nil {
+			t.Fatal(err)
+		}
+		hello := c.next(ctx)
+		if want := `{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 1}}, "sid": "` + clientID + `"}}`; hello.raw != want {
+			t.Errorf("greeting %s, want %s", hello.raw, want)
+		}
+		var seen []string
+		for !slices.Contains(seen, "execution_start") {
+			f := c.next(ctx)
+			if f.Type == "feature_flags" && f.raw != `{"type": "feature_flags", "data": {"supports_preview_metadata": true, "max_upload_size": 20971520}}` {
+				t.Errorf("feature flags %s", f.raw)
+			}
+			seen = append(seen, f.Type)
+		}
+		if !slices.Contains(seen, "feature_flags") {
+			t.Errorf("no answer to feature_flags among %v", seen)
+		}
+		if status, _ := postRaw(t, door+"/interrupt", map[string]any{"prompt_id": queued.PromptID}); status != http.StatusOK {
+			t.Fatalf("POST /interrupt: %d", status)
+		}
+		c.waitEnd(queued.PromptID, 30*time.Second)
+	})
+
 	t.Run("rejected prompts answer as ComfyUI", func(t *testing.T) {
 		for _, name := range []string{
 			"23_post_prompt_invalid_unknown_class.json", "24_post_prompt_invalid_values.json",

@@ -135,3 +135,22 @@ func TestPoolOfAGraph(t *testing.T) {
 		}
 	}
 }
+
+func TestExtraDataAsComfyUIKeepsIt(t *testing.T) {
+	t.Parallel()
+	for body, want := range map[string]string{
+		`{"prompt": {}, "client_id": "c1", "extra_data": {"note": "anything"}}`:                                   `{"note": "anything", "client_id": "c1"}`,
+		`{"prompt": {}, "client_id": "c1", "extra_data": {"client_id": "old", "api_key_comfy_org": "k", "x": 1}}`: `{"client_id": "c1", "x": 1}`,
+		`{"prompt": {}, "extra_data": {"client_id": "c2"}}`:                                                       `{"client_id": "c2"}`,
+		`{"prompt": {}}`: `{}`,
+	} {
+		req, status, _ := readPromptRequest([]byte(body))
+		if status != 0 {
+			t.Fatalf("%s: status %d", body, status)
+		}
+		got, _ := pyjson.Format(extraData(req))
+		if string(got) != want {
+			t.Errorf("%s: extra_data %s, want %s", body, got, want)
+		}
+	}
+}

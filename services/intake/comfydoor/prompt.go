@@ -196,6 +196,9 @@ func readPromptRequest(body []byte) (req promptRequest, status int, refusal any)
 	}
 	if raw, ok := lookup(ms, "client_id"); ok {
 		_ = json.Unmarshal(raw, &req.clientID)
+	} else if raw, ok := lookup(req.extra, "client_id"); ok {
+		// ComfyUI sends a prompt's messages to extra_data's client_id.
+		_ = json.Unmarshal(raw, &req.clientID)
 	}
 	return req, 0, nil
 }
@@ -219,15 +222,20 @@ func promptError(typ, message, details string) object {
 }
 
 // extraData is the prompt's extra_data as ComfyUI stores it: the client's, without
-// secrets, client_id last.
+// secrets, with client_id set as a Python dict assignment sets it.
 func extraData(req promptRequest) json.RawMessage {
 	out := object{}
+	set := req.clientID == ""
 	for _, m := range req.extra {
-		if !slices.Contains(sensitiveExtraData, m.Key) && m.Key != "client_id" {
+		switch {
+		case slices.Contains(sensitiveExtraData, m.Key):
+		case m.Key == "client_id" && !set:
+			out, set = append(out, field{m.Key, req.clientID}), true
+		default:
 			out = append(out, field{m.Key, m.Raw})
 		}
 	}
-	if req.clientID != "" {
+	if !set {
 		out = append(out, field{"client_id", req.clientID})
 	}
 	b, err := json.Marshal(out)
