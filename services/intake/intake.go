@@ -180,6 +180,9 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	mux := http.NewServeMux()
 	newAPI(mux, in)
+	if err := in.addComfyDoor(followCtx, mux, &wg); err != nil {
+		return err
+	}
 	srv := &http.Server{
 		Handler:           otelhttp.NewHandler(mux, "intake", otelhttp.WithSpanNameFormatter(spanName)),
 		ReadHeaderTimeout: 10 * time.Second,

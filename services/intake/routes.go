@@ -109,6 +109,9 @@ type SceneInput struct {
 	Pool     string                `json:"pool,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Pool of nodes to run on. Defaults to the template's pool, or image."`
 	Inputs   map[string]ImageInput `json:"inputs,omitempty" doc:"Input images for the template's image parameters, by parameter name. Each is uploaded to the node that runs the scene."`
 	TimeoutS int                   `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Most seconds one attempt may run; then it is interrupted and retried, elsewhere if possible. Defaults to 3600 in the video pool, 600 elsewhere."`
+	// stored are input images of a raw graph already in the inputs store, bound to
+	// the graph's inputs: the uploads that the ComfyUI door's prompts name.
+	stored []fleet.Input
 }
 
 // JobInput is the body of a job request.
@@ -205,6 +208,9 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 				continue
 			}
 			r.graph, r.spec.Graph = s.Graph, s.Graph
+			for _, f := range s.stored {
+				r.inputs = append(r.inputs, sceneInput{param: f.Param, object: f.Object, bind: f.Bind})
+			}
 		default:
 			detail(at, "give a workflow (with params) or a graph", nil)
 		}
@@ -322,7 +328,7 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	}
 	first, err := in.commit(ctx, job, scenes, refs)
 	if err != nil {
-		in.removeInputs(context.WithoutCancel(ctx), refs)
+		in.removeInputs(context.WithoutCancel(ctx), job.ID, refs)
 		return nil, false, err
 	}
 	if !first {
