@@ -13,11 +13,18 @@ import (
 // asked to cancel it.
 var ErrJobRunning = errors.New("job has not ended")
 
+// FileRemover removes stored files by key, a missing file being no error: where a
+// job's outputs are kept (outputs.Store is one).
+type FileRemover interface {
+	Delete(ctx context.Context, key string) error
+}
+
 // Delete removes job id and everything of it: its commands still waiting on the
-// submit stream, its scenes' payloads, its input images and outputs, its dead
-// letters, its events, its record and its state. A job that has not ended is
-// cancelled first through cancel, as a client's cancellation does; with a nil cancel,
-// Delete refuses it with ErrJobRunning.
+// submit stream, its scenes' payloads, its input images, its outputs (from outputs,
+// or from the ObjectOutputs store if nil), its dead letters, its events, its record
+// and its state. A job that has not ended is cancelled first through cancel, as a
+// client's cancellation does; with a nil cancel, Delete refuses it with
+// ErrJobRunning.
 //
 // Delete is idempotent: run again after a failure, it removes what is left. The
 // record goes last but one, so that a job whose deletion failed half-way can still be
@@ -26,7 +33,7 @@ var ErrJobRunning = errors.New("job has not ended")
 // left of it by id (all but the files, whose names the record and events hold) is
 // removed. Files stored for the job after Delete, by an attempt that was already
 // uploading, go with the object stores' age limit (Settings.Retention).
-func (s *Jobs) Delete(ctx context.Context, id string, cancel *Publisher) error {
+func (s *Jobs) Delete(ctx context.Context, id string, outputs FileRemover, cancel *Publisher) error {
 	if !ValidToken(id) {
 		return ErrJobNotFound
 	}
@@ -56,7 +63,7 @@ func (s *Jobs) Delete(ctx context.Context, id string, cancel *Publisher) error {
 		return fmt.Errorf("delete job %s: %w", id, err)
 	}
 	if found {
-		if err := s.deleteFiles(ctx, job); err != nil {
+		if err := s.deleteFiles(ctx, job, outputs); err != nil {
 			return fmt.Errorf("delete job %s: %w", id, err)
 		}
 	}
@@ -76,29 +83,45 @@ func (s *Jobs) Delete(ctx context.Context, id string, cancel *Publisher) error {
 	return nil
 }
 
-// deleteFiles removes the job's input images and the outputs of its scenes.
-func (s *Jobs) deleteFiles(ctx context.Context, job *Job) error {
-	stores := map[string][]string{}
+// deleteFiles removes the job's input images and the outputs of its scenes, from
+// outputs or, if nil, the ObjectOutputs store.
+func (s *Jobs) deleteFiles(ctx context.Context, job *Job, outputs FileRemover) error {
+	inputs, err := s.js.ObjectStore(ctx, ObjectInputs)
+	if err != nil {
+		return fmt.Errorf("open object store %s: %w", ObjectInputs, err)
+	}
+	if outputs == nil {
+		store, err := s.js.ObjectStore(ctx, ObjectOutputs)
+		if err != nil {
+			return fmt.Errorf("open object store %s: %w", ObjectOutputs, err)
+		}
+		outputs = objectRemover{store}
+	}
 	for _, sc := range job.Scenes {
 		for _, in := range sc.Spec.Inputs {
-			if in.Object != "" {
-				stores[ObjectInputs] = append(stores[ObjectInputs], in.Object)
+			if in.Object == "" {
+				continue
+			}
+			if err := inputs.Delete(ctx, in.Object); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+				return fmt.Errorf("delete input %s: %w", in.Object, err)
 			}
 		}
 		for _, o := range sc.Outputs {
-			stores[ObjectOutputs] = append(stores[ObjectOutputs], OutputKey(job.ID, sc.Index, o.Name))
-		}
-	}
-	for bucket, names := range stores {
-		store, err := s.js.ObjectStore(ctx, bucket)
-		if err != nil {
-			return fmt.Errorf("open object store %s: %w", bucket, err)
-		}
-		for _, name := range names {
-			if err := store.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
-				return fmt.Errorf("delete %s from %s: %w", name, bucket, err)
+			key := OutputKey(job.ID, sc.Index, o.Name)
+			if err := outputs.Delete(ctx, key); err != nil {
+				return fmt.Errorf("delete output %s: %w", key, err)
 			}
 		}
+	}
+	return nil
+}
+
+// objectRemover removes files from a JetStream object store.
+type objectRemover struct{ store jetstream.ObjectStore }
+
+func (r objectRemover) Delete(ctx context.Context, key string) error {
+	if err := r.store.Delete(ctx, key); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return err
 	}
 	return nil
 }

@@ -100,7 +100,7 @@ func TestDeleteRemovesEveryPieceOfAJob(t *testing.T) {
 			t.Fatalf("the stored job has no %s: %v", what, before)
 		}
 	}
-	if err := jobs.Delete(ctx, "gone", nil); err != nil {
+	if err := jobs.Delete(ctx, "gone", nil, nil); err != nil {
 		t.Fatalf("delete an ended job: %v", err)
 	}
 	if gone, left := fleettest.Gone(fleettest.JobPieces(t, js, "gone")); !gone {
@@ -112,7 +112,7 @@ func TestDeleteRemovesEveryPieceOfAJob(t *testing.T) {
 	if kept := fleettest.JobPieces(t, js, "kept"); kept["record"] != 1 || kept["events"] != before["events"] || kept["inputs"] != 1 || kept["outputs"] != 1 {
 		t.Errorf("the other job lost pieces: %v", kept)
 	}
-	if err := jobs.Delete(ctx, "gone", nil); !errors.Is(err, fleet.ErrJobNotFound) {
+	if err := jobs.Delete(ctx, "gone", nil, nil); !errors.Is(err, fleet.ErrJobNotFound) {
 		t.Errorf("second Delete: %v, want ErrJobNotFound", err)
 	}
 }
@@ -126,7 +126,7 @@ func TestDeleteOfARunningJobCancelsItOrRefuses(t *testing.T) {
 		t.Fatal(err)
 	}
 	storedJob(t, js, jobs, "open", 1)
-	if err := jobs.Delete(ctx, "open", nil); !errors.Is(err, fleet.ErrJobRunning) {
+	if err := jobs.Delete(ctx, "open", nil, nil); !errors.Is(err, fleet.ErrJobRunning) {
 		t.Fatalf("delete a running job without cancel: %v, want ErrJobRunning", err)
 	}
 	if p := fleettest.JobPieces(t, js, "open"); p["record"] != 1 || p["payloads"] != 2 {
@@ -137,7 +137,7 @@ func TestDeleteOfARunningJobCancelsItOrRefuses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := jobs.Delete(ctx, "open", fleet.NewPublisher(js, "test")); err != nil {
+	if err := jobs.Delete(ctx, "open", nil, fleet.NewPublisher(js, "test")); err != nil {
 		t.Fatalf("delete a running job, cancelling it: %v", err)
 	}
 	m, err := cancelled.NextMsg(10 * time.Second)
@@ -190,7 +190,7 @@ func BenchmarkDelete(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StartTimer()
-		if err := jobs.Delete(ctx, id, nil); err != nil {
+		if err := jobs.Delete(ctx, id, nil, nil); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -58,11 +58,19 @@ const (
 	// BucketWorkflows maps a workflow template's name to its JSON (pkg/workflow's
 	// Template). Every intake mirrors it, so all of them offer the same versions.
 	BucketWorkflows = "fleet_workflows"
+	// BucketComfyPrompts maps the prompts sent to the ComfyUI-compatible API to
+	// their jobs: "p.<tenant>.<key>" holds a prompt's record, "q.<tenant>.<key>"
+	// marks it as waiting or running until a reader sees it ended (see
+	// services/intake/comfydoor).
+	BucketComfyPrompts = "fleet_comfy_prompts"
 	// ObjectOutputs stores scene outputs under OutputKey names.
 	ObjectOutputs = "fleet_outputs"
 	// ObjectInputs stores the input images that clients send with their scenes, under
 	// InputKey names, until an executor uploads them to the node that runs the scene.
 	ObjectInputs = "fleet_inputs"
+	// ObjectNodeInfo maps a node id to the /object_info answer (JSON) its executor
+	// read last: what BucketInventory holds in compact form, whole.
+	ObjectNodeInfo = "fleet_object_info"
 )
 
 // Subject prefixes.

@@ -170,6 +170,7 @@ func (e *executor) runNode(ctx context.Context, n *node) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { e.heartbeat(ctx, n) })
+	wg.Go(func() { e.followInventory(ctx, n) })
 	var cons jetstream.Consumer
 	err := fleet.Retry(ctx, e.log, "work consumer of node "+n.cfg.ID, func(ctx context.Context) error {
 		var err error

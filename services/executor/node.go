@@ -33,6 +33,10 @@ type node struct {
 	runs map[string]*nodeRun
 	// model is the checkpoint of the scene that started last.
 	model string
+	// inventoryDue is set when the node comes up: its inventory is read again
+	// before it is reported online.
+	inventoryDue bool
+	inv          nodeInventory
 }
 
 // nodeRun is a scene a node holds: running, or queued inside ComfyUI behind the
@@ -59,6 +63,7 @@ func newNode(cfg fleet.NodeConfig, client *comfy.Client, executor string) *node 
 		up:     make(chan struct{}),
 		down:   closedChan(),
 		runs:   map[string]*nodeRun{},
+		inv:    nodeInventory{first: make(chan struct{})},
 		status: fleet.NodeStatus{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Executor: executor, State: fleet.NodeOffline,
 			Workflows: map[string]float64{}},
 	}
@@ -107,9 +112,26 @@ func (n *node) setHealth(err error, stats *comfy.SystemStats) {
 	}
 	if !n.healthy {
 		n.healthy = true
+		n.inventoryDue = true
 		n.down = make(chan struct{})
 		close(n.up)
 	}
+}
+
+// takeInventoryDue reports whether the node came up since its inventory was last
+// read on that account, and clears that.
+func (n *node) takeInventoryDue() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	due := n.inventoryDue && n.healthy
+	n.inventoryDue = false
+	return due
+}
+
+func (n *node) isHealthy() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.healthy
 }
 
 func closedChan() chan struct{} {
@@ -290,6 +312,14 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 			e.report(stopCtx, n)
 			cancel()
 			return
+		}
+		if n.takeInventoryDue() {
+			// Before the node is reported online, so that no scene is placed on
+			// it by what it had before it went down.
+			if _, err := e.readInventory(ctx, n); err != nil && ctx.Err() == nil {
+				e.log.Warn("read node inventory; it is read again in "+e.cfg.InventoryInterval.String(), "node", n.cfg.ID, "err", err)
+			}
+			n.inv.readOnce()
 		}
 		if q, err := n.client.QueueRemaining(ctx); err == nil {
 			n.mu.Lock()

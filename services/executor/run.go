@@ -258,7 +258,7 @@ func (e *executor) progress(ctx context.Context, item fleet.Ticket, attempt int,
 	}
 }
 
-// store copies the prompt's output files from the node into the object store.
+// store copies the prompt's output files from the node into the outputs store.
 func (e *executor) store(ctx context.Context, n *node, item scene, outs []comfy.Output) ([]fleet.Output, error) {
 	ctx, span := tracer.Start(ctx, "store outputs", trace.WithAttributes(attribute.Int("comfyfleet.outputs", len(outs))))
 	defer span.End()
@@ -278,15 +278,12 @@ func (e *executor) store(ctx context.Context, n *node, item scene, outs []comfy.
 				contentType = t
 			}
 		}
-		info, err := e.outputs.Put(ctx, jetstream.ObjectMeta{
-			Name:     fleet.OutputKey(item.JobID, item.Index, name),
-			Metadata: map[string]string{"content-type": contentType},
-		}, body)
+		obj, err := e.outputs.Put(ctx, fleet.OutputKey(item.JobID, item.Index, name), contentType, -1, body)
 		body.Close()
 		if err != nil {
 			return nil, fmt.Errorf("store output %s: %w", name, err)
 		}
-		stored = append(stored, fleet.Output{Name: name, ContentType: contentType, Size: int64(info.Size), Kind: o.Kind, NodeID: o.NodeID})
+		stored = append(stored, fleet.Output{Name: name, ContentType: contentType, Size: obj.Size, Kind: o.Kind, NodeID: o.NodeID})
 	}
 	return stored, nil
 }

@@ -158,7 +158,7 @@ func (in *intake) deleteJob(ctx context.Context, input *deleteJobInput) (*struct
 	}
 	ctx, span := tracer.Start(ctx, "delete job", trace.WithAttributes(attribute.String("comfyfleet.job", job.ID)))
 	defer span.End()
-	switch err := in.jobs.Delete(ctx, job.ID, cancel); {
+	switch err := in.jobs.Delete(ctx, job.ID, in.outputs, cancel); {
 	case errors.Is(err, fleet.ErrJobRunning):
 		return nil, huma.Error409Conflict("job " + job.ID + " runs again (a scene was retried): cancel it first, or delete with cancel=true")
 	case errors.Is(err, fleet.ErrJobNotFound):

@@ -1,9 +1,12 @@
 package stack_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"image"
 	"image/png"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -16,11 +19,13 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
+	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/intake/comfydoor"
 )
 
 // deployConfig is the nats-server configuration shipped for deployments.
@@ -175,7 +180,14 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	if got := getJob(t, apiURL, job.ID); got.Status != "succeeded" {
 		t.Errorf("GET job after webhook: %s", got.Status)
 	}
-
+	// A job awaited (Prefer: wait), and a node's inventory read again on request.
+	if code, _, waited := postJobWaiting(t, apiURL, sceneJob("", 1, 5), 30); code != http.StatusOK || waited.Status != "succeeded" {
+		t.Errorf("POST /v1/jobs with Prefer: wait=30: %d, %s", code, waited.Status)
+	}
+	if st, _, raw := call(t, http.MethodPost, apiURL+"/v1/nodes/sim-0/refresh", "", nil); st != http.StatusOK || !strings.Contains(string(raw), `"inventory"`) {
+		t.Errorf("POST /v1/nodes/sim-0/refresh: %d %s", st, raw)
+	}
+	comfyDoorAsItsUser(t, apiURL+"/comfy", sim, node.ID, b.js)
 	// The job list (a watch of the job states), the queues (a dispatcher answers the
 	// intake), a job deleted through the API, and one deleted by the notifier's
 	// janitor when its ttl has passed.
@@ -303,4 +315,67 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 		t.Fatal(err)
 	}
 	executorConn.waitViolation(t, "_INBOX_intake.>", 5*time.Second)
+}
+
+// comfyDoorAsItsUser uses every part of the ComfyUI-compatible API, whose NATS
+// requests the intake's user must be allowed, with the node's object_info published
+// (by admin, as an executor would).
+func comfyDoorAsItsUser(t *testing.T, door string, sim *comfysim.Server, nodeID string, admin jetstream.JetStream) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	store, err := admin.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: comfydoor.ObjectInfoStore})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := client.Get(sim.URL() + "/object_info")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if _, err := store.PutBytes(ctx, nodeID, info); err != nil {
+		t.Fatal(err)
+	}
+	cc := comfy.New(door, comfy.WithHTTPClient(client))
+	defer cc.Close()
+	fleettest.Eventually(t, 30*time.Second, func() bool {
+		classes, err := cc.ObjectInfo(ctx, "LoadImage")
+		return err == nil && len(classes) == 1
+	}, "the door does not offer the node's classes")
+	var img bytes.Buffer
+	if err := png.Encode(&img, image.NewRGBA(image.Rect(0, 0, 8, 8))); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := cc.UploadImage(ctx, "perm.png", img.Bytes(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := cc.Run(ctx, comfy.Graph{
+		"1": map[string]any{"class_type": "LoadImage", "inputs": map[string]any{"image": ref.Filename}},
+		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "perm"}},
+	}, "", nil)
+	if err != nil {
+		t.Fatalf("a prompt through the door: %v", err)
+	}
+	body, _, err := cc.View(ctx, res.Outputs[0].File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body.Close()
+	if _, err := cc.RecentHistory(ctx, 5); err != nil {
+		t.Error(err)
+	}
+	if _, err := cc.Queue(ctx); err != nil {
+		t.Error(err)
+	}
+	if _, err := cc.SystemStats(ctx); err != nil {
+		t.Error(err)
+	}
+	if err := cc.Interrupt(ctx, ""); err != nil {
+		t.Error(err)
+	}
+	if _, err := cc.Submit(ctx, comfy.Graph{"1": map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}}}, ""); !comfy.IsPermanent(err) {
+		t.Errorf("an unknown class: %v; want a rejection", err)
+	}
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/services/dispatcher"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 	"github.com/comfyfleet/comfyfleet/services/intake"
@@ -65,6 +66,10 @@ type Config struct {
 	// Sims are the simulated nodes to start when Comfy is empty; each serves the
 	// image and video pools. Defaults to DefaultSims.
 	Sims []comfysim.Config
+	// Outputs is where scene outputs go: "" (or "nats") for the fleet's JetStream
+	// object store, or "s3://BUCKET/PREFIX" for an S3-compatible bucket configured by
+	// the standard AWS variables (see outputs.Open). Defaults to "".
+	Outputs string
 	// Settings are shared by every service. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
 	// Intakes, Dispatchers and Notifiers are how many of each run, as a deployment
@@ -112,11 +117,13 @@ type Stack struct {
 
 	cfg   Config
 	guard *callback.Guard
-	ctx   context.Context
-	stop  context.CancelFunc
-	g     *errgroup.Group
-	mu    sync.Mutex
-	conns []*nats.Conn
+	// outputs is the S3 output store the services share, nil for the object store.
+	outputs outputs.Store
+	ctx     context.Context
+	stop    context.CancelFunc
+	g       *errgroup.Group
+	mu      sync.Mutex
+	conns   []*nats.Conn
 }
 
 // Start starts the fleet; it runs until ctx is done or a service fails. Wait returns
@@ -187,6 +194,11 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 
 	guard := callback.NewGuard(cfg.CallbackAllow...)
 	s.guard = guard
+	if cfg.Outputs != "" && cfg.Outputs != "nats" {
+		if s.outputs, err = outputs.Open(ctx, cfg.Outputs, nil); err != nil {
+			return nil, fmt.Errorf("stack: %w", err)
+		}
+	}
 	for i := range cfg.Dispatchers {
 		ds := cfg.Dispatcher
 		ds.Settings, ds.Logger = cfg.Settings, cfg.Logger
@@ -200,6 +212,9 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 	for i := range cfg.Notifiers {
 		nt := cfg.Notifier
 		nt.Settings, nt.PublicURL, nt.Logger, nt.CallbackGuard = cfg.Settings, cfg.PublicURL, cfg.Logger, guard
+		if s.outputs != nil {
+			nt.Outputs = s.outputs
+		}
 		if err := s.run(fmt.Sprintf("notifier-%d", i+1), func(ctx context.Context, nc *nats.Conn) error { nt.Conn = nc; return notifier.Run(ctx, nt) }); err != nil {
 			return nil, err
 		}
@@ -216,6 +231,9 @@ func Start(ctx context.Context, cfg Config) (_ *Stack, err error) {
 		in := cfg.Intake
 		in.Settings, in.Templates, in.Listener, in.PublicURL = cfg.Settings, workflows.FS, ln, cfg.PublicURL
 		in.Open, in.CallbackGuard, in.Logger = cfg.Open, guard, cfg.Logger
+		if s.outputs != nil {
+			in.Outputs = s.outputs
+		}
 		if err := s.run(fmt.Sprintf("intake-%d", i+1), func(ctx context.Context, nc *nats.Conn) error { in.Conn = nc; return intake.Run(ctx, in) }); err != nil {
 			return nil, err
 		}
@@ -312,6 +330,9 @@ func (s *Stack) AddExecutor(name string, cfg executor.Config) (*Executor, error)
 	}
 	if cfg.URLGuard == nil {
 		cfg.URLGuard = s.guard
+	}
+	if cfg.Outputs == nil && s.outputs != nil {
+		cfg.Outputs = s.outputs
 	}
 	if cfg.Name == "" {
 		cfg.Name = name
