@@ -7,12 +7,14 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs/outputstest"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
 )
 
 // retentionJob is a finished img2img job with an input image and an output, of which
-// the fleet holds every piece; it returns its id.
-func retentionJob(t *testing.T, b *bundle, ttl int) string {
+// the fleet holds every piece (its output in the object store, unless inS3); it
+// returns its id.
+func retentionJob(t *testing.T, b *bundle, ttl int, inS3 bool) string {
 	t.Helper()
 	body := map[string]any{"callback_url": b.hooks.URL, "scenes": []any{map[string]any{
 		"workflow": "img2img", "params": map[string]any{"steps": 5, "seed": 7},
@@ -27,7 +29,7 @@ func retentionJob(t *testing.T, b *bundle, ttl int) string {
 	}
 	pieces := fleettest.JobPieces(t, b.js, job.ID)
 	for _, what := range []string{"record", "state", "events", "payloads", "inputs", "outputs"} {
-		if pieces[what] == 0 {
+		if pieces[what] == 0 && (what != "outputs" || !inS3) {
 			t.Fatalf("the finished job has no %s: %v", what, pieces)
 		}
 	}
@@ -58,8 +60,8 @@ func waitGone(t *testing.T, b *bundle, job string, within time.Duration) {
 func TestAJobsTTLDeletesItAndItsFiles(t *testing.T) {
 	t.Parallel()
 	b := startStackTuned(t, testSims(1), func(c *stack.Config) { c.Intake.MinJobTTL = time.Second })
-	keep := retentionJob(t, b, 0)
-	job := retentionJob(t, b, 4)
+	keep := retentionJob(t, b, 0, false)
+	job := retentionJob(t, b, 4, false)
 	waitGone(t, b, job, 20*time.Second)
 	if p := fleettest.JobPieces(t, b.js, keep); p["record"] != 1 || p["outputs"] == 0 || p["inputs"] == 0 {
 		t.Errorf("a job without ttl_s lost pieces: %v", p)
@@ -71,6 +73,52 @@ func TestAJobsTTLDeletesItAndItsFiles(t *testing.T) {
 func TestTheRetentionRemovesJobsAndTheirFiles(t *testing.T) {
 	t.Parallel()
 	b := startStackTuned(t, testSims(1), func(c *stack.Config) { c.Settings.Retention = 5 * time.Second })
-	job := retentionJob(t, b, 0)
+	job := retentionJob(t, b, 0, false)
 	waitGone(t, b, job, 30*time.Second)
+}
+
+// TestDeletionRemovesOutputsFromS3: with outputs in an S3-compatible bucket, a job
+// deleted through the API and one deleted by the janitor at the end of its ttl_s
+// leave nothing there.
+func TestDeletionRemovesOutputsFromS3(t *testing.T) {
+	s3 := outputstest.Start(t, "renders")
+	s3.Env(t)
+	b := startStackTuned(t, testSims(1), func(c *stack.Config) {
+		c.Outputs = "s3://renders/studio"
+		c.Intake.MinJobTTL = time.Second
+	})
+	keys := func(job string) []string {
+		t.Helper()
+		k, err := s3.Keys("renders", "studio/"+job+"/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	deleted := retentionJob(t, b, 0, true)
+	expiring := retentionJob(t, b, 4, true)
+	for _, job := range []string{deleted, expiring} {
+		if len(keys(job)) == 0 {
+			t.Fatalf("job %s has no output in the bucket", job)
+		}
+	}
+	req, err := http.NewRequest(http.MethodDelete, b.stack.APIURL+"/v1/jobs/"+deleted, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusNoContent {
+		t.Fatalf("DELETE the job: %s", res.Status)
+	}
+	if k := keys(deleted); len(k) > 0 {
+		t.Errorf("after DELETE, the bucket still holds %v", k)
+	}
+	waitGone(t, b, expiring, 20*time.Second)
+	if k := keys(expiring); len(k) > 0 {
+		t.Errorf("after the janitor, the bucket still holds %v", k)
+	}
 }
