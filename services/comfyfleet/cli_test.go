@@ -340,7 +340,9 @@ func TestJobsListFiltersPagesAndDeletes(t *testing.T) {
 	}
 	ok := regexp.MustCompile(`[0-9a-f-]{36}`).FindString(stdout)
 	job := filepath.Join(t.TempDir(), "job.json")
-	if err := os.WriteFile(job, []byte(`{"scenes": [{"workflow": "txt2img", "params": {"steps": 2, "checkpoint": "missing.safetensors"}}]}`), 0o600); err != nil {
+	// A graph that lacks an input: ComfyUI refuses it, the scene fails.
+	if err := os.WriteFile(job, []byte(`{"scenes": [{"graph": {"1": {"class_type": "EmptyImage", "inputs": {"height": 64, "batch_size": 1, "color": 0}},
+		"2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}}]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	stdout, _, err = comfyfleet(t, "submit", "--api", s.APIURL, "-f", job, "--wait")
