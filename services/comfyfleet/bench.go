@@ -19,10 +19,12 @@ func runBench(ctx context.Context, args []string, stdout, _ io.Writer) error {
 			return runBenchThroughput(ctx, args[1:], stdout)
 		case "backlog":
 			return runBenchBacklog(ctx, args[1:], stdout)
+		case "burst":
+			return runBenchBurst(ctx, args[1:], stdout)
 		}
 	}
 	if len(args) == 0 || args[0] != "failover" {
-		return fmt.Errorf("bench: name a benchmark: throughput, backlog, failover or scheduling")
+		return fmt.Errorf("bench: name a benchmark: throughput, backlog, burst, failover or scheduling")
 	}
 	fs := flag.NewFlagSet("bench failover", flag.ContinueOnError)
 	rounds := fs.Int("rounds", 5, "rounds of each scenario")
