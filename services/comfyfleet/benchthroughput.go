@@ -123,9 +123,9 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 type loadResult struct {
 	acceptedIn, queuedIn, completedIn time.Duration
 	// endedIn is when the last job's terminal event came.
-	endedIn time.Duration
-	posts, jobLags                    []time.Duration
-	lost, twice                       int
+	endedIn        time.Duration
+	posts, jobLags []time.Duration
+	lost, twice    int
 	// slowest is the longest time a scene took from its queued event to its
 	// first completed event.
 	slowest time.Duration
