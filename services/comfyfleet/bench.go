@@ -17,10 +17,14 @@ func runBench(ctx context.Context, args []string, stdout, _ io.Writer) error {
 			return runBenchScheduling(ctx, args[1:], stdout)
 		case "throughput":
 			return runBenchThroughput(ctx, args[1:], stdout)
+		case "backlog":
+			return runBenchBacklog(ctx, args[1:], stdout)
+		case "burst":
+			return runBenchBurst(ctx, args[1:], stdout)
 		}
 	}
 	if len(args) == 0 || args[0] != "failover" {
-		return fmt.Errorf("bench: name a benchmark: throughput, failover or scheduling")
+		return fmt.Errorf("bench: name a benchmark: throughput, backlog, burst, failover or scheduling")
 	}
 	fs := flag.NewFlagSet("bench failover", flag.ContinueOnError)
 	rounds := fs.Int("rounds", 5, "rounds of each scenario")

@@ -21,7 +21,7 @@ func runIntake(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var sf serviceFlags
 	httpAddr := fs.String("http", "127.0.0.1:8080", "API listen address")
 	publicURL := fs.String("public-url", "", "base URL clients reach the API at (default http://<--http>)")
-	maxScenes := fs.Int("max-scenes", 100, "most scenes in one job")
+	maxScenes := fs.Int("max-scenes", 1000, "most scenes in one job")
 	var rates rateFlags
 	rates.register(fs, false)
 	var allow allowFlag

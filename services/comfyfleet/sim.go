@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"strings"
 	"sync"
 	"time"
@@ -53,9 +54,15 @@ func runNATS(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	clusterName := fs.String("cluster-name", "comfyfleet", "name of the cluster")
 	var routes listFlag
 	fs.Var(&routes, "routes", "cluster URL of another server of the cluster, nats://host:port (repeatable, or comma-separated)")
+	pprofAddr := fs.String("pprof", "", "serve Go's pprof profiles (/debug/pprof/) of the server on this address, e.g. 127.0.0.1:6060 (default off)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	stopProfiles, err := serveProfiles(*pprofAddr, slog.Default())
+	if err != nil {
+		return err
+	}
+	defer stopProfiles()
 	var routeURLs []string
 	for _, r := range routes {
 		routeURLs = append(routeURLs, strings.Split(r, ",")...)
