@@ -27,6 +27,7 @@ var ErrNoChange = errors.New("no change")
 // changed by compare-and-set on the revision), and the events of its scenes
 // (StreamEvents), from which every scene's state is folded when the job is read.
 type Jobs struct {
+	js      jetstream.JetStream
 	nc      *nats.Conn
 	apiPfx  string
 	records jetstream.KeyValue
@@ -43,11 +44,12 @@ func OpenJobs(ctx context.Context, js jetstream.JetStream) (*Jobs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s: %w", BucketJobState, err)
 	}
-	return &Jobs{nc: js.Conn(), apiPfx: apiPrefix(js), records: records, states: states}, nil
+	return &Jobs{js: js, nc: js.Conn(), apiPfx: apiPrefix(js), records: records, states: states}, nil
 }
 
-// Create stores the record of a new job; it fails with jetstream.ErrKeyExists if
-// the id exists.
+// Create stores the record of a new job, then its state as submitted, so that job
+// lists show it at once; it fails with jetstream.ErrKeyExists if the record exists
+// (and leaves the state to whoever recorded the job).
 func (s *Jobs) Create(ctx context.Context, j *Job) error {
 	b, err := json.Marshal(j)
 	if err != nil {
@@ -55,6 +57,14 @@ func (s *Jobs) Create(ctx context.Context, j *Job) error {
 	}
 	if _, err := s.records.Create(ctx, j.ID, b); err != nil {
 		return fmt.Errorf("create job %s: %w", j.ID, err)
+	}
+	st, err := json.Marshal(NewJobState(j))
+	if err != nil {
+		return fmt.Errorf("encode state of job %s: %w", j.ID, err)
+	}
+	// The tracker may have written the state first, from a scene's start.
+	if _, err := s.states.Create(ctx, j.ID, st); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return fmt.Errorf("create state of job %s: %w", j.ID, err)
 	}
 	return nil
 }
