@@ -74,7 +74,7 @@ func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {
 	if !ValidToken(id) {
 		return nil, ErrJobNotFound
 	}
-	e, err := s.records.Get(ctx, id)
+	e, err := kvGet(ctx, s.nc, s.apiPfx, s.records, BucketJobs, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return nil, ErrJobNotFound
 	}
@@ -82,7 +82,7 @@ func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {
 		return nil, fmt.Errorf("get job %s: %w", id, err)
 	}
 	var j Job
-	if err := json.Unmarshal(e.Value(), &j); err != nil {
+	if err := json.Unmarshal(e.value, &j); err != nil {
 		return nil, fmt.Errorf("decode job %s: %w", id, err)
 	}
 	return &j, nil
@@ -94,7 +94,7 @@ func (s *Jobs) State(ctx context.Context, id string) (*JobState, uint64, error) 
 	if !ValidToken(id) {
 		return nil, 0, ErrJobNotFound
 	}
-	e, err := s.states.Get(ctx, id)
+	e, err := kvGet(ctx, s.nc, s.apiPfx, s.states, BucketJobState, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		rec, err := s.Record(ctx, id)
 		if err != nil {
@@ -106,10 +106,10 @@ func (s *Jobs) State(ctx context.Context, id string) (*JobState, uint64, error) 
 		return nil, 0, fmt.Errorf("get state of job %s: %w", id, err)
 	}
 	var st JobState
-	if err := json.Unmarshal(e.Value(), &st); err != nil {
+	if err := json.Unmarshal(e.value, &st); err != nil {
 		return nil, 0, fmt.Errorf("decode state of job %s: %w", id, err)
 	}
-	return &st, e.Revision(), nil
+	return &st, e.revision, nil
 }
 
 // UpdateState reads the job's state, applies mutate and writes it back if the

@@ -36,7 +36,7 @@ var errPayloadMissing = errors.New("the scene's payload is gone from the store")
 
 // load returns the scene of ticket t, with its payload.
 func (e *executor) load(ctx context.Context, t fleet.Ticket) (scene, error) {
-	raw, err := e.payloads.GetLastMsgForSubject(ctx, fleet.ScenePayloadSubject(t.JobID, t.Index))
+	raw, err := fleet.LastMsg(ctx, e.js, e.payloads, fleet.ScenePayloadSubject(t.JobID, t.Index))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return scene{}, errPayloadMissing
 	}

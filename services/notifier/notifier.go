@@ -252,6 +252,10 @@ func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
 	return n.pub.JSON(ctx, fleet.DoneSubject(st.ID), done.MsgID(), done)
 }
 
+// staleReadDelay is how long the notifier waits before it reads again a job that
+// it read as it was before the end it announces.
+const staleReadDelay = 250 * time.Millisecond
+
 // expire deletes a job whose ttl has passed, cancelling it first if it has not
 // ended: the janitor's handler of the messages its expiry schedule fires.
 func (n *notifier) expire(ctx context.Context, msg jetstream.Msg) error {
@@ -395,9 +399,13 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 	if err != nil {
 		return retry(err)
 	}
-	if !job.Status.Terminal() || job.Round > done.Round {
+	switch {
+	case job.Round > done.Round:
 		n.log.Info("job reopened by a retry since it ended; its next end will be announced", "job", job.ID)
 		return nil
+	case !job.Status.Terminal() || job.Round < done.Round:
+		// Read from a server of the cluster that has not caught up yet.
+		return fleet.RetryAfter(staleReadDelay, fmt.Errorf("job %s read %s in round %d, before the end of round %d", job.ID, job.Status, job.Round, done.Round))
 	}
 	typ := jobEventType(job.Status)
 	if err := n.pub.JobEvent(ctx, fleet.JobEvent{Type: typ, Job: *job}); err != nil {
