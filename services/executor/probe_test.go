@@ -16,7 +16,7 @@ import (
 // stallingTransport holds requests until their context ends, as a server too busy
 // (or hung) to answer would: /system_stats only, or every request.
 type stallingTransport struct {
-	base             http.RoundTripper
+	base              http.RoundTripper
 	stats, everything atomic.Bool
 }
 
