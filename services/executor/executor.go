@@ -204,7 +204,7 @@ func run(ctx context.Context, cfg Config) error {
 // executor uses, registers its nodes and creates the work consumers of their pools.
 func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	var err error
-	if err = fleet.Ensure(ctx, js, e.cfg.Settings); err != nil {
+	if err = fleet.EnsureExists(ctx, js, e.cfg.Settings); err != nil {
 		return err
 	}
 	if e.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
