@@ -132,6 +132,7 @@ type intake struct {
 	pub      *fleet.Publisher
 	keys     *tenancy.Store
 	limits   *rateLimits
+	regions  knownRegions
 	accepted metric.Int64Counter
 	// done is closed when the intake stops; long-lived responses end then.
 	done <-chan struct{}

@@ -93,6 +93,9 @@ type SceneInput struct {
 	Pool     string                `json:"pool,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Pool of nodes to run on. Defaults to the template's pool, or image."`
 	Inputs   map[string]ImageInput `json:"inputs,omitempty" doc:"Input images for the template's image parameters, by parameter name. Each is uploaded to the node that runs the scene."`
 	TimeoutS int                   `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Most seconds one attempt may run; then it is interrupted and retried, elsewhere if possible. Defaults to 3600 in the video pool, 600 elsewhere."`
+
+	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the scene, e.g. shenzhen; some registered node must be in it. Defaults to the job's region."`
+	PreferRegion string `json:"prefer_region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"A region whose nodes the scene goes to unless a node elsewhere finishes it markedly sooner (the dispatcher's --region-penalty, 10 s by default). Defaults to the job's prefer_region."`
 }
 
 // JobInput is the body of a job request.
@@ -100,6 +103,9 @@ type JobInput struct {
 	Priority    int          `json:"priority,omitempty" minimum:"1" maximum:"10" default:"5" doc:"1 (lowest) to 10."`
 	CallbackURL string       `json:"callback_url,omitempty" maxLength:"2048" doc:"http(s) URL that receives the finished job as a POST."`
 	Scenes      []SceneInput `json:"scenes" minItems:"1" doc:"The scenes, run in parallel."`
+
+	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the job's scenes, unless a scene names its own; some registered node must be in it."`
+	PreferRegion string `json:"prefer_region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"A region whose nodes the job's scenes go to unless a node elsewhere finishes them markedly sooner, unless a scene names its own."`
 }
 
 type createJobInput struct {
@@ -118,6 +124,8 @@ type resolved struct {
 	pool   string
 	graph  fleet.Graph
 	inputs []sceneInput
+	// region and preferRegion are the scene's, else the job's.
+	region, preferRegion string
 }
 
 // resolve checks every scene and renders its graph; errors name the offending field.
@@ -137,7 +145,8 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 	out := make([]resolved, len(body.Scenes))
 	for i, s := range body.Scenes {
 		at := fmt.Sprintf("body.scenes[%d]", i)
-		r := resolved{spec: fleet.SceneSpec{Workflow: s.Workflow, Params: s.Params, Pool: s.Pool}, pool: s.Pool}
+		r := resolved{spec: fleet.SceneSpec{Workflow: s.Workflow, Params: s.Params, Pool: s.Pool}, pool: s.Pool,
+			region: cmp.Or(s.Region, body.Region), preferRegion: cmp.Or(s.PreferRegion, body.PreferRegion)}
 		switch {
 		case s.Workflow != "" && s.Graph != nil:
 			detail(at, "give either workflow or graph, not both", nil)
@@ -212,7 +221,11 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 // dies after the commit leaves no job half-queued.
 func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey string) (job *fleet.Job, replayed bool, err error) {
 	scenes, errs := in.resolve(ctx, body)
-	if len(errs) > 0 {
+	regionErrs, err := in.checkRegions(ctx, body)
+	if err != nil {
+		return nil, false, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
+	}
+	if errs = append(errs, regionErrs...); len(errs) > 0 {
 		return nil, false, huma.Error422UnprocessableEntity("validation failed", errs...)
 	}
 	tenant := caller(ctx).Tenant
@@ -243,7 +256,8 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	for i, s := range scenes {
 		spec := s.spec
 		spec.Inputs, spec.Graph = refs[i], nil
-		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Model: fleet.Checkpoint(s.graph), Status: fleet.StatusQueued, QueuedAt: now}
+		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Model: fleet.Checkpoint(s.graph),
+			Region: s.region, PreferRegion: s.preferRegion, Status: fleet.StatusQueued, QueuedAt: now}
 	}
 	if idempotencyKey != "" {
 		existing, err := in.jobs.Record(ctx, id)
