@@ -85,11 +85,12 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 		comfy listFlag
 	)
 	name := fs.String("name", "", "executor name in node state and logs (default host-pid)")
+	region := fs.String("region", "", "region of the nodes this executor drives that name none (--comfy without region=, nodes it adopts), e.g. shenzhen; none by default")
 	var allow allowFlag
 	allow.register(fs)
 	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 	adopt := fs.Bool("adopt", false, "also drive the nodes registered through the API (PUT /v1/nodes/{id}) that no executor drives yet")
-	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
+	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W][,region=R] (repeatable)")
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -116,7 +117,7 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 		return err
 	}
 	defer stopMetrics()
-	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Adopt: *adopt, Name: *name, URLGuard: guard,
+	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Adopt: *adopt, Name: *name, Region: *region, URLGuard: guard,
 		InputTimeout: *inputTimeout, Logger: svc.log})
 }
 

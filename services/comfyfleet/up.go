@@ -40,7 +40,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		rates     rateFlags
 		logs      logFlags
 	)
-	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
+	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W][,region=R] (repeatable)")
 	fs.Var(&allow, "allow-callback", "internal addresses or CIDR prefixes that callback URLs may reach (repeatable; default loopback)")
 	settings.register(fs)
 	rates.register(fs, true)

@@ -60,7 +60,7 @@ func newNode(cfg fleet.NodeConfig, client *comfy.Client, executor string) *node 
 		down:   closedChan(),
 		runs:   map[string]*nodeRun{},
 		status: fleet.NodeStatus{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Executor: executor, State: fleet.NodeOffline,
-			Workflows: map[string]float64{}},
+			Workflows: map[string]float64{}, Region: cfg.Region},
 	}
 }
 

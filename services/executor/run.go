@@ -28,6 +28,8 @@ type scene struct {
 	Graph   fleet.Graph
 	Inputs  []fleet.Input
 	Timeout time.Duration
+	// delivered is when its work message reached the executor.
+	delivered time.Time
 }
 
 // errPayloadMissing is the error of a scene whose payload is not in the store: its
@@ -71,6 +73,7 @@ func (e *executor) handler(n *node) fleet.Handler {
 }
 
 func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.Ticket, delivered int) error {
+	received := time.Now()
 	attempt := t.Attempt(delivered)
 	stopKeepAlive := e.keepAlive(msg)
 	defer stopKeepAlive()
@@ -104,6 +107,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 	if err != nil {
 		return err
 	}
+	item.delivered = received
 	stopWatch := e.watch(runCtx, cancel, n, item)
 	defer stopWatch()
 	event := func(typ fleet.EventType) fleet.SceneEvent {
