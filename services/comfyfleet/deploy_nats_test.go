@@ -136,6 +136,9 @@ func TestNATSConfigsLoadAndShareTheirPermissions(t *testing.T) {
 	if hub.ServerName != "nats-0" || hub.LeafNode.Port != 7422 || hub.HTTPPort != 8222 || hub.StoreDir == "" {
 		t.Errorf("hub.conf: server name %q, leaf port %d, monitoring port %d, store %q", hub.ServerName, hub.LeafNode.Port, hub.HTTPPort, hub.StoreDir)
 	}
+	if !hub.LeafNode.NoAdvertise {
+		t.Error("hub.conf: the leaf-node listener advertises the servers' own addresses to the regions; they dial the hub's public name only (no_advertise)")
+	}
 	if hub.JetStreamDomain != "hub" {
 		t.Errorf("hub.conf: JetStream domain %q; the leaf nodes map their JetStream API to the domain hub", hub.JetStreamDomain)
 	}
