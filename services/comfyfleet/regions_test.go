@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -93,8 +94,17 @@ func TestRegionsJoinedByLeafNodes(t *testing.T) {
 			t.Errorf("scene %d requires %s and ran on %s, in %q", s.Index, s.Region, s.Node, f.regionOf[s.Node])
 		}
 	}
-	setup := f.setupSeconds(t)
-	t.Logf("setup time measured per node (s): %v", setup)
+	var setup, took map[string]float64
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		setup, took = f.nodeFigures(t)
+		for _, s := range took {
+			if s == 0 {
+				return false
+			}
+		}
+		return len(took) == len(f.regionOf)
+	}, "not every node reported the duration of its scene: %v", took)
+	t.Logf("setup time measured per node (s): %v; duration of a scene of 0.1 s of sampling (s): %v", setup, took)
 	for _, id := range append(regionNodes["shenzhen"], regionNodes["beijing"]...) {
 		for _, near := range regionNodes[hubRegion] {
 			if setup[id] <= setup[near] {
@@ -477,25 +487,28 @@ func (f *regionFleet) awaitJob(t *testing.T, id string, within time.Duration) ap
 	return job
 }
 
-// setupSeconds returns every node's setup time as GET /v1/nodes shows it.
-func (f *regionFleet) setupSeconds(t *testing.T) map[string]float64 {
+// nodeFigures returns every node's setup time and its measured scene duration, in
+// seconds to the millisecond, as GET /v1/nodes shows them.
+func (f *regionFleet) nodeFigures(t *testing.T) (setup, took map[string]float64) {
 	t.Helper()
 	var list struct {
 		Nodes []struct {
 			ID     string `json:"id"`
 			Health struct {
-				SetupSeconds float64 `json:"setup_seconds"`
+				SetupSeconds    float64 `json:"setup_seconds"`
+				SecondsPerScene float64 `json:"seconds_per_scene"`
 			} `json:"health"`
 		} `json:"nodes"`
 	}
 	if status := f.call(t, http.MethodGet, "/v1/nodes", nil, &list); status != http.StatusOK {
 		t.Fatalf("GET /v1/nodes: %d", status)
 	}
-	out := map[string]float64{}
+	ms := func(s float64) float64 { return math.Round(s*1000) / 1000 }
+	setup, took = map[string]float64{}, map[string]float64{}
 	for _, n := range list.Nodes {
-		out[n.ID] = float64(time.Duration(n.Health.SetupSeconds*float64(time.Second)).Round(time.Millisecond).Milliseconds()) / 1000
+		setup[n.ID], took[n.ID] = ms(n.Health.SetupSeconds), ms(n.Health.SecondsPerScene)
 	}
-	return out
+	return setup, took
 }
 
 // checkOnce checks that every job's scenes completed once each and that every job
