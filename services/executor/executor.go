@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -75,6 +76,8 @@ func (c *Config) fill() error {
 	if c.Region != "" && !fleet.ValidToken(c.Region) {
 		return fmt.Errorf("executor: region %q: use letters, digits, '-' and '_'", c.Region)
 	}
+	// Filled in with the region below, so the caller's slice stays as it was.
+	c.Nodes = slices.Clone(c.Nodes)
 	seen := map[string]bool{}
 	for i, n := range c.Nodes {
 		if n.Region == "" {
