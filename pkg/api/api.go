@@ -3,6 +3,7 @@
 package api
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"strings"
@@ -34,6 +35,7 @@ type Scene struct {
 	TimeoutS   int             `json:"timeout_s,omitempty" doc:"Most seconds one attempt may run."`
 	Progress   *fleet.Progress `json:"progress,omitempty" doc:"Sampler progress of the running attempt."`
 	Error      string          `json:"error,omitempty"`
+	WaitingFor string          `json:"waiting_for,omitempty" doc:"Why a queued scene cannot start now when no node taking scenes (online, not drained) can run it: no node serves its pool, none is online, or those online lack what it needs, e.g. no online node in pool image has checkpoint x.safetensors (the nodes that have it are offline or drained). Absent when it only waits for a free node."`
 	Failures   []fleet.Attempt `json:"failures,omitempty" doc:"Every failed attempt: node and error."`
 	Outputs    []Output        `json:"outputs,omitempty"`
 	QueuedAt   time.Time       `json:"queued_at"`
@@ -50,7 +52,7 @@ type Output struct {
 	ContentType string `json:"content_type"`
 	Size        int64  `json:"size"`
 	Kind        string `json:"kind,omitempty" doc:"ComfyUI output kind: images, gifs, audio, …"`
-	URL         string `json:"url" doc:"Download URL."`
+	URL         string `json:"url" doc:"Download URL: the API's, or, when outputs go to an S3-compatible store, a presigned URL of the store valid for a limited time (an hour by default; read the job again for a fresh one)."`
 }
 
 // JobPath is the API path of a job.
@@ -104,6 +106,31 @@ func FromJob(j *fleet.Job, baseURL string) Job {
 		out.Scenes[i] = v
 	}
 	return out
+}
+
+// Presigner gives a time-limited URL that downloads a stored output without the API,
+// or "" when only the API serves it; outputs.Store is one.
+type Presigner interface {
+	URL(ctx context.Context, key string, ttl time.Duration) (string, error)
+}
+
+// Presign replaces the download URL of each output of j by the URL p gives for it,
+// valid for ttl, where p gives one.
+func Presign(ctx context.Context, j *Job, p Presigner, ttl time.Duration) error {
+	for i := range j.Scenes {
+		s := &j.Scenes[i]
+		for k := range s.Outputs {
+			o := &s.Outputs[k]
+			u, err := p.URL(ctx, fleet.OutputKey(j.ID, s.Index, o.Name), ttl)
+			if err != nil {
+				return fmt.Errorf("link output %s of scene %d of job %s: %w", o.Name, s.Index, j.ID, err)
+			}
+			if u != "" {
+				o.URL = u
+			}
+		}
+	}
+	return nil
 }
 
 // Webhook is the body POSTed to a job's callback URL.

@@ -203,17 +203,25 @@ func (p *Prompt) end(queueRemaining int) []Message {
 
 // executed announces each output node's files, in node order.
 func (p *Prompt) executed(outs []fleet.Output) []Message {
-	byNode := map[string]map[string][]File{}
+	nodes, byNode := Outputs(outs, p.Subfolder)
+	var out []Message
+	for _, node := range nodes {
+		out = append(out, Message{Type: "executed", Data: executed{node, node, byNode[node], p.ID}})
+	}
+	return out
+}
+
+// Outputs groups a scene's output files as ComfyUI's executed messages and history
+// show them: by graph node, then by output key ("images", "gifs", …), each file in
+// subfolder with type "output". nodes lists the nodes in order.
+func Outputs(outs []fleet.Output, subfolder string) (nodes []string, byNode map[string]map[string][]File) {
+	byNode = map[string]map[string][]File{}
 	for _, o := range outs {
 		kind := cmp.Or(o.Kind, "images")
 		if byNode[o.NodeID] == nil {
 			byNode[o.NodeID] = map[string][]File{}
 		}
-		byNode[o.NodeID][kind] = append(byNode[o.NodeID][kind], File{Filename: o.Name, Subfolder: p.Subfolder, Type: "output"})
+		byNode[o.NodeID][kind] = append(byNode[o.NodeID][kind], File{Filename: o.Name, Subfolder: subfolder, Type: "output"})
 	}
-	var out []Message
-	for _, node := range slices.Sorted(maps.Keys(byNode)) {
-		out = append(out, Message{Type: "executed", Data: executed{node, node, byNode[node], p.ID}})
-	}
-	return out
+	return slices.Sorted(maps.Keys(byNode)), byNode
 }

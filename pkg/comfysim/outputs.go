@@ -190,9 +190,10 @@ func encodeGIF(w, h, frames int, fps float64, c color.NRGBA) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// encodeMP4 returns a small file that starts with a valid ftyp box, which
-// is what players and clients sniff; the rest is an opaque mdat payload.
-func encodeMP4(frames int, brand string) []byte {
+// encodeMP4 returns a file that starts with a valid ftyp box, which is
+// what players and clients sniff; the rest is an opaque mdat payload of
+// frameBytes a frame.
+func encodeMP4(frames, frameBytes int, brand string) []byte {
 	var b bytes.Buffer
 	box := func(typ string, payload []byte) {
 		var n [4]byte
@@ -209,7 +210,7 @@ func encodeMP4(frames int, brand string) []byte {
 	}
 	box("ftyp", ftyp.Bytes())
 	box("free", nil)
-	payload := make([]byte, 64+16*max(frames, 1))
+	payload := make([]byte, 64+frameBytes*max(frames, 1))
 	for i := range payload {
 		payload[i] = byte(i * 31)
 	}

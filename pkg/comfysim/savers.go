@@ -167,6 +167,7 @@ func videoCombine(r *nodeRun) (nodeResult, error) {
 	}
 	fps := r.float("frame_rate")
 	w, h := fitSize(imgs.w, imgs.h, maxOutputSide)
+	frameBytes := r.e.in.s.cfg.VideoFrameBytes
 
 	var video []byte
 	switch ext {
@@ -175,11 +176,11 @@ func videoCombine(r *nodeRun) (nodeResult, error) {
 	case "webp":
 		video = encodeWebP(frames, fps)
 	case "webm":
-		video = append(append([]byte(nil), webmHeader...), encodeMP4(frames, "isom")[32:]...)
+		video = append(append([]byte(nil), webmHeader...), encodeMP4(frames, frameBytes, "isom")[32:]...)
 	case "mov":
-		video = encodeMP4(frames, "qt  ")
+		video = encodeMP4(frames, frameBytes, "qt  ")
 	default:
-		video = encodeMP4(frames, "isom")
+		video = encodeMP4(frames, frameBytes, "isom")
 	}
 	if err != nil {
 		return nodeResult{}, err

@@ -83,6 +83,10 @@ type Config struct {
 	// real server rejects an unknown class. A class the table does not have
 	// makes Start fail. Defaults to none.
 	WithoutClasses []string
+	// VideoFrameBytes is the size of each frame of the videos that
+	// VHS_VideoCombine writes as mp4, webm or mov, for outputs as large as
+	// real clips (tens of megabytes). Defaults to 16.
+	VideoFrameBytes int
 }
 
 func (c Config) withDefaults() Config {
@@ -113,6 +117,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Addr == "" {
 		c.Addr = "127.0.0.1:0"
+	}
+	if c.VideoFrameBytes <= 0 {
+		c.VideoFrameBytes = 16
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

@@ -171,6 +171,15 @@ func truncate(s string, n int) string {
 	return s[:n]
 }
 
+// PullExpiry and PullHeartbeat bound every pull of the fleet's consumers: a pull
+// request lost with the NATS server that led its consumer is noticed within a few
+// seconds, and sent again to the consumer's new leader, instead of after nats.go's
+// default 30 seconds.
+var (
+	PullExpiry    = jetstream.PullExpiry(5 * time.Second)
+	PullHeartbeat = jetstream.PullHeartbeat(time.Second)
+)
+
 // ConsumeOption tunes Consume.
 type ConsumeOption func(*consumeOptions)
 
@@ -222,7 +231,7 @@ func Consume(ctx context.Context, js jetstream.JetStream, stream string, cfg jet
 }
 
 func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog.Logger, proc *Processor, o consumeOptions) error {
-	it, err := cons.Messages(jetstream.PullMaxMessages(max(o.workers, 1)))
+	it, err := cons.Messages(jetstream.PullMaxMessages(max(o.workers, 1)), PullExpiry, PullHeartbeat)
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", cons.CachedInfo().Name, err)
 	}

@@ -2,12 +2,15 @@ package fleet_test
 
 import (
 	"context"
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestEnsureIsIdempotent(t *testing.T) {
@@ -224,4 +227,77 @@ func TestApplyCancelsWhicheverAttemptRuns(t *testing.T) {
 	if j.Apply(fleet.SceneEvent{JobID: "j", Index: 0, Type: fleet.EventCompleted, Attempt: 2, Node: "a", Time: now}) {
 		t.Fatal("a completion after the cancellation changed the scene")
 	}
+}
+
+func TestAPanickingHandlerIsLoggedAndItsMessageRetried(t *testing.T) {
+	t.Parallel()
+	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var logs lockedBuffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	handled := make(chan uint64, 4)
+	cfg := jetstream.ConsumerConfig{Durable: "panics", AckPolicy: jetstream.AckExplicitPolicy, AckWait: 5 * time.Second}
+	done := make(chan error, 1)
+	go func() {
+		done <- fleet.Consume(ctx, js, fleet.StreamDone, cfg, log, func(_ context.Context, msg jetstream.Msg) error {
+			md, err := msg.Metadata()
+			if err != nil {
+				return err
+			}
+			if md.NumDelivered == 1 {
+				var nilMap map[string]int
+				nilMap["boom"]++ // a panic, as a bug in a handler would cause
+			}
+			handled <- md.NumDelivered
+			return nil
+		})
+	}()
+	if _, err := js.Publish(ctx, fleet.DoneSubject("j1"), []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case n := <-handled:
+		if n != 2 {
+			t.Fatalf("handled at delivery %d, want the second, after the panic", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the message was not retried after its handler panicked; logs:\n%s", logs.String())
+	}
+	for _, want := range []string{"handler panicked", "assignment to entry in nil map", "fleet_test.go"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("the log lacks %q:\n%s", want, logs.String())
+		}
+	}
+	// The process lives on: the consumer still takes messages.
+	if _, err := js.Publish(ctx, fleet.DoneSubject("j2"), []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-handled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no message handled after the panic")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// lockedBuffer is a log destination safe for concurrent writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

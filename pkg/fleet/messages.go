@@ -262,6 +262,14 @@ type NodeStatus struct {
 	Heartbeat    time.Time `json:"heartbeat"`
 }
 
+// NodeRefreshReply answers a request on NodeRefreshSubject (see RefreshNode): the inventory version
+// the node has now, and whether the read changed it; or why it could not be read.
+type NodeRefreshReply struct {
+	Version string `json:"version,omitempty"`
+	Changed bool   `json:"changed,omitempty"`
+	Error   string `json:"error,omitempty"`
+}
+
 // SubmitMsgID is the de-duplication id of job's commit on the submit stream.
 func SubmitMsgID(job string) string { return "submit." + job }
 

@@ -109,6 +109,12 @@ func (p *Publisher) SceneEvents(ctx context.Context, events []SceneEvent) error 
 	return p.Batch(ctx, msgs)
 }
 
+// Requeue puts t back in the queue, as Ticket.Requeue made it: after a failed
+// attempt, a lost node, or a hand-back. Its message id makes a repeat a no-op.
+func (p *Publisher) Requeue(ctx context.Context, t Ticket) error {
+	return p.JSON(ctx, QueueSubject(t.Pool, t.JobID, t.Index), t.PlacementID(), t)
+}
+
 // SceneEvent publishes a scene event as a CloudEvent.
 func (p *Publisher) SceneEvent(ctx context.Context, e SceneEvent) error {
 	if e.Time.IsZero() {

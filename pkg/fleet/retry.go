@@ -8,16 +8,26 @@ import (
 	"github.com/cenkalti/backoff/v4"
 )
 
-// Retry calls f until it succeeds or ctx ends, waiting longer after each failure
-// (200ms doubling to 5s) and logging each one: a service starting while NATS is down
-// or restarting waits for it instead of giving up. f marks an error that retrying
-// cannot fix with backoff.Permanent.
+// attemptTimeout bounds one attempt of Retry: a request a NATS cluster does not
+// answer yet (while it elects its JetStream leader) is sent again rather than
+// awaited for as long as the caller's context lasts.
+const attemptTimeout = 5 * time.Second
+
+// Retry calls f until it succeeds or ctx ends, each call bounded by 5s, waiting
+// longer after each failure (200ms doubling to 5s) and logging each one: a service
+// starting while NATS is down or restarting waits for it instead of giving up. f
+// marks an error that retrying cannot fix with backoff.Permanent.
 func Retry(ctx context.Context, log *slog.Logger, what string, f func(context.Context) error) error {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = 200 * time.Millisecond
 	b.MaxInterval = 5 * time.Second
 	b.MaxElapsedTime = 0
-	return backoff.RetryNotify(func() error { return f(ctx) }, backoff.WithContext(b, ctx),
+	attempt := func() error {
+		ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
+		defer cancel()
+		return f(ctx)
+	}
+	return backoff.RetryNotify(attempt, backoff.WithContext(b, ctx),
 		func(err error, next time.Duration) {
 			log.Warn(what+" failed; retrying", "in", next.Round(time.Millisecond), "err", err)
 		})

@@ -92,6 +92,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketTenants, Description: "tenants and their webhook secrets", History: 1},
 		{Bucket: BucketWorkflows, Description: "workflow templates by name", History: 5},
 		{Bucket: BucketLeases, Description: "leases electing one instance of a service", History: 1, TTL: s.LeaseTTL},
+		{Bucket: BucketComfyPrompts, Description: "prompts of the ComfyUI-compatible API and their jobs", History: 1, TTL: s.EventsMaxAge},
 	}
 	for _, cfg := range buckets {
 		cfg.Storage = s.Storage
@@ -103,6 +104,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 	stores := []jetstream.ObjectStoreConfig{
 		{Bucket: ObjectOutputs, Description: "scene outputs"},
 		{Bucket: ObjectInputs, Description: "input images of scenes"},
+		{Bucket: ObjectNodeInfo, Description: "each node's /object_info, as its executor read it last"},
 	}
 	for _, cfg := range stores {
 		cfg.Storage = s.Storage

@@ -54,21 +54,30 @@ const (
 	// BucketWorkflows maps a workflow template's name to its JSON (pkg/workflow's
 	// Template). Every intake mirrors it, so all of them offer the same versions.
 	BucketWorkflows = "fleet_workflows"
+	// BucketComfyPrompts maps the prompts sent to the ComfyUI-compatible API to
+	// their jobs: "p.<tenant>.<key>" holds a prompt's record, "q.<tenant>.<key>"
+	// marks it as waiting or running until a reader sees it ended (see
+	// services/intake/comfydoor).
+	BucketComfyPrompts = "fleet_comfy_prompts"
 	// ObjectOutputs stores scene outputs under OutputKey names.
 	ObjectOutputs = "fleet_outputs"
 	// ObjectInputs stores the input images that clients send with their scenes, under
 	// InputKey names, until an executor uploads them to the node that runs the scene.
 	ObjectInputs = "fleet_inputs"
+	// ObjectNodeInfo maps a node id to the /object_info answer (JSON) its executor
+	// read last: what BucketInventory holds in compact form, whole.
+	ObjectNodeInfo = "fleet_object_info"
 )
 
 // Subject prefixes.
 const (
-	submitPrefix = "fleet.submit"
-	scenePrefix  = "fleet.scene"
-	queuePrefix  = "fleet.queue"
-	workPrefix   = "fleet.work"
-	eventPrefix  = "fleet.evt"
-	donePrefix   = "fleet.done"
+	submitPrefix    = "fleet.submit"
+	scenePrefix     = "fleet.scene"
+	queuePrefix     = "fleet.queue"
+	workPrefix      = "fleet.work"
+	eventPrefix     = "fleet.evt"
+	donePrefix      = "fleet.done"
+	heartbeatPrefix = "fleet.node.hb"
 )
 
 // Kinds of submit commands, the third token of their subjects.
@@ -158,6 +167,26 @@ func OutputKey(job string, index int, name string) string {
 // index of job.
 func InputKey(job string, index int, param string) string {
 	return fmt.Sprintf("%s/%d/%s", job, index, param)
+}
+
+// HeartbeatSubject is the core NATS subject on which an executor reports a node's
+// state as it puts it in BucketNodes: core messages keep flowing through a NATS
+// server's death, while a watch of the bucket may stall a few seconds.
+func HeartbeatSubject(node string) string { return heartbeatPrefix + "." + node }
+
+// HeartbeatFilter matches every node's heartbeats.
+const HeartbeatFilter = heartbeatPrefix + ".*"
+
+// ExecutorAliveSubject is where executor answers, while it runs, a request asking
+// whether it lives. A request there meets "no responders" as soon as the executor's
+// connection is gone, while one that is alive but slow merely answers late.
+func ExecutorAliveSubject(executor string) string {
+	return "fleet.exec.alive." + strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' {
+			return r
+		}
+		return '_'
+	}, executor)
 }
 
 // ValidToken reports whether s can stand as one token of a subject or a KV key:

@@ -333,6 +333,10 @@ func TestLacksAndCheckPool(t *testing.T) {
 			t.Errorf("%s: CheckPool = %q, want %q", tc.name, got, tc.want)
 		}
 	}
+	if err := inventory.CheckOnline("image", []*inventory.Inventory{sd15Node}, imgReq); err == nil ||
+		err.Error() != "no online node in pool image has checkpoint sd_xl_base_1.0.safetensors" {
+		t.Errorf("CheckOnline = %v, want it to say no online node has the checkpoint", err)
+	}
 }
 
 func TestField(t *testing.T) {

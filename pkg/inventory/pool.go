@@ -37,6 +37,18 @@ func (e *UnrunnableError) Error() string {
 // need is met somewhere but never all on one node, what the closest node lacks
 // ("… has checkpoint x.safetensors together with everything else the graph needs").
 func CheckPool(pool string, invs []*Inventory, req *Requirements) error {
+	return check(pool, "node", invs, req)
+}
+
+// CheckOnline is CheckPool over the inventories of the pool's nodes that take scenes
+// now, for telling why a scene waits: its messages say "no online node in pool image
+// has checkpoint x.safetensors".
+func CheckOnline(pool string, invs []*Inventory, req *Requirements) error {
+	return check(pool, "online node", invs, req)
+}
+
+// check is CheckPool, the nodes named noun in messages.
+func check(pool, noun string, invs []*Inventory, req *Requirements) error {
 	if len(invs) == 0 || req == nil {
 		return nil
 	}
@@ -63,12 +75,12 @@ func CheckPool(pool string, invs []*Inventory, req *Requirements) error {
 	e := &UnrunnableError{Pool: pool}
 	if len(common) > 0 {
 		for _, m := range common {
-			e.Problems = append(e.Problems, Problem{Missing: m, Message: fmt.Sprintf("no node in pool %s has %s", pool, m)})
+			e.Problems = append(e.Problems, Problem{Missing: m, Message: fmt.Sprintf("no %s in pool %s has %s", noun, pool, m)})
 		}
 		return e
 	}
 	for _, m := range closest {
-		e.Problems = append(e.Problems, Problem{Missing: m, Message: fmt.Sprintf("no node in pool %s has %s together with everything else the graph needs", pool, m)})
+		e.Problems = append(e.Problems, Problem{Missing: m, Message: fmt.Sprintf("no %s in pool %s has %s together with everything else the graph needs", noun, pool, m)})
 	}
 	return e
 }

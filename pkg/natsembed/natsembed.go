@@ -5,6 +5,9 @@ package natsembed
 import (
 	"cmp"
 	"fmt"
+	"net"
+	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -16,8 +19,7 @@ type Config struct {
 	// ConfigFile, if set, is a nats-server configuration file (such as those of
 	// deploy/nats) that the server runs as it says, reading its $VARIABLES from the
 	// environment: JetStream, cluster, leaf nodes, users and permissions are the
-	// file's. Host, Port, Dir, Sync and the ports below then override the file only
-	// where they are set.
+	// file's. The other fields then override the file only where they are set.
 	ConfigFile string
 	// Dir is where JetStream keeps its file store. Required without ConfigFile.
 	Dir string
@@ -29,11 +31,18 @@ type Config struct {
 	// acknowledged is lost on power failure, slower), or a duration such as "2m" (the
 	// nats-server default) or "1s". Defaults to "2m".
 	Sync string
-	// MonitorPort, ClusterPort and LeafPort, when not zero, are the listen ports of
-	// the monitoring endpoint (/healthz, /varz), of the cluster's routes and of leaf
-	// nodes instead of ConfigFile's; -1 picks a free one (not for a cluster whose
-	// routes name its port). Without ConfigFile only MonitorPort applies.
-	MonitorPort, ClusterPort, LeafPort int
+	// Name is the server's name, unique in a cluster. Defaults to "comfyfleet".
+	Name string
+	// Cluster is the host:port where the server listens for the other servers of its
+	// cluster; empty runs it alone. Routes are those servers' cluster URLs
+	// (nats://host:port), and ClusterName the cluster's name (default "comfyfleet").
+	Cluster     string
+	Routes      []string
+	ClusterName string
+	// MonitorPort, when not zero, is the port of the monitoring endpoint (/healthz,
+	// /varz), and LeafPort, with ConfigFile, the port leaf nodes connect to instead of
+	// the file's; -1 picks a free one.
+	MonitorPort, LeafPort int
 	// Log turns the server's own log on.
 	Log bool
 	// StartTimeout bounds the wait for the server to accept connections. Defaults to 10s.
@@ -46,14 +55,14 @@ func Start(cfg Config) (*server.Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.MonitorPort != 0 {
-		opts.HTTPPort = cfg.MonitorPort
-		if opts.HTTPHost == "" {
-			opts.HTTPHost = opts.Host
-		}
-	}
 	opts.NoSigs, opts.NoLog = true, !cfg.Log
+	if cfg.MonitorPort != 0 {
+		opts.HTTPHost, opts.HTTPPort = cmp.Or(opts.HTTPHost, opts.Host), cfg.MonitorPort
+	}
 	if err := applySync(opts, cfg.Sync); err != nil {
+		return nil, err
+	}
+	if err := applyCluster(opts, cfg); err != nil {
 		return nil, err
 	}
 	timeout := cfg.StartTimeout
@@ -75,31 +84,26 @@ func Start(cfg Config) (*server.Server, error) {
 	return s, nil
 }
 
-// options are the server's options: ConfigFile's with cfg's overrides, or a single
-// JetStream server.
+// options are ConfigFile's options with cfg's overrides, or those of a server with
+// JetStream that runs alone unless cfg names a cluster.
 func options(cfg Config) (*server.Options, error) {
 	if cfg.ConfigFile == "" {
 		if cfg.Dir == "" {
 			return nil, fmt.Errorf("embedded nats: a store directory is required")
 		}
-		opts := &server.Options{ServerName: "comfyfleet", Host: cmp.Or(cfg.Host, "127.0.0.1"), Port: cmp.Or(cfg.Port, 4222),
-			JetStream: true, StoreDir: cfg.Dir}
-		return opts, nil
+		return &server.Options{ServerName: cmp.Or(cfg.Name, "comfyfleet"), Host: cmp.Or(cfg.Host, "127.0.0.1"),
+			Port: cmp.Or(cfg.Port, 4222), JetStream: true, StoreDir: cfg.Dir}, nil
 	}
 	opts, err := server.ProcessConfigFile(cfg.ConfigFile)
 	if err != nil {
 		return nil, fmt.Errorf("embedded nats: %w", err)
 	}
+	opts.ServerName = cmp.Or(cfg.Name, opts.ServerName)
 	opts.Host = cmp.Or(cfg.Host, opts.Host)
 	opts.Port = cmp.Or(cfg.Port, opts.Port)
 	opts.StoreDir = cmp.Or(cfg.Dir, opts.StoreDir)
-	if cfg.ClusterPort != 0 {
-		opts.Cluster.Port = cfg.ClusterPort
-		opts.Cluster.Host = cmp.Or(opts.Cluster.Host, opts.Host)
-	}
 	if cfg.LeafPort != 0 {
-		opts.LeafNode.Port = cfg.LeafPort
-		opts.LeafNode.Host = cmp.Or(opts.LeafNode.Host, opts.Host)
+		opts.LeafNode.Host, opts.LeafNode.Port = cmp.Or(opts.LeafNode.Host, opts.Host), cfg.LeafPort
 	}
 	return opts, nil
 }
@@ -123,5 +127,39 @@ func applySync(opts *server.Options, sync string) error {
 		return fmt.Errorf("embedded nats: sync %q is neither \"always\" nor a positive duration", sync)
 	}
 	opts.SyncInterval = d
+	return nil
+}
+
+// applyCluster joins the server to the cluster cfg names, or moves the cluster of
+// its configuration file: Cluster is its listen address, Routes replace the file's
+// routes, ClusterName its name (default "comfyfleet").
+func applyCluster(opts *server.Options, cfg Config) error {
+	if cfg.Cluster != "" {
+		host, port, err := net.SplitHostPort(cfg.Cluster)
+		if err != nil {
+			return fmt.Errorf("embedded nats: cluster address %q: %w", cfg.Cluster, err)
+		}
+		opts.Cluster.Host = host
+		if opts.Cluster.Port, err = strconv.Atoi(port); err != nil {
+			return fmt.Errorf("embedded nats: cluster port %q: %w", port, err)
+		}
+	}
+	if opts.Cluster.Port == 0 {
+		if len(cfg.Routes) > 0 {
+			return fmt.Errorf("embedded nats: routes given without a cluster listen address")
+		}
+		return nil
+	}
+	opts.Cluster.Name = cmp.Or(cfg.ClusterName, opts.Cluster.Name, "comfyfleet")
+	if len(cfg.Routes) > 0 {
+		opts.Routes = nil
+	}
+	for _, r := range cfg.Routes {
+		u, err := url.Parse(r)
+		if err != nil || u.Host == "" {
+			return fmt.Errorf("embedded nats: route %q: use nats://host:port", r)
+		}
+		opts.Routes = append(opts.Routes, u)
+	}
 	return nil
 }

@@ -9,17 +9,14 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/credentials"
-
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/outputs"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs/outputstest"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -108,15 +105,8 @@ func TestJetStream(t *testing.T) {
 // TestS3FromTheEnvironment configures the store as an operator would: --outputs and
 // the standard AWS variables.
 func TestS3FromTheEnvironment(t *testing.T) {
-	srv := startS3(t, "studio")
-	dir := t.TempDir()
-	for k, v := range map[string]string{
-		"AWS_ENDPOINT_URL_S3": srv.URL, "AWS_REGION": region, "AWS_ACCESS_KEY_ID": accessKey, "AWS_SECRET_ACCESS_KEY": secretKey,
-		"AWS_CONFIG_FILE": filepath.Join(dir, "config"), "AWS_SHARED_CREDENTIALS_FILE": filepath.Join(dir, "credentials"),
-		"AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "", "AWS_PROFILE": "",
-	} {
-		t.Setenv(k, v)
-	}
+	srv := outputstest.Start(t, "studio")
+	srv.Env(t)
 	s, err := outputs.Open(testContext(t), "s3://studio/renders/2026", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -124,7 +114,7 @@ func TestS3FromTheEnvironment(t *testing.T) {
 	exercise(t, s)
 
 	// The file lands in the bucket under the prefix.
-	if _, err := srv.backend.HeadObject("studio", "renders/2026/job10/0/other.png"); err != nil {
+	if _, err := srv.Backend.HeadObject("studio", "renders/2026/job10/0/other.png"); err != nil {
 		t.Errorf("no object renders/2026/job10/0/other.png in the bucket: %v", err)
 	}
 	// Its presigned URL downloads the same bytes without credentials.
@@ -167,20 +157,12 @@ func httpGet(t *testing.T, u string) (int, []byte) {
 	return resp.StatusCode, b
 }
 
-func awsConfig(endpoint, secret string) *aws.Config {
-	return &aws.Config{
-		Region:       region,
-		BaseEndpoint: aws.String(endpoint),
-		Credentials:  credentials.NewStaticCredentialsProvider(accessKey, secret, ""),
-	}
-}
-
 func TestS3MultipartVideoArrivesWhole(t *testing.T) {
 	t.Parallel()
-	srv := startS3(t, "studio")
+	srv := outputstest.Start(t, "studio")
 	const partSize = 5 << 20
 	s, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "studio", Prefix: "/videos/", PartSize: partSize, Concurrency: 2,
-		AWS: awsConfig(srv.URL, secretKey)})
+		AWS: srv.AWSConfig(outputstest.SecretKey)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,8 +180,8 @@ func TestS3MultipartVideoArrivesWhole(t *testing.T) {
 	if obj.Size != int64(len(video)) {
 		t.Errorf("stored %d bytes, want %d", obj.Size, len(video))
 	}
-	started := srv.count(func(r string) bool { return strings.HasPrefix(r, "POST ") && strings.Contains(r, "?uploads") })
-	parts := srv.count(func(r string) bool { return strings.HasPrefix(r, "PUT ") && strings.Contains(r, "partNumber=") })
+	started := srv.Count(func(r string) bool { return strings.HasPrefix(r, "POST ") && strings.Contains(r, "?uploads") })
+	parts := srv.Count(func(r string) bool { return strings.HasPrefix(r, "PUT ") && strings.Contains(r, "partNumber=") })
 	if started != 1 || parts != 5 {
 		t.Errorf("%d multipart uploads with %d parts, want 1 with 5 parts of at most 5 MiB", started, parts)
 	}
@@ -211,15 +193,15 @@ func TestS3MultipartVideoArrivesWhole(t *testing.T) {
 	if code != http.StatusOK || sha256.Sum256(body) != sha256.Sum256(video) {
 		t.Errorf("GET presigned URL: %d, %d bytes; want the %d bytes put", code, len(body), len(video))
 	}
-	if _, err := srv.backend.HeadObject("studio", "videos/job2/0/clip_00001.mp4"); err != nil {
+	if _, err := srv.Backend.HeadObject("studio", "videos/job2/0/clip_00001.mp4"); err != nil {
 		t.Errorf("not under the prefix: %v", err)
 	}
 }
 
 func TestS3RefusesWrongCredentialsAndBadSpecs(t *testing.T) {
 	t.Parallel()
-	srv := startS3(t, "studio")
-	s, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "studio", AWS: awsConfig(srv.URL, "not the secret")})
+	srv := outputstest.Start(t, "studio")
+	s, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "studio", AWS: srv.AWSConfig("not the secret")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +213,7 @@ func TestS3RefusesWrongCredentialsAndBadSpecs(t *testing.T) {
 			t.Errorf("Open(%q) accepted it", spec)
 		}
 	}
-	if _, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "b", PartSize: 1 << 20, AWS: awsConfig(srv.URL, secretKey)}); err == nil {
+	if _, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "b", PartSize: 1 << 20, AWS: srv.AWSConfig(outputstest.SecretKey)}); err == nil {
 		t.Errorf("NewS3 accepted parts of 1 MiB")
 	}
 }

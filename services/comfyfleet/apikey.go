@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"text/tabwriter"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -69,11 +70,18 @@ func runAPIKey(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return fmt.Errorf("jetstream: %w", err)
 	}
-	if err := fleet.Ensure(ctx, js, svc.settings); err != nil {
+	// A NATS cluster just started elects its JetStream leader first: wait for it, a
+	// minute at most.
+	wait, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	var store *tenancy.Store
+	if err := fleet.Retry(wait, svc.log, "reach JetStream", func(ctx context.Context) error {
+		if err := fleet.Ensure(ctx, js, svc.settings); err != nil {
+			return err
+		}
+		store, err = tenancy.Open(ctx, js)
 		return err
-	}
-	store, err := tenancy.Open(ctx, js)
-	if err != nil {
+	}); err != nil {
 		return err
 	}
 	return run(store)

@@ -36,6 +36,9 @@ type benchFleet struct {
 	sims     []*comfysim.Server
 	nodes    []fleet.NodeConfig
 	keep     bool
+	// executorOf names the executor process driving each node.
+	executorOf map[string]string
+	opts       benchFleetOptions
 }
 
 // benchFleetOptions shape a benchFleet.
@@ -50,6 +53,9 @@ type benchFleetOptions struct {
 	Settings fleet.Settings
 	// Profile serves pprof profiles from every service, on ports it reports.
 	Profile bool
+	// Metrics serves Prometheus metrics from the dispatchers, executors and
+	// notifiers, on ports it reports.
+	Metrics bool
 	// Keep leaves the fleet's directory (its NATS store and every process's log)
 	// when it stops.
 	Keep bool
@@ -61,6 +67,8 @@ type benchProc struct {
 	args  []string
 	cmd   *exec.Cmd
 	pprof string
+	// metrics is where the process serves its Prometheus metrics, if it does.
+	metrics string
 	// exited is closed once the process has exited.
 	exited chan struct{}
 }
@@ -74,7 +82,7 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
-	f := &benchFleet{bin: bin, dir: dir, keep: o.Keep}
+	f := &benchFleet{bin: bin, dir: dir, keep: o.Keep, executorOf: map[string]string{}, opts: o}
 	defer func() {
 		if err != nil {
 			f.stop()
@@ -113,25 +121,8 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 			return nil, err
 		}
 	}
-	quiet := slog.New(slog.DiscardHandler)
-	executors := make([][]string, max(o.Executors, 1))
-	for i, sc := range o.Nodes {
-		sc.Logger = quiet
-		sim, err := comfysim.Start(sc)
-		if err != nil {
-			return nil, fmt.Errorf("bench: simulated node %s: %w", sc.Name, err)
-		}
-		f.sims = append(f.sims, sim)
-		n := fleet.NodeConfig{ID: sc.Name, URL: sim.URL(), Pools: []string{"image", "video"}, Weight: max(sc.Speed, 1)}
-		f.nodes = append(f.nodes, n)
-		e := i % len(executors)
-		executors[e] = append(executors[e], "--comfy", fmt.Sprintf("%s,id=%s,pool=image+video,weight=%g", n.URL, n.ID, n.Weight))
-	}
-	for i, nodes := range executors {
-		args := append(append([]string{"executor", "--name", fmt.Sprintf("executor-%d", i+1)}, f.common...), nodes...)
-		if _, err := f.startService(fmt.Sprintf("executor-%d", i+1), o.Profile, args...); err != nil {
-			return nil, err
-		}
+	if err := f.startNodes(o.Nodes, o.Executors); err != nil {
+		return nil, err
 	}
 	if err := f.awaitReady(ctx); err != nil {
 		return nil, err
@@ -139,10 +130,53 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 	return f, nil
 }
 
+// startNodes starts simulated nodes in this process and executor processes to drive
+// them, the nodes shared out among them in turn.
+func (f *benchFleet) startNodes(nodes []comfysim.Config, executors int) error {
+	if len(nodes) == 0 {
+		return nil
+	}
+	quiet := slog.New(slog.DiscardHandler)
+	args := make([][]string, max(executors, 1))
+	first := len(f.executorNames())
+	for i, sc := range nodes {
+		sc.Logger = quiet
+		sim, err := comfysim.Start(sc)
+		if err != nil {
+			return fmt.Errorf("bench: simulated node %s: %w", sc.Name, err)
+		}
+		f.sims = append(f.sims, sim)
+		n := fleet.NodeConfig{ID: sc.Name, URL: sim.URL(), Pools: []string{"image", "video"}, Weight: max(sc.Speed, 1)}
+		f.nodes = append(f.nodes, n)
+		e := i % len(args)
+		args[e] = append(args[e], "--comfy", fmt.Sprintf("%s,id=%s,pool=image+video,weight=%g", n.URL, n.ID, n.Weight))
+		f.executorOf[n.ID] = fmt.Sprintf("executor-%d", first+e+1)
+	}
+	for i, nodeArgs := range args {
+		name := fmt.Sprintf("executor-%d", first+i+1)
+		a := append(append([]string{"executor", "--name", name}, f.common...), nodeArgs...)
+		if _, err := f.startService(name, f.opts.Profile, a...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// executorNames are the executor processes started so far.
+func (f *benchFleet) executorNames() []string {
+	var out []string
+	for _, p := range f.procs {
+		if strings.HasPrefix(p.name, "executor-") {
+			out = append(out, p.name)
+		}
+	}
+	return out
+}
+
 // start starts a process of this binary with args, its output in a file of the
 // fleet's directory.
 func (f *benchFleet) start(name string, args ...string) (*benchProc, error) {
-	out, err := os.Create(filepath.Join(f.dir, name+".log"))
+	out, err := os.OpenFile(filepath.Join(f.dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
@@ -163,7 +197,7 @@ func (f *benchFleet) start(name string, args ...string) (*benchProc, error) {
 }
 
 func (f *benchFleet) startService(name string, profile bool, args ...string) (*benchProc, error) {
-	var pprofAddr string
+	var pprofAddr, metricsAddr string
 	if profile {
 		port, err := freePort()
 		if err != nil {
@@ -172,9 +206,17 @@ func (f *benchFleet) startService(name string, profile bool, args ...string) (*b
 		pprofAddr = fmt.Sprintf("127.0.0.1:%d", port)
 		args = append(args, "--pprof", pprofAddr)
 	}
+	if f.opts.Metrics && args[0] != "intake" {
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		metricsAddr = fmt.Sprintf("127.0.0.1:%d", port)
+		args = append(args, "--metrics", metricsAddr)
+	}
 	p, err := f.start(name, args...)
 	if p != nil {
-		p.pprof = pprofAddr
+		p.pprof, p.metrics = pprofAddr, metricsAddr
 	}
 	return p, err
 }
@@ -357,6 +399,22 @@ func (p *benchProc) terminate(d time.Duration) {
 func (p *benchProc) kill() {
 	_ = p.cmd.Process.Kill()
 	<-p.exited
+}
+
+// restart starts p again with the same arguments, in its place in the fleet.
+func (f *benchFleet) restart(p *benchProc) (*benchProc, error) {
+	next, err := f.start(p.name, p.args...)
+	if err != nil {
+		return nil, err
+	}
+	next.pprof = p.pprof
+	for i, q := range f.procs {
+		if q == p {
+			f.procs[i] = next
+		}
+	}
+	f.procs = f.procs[:len(f.procs)-1]
+	return next, nil
 }
 
 func freePort() (int, error) {

@@ -122,8 +122,13 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 // loadResult is what a load run measured.
 type loadResult struct {
 	acceptedIn, queuedIn, completedIn time.Duration
-	posts, jobLags                    []time.Duration
-	lost, twice                       int
+	// endedIn is when the last job's terminal event came.
+	endedIn        time.Duration
+	posts, jobLags []time.Duration
+	lost, twice    int
+	// slowest is the longest time a scene took from its queued event to its
+	// first completed event.
+	slowest time.Duration
 }
 
 // runLoad posts jobs of scenes from clients at once and waits until every job has
@@ -321,12 +326,18 @@ func (r *eventRecorder) result(start time.Time, accepted time.Duration, ids []st
 			if done[0].After(lastScene) {
 				lastScene = done[0]
 			}
+			if queued, ok := r.queued[fmt.Sprintf("%s.%d", id, i)]; ok {
+				res.slowest = max(res.slowest, done[0].Sub(queued))
+			}
 		}
 		if lastScene.After(lastDone) {
 			lastDone = lastScene
 		}
-		if end, ok := r.jobs[id]; ok && !lastScene.IsZero() {
-			res.jobLags = append(res.jobLags, end.Sub(lastScene))
+		if end, ok := r.jobs[id]; ok {
+			res.endedIn = max(res.endedIn, end.Sub(start))
+			if !lastScene.IsZero() {
+				res.jobLags = append(res.jobLags, end.Sub(lastScene))
+			}
 		}
 	}
 	res.queuedIn, res.completedIn = lastQueued.Sub(start), lastDone.Sub(start)

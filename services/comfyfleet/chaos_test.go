@@ -151,23 +151,65 @@ func (h *hookLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// TestChaos pushes scenes through a fleet of separate processes while SIGKILLing
-// executors, simulated nodes, the dispatcher, the notifier, the intake and NATS
-// itself at random, and checks that nothing was lost or reported twice. The long
-// run: go test ./services/comfyfleet -run Chaos -v -chaos.scenes 3000 -chaos.deadline 20m
+// TestChaos pushes scenes through a fleet of separate processes — a three-server NATS
+// cluster with every stream in three copies, two intakes, two dispatchers, two
+// notifiers, two executors driving two simulated nodes each — while SIGKILLing one
+// of them at random every second (each comes back after a moment), and checks that
+// nothing was lost or reported twice. The long run: see CONTRIBUTING.md.
 func TestChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos takes a minute")
 	}
+	runChaos(t, chaosOptions{scenes: *chaosScenes, every: *chaosEvery,
+		kinds: []string{"executor", "simulated node", "dispatcher", "notifier", "intake", "nats"}})
+}
+
+// TestNATSClusterLosesNothingWhenItsServersDie SIGKILLs the servers of the NATS
+// cluster under load, one at a time, each back before the next goes: the services
+// reconnect on their own, nothing is lost, nothing completes twice.
+func TestNATSClusterLosesNothingWhenItsServersDie(t *testing.T) {
+	if testing.Short() {
+		t.Skip("takes half a minute")
+	}
+	runChaos(t, chaosOptions{scenes: 200, every: 4 * time.Second, kinds: []string{"nats"}, maxKills: 3})
+}
+
+// chaosOptions shape a chaos run.
+type chaosOptions struct {
+	scenes int
+	every  time.Duration
+	// kinds are the kinds of processes killed, in turn.
+	kinds []string
+	// maxKills stops the killing after that many; 0 kills until the work is done.
+	maxKills int
+}
+
+func runChaos(t *testing.T, o chaosOptions) {
 	bin := buildBinary(t)
 	started := time.Now()
 	f := &chaosFleet{t: t, bin: bin, procs: map[string]*chaosProc{}, kinds: map[string][]string{}}
-	natsPort, httpPort := testPort(t), testPort(t)
-	natsURL := fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
-	apiURL := fmt.Sprintf("http://127.0.0.1:%d", httpPort)
-	common := []string{"--nats", natsURL, "--ack-wait", "2s", "--retry-backoff", "200ms", "--max-attempts", "10", "--node-ttl", "3s", "--log-level", "warn"}
-
-	f.start("nats", "nats", regexp.MustCompile(`(listening)`), "nats", "--port", strconv.Itoa(natsPort), "--store", t.TempDir(), "--sync", "always")
+	const servers = 3
+	var natsURLs, routes []string
+	clientPorts := make([]int, servers)
+	for i := range servers {
+		clientPorts[i] = testPort(t)
+		routes = append(routes, fmt.Sprintf("nats://127.0.0.1:%d", testPort(t)))
+		natsURLs = append(natsURLs, fmt.Sprintf("nats://127.0.0.1:%d", clientPorts[i]))
+	}
+	natsURL := strings.Join(natsURLs, ",")
+	common := []string{"--nats", natsURL, "--replicas", strconv.Itoa(servers), "--ack-wait", "2s", "--retry-backoff", "200ms",
+		"--max-attempts", "10", "--node-ttl", "3s", "--log-level", "warn"}
+	for i := range servers {
+		var others []string
+		for j, r := range routes {
+			if j != i {
+				others = append(others, "--routes", r)
+			}
+		}
+		cluster := strings.TrimPrefix(routes[i], "nats://")
+		f.start("nats", fmt.Sprintf("nats-%d", i+1), regexp.MustCompile(`(listening)`), append([]string{"nats", "--name", fmt.Sprintf("n%d", i+1),
+			"--port", strconv.Itoa(clientPorts[i]), "--cluster", cluster, "--store", t.TempDir(), "--sync", "always"}, others...)...)
+	}
 	keyRe := regexp.MustCompile(`^\s+(cf_\S+)$`)
 	keyProc := startProc(t, bin, "apikey", append([]string{"apikey", "create", "--tenant", "chaos", "--role", "submit"}, common...)...)
 	key := keyProc.await(t, keyRe)
@@ -181,31 +223,39 @@ func TestChaos(t *testing.T) {
 		comfyArgs[i%2] = append(comfyArgs[i%2], "--comfy", fmt.Sprintf("http://127.0.0.1:%d,id=%s,pool=image", port, name))
 	}
 	hooks := &hookLog{ids: map[string]map[string]bool{}, count: map[string]int{}, final: map[string]string{},
-		finished: make(chan struct{}), want: *chaosScenes / chaosScenesPerJob}
+		finished: make(chan struct{}), want: o.scenes / chaosScenesPerJob}
 	receiver := httptest.NewServer(hooks)
 	defer receiver.Close()
 
-	f.start("intake", "intake", nil, append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", httpPort), "--allow-callback", "127.0.0.1", "--rate-submit", "0", "--rate-read", "0"}, common...)...)
-	f.start("dispatcher", "dispatcher", nil, append([]string{"dispatcher"}, common...)...)
-	f.start("notifier", "notifier", nil, append([]string{"notifier", "--public-url", apiURL, "--allow-callback", "127.0.0.1"}, common...)...)
+	var apiURLs []string
+	for i := range 2 {
+		port := testPort(t)
+		apiURLs = append(apiURLs, fmt.Sprintf("http://127.0.0.1:%d", port))
+		f.start("intake", fmt.Sprintf("intake-%d", i), nil, append([]string{"intake", "--http", fmt.Sprintf("127.0.0.1:%d", port),
+			"--allow-callback", "127.0.0.1", "--rate-submit", "0", "--rate-read", "0"}, common...)...)
+	}
+	for i := range 2 {
+		f.start("dispatcher", fmt.Sprintf("dispatcher-%d", i), nil, append([]string{"dispatcher", "--name", fmt.Sprintf("dispatcher-%d", i)}, common...)...)
+		f.start("notifier", fmt.Sprintf("notifier-%d", i), nil, append([]string{"notifier", "--public-url", apiURLs[i], "--allow-callback", "127.0.0.1"}, common...)...)
+	}
 	for i := range 2 {
 		f.start("executor", fmt.Sprintf("executor-%d", i), nil, append(append([]string{"executor", "--name", fmt.Sprintf("ex%d", i)}, common...), comfyArgs[i]...)...)
 	}
 
-	completions := newCompletionWatch(t, natsURL)
+	completions := newCompletionWatch(t, natsURL, servers)
 	ctx, cancel := context.WithTimeout(context.Background(), *chaosDeadline)
 	defer cancel()
 	var jobs []string
 	submitted := make(chan struct{})
-	go func() { defer close(submitted); jobs = submitAll(ctx, t, apiURL, key, receiver.URL, hooks.want) }()
+	go func() { defer close(submitted); jobs = submitAll(ctx, t, apiURLs, key, receiver.URL, hooks.want) }()
 
-	// Kill something every chaos.every until every job has called back.
-	kinds := []string{"executor", "simulated node", "dispatcher", "notifier", "intake", "nats"}
+	// Kill something every o.every until every job has called back.
+	kinds := o.kinds
 	kills := map[string]int{}
 	var longest time.Duration
 	rng := rand.New(rand.NewPCG(1, uint64(time.Now().UnixNano())))
 	order := rng.Perm(len(kinds))
-	tick := time.NewTicker(*chaosEvery)
+	tick := time.NewTicker(o.every)
 	defer tick.Stop()
 	for n := 0; ; n++ {
 		select {
@@ -217,19 +267,26 @@ func TestChaos(t *testing.T) {
 					t.Logf("a job was never accepted")
 					continue
 				}
-				if job := getJobWithKey(t, apiURL, key, id); job.Status != "succeeded" {
+				if job := getJobWithKey(t, apiURLs, key, id); job.Status != "succeeded" {
 					b, _ := json.MarshalIndent(job, "", " ")
 					t.Logf("unfinished job: %s", b)
 				}
 			}
 			t.Fatalf("after %s: %d of %d jobs called back succeeded; kills %v", *chaosDeadline, hooks.succeeded(), hooks.want, kills)
 		case <-tick.C:
+			if o.maxKills > 0 && n >= o.maxKills {
+				continue
+			}
 			kind := kinds[order[n%len(kinds)]]
 			if n%len(kinds) == len(kinds)-1 {
 				order = rng.Perm(len(kinds))
 			}
 			names := f.kinds[kind]
 			victim := names[rng.IntN(len(names))]
+			if o.maxKills > 0 {
+				// Each in turn, so that every one dies once.
+				victim = names[n%len(names)]
+			}
 			restart := f.kill(victim)
 			kills[kind]++
 			killedAt := time.Now()
@@ -272,7 +329,7 @@ func TestChaos(t *testing.T) {
 	byPrompt := map[string]attemptOf{}
 	recorded := map[string]int{}
 	for _, id := range jobs {
-		job := getJobWithKey(t, apiURL, key, id)
+		job := getJobWithKey(t, apiURLs, key, id)
 		if job.Status != "succeeded" {
 			t.Errorf("job %s: %s", id, job.Status)
 		}
@@ -308,20 +365,21 @@ func TestChaos(t *testing.T) {
 			t.Errorf("scene %s rendered %d times in %d deliveries, with %d NATS crashes to explain more", scene, r, deliveries[scene], kills["nats"])
 		}
 	}
+	completions.drain(t)
 	stored := completions.stored(t)
-	if stored != *chaosScenes {
-		t.Errorf("%d completion events stored, want exactly %d", stored, *chaosScenes)
+	if stored != o.scenes {
+		t.Errorf("%d completion events stored, want exactly %d", stored, o.scenes)
 	}
 	unique, dupes := completions.counts()
-	if unique != *chaosScenes {
-		t.Errorf("the subscriber saw %d distinct completions, want %d", unique, *chaosScenes)
+	if unique != o.scenes {
+		t.Errorf("the subscriber saw %d distinct completions, want %d", unique, o.scenes)
 	}
 	webhookDupes := 0
 	for _, n := range webhookCount {
 		webhookDupes += n - 1
 	}
 	t.Logf("chaos: %d scenes in %d jobs, %s; kills %v (%d); %d redeliveries recorded, %d renders (%d beyond deliveries, after NATS crashes); duplicates suppressed: %d completion redeliveries to the subscriber, %d repeated webhooks; longest recovery %.1fs",
-		*chaosScenes, len(jobs), time.Since(started).Round(time.Second), kills, totalKills, redeliveries, renders, extraRenders, dupes, webhookDupes, longest.Seconds())
+		o.scenes, len(jobs), time.Since(started).Round(time.Second), kills, totalKills, redeliveries, renders, extraRenders, dupes, webhookDupes, longest.Seconds())
 }
 
 func (h *hookLog) succeeded() int {
@@ -336,9 +394,10 @@ func (h *hookLog) succeeded() int {
 	return n
 }
 
-// submitAll submits n jobs with Idempotency-Keys, retrying each until it is
-// accepted, as a careful client does while the intake or NATS are down.
-func submitAll(ctx context.Context, t *testing.T, apiURL, key, hook string, n int) []string {
+// submitAll submits n jobs with Idempotency-Keys to the intakes at apiURLs, trying
+// the next intake and again until each is accepted, as a careful client does while
+// an intake or NATS is down.
+func submitAll(ctx context.Context, t *testing.T, apiURLs []string, key, hook string, n int) []string {
 	t.Helper()
 	ids := make([]string, n)
 	var wg sync.WaitGroup
@@ -355,7 +414,8 @@ func submitAll(ctx context.Context, t *testing.T, apiURL, key, hook string, n in
 				scenes[i] = map[string]any{"workflow": "txt2img", "params": map[string]any{"steps": 10, "width": 64, "height": 64, "seed": j*chaosScenesPerJob + i}}
 			}
 			body, _ := json.Marshal(map[string]any{"callback_url": hook, "scenes": scenes})
-			for ctx.Err() == nil {
+			for try := j; ctx.Err() == nil; try++ {
+				apiURL := apiURLs[try%len(apiURLs)]
 				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, apiURL+"/v1/jobs", bytes.NewReader(body))
 				req.Header.Set("Content-Type", "application/json")
 				req.Header.Set("Authorization", "Bearer "+key)
@@ -392,12 +452,15 @@ func waitIDs(ctx context.Context, t *testing.T, wg *sync.WaitGroup, ids []string
 	return ids
 }
 
-func getJobWithKey(t *testing.T, apiURL, key, id string) api.Job {
+// getJobWithKey reads a job from whichever of the intakes at apiURLs answers.
+func getJobWithKey(t *testing.T, apiURLs []string, key, id string) api.Job {
 	t.Helper()
 	var job api.Job
-	// The intake may be restarting.
+	// An intake may be restarting.
+	try := 0
 	fleettest.Eventually(t, 10*time.Second, func() bool {
-		req, _ := http.NewRequest(http.MethodGet, apiURL+"/v1/jobs/"+id, nil)
+		try++
+		req, _ := http.NewRequest(http.MethodGet, apiURLs[try%len(apiURLs)]+"/v1/jobs/"+id, nil)
 		req.Header.Set("Authorization", "Bearer "+key)
 		resp, err := testClient.Do(req)
 		if err != nil {
@@ -420,7 +483,7 @@ type completionWatch struct {
 	cc   jetstream.ConsumeContext
 }
 
-func newCompletionWatch(t *testing.T, natsURL string) *completionWatch {
+func newCompletionWatch(t *testing.T, natsURL string, replicas int) *completionWatch {
 	t.Helper()
 	nc, err := nats.Connect(natsURL, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	if err != nil {
@@ -431,11 +494,12 @@ func newCompletionWatch(t *testing.T, natsURL string) *completionWatch {
 	w := &completionWatch{nc: nc, js: js, seen: map[string]int{}}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := fleet.Ensure(ctx, js, fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 200 * time.Millisecond, MaxAttempts: 10, NodeTTL: 3 * time.Second}); err != nil {
+	if err := fleet.Ensure(ctx, js, fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 200 * time.Millisecond, MaxAttempts: 10, NodeTTL: 3 * time.Second, Replicas: replicas}); err != nil {
 		t.Fatal(err)
 	}
 	cons, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamEvents, jetstream.ConsumerConfig{
 		Durable: "chaos-watch", FilterSubject: "fleet.evt.scene.*.*.completed", AckPolicy: jetstream.AckExplicitPolicy, AckWait: 5 * time.Second,
+		Replicas: replicas,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -445,15 +509,25 @@ func newCompletionWatch(t *testing.T, natsURL string) *completionWatch {
 		if json.Unmarshal(m.Data(), &ev) == nil {
 			w.mu.Lock()
 			w.seen[ev.ID]++
-			w.at = append(w.at, time.Now())
 			w.mu.Unlock()
 		}
 		_ = m.Ack()
-	})
+	}, fleet.PullExpiry, fleet.PullHeartbeat)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(w.cc.Stop)
+	// Recoveries are timed by the completions as they are published, whatever the
+	// durable consumer's own pace through a server's death.
+	live, err := nc.Subscribe("fleet.evt.scene.*.*.completed", func(*nats.Msg) {
+		w.mu.Lock()
+		w.at = append(w.at, time.Now())
+		w.mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = live.Unsubscribe() })
 	return w
 }
 
@@ -479,6 +553,39 @@ func (w *completionWatch) nextAfter(ctx context.Context, t time.Time, done <-cha
 		case <-done:
 			return 0, false
 		case <-tick.C:
+		}
+	}
+}
+
+// drain reads what the durable consumer still holds: a live consumption stopped by a
+// server's death hides nothing from the count.
+func (w *completionWatch) drain(t *testing.T) {
+	t.Helper()
+	w.cc.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cons, err := w.js.Consumer(ctx, fleet.StreamEvents, "chaos-watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		batch, err := cons.Fetch(256, jetstream.FetchMaxWait(time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := 0
+		for m := range batch.Messages() {
+			got++
+			var ev fleet.Event
+			if json.Unmarshal(m.Data(), &ev) == nil {
+				w.mu.Lock()
+				w.seen[ev.ID]++
+				w.mu.Unlock()
+			}
+			_ = m.Ack()
+		}
+		if got == 0 {
+			return
 		}
 	}
 }

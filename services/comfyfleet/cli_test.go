@@ -118,11 +118,12 @@ func TestSubmitWaitExitsNonZeroWithTheSceneError(t *testing.T) {
 	t.Parallel()
 	s := cliFleet(t, false, 2)
 	job := filepath.Join(t.TempDir(), "job.json")
-	// Scene 1 names a checkpoint no node has: ComfyUI refuses the prompt, a failure
-	// no retry cures.
+	// Scene 1's graph lacks an input: ComfyUI refuses the prompt, a failure no retry
+	// cures. (A checkpoint or class no node has is refused at submission.)
 	if err := os.WriteFile(job, []byte(`{"priority": 7, "scenes": [
 		{"workflow": "txt2img", "params": {"steps": 2, "seed": 42}},
-		{"workflow": "txt2img", "params": {"steps": 2, "checkpoint": "missing.safetensors"}}]}`), 0o600); err != nil {
+		{"graph": {"1": {"class_type": "EmptyImage", "inputs": {"height": 64, "batch_size": 1, "color": 0}},
+			"2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}}]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	stdout, stderr, err := comfyfleet(t, "submit", "--api", s.APIURL, "-f", job, "--wait")
@@ -133,7 +134,7 @@ func TestSubmitWaitExitsNonZeroWithTheSceneError(t *testing.T) {
 	if !strings.Contains(err.Error(), "1 of 2 scenes failed") {
 		t.Errorf("error %q does not count the failed scene", err)
 	}
-	if !regexp.MustCompile(`scene 1 failed: .*missing\.safetensors`).MatchString(stdout) {
+	if !regexp.MustCompile(`scene 1 failed: .*Required input is missing: width`).MatchString(stdout) {
 		t.Errorf("stdout does not give scene 1's error:\n%s", stdout)
 	}
 	if !strings.Contains(stderr, "scene 1: failed: ") {

@@ -117,8 +117,18 @@ func TestNATSConfigsLoadAndShareTheirPermissions(t *testing.T) {
 				t.Errorf("deploy/nats/%s is missing", file)
 			}
 			included[file] = true
-			if sub := u.Permissions.Subscribe; sub == nil || !reflect.DeepEqual(sub.Allow, []string{"_INBOX_" + name + ".>"}) && name != "dispatcher" {
-				t.Errorf("%s: %s may subscribe to %+v, want its inbox prefix _INBOX_%s.> only", opts.ConfigFile, name, sub, name)
+			want := []string{"_INBOX_" + name + ".>"}
+			switch name {
+			case "executor":
+				// And the dispatchers' liveness requests, and those to read its
+				// nodes' inventories again,
+				want = append(want, "fleet.exec.alive.>", fleet.NodeRefreshSubject("*"))
+			case "intake":
+				// whose answers the intake takes.
+				want = append(want, "fleet.node.refreshed.*.*")
+			}
+			if sub := u.Permissions.Subscribe; sub == nil || !reflect.DeepEqual(sub.Allow, want) && name != "dispatcher" {
+				t.Errorf("%s: %s may subscribe to %+v, want %v only", opts.ConfigFile, name, sub, want)
 			}
 		}
 	}
@@ -350,7 +360,7 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		t.Fatal(err)
 	}
 	node := "gpu-" + region
-	for _, bucket := range []string{fleet.BucketRegistry, fleet.BucketNodes} {
+	for _, bucket := range []string{fleet.BucketRegistry, fleet.BucketNodes, fleet.BucketInventory} {
 		fleettest.Eventually(t, 60*time.Second, func() bool {
 			kv, err := intakeJS.KeyValue(ctx, bucket)
 			if err != nil {
@@ -359,6 +369,13 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 			_, err = kv.Get(ctx, node)
 			return err == nil
 		}, "the %s executor's node %s is not in the hub's %s", region, node, bucket)
+	}
+
+	// The hub's intake asks the region's executor to read its node's inventory again,
+	// and gets its answer back across the link.
+	refreshed, err := fleet.RefreshNode(ctx, intake, node)
+	if err != nil || refreshed.Version == "" || refreshed.Error != "" {
+		t.Fatalf("refresh of a node in %s from the hub: %+v, %v", region, refreshed, err)
 	}
 
 	// An output stored in the region lands in the hub's object store.

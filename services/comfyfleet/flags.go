@@ -21,6 +21,7 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
@@ -305,4 +306,34 @@ func (f rateFlag) limit(burst int, open bool) intake.RateLimit {
 		return intake.RateLimit{PerSecond: intake.Unlimited}
 	}
 	return intake.RateLimit{PerSecond: f.v, Burst: burst}
+}
+
+// outputsFlags are --outputs, where scene outputs are stored, and --output-url-ttl,
+// how long their presigned URLs stay valid.
+type outputsFlags struct {
+	spec string
+	ttl  time.Duration
+}
+
+// register adds --outputs, and --output-url-ttl when links says the command gives
+// output URLs.
+func (o *outputsFlags) register(fs *flag.FlagSet, links bool) {
+	fs.StringVar(&o.spec, "outputs", "", "where scene outputs are stored: s3://BUCKET/PREFIX for an S3-compatible bucket "+
+		"(AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), or the fleet's JetStream object store if empty")
+	if links {
+		fs.DurationVar(&o.ttl, "output-url-ttl", time.Hour, "how long the presigned URLs of outputs in an S3-compatible store stay valid")
+	}
+}
+
+// open returns the store --outputs names, nil for the JetStream object store (each
+// service opens that on its own connection).
+func (o *outputsFlags) open(ctx context.Context) (outputs.Store, error) {
+	if o.spec == "" || o.spec == "nats" {
+		return nil, nil
+	}
+	s, err := outputs.Open(ctx, o.spec, nil)
+	if err != nil {
+		return nil, fmt.Errorf("--outputs: %w", err)
+	}
+	return s, nil
 }

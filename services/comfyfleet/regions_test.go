@@ -237,7 +237,7 @@ func startRegionFleet(t *testing.T, bin string) *regionFleet {
 		p := startProcEnv(t, bin, fmt.Sprintf("nats-%d", i),
 			append(slices.Clip(env), fmt.Sprintf("COMFYFLEET_NATS_SERVER_NAME=nats-%d", i), "COMFYFLEET_NATS_ROUTES=["+strings.Join(routes, ", ")+"]"),
 			"nats", "--config", conf("hub.conf"), "--host", "127.0.0.1", "--port", "-1", "--http-port", "-1", "--store", t.TempDir(),
-			"--cluster-port", fmt.Sprint(ports[i]), "--leaf-port", fmt.Sprint(ports[3+i]))
+			"--cluster", fmt.Sprintf("127.0.0.1:%d", ports[i]), "--leaf-port", fmt.Sprint(ports[3+i]))
 		hubURLs = append(hubURLs, p.await(t, listening))
 	}
 	f.hubURL = hubURLs[0]

@@ -21,16 +21,22 @@ func runIntake(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var sf serviceFlags
 	httpAddr := fs.String("http", "127.0.0.1:8080", "API listen address")
 	publicURL := fs.String("public-url", "", "base URL clients reach the API at (default http://<--http>)")
-	maxScenes := fs.Int("max-scenes", 100, "most scenes in one job")
+	maxScenes := fs.Int("max-scenes", 1000, "most scenes in one job")
 	var rates rateFlags
 	rates.register(fs, false)
 	var allow allowFlag
 	allow.register(fs)
+	var outs outputsFlags
+	outs.register(fs, true)
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	guard, err := allow.guard()
+	if err != nil {
+		return err
+	}
+	store, err := outs.open(ctx)
 	if err != nil {
 		return err
 	}
@@ -45,7 +51,7 @@ func runIntake(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	submitRate, readRate := rates.limits(false)
 	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
-		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: guard,
+		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: guard, Outputs: store, OutputURLTTL: outs.ttl,
 		SubmitRate: submitRate, ReadRate: readRate, Logger: svc.log})
 }
 
@@ -90,9 +96,16 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 	allow.register(fs)
 	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 	adopt := fs.Bool("adopt", false, "also drive the nodes registered through the API (PUT /v1/nodes/{id}) that no executor drives yet")
+	inventoryInterval := fs.Duration("inventory-interval", 5*time.Minute, "how often each node's inventory (/object_info: node classes, model files) is read again")
 	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W][,region=R] (repeatable)")
+	var outs outputsFlags
+	outs.register(fs, false)
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	store, err := outs.open(ctx)
+	if err != nil {
 		return err
 	}
 	var nodes []fleet.NodeConfig
@@ -118,7 +131,7 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 	}
 	defer stopMetrics()
 	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Adopt: *adopt, Name: *name, Region: *region, URLGuard: guard,
-		InputTimeout: *inputTimeout, Logger: svc.log})
+		InputTimeout: *inputTimeout, InventoryInterval: *inventoryInterval, Outputs: store, Logger: svc.log})
 }
 
 func runNotifier(ctx context.Context, args []string, _, stderr io.Writer) error {
@@ -130,11 +143,17 @@ func runNotifier(ctx context.Context, args []string, _, stderr io.Writer) error 
 	attempts := fs.Int("webhook-attempts", 20, "webhook attempts before a callback is given up")
 	var allow allowFlag
 	allow.register(fs)
+	var outs outputsFlags
+	outs.register(fs, true)
 	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	guard, err := allow.guard()
+	if err != nil {
+		return err
+	}
+	store, err := outs.open(ctx)
 	if err != nil {
 		return err
 	}
@@ -149,5 +168,5 @@ func runNotifier(ctx context.Context, args []string, _, stderr io.Writer) error 
 	}
 	defer stopMetrics()
 	return notifier.Run(ctx, notifier.Config{Conn: svc.conn, Settings: svc.settings, PublicURL: *publicURL,
-		WebhookAttempts: *attempts, CallbackGuard: guard, Logger: svc.log})
+		WebhookAttempts: *attempts, CallbackGuard: guard, Outputs: store, OutputURLTTL: outs.ttl, Logger: svc.log})
 }

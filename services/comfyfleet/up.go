@@ -34,14 +34,17 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		policy    = fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
 		loadCost  = fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
 		regionPen = fs.Duration("region-penalty", 10*time.Second, "time fastest-finish adds to a scene on a node outside the region it prefers")
+		invEvery  = fs.Duration("inventory-interval", 5*time.Minute, "how often each node's inventory (/object_info: node classes, model files) is read again")
 		comfy     listFlag
 		allow     = listFlag{"127.0.0.0/8", "::1"}
 		settings  settingsFlags
 		rates     rateFlags
 		logs      logFlags
+		outs      outputsFlags
 	)
 	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W][,region=R] (repeatable)")
 	fs.Var(&allow, "allow-callback", "internal addresses or CIDR prefixes that callback URLs may reach (repeatable; default loopback)")
+	outs.register(fs, true)
 	settings.register(fs)
 	rates.register(fs, true)
 	logs.register(fs)
@@ -67,8 +70,9 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg := stack.Config{
 		DataDir: *dataDir, NATSHost: *natsHost, NATSPort: *natsPort, Sync: *sync,
 		HTTPAddr: *httpAddr, PublicURL: *publicURL, Open: open, CallbackAllow: allowed, Settings: st, Logger: log,
-		Executor: executor.Config{InputTimeout: *inputWait},
+		Executor: executor.Config{InputTimeout: *inputWait, InventoryInterval: *invEvery}, Outputs: outs.spec,
 	}
+	cfg.Intake.OutputURLTTL, cfg.Notifier.OutputURLTTL = outs.ttl, outs.ttl
 	cfg.Intake.SubmitRate, cfg.Intake.ReadRate = rates.limits(open)
 	if cfg.Dispatcher.Policy, err = dispatcher.ParsePolicy(*policy); err != nil {
 		return fmt.Errorf("--policy: %w", err)

@@ -117,7 +117,7 @@ func Run(ctx context.Context, cfg Config) error {
 	pub := fleet.NewPublisher(js, source)
 	rt := &router{jobs: jobs, pub: pub}
 	dl := &deadLetters{log: log, js: js, pub: pub, metrics: m}
-	sched := newScheduler(log, cfg.Conn, js, cfg.Settings, planner{policy: cfg.Policy, loadPenalty: cfg.ModelLoadPenalty, regionPenalty: cfg.RegionPenalty}, m)
+	sched := newScheduler(cfg.Name, log, cfg.Conn, js, cfg.Settings, planner{policy: cfg.Policy, loadPenalty: cfg.ModelLoadPenalty, regionPenalty: cfg.RegionPenalty}, m)
 	sched.onPlaced = cfg.OnPlaced
 
 	summaries, err := cfg.Conn.QueueSubscribe(fleet.QueuesSubject, "dispatchers", func(msg *nats.Msg) {

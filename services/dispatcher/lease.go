@@ -16,7 +16,9 @@ const leaseKey = "dispatcher"
 
 // lease elects the one dispatcher that places scenes: the one holding a key in the
 // leases bucket, whose entries expire after the lease's TTL unless renewed. The
-// holder renews it five times per TTL; the others try to take it as often, so a
+// holder renews it five times per TTL, and keeps leading through failed renewals (a
+// NATS server dying, its stream electing a new leader) until three quarters of the
+// TTL have passed since the last one; the others try to take it as often, so a
 // standby takes over within about one TTL of the holder's death, and at once when
 // the holder stops and releases it.
 type lease struct {
@@ -33,12 +35,13 @@ func (l *lease) run(ctx context.Context, leading func(bool)) {
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	var rev uint64
+	var renewed time.Time
 	report := leading
 	for {
 		if rev == 0 {
 			r, err := l.kv.Create(ctx, leaseKey, []byte(l.id))
 			if err == nil {
-				rev = r
+				rev, renewed = r, time.Now()
 				l.log.Info("this dispatcher leads: it places scenes", "dispatcher", l.id)
 				report(true)
 			} else if !errors.Is(err, jetstream.ErrKeyExists) && ctx.Err() == nil {
@@ -48,12 +51,19 @@ func (l *lease) run(ctx context.Context, leading func(bool)) {
 			callCtx, cancel := context.WithTimeout(ctx, every)
 			r, err := l.kv.Update(callCtx, leaseKey, []byte(l.id), rev)
 			cancel()
-			if err != nil && ctx.Err() == nil {
+			switch {
+			case err == nil:
+				rev, renewed = r, time.Now()
+			case ctx.Err() != nil:
+			case errors.Is(err, jetstream.ErrKeyExists), time.Since(renewed) > l.ttl*3/4:
+				// Another dispatcher holds it, or it may have expired: another may.
 				l.log.Warn("lost the dispatchers' lease; standing by", "dispatcher", l.id, "err", err)
 				rev = 0
 				report(false)
-			} else if err == nil {
-				rev = r
+			default:
+				// The bucket's stream may be electing a new leader: the lease holds
+				// until it expires.
+				l.log.Debug("renew the dispatchers' lease", "err", err)
 			}
 		}
 		select {

@@ -50,7 +50,7 @@ func newMetrics(name string) (*metrics, error) {
 	}
 	if m.decision, err = meter.Float64Histogram("comfyfleet.placement.decision", metric.WithUnit("s"),
 		metric.WithDescription("Time one plan took that placed at least one scene."),
-		metric.WithExplicitBucketBoundaries(0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05)); err != nil {
+		metric.WithExplicitBucketBoundaries(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)); err != nil {
 		return nil, fmt.Errorf("dispatcher metrics: %w", err)
 	}
 	if m.dead, err = meter.Int64Counter("comfyfleet.scene.dead_letters",

@@ -66,6 +66,7 @@ func (p *placer) place(st *fleetState, w *waiting, node string, now time.Time) {
 		if w.trace != "" {
 			msg.Header.Set(traceparentField, w.trace)
 		}
+		msg.Header.Set(HeaderPlacedBy, p.s.name)
 		var f jetstream.PubAckFuture
 		if f, err = p.s.js.PublishMsgAsync(msg, jetstream.WithMsgID(t.PlacementID())); err == nil {
 			p.s.metrics.placed(w, now)

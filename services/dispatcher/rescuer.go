@@ -64,7 +64,7 @@ func (r *rescuer) rescue(ctx context.Context, st *fleetState, lost lostNode) {
 		} else {
 			t = t.Requeue(0, lost.id, 0, nil)
 		}
-		if err := r.pub.JSON(ctx, fleet.QueueSubject(t.Pool, t.JobID, t.Index), t.PlacementID(), t); err != nil {
+		if err := r.pub.Requeue(ctx, t); err != nil {
 			r.log.Warn("give back a scene of a lost node", "node", lost.id, "scene", t.RunKey(), "err", err)
 			return
 		}

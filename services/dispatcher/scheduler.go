@@ -23,10 +23,12 @@ import (
 // when the scene ended while it waited), the sequence of the ticket the tombstone
 // replaced, and the sequence of the work message that placed it.
 const (
-	headerPlacedOn   = "Comfyfleet-Placed-On"
-	headerTicketSeq  = "Comfyfleet-Ticket-Seq"
-	headerWorkSeq    = "Comfyfleet-Work-Seq"
-	headerBurstLeft  = "Comfyfleet-Burst-Left"
+	headerPlacedOn  = "Comfyfleet-Placed-On"
+	headerTicketSeq = "Comfyfleet-Ticket-Seq"
+	headerWorkSeq   = "Comfyfleet-Work-Seq"
+	headerBurstLeft = "Comfyfleet-Burst-Left"
+	// HeaderPlacedBy names, on a work message, the dispatcher that placed it.
+	HeaderPlacedBy   = "Comfyfleet-Placed-By"
 	traceparentField = "traceparent"
 )
 
@@ -43,6 +45,7 @@ const catchUpBacklog = 1000
 // lost nodes. One goroutine (the loop in run) owns the state; everything else posts
 // changes to it.
 type scheduler struct {
+	name     string
 	log      *slog.Logger
 	nc       *nats.Conn
 	js       jetstream.JetStream
@@ -94,9 +97,9 @@ type loop struct {
 	scan bool
 }
 
-func newScheduler(log *slog.Logger, nc *nats.Conn, js jetstream.JetStream, settings fleet.Settings, p planner, m *metrics) *scheduler {
+func newScheduler(name string, log *slog.Logger, nc *nats.Conn, js jetstream.JetStream, settings fleet.Settings, p planner, m *metrics) *scheduler {
 	return &scheduler{
-		log: log, nc: nc, js: js, settings: settings, planner: p, metrics: m,
+		name: name, log: log, nc: nc, js: js, settings: settings, planner: p, metrics: m,
 		rescuer: &rescuer{log: log, js: js, pub: fleet.NewPublisher(js, source)},
 		wake:    make(chan struct{}, 1),
 	}
@@ -142,6 +145,19 @@ func (s *scheduler) run(ctx context.Context) error {
 		return fmt.Errorf("follow scene events: %w", err)
 	}
 	defer events.Unsubscribe()
+	// Heartbeats straight from their subject too: they keep coming while a watch of
+	// the nodes bucket, which gives the state at start, stalls after a NATS server
+	// dies.
+	hb, err := s.nc.Subscribe(fleet.HeartbeatFilter, func(m *nats.Msg) {
+		var st fleet.NodeStatus
+		if err := json.Unmarshal(m.Data, &st); err == nil && fleet.ValidToken(st.ID) {
+			s.post(func(l *loop) { l.heartbeat(st) })
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("follow heartbeats: %w", err)
+	}
+	defer hb.Unsubscribe()
 	registry, err := s.js.KeyValue(ctx, fleet.BucketRegistry)
 	if err != nil {
 		return fmt.Errorf("open registry: %w", err)
@@ -159,7 +175,7 @@ func (s *scheduler) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("follow queue: %w", err)
 	}
-	cc, err := cons.Consume(func(msg jetstream.Msg) { s.queueMessage(msg) })
+	cc, err := cons.Consume(func(msg jetstream.Msg) { s.queueMessage(msg) }, fleet.PullExpiry, fleet.PullHeartbeat)
 	if err != nil {
 		return fmt.Errorf("follow queue: %w", err)
 	}
@@ -180,6 +196,8 @@ func (s *scheduler) run(ctx context.Context) error {
 	defer invs.Stop()
 	acks := newPlacer(s, ctx)
 	defer acks.stop()
+	pings := &pinger{s: s, asking: map[string]bool{}}
+	defer pings.wait()
 
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
@@ -217,6 +235,7 @@ func (s *scheduler) run(ctx context.Context) error {
 				l.scan = true
 			}
 			if l.leading {
+				pings.ask(ctx, l.state.executors())
 				for _, lost := range l.state.lost(now) {
 					s.rescuer.rescue(ctx, l.state, lost)
 				}
@@ -402,6 +421,14 @@ func (l *loop) heartbeatEntry(e jetstream.KeyValueEntry) {
 	if err := json.Unmarshal(e.Value(), &st); err != nil || !fleet.ValidToken(st.ID) {
 		return
 	}
+	l.heartbeat(st)
+}
+
+// heartbeat takes a node's reported state, from its subject or the nodes bucket.
+func (l *loop) heartbeat(st fleet.NodeStatus) {
+	if n := l.state.nodes[st.ID]; n != nil && n.status != nil && !st.Heartbeat.After(n.status.Heartbeat) {
+		return // the same report, by the other way
+	}
 	now := time.Now()
 	n := l.state.nodes[st.ID]
 	wasUsable := n != nil && l.state.usable(n, now)
@@ -457,3 +484,47 @@ func readPlaced(ctx context.Context, js jetstream.JetStream, subject string, aft
 	}
 	return out, nil
 }
+
+// pinger asks executors whether they live, a request at a time per executor, and
+// posts each outcome to the loop.
+type pinger struct {
+	s      *scheduler
+	mu     sync.Mutex
+	asking map[string]bool
+	wg     sync.WaitGroup
+}
+
+// pingTimeout bounds a liveness request; an executor answering later is slow, not gone.
+const pingTimeout = 500 * time.Millisecond
+
+// ask sends a liveness request to each executor not being asked already.
+func (p *pinger) ask(ctx context.Context, executors []string) {
+	for _, ex := range executors {
+		p.mu.Lock()
+		busy := p.asking[ex]
+		p.asking[ex] = true
+		p.mu.Unlock()
+		if busy {
+			continue
+		}
+		p.wg.Go(func() {
+			rctx, cancel := context.WithTimeout(ctx, pingTimeout)
+			_, err := p.s.nc.RequestWithContext(rctx, fleet.ExecutorAliveSubject(ex), nil)
+			cancel()
+			p.mu.Lock()
+			delete(p.asking, ex)
+			p.mu.Unlock()
+			if ctx.Err() != nil {
+				return
+			}
+			gone := errors.Is(err, nats.ErrNoResponders)
+			p.s.post(func(l *loop) {
+				l.state.answered(ex, gone, time.Now())
+				l.dirty = l.dirty || !gone
+			})
+		})
+	}
+}
+
+// wait waits for the requests in flight.
+func (p *pinger) wait() { p.wg.Wait() }

@@ -25,7 +25,15 @@ type fleetState struct {
 	// placements read late (the queue stream behind the events, a scan racing an
 	// acknowledgement) do not count again.
 	finished map[string]time.Time
+	// gone holds, for each executor whose liveness requests meet no responders, since
+	// when: its connection is gone.
+	gone map[string]time.Time
 }
+
+// livenessGrace is how long an executor's liveness requests must meet no responders,
+// and its heartbeats be missing, before its nodes count as lost: longer than a
+// reconnection to another NATS server takes.
+const livenessGrace = time.Second
 
 // nodeState is what the dispatcher knows of a node.
 type nodeState struct {
@@ -49,7 +57,43 @@ func newFleetState(settings fleet.Settings) *fleetState {
 		nodes:    map[string]*nodeState{},
 		speeds:   fleetSpeeds{reference: map[string]float64{}},
 		finished: map[string]time.Time{},
+		gone:     map[string]time.Time{},
 	}
+}
+
+// answered records the outcome of a liveness request to executor: whether it met no
+// responders (the executor's connection is gone).
+func (s *fleetState) answered(executor string, noResponders bool, now time.Time) {
+	switch {
+	case !noResponders:
+		delete(s.gone, executor)
+	case s.gone[executor].IsZero():
+		s.gone[executor] = now
+	}
+}
+
+// executors returns the executors of the nodes that hold scenes, which the leader
+// asks whether they live.
+func (s *fleetState) executors() []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, n := range s.nodes {
+		if len(n.held) > 0 && n.status != nil && n.status.Executor != "" && !seen[n.status.Executor] {
+			seen[n.status.Executor] = true
+			out = append(out, n.status.Executor)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// executorGone reports whether n's executor has been unreachable for livenessGrace.
+func (s *fleetState) executorGone(n *nodeState, now time.Time) bool {
+	if n.status == nil {
+		return false
+	}
+	since, ok := s.gone[n.status.Executor]
+	return ok && now.Sub(since) >= livenessGrace && now.Sub(n.heartbeat) >= livenessGrace
 }
 
 func (s *fleetState) node(id string) *nodeState {
@@ -122,6 +166,8 @@ func (s *fleetState) inventoryChanged(id string, inv *inventory.Inventory) {
 func (s *fleetState) heartbeat(st fleet.NodeStatus, now time.Time) {
 	n := s.node(st.ID)
 	n.status, n.heartbeat = &st, now
+	// A heartbeat is the executor's own word that it lives.
+	delete(s.gone, st.Executor)
 	if st.Model != "" {
 		n.model = st.Model
 	}
@@ -217,7 +263,11 @@ func (s *fleetState) scanned(found []placedMsg, now time.Time) {
 
 // usable reports whether n may get a new scene.
 func (s *fleetState) usable(n *nodeState, now time.Time) bool {
-	return n.cfg != nil && !n.cfg.Drained && n.status != nil && n.offlineFor == 0 && !s.silent(n, now)
+	if n.cfg == nil || n.cfg.Drained || n.status == nil || n.offlineFor > 0 || s.silent(n, now) {
+		return false
+	}
+	_, unreachable := s.gone[n.status.Executor]
+	return !unreachable
 }
 
 // silent reports whether n's executor has not been heard from for AckWait: the
@@ -267,9 +317,10 @@ type lostNode struct {
 }
 
 // lost returns the nodes whose scenes must move: every scene of a node whose
-// executor is silent for longer than AckWait, reports the node offline twice in a
-// row, or never reported since the node got scenes (NodeTTL); the scenes not taken
-// yet of a node drained or removed from the registry.
+// executor is gone (its connection, for livenessGrace), silent for longer than
+// AckWait (alive but hung), reports the node offline twice in a row, or never
+// reported since the node got scenes (NodeTTL); the scenes not taken yet of a node
+// drained or removed from the registry.
 func (s *fleetState) lost(now time.Time) []lostNode {
 	if !s.registryReady {
 		return nil
@@ -280,7 +331,7 @@ func (s *fleetState) lost(now time.Time) []lostNode {
 			continue
 		}
 		dead := n.status == nil && now.Sub(firstPlaced(n)) > s.settings.NodeTTL ||
-			n.status != nil && (s.silent(n, now) || n.offlineFor >= 2)
+			n.status != nil && (s.silent(n, now) || n.offlineFor >= 2 || s.executorGone(n, now))
 		switch {
 		case dead:
 			out = append(out, lostNode{id: id, removed: n.cfg == nil})

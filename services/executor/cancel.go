@@ -64,7 +64,7 @@ func (e *executor) followCancels(ctx context.Context) (stop func(), err error) {
 		if n := e.cancelJob(ctx, ev.JobID); n > 0 {
 			e.log.Info("job cancelled; interrupting its scenes", "job", ev.JobID, "attempts", n)
 		}
-	})
+	}, fleet.PullExpiry, fleet.PullHeartbeat)
 	if err != nil {
 		return nil, fmt.Errorf("executor: follow cancelled events: %w", err)
 	}

@@ -41,7 +41,7 @@ func (e *executor) drive(ctx context.Context) {
 		client := comfy.New(nc.URL, comfy.WithHTTPClient(e.cfg.HTTPClient), comfy.WithLogger(e.log),
 			comfy.WithClientID(fmt.Sprintf("comfyfleet-%s-%s", e.cfg.Name, nc.ID)))
 		d := &driven{node: newNode(nc, client, e.cfg.Name), stop: stop, done: make(chan struct{})}
-		d.node.setDrained(nc.Drained)
+		d.node.setDrained(nc.Drained, time.Now())
 		nodes[nc.ID] = d
 		e.live.add(d.node)
 		wg.Go(func() {
@@ -72,7 +72,7 @@ func (e *executor) drive(ctx context.Context) {
 			if entry.Operation() != jetstream.KeyValuePut {
 				if d != nil {
 					e.log.Info("node removed from the registry: it finishes the scenes it runs and hands back the others", "node", id)
-					d.node.retire()
+					d.node.retire(entry.Created())
 					delete(nodes, id)
 					wg.Go(func() {
 						for d.node.holding() > 0 && ctx.Err() == nil {
@@ -99,7 +99,7 @@ func (e *executor) drive(ctx context.Context) {
 				<-d.done
 				start(nc)
 			case d != nil:
-				d.node.setDrained(nc.Drained)
+				d.node.setDrained(nc.Drained, entry.Created())
 			case nc.Executor == "" && e.cfg.Adopt && fleet.ValidToken(id):
 				claimed, err := e.adopt(ctx, id)
 				if err != nil {
@@ -173,6 +173,7 @@ func (e *executor) runNode(ctx context.Context, n *node) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { e.heartbeat(ctx, n) })
+	wg.Go(func() { e.followInventory(ctx, n) })
 	var cons jetstream.Consumer
 	err := fleet.Retry(ctx, e.log, "work consumer of node "+n.cfg.ID, func(ctx context.Context) error {
 		var err error

@@ -22,6 +22,7 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 )
 
 var tracer = otel.Tracer("comfyfleet/executor")
@@ -62,6 +63,13 @@ type Config struct {
 	// InputTimeout bounds the download of one input image given by URL. Defaults
 	// to 1m.
 	InputTimeout time.Duration
+	// InventoryInterval is how often each node's inventory (/object_info: node
+	// classes, model files) is read again; it is also read whenever the node comes
+	// up, and on request (POST /v1/nodes/{id}/refresh). Defaults to 5m.
+	InventoryInterval time.Duration
+	// Outputs is where scene outputs are stored. Defaults to the fleet's JetStream
+	// object store (fleet_outputs).
+	Outputs outputs.Store
 	// Logger defaults to slog.Default.
 	Logger *slog.Logger
 }
@@ -119,6 +127,9 @@ func (c *Config) fill() error {
 	if c.InputTimeout == 0 {
 		c.InputTimeout = time.Minute
 	}
+	if c.InventoryInterval == 0 {
+		c.InventoryInterval = 5 * time.Minute
+	}
 	if c.URLGuard == nil {
 		c.URLGuard = callback.NewGuard()
 	}
@@ -138,17 +149,20 @@ type executor struct {
 	log       *slog.Logger
 	nc        *nats.Conn
 	jobs      *fleet.Jobs
-	outputs   jetstream.ObjectStore
+	outputs   outputs.Store
 	inputs    jetstream.ObjectStore
-	pub       *fleet.Publisher
-	js        jetstream.JetStream
-	registry  *fleet.Registry
-	nodes     jetstream.KeyValue
-	events    jetstream.Stream
-	payloads  jetstream.Stream
-	live      liveNodes
-	cancels   cancelledJobs
-	metrics   metrics
+	// inventories and objectInfo keep what the executor reads of its nodes.
+	inventories jetstream.KeyValue
+	objectInfo  jetstream.ObjectStore
+	pub         *fleet.Publisher
+	js          jetstream.JetStream
+	registry    *fleet.Registry
+	nodes       jetstream.KeyValue
+	events      jetstream.Stream
+	payloads    jetstream.Stream
+	live        liveNodes
+	cancels     cancelledJobs
+	metrics     metrics
 }
 
 // Run drives the nodes until ctx is done. Then it stops pulling, hands running scenes
@@ -184,6 +198,15 @@ func run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer stopCancels()
+	// Dispatchers ask whether this executor lives: the subscription is the answer.
+	// Once its connection is gone their requests meet no responders, and its scenes
+	// move on at once; while it lives they time out. (No reply: across a region's
+	// leaf node, an executor may not publish to a dispatcher's inbox.)
+	alive, err := e.nc.Subscribe(fleet.ExecutorAliveSubject(cfg.Name), func(*nats.Msg) {})
+	if err != nil {
+		return fmt.Errorf("executor: answer liveness requests: %w", err)
+	}
+	defer alive.Unsubscribe()
 	var wg sync.WaitGroup
 	wg.Go(func() { e.drive(ctx) })
 	e.log.Info("executor running", "nodes", len(cfg.Nodes), "adopt", cfg.Adopt)
@@ -202,8 +225,16 @@ func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	if e.jobs, err = fleet.OpenJobs(ctx, js); err != nil {
 		return err
 	}
-	if e.outputs, err = js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
-		return fmt.Errorf("open outputs: %w", err)
+	if e.outputs = e.cfg.Outputs; e.outputs == nil {
+		if e.outputs, err = outputs.Open(ctx, "", js); err != nil {
+			return err
+		}
+	}
+	if e.inventories, err = js.KeyValue(ctx, fleet.BucketInventory); err != nil {
+		return fmt.Errorf("open inventory bucket: %w", err)
+	}
+	if e.objectInfo, err = js.ObjectStore(ctx, fleet.ObjectNodeInfo); err != nil {
+		return fmt.Errorf("open object store %s: %w", fleet.ObjectNodeInfo, err)
 	}
 	if e.events, err = js.Stream(ctx, fleet.StreamEvents); err != nil {
 		return fmt.Errorf("open events: %w", err)
@@ -235,8 +266,9 @@ func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	return nil
 }
 
-// fetchWait is how long one pull for a node's next scene waits on the server.
-const fetchWait = 10 * time.Second
+// fetchWait is how long one pull for a node's next scene waits on the server; its
+// heartbeats every second reveal a pull lost with a NATS server sooner.
+const fetchWait = 5 * time.Second
 
 // serve pulls scenes for n and runs them while n is healthy: up to NodeSlots at
 // once, so that ComfyUI holds the next prompt queued behind the running one.
@@ -245,6 +277,13 @@ func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) 
 	slots := make(chan struct{}, fleet.NodeSlots)
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	// Nothing is pulled before the node's inventory has been read once: the
+	// dispatchers place scenes by it.
+	select {
+	case <-n.inv.first:
+	case <-ctx.Done():
+		return
+	}
 	for ctx.Err() == nil {
 		if !n.waitHealthy(ctx) || n.isRetired() {
 			return
@@ -284,7 +323,7 @@ func (e *executor) next(ctx context.Context, n *node, cons jetstream.Consumer) (
 		case <-fctx.Done():
 		}
 	})
-	batch, err := cons.Fetch(1, jetstream.FetchContext(fctx))
+	batch, err := cons.Fetch(1, jetstream.FetchContext(fctx), jetstream.FetchHeartbeat(time.Second))
 	if err != nil {
 		if fctx.Err() != nil {
 			return nil, nil

@@ -33,6 +33,10 @@ type node struct {
 	runs map[string]*nodeRun
 	// model is the checkpoint of the scene that started last.
 	model string
+	// inventoryDue is set when the node comes up: its inventory is read again
+	// before it is reported online.
+	inventoryDue bool
+	inv          nodeInventory
 }
 
 // nodeRun is a scene a node holds: running, or queued inside ComfyUI behind the
@@ -59,6 +63,7 @@ func newNode(cfg fleet.NodeConfig, client *comfy.Client, executor string) *node 
 		up:     make(chan struct{}),
 		down:   closedChan(),
 		runs:   map[string]*nodeRun{},
+		inv:    nodeInventory{first: make(chan struct{})},
 		status: fleet.NodeStatus{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Executor: executor, State: fleet.NodeOffline,
 			Workflows: map[string]float64{}, Region: cfg.Region},
 	}
@@ -107,9 +112,26 @@ func (n *node) setHealth(err error, stats *comfy.SystemStats) {
 	}
 	if !n.healthy {
 		n.healthy = true
+		n.inventoryDue = true
 		n.down = make(chan struct{})
 		close(n.up)
 	}
+}
+
+// takeInventoryDue reports whether the node came up since its inventory was last
+// read on that account, and clears that.
+func (n *node) takeInventoryDue() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	due := n.inventoryDue && n.healthy
+	n.inventoryDue = false
+	return due
+}
+
+func (n *node) isHealthy() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.healthy
 }
 
 func closedChan() chan struct{} {
@@ -165,24 +187,24 @@ func (n *node) queuedPrompts(job string) []string {
 	return ids
 }
 
-// setDrained follows the registry: a drained node hands back the scenes ComfyUI has
-// not started yet.
-func (n *node) setDrained(drained bool) {
+// setDrained follows the registry: a node drained at `at` hands back the scenes
+// ComfyUI had not started by then.
+func (n *node) setDrained(drained bool, at time.Time) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.drained = drained
 	if drained {
-		n.handBackWaitingLocked()
+		n.handBackLocked(at)
 	}
 }
 
-// retire stops the node taking scenes and hands back those not started; those
-// running finish.
-func (n *node) retire() {
+// retire stops the node taking scenes from `at`, when it left the registry, and hands
+// back those ComfyUI had not started by then; those running since before finish.
+func (n *node) retire(at time.Time) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.retired, n.drained = true, true
-	n.handBackWaitingLocked()
+	n.handBackLocked(at)
 }
 
 func (n *node) isRetired() bool {
@@ -213,11 +235,12 @@ func (n *node) cancelJob(job string) int {
 	return ended
 }
 
-// handBackWaitingLocked ends the attempts of the scenes the node holds that ComfyUI
-// has not started, so that they go back to the queue.
-func (n *node) handBackWaitingLocked() {
+// handBackLocked ends the attempts of the scenes the node holds that ComfyUI had not
+// started by `at` (the moment the registry changed, which the executor learns a
+// little later), so that they go back to the queue; one started since is interrupted.
+func (n *node) handBackLocked(at time.Time) {
 	for _, r := range n.runs {
-		if r.started.IsZero() {
+		if r.started.IsZero() || r.started.After(at) {
 			r.cancel(errHandBack)
 		}
 	}
@@ -290,6 +313,14 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 			cancel()
 			return
 		}
+		if n.takeInventoryDue() {
+			// Before the node is reported online, so that no scene is placed on
+			// it by what it had before it went down.
+			if _, err := e.readInventory(ctx, n); err != nil && ctx.Err() == nil {
+				e.log.Warn("read node inventory; it is read again in "+e.cfg.InventoryInterval.String(), "node", n.cfg.ID, "err", err)
+			}
+			n.inv.readOnce()
+		}
 		if q, err := n.client.QueueRemaining(ctx); err == nil {
 			n.mu.Lock()
 			n.status.QueueRemaining = q
@@ -303,14 +334,17 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 	}
 }
 
-// report records n's observed state in the nodes bucket, where the dispatchers and
-// the API read it; the entry expires when reports stop.
+// report sends n's observed state to the dispatchers as a heartbeat, and records it
+// in the nodes bucket, where the API reads it; the entry expires when reports stop.
 func (e *executor) report(ctx context.Context, n *node) {
 	st := n.snapshot()
 	b, err := json.Marshal(st)
 	if err != nil {
 		e.log.Error("encode heartbeat", "node", n.cfg.ID, "err", err)
 		return
+	}
+	if err := e.nc.Publish(fleet.HeartbeatSubject(n.cfg.ID), b); err != nil && e.nc.IsConnected() {
+		e.log.Warn("publish heartbeat", "node", n.cfg.ID, "err", err)
 	}
 	if _, err := e.nodes.Put(ctx, n.cfg.ID, b); err != nil && ctx.Err() == nil && e.nc.IsConnected() {
 		e.log.Warn("report node state", "node", n.cfg.ID, "err", err)

@@ -101,10 +101,16 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 		}
 	}
 	item, err := e.load(runCtx, t)
-	if errors.Is(err, errPayloadMissing) {
+	switch {
+	case errors.Is(err, errPayloadMissing):
 		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)
-	}
-	if err != nil {
+	case err != nil && (ctx.Err() != nil || errors.Is(context.Cause(runCtx), errHandBack)):
+		// Drained, removed or stopping while the payload was read: the scene goes
+		// back to the queue unstarted, as from a wait inside ComfyUI.
+		return e.requeue(context.WithoutCancel(ctx), t.Requeue(delivered, n.cfg.ID, 0, nil), 0)
+	case errors.Is(context.Cause(runCtx), errCancelled):
+		return nil
+	case err != nil:
 		return err
 	}
 	item.delivered = received
@@ -209,7 +215,7 @@ func (e *executor) fail(ctx context.Context, t fleet.Ticket, attempt int, node s
 // requeue puts t back in the queue. If the queue cannot be reached, the message
 // comes again to this node instead, after delay.
 func (e *executor) requeue(ctx context.Context, t fleet.Ticket, delay time.Duration) error {
-	if err := e.pub.JSON(ctx, fleet.QueueSubject(t.Pool, t.JobID, t.Index), t.PlacementID(), t); err != nil {
+	if err := e.pub.Requeue(ctx, t); err != nil {
 		return fleet.RetryAfter(max(delay, time.Second), fmt.Errorf("put the scene back in the queue; it comes back to this node: %w", err))
 	}
 	return nil
@@ -282,7 +288,7 @@ func (e *executor) progress(ctx context.Context, item fleet.Ticket, attempt int,
 	return report, flush
 }
 
-// store copies the prompt's output files from the node into the object store.
+// store copies the prompt's output files from the node into the outputs store.
 func (e *executor) store(ctx context.Context, n *node, item scene, outs []comfy.Output) ([]fleet.Output, error) {
 	ctx, span := tracer.Start(ctx, "store outputs", trace.WithAttributes(attribute.Int("comfyfleet.outputs", len(outs))))
 	defer span.End()
@@ -302,15 +308,12 @@ func (e *executor) store(ctx context.Context, n *node, item scene, outs []comfy.
 				contentType = t
 			}
 		}
-		info, err := e.outputs.Put(ctx, jetstream.ObjectMeta{
-			Name:     fleet.OutputKey(item.JobID, item.Index, name),
-			Metadata: map[string]string{"content-type": contentType},
-		}, body)
+		obj, err := e.outputs.Put(ctx, fleet.OutputKey(item.JobID, item.Index, name), contentType, -1, body)
 		body.Close()
 		if err != nil {
 			return nil, fmt.Errorf("store output %s: %w", name, err)
 		}
-		stored = append(stored, fleet.Output{Name: name, ContentType: contentType, Size: int64(info.Size), Kind: o.Kind, NodeID: o.NodeID})
+		stored = append(stored, fleet.Output{Name: name, ContentType: contentType, Size: obj.Size, Kind: o.Kind, NodeID: o.NodeID})
 	}
 	return stored, nil
 }

@@ -43,6 +43,15 @@ func (in *intake) cancelJob(ctx context.Context, input *jobIDInput) (*cancelOutp
 	if job.Status.Terminal() {
 		return nil, huma.Error409Conflict("job " + job.ID + " has already ended: " + string(job.Status))
 	}
+	if err := in.cancelScenes(ctx, job); err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot cancel the job's scenes now; retry", err)
+	}
+	return &cancelOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: in.jobView(ctx, job)}, nil
+}
+
+// cancelScenes cancels every scene of job that has not ended and applies the
+// cancellations to job.
+func (in *intake) cancelScenes(ctx context.Context, job *fleet.Job) error {
 	ctx, span := tracer.Start(ctx, "cancel job", trace.WithAttributes(attribute.String("comfyfleet.job", job.ID)))
 	defer span.End()
 	now := time.Now().UTC()
@@ -53,14 +62,13 @@ func (in *intake) cancelJob(ctx context.Context, input *jobIDInput) (*cancelOutp
 		}
 	}
 	if err := in.pub.SceneEvents(ctx, events); err != nil {
-		return nil, huma.Error503ServiceUnavailable("cannot cancel the job's scenes now; retry", err)
+		return err
 	}
 	for _, ev := range events {
 		job.Apply(ev)
 	}
-	cancelled := len(events)
-	in.log.Info("job cancelled", "job", job.ID, "scenes", cancelled)
-	return &cancelOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
+	in.log.Info("job cancelled", "job", job.ID, "scenes", len(events))
+	return nil
 }
 
 type cancelOutput struct {

@@ -89,5 +89,5 @@ func (in *intake) retryScene(ctx context.Context, input *scenePath) (*jobOutput,
 		in.log.Warn("remove dead letter", "job", job.ID, "scene", input.Index, "err", err)
 	}
 	in.log.Info("scene retried", "job", job.ID, "scene", input.Index, "retry", retry)
-	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
+	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: in.jobView(ctx, job)}, nil
 }

@@ -23,12 +23,14 @@ type ImageInput struct {
 	URL    string `json:"url,omitempty" maxLength:"2048" doc:"An http(s) URL of the image, fetched by the executor before the scene runs."`
 }
 
-// sceneInput is a checked input image: decoded bytes to store, or a URL.
+// sceneInput is a checked input image: decoded bytes to store, a URL, or an image
+// stored already (object).
 type sceneInput struct {
 	param       string
 	data        []byte
 	contentType string
 	url         string
+	object      string
 	bind        []fleet.Binding
 }
 
@@ -127,7 +129,7 @@ func (in *intake) storeInputs(ctx context.Context, job string, scenes []resolved
 			_, err := in.inputs.Put(ctx, jetstream.ObjectMeta{Name: key, Metadata: map[string]string{"content-type": si.contentType}},
 				bytes.NewReader(si.data))
 			if err != nil {
-				in.removeInputs(context.WithoutCancel(ctx), refs)
+				in.removeInputs(context.WithoutCancel(ctx), job, refs)
 				return nil, fmt.Errorf("store input %s of scene %d: %w", si.param, i, err)
 			}
 		}
@@ -141,7 +143,7 @@ func inputRefs(job string, scenes []resolved) [][]fleet.Input {
 	refs := make([][]fleet.Input, len(scenes))
 	for i, s := range scenes {
 		for _, si := range s.inputs {
-			ref := fleet.Input{Param: si.param, URL: si.url, Bind: si.bind}
+			ref := fleet.Input{Param: si.param, URL: si.url, Object: si.object, Bind: si.bind}
 			if si.data != nil {
 				ref.Object = fleet.InputKey(job, i, si.param)
 			}
@@ -151,11 +153,12 @@ func inputRefs(job string, scenes []resolved) [][]fleet.Input {
 	return refs
 }
 
-// removeInputs deletes the stored images of a job that was not accepted after all.
-func (in *intake) removeInputs(ctx context.Context, refs [][]fleet.Input) {
+// removeInputs deletes the images stored for a job that was not accepted after all;
+// images stored before it (uploads) stay.
+func (in *intake) removeInputs(ctx context.Context, job string, refs [][]fleet.Input) {
 	for _, scene := range refs {
 		for _, ref := range scene {
-			if ref.Object == "" {
+			if !strings.HasPrefix(ref.Object, job+"/") {
 				continue
 			}
 			if err := in.inputs.Delete(ctx, ref.Object); err != nil {

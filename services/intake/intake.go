@@ -23,6 +23,7 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
@@ -72,6 +73,12 @@ type Config struct {
 	// ShutdownTimeout bounds how long running requests may finish after ctx ends.
 	// Defaults to 10s.
 	ShutdownTimeout time.Duration
+	// Outputs is where the executors store scene outputs. Defaults to the fleet's
+	// JetStream object store (fleet_outputs).
+	Outputs outputs.Store
+	// OutputURLTTL is how long the presigned URLs of outputs stay valid, when
+	// Outputs gives them (an S3-compatible store). Defaults to 1h.
+	OutputURLTTL time.Duration
 	// AfterCommit, if set, is called once a job is committed and before this intake
 	// records it; an error it returns fails the request there, as if the intake had
 	// died at that point (tests).
@@ -106,6 +113,9 @@ func (c *Config) fill() error {
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 10 * time.Second
 	}
+	if c.OutputURLTTL == 0 {
+		c.OutputURLTTL = time.Hour
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -124,16 +134,18 @@ type intake struct {
 	jobs     *fleet.Jobs
 	nodes    jetstream.KeyValue
 	registry *fleet.Registry
-	dead     jetstream.KeyValue
-	outputs  jetstream.ObjectStore
-	inputs   jetstream.ObjectStore
-	store    *workflow.Store
-	catalog  *workflow.Catalog
-	pub      *fleet.Publisher
-	keys     *tenancy.Store
-	limits   *rateLimits
-	regions  knownRegions
-	accepted metric.Int64Counter
+	// caps mirrors the registered nodes and their inventories.
+	caps        capabilities
+	inventories jetstream.KeyValue
+	dead        jetstream.KeyValue
+	outputs     outputs.Store
+	inputs      jetstream.ObjectStore
+	store       *workflow.Store
+	catalog     *workflow.Catalog
+	pub         *fleet.Publisher
+	keys        *tenancy.Store
+	limits      *rateLimits
+	accepted    metric.Int64Counter
 	// done is closed when the intake stops; long-lived responses end then.
 	done <-chan struct{}
 }
@@ -155,6 +167,7 @@ func run(ctx context.Context, cfg Config) error {
 	}); err != nil {
 		return err
 	}
+	in.done = ctx.Done()
 	followCtx, stopFollowing := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -162,8 +175,14 @@ func run(ctx context.Context, cfg Config) error {
 	if err := in.followTemplates(followCtx, &wg); err != nil {
 		return err
 	}
+	if err := in.caps.follow(followCtx, in.js, in.log, &wg); err != nil {
+		return err
+	}
 	mux := http.NewServeMux()
 	newAPI(mux, in)
+	if err := in.addComfyDoor(followCtx, mux, &wg); err != nil {
+		return err
+	}
 	srv := &http.Server{
 		Handler:           otelhttp.NewHandler(mux, "intake", otelhttp.WithSpanNameFormatter(spanName)),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -223,7 +242,7 @@ func spanName(_ string, r *http.Request) string {
 }
 
 func open(ctx context.Context, cfg Config) (*intake, error) {
-	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn, done: ctx.Done()}
+	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn}
 	var err error
 	if in.js, err = jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(publishWindow)); err != nil {
 		return nil, fmt.Errorf("intake: jetstream: %w", err)
@@ -243,8 +262,13 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.dead, err = in.js.KeyValue(ctx, fleet.BucketDeadLetters); err != nil {
 		return nil, fmt.Errorf("intake: open dead letters bucket: %w", err)
 	}
-	if in.outputs, err = in.js.ObjectStore(ctx, fleet.ObjectOutputs); err != nil {
-		return nil, fmt.Errorf("intake: open outputs: %w", err)
+	if in.outputs = cfg.Outputs; in.outputs == nil {
+		if in.outputs, err = outputs.Open(ctx, "", in.js); err != nil {
+			return nil, fmt.Errorf("intake: %w", err)
+		}
+	}
+	if in.inventories, err = in.js.KeyValue(ctx, fleet.BucketInventory); err != nil {
+		return nil, fmt.Errorf("intake: open inventory bucket: %w", err)
 	}
 	if in.inputs, err = in.js.ObjectStore(ctx, fleet.ObjectInputs); err != nil {
 		return nil, fmt.Errorf("intake: open inputs: %w", err)

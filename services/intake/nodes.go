@@ -40,7 +40,7 @@ func (in *intake) addNodeRoutes(a huma.API) {
 		Method:      http.MethodGet,
 		Path:        "/v1/nodes/{id}",
 		Summary:     "Get a ComfyUI node and its health",
-		Description: "The node's configuration and what its executor last reported: status, scenes held, VRAM, measured speed. 404 for a node the fleet does not know.",
+		Description: "The node's configuration, what its executor last reported (status, scenes held, VRAM, measured speed) and what it can run (its inventory: node classes and model files). 404 for a node the fleet does not know.",
 		Tags:        []string{"nodes"},
 		Errors:      []int{http.StatusNotFound},
 	}), in.getNode)
@@ -95,6 +95,18 @@ func (in *intake) addNodeRoutes(a huma.API) {
 		Tags:        []string{"nodes", AdminTag},
 		Errors:      []int{http.StatusNotFound},
 	}), in.drainNode(false))
+	huma.Register(a, secured(tenancy.RoleAdmin, huma.Operation{
+		OperationID: "refresh-node",
+		Method:      http.MethodPost,
+		Path:        "/v1/nodes/{id}/refresh",
+		Summary:     "Read a node's inventory again (admin)",
+		Description: "Admin operation. The executor driving the node reads the node's /object_info again (its node classes and model files) and publishes it if it changed, " +
+			"so that scenes needing a checkpoint or custom node just installed there go to it at once rather than after the next scheduled read (every 5 minutes by default). " +
+			"Answers the node as GET /v1/nodes/{id} shows it, with the inventory read. 404 for an unknown node, 502 when the node's ComfyUI does not answer, " +
+			"503 when no executor drives the node now.",
+		Tags:   []string{"nodes", AdminTag},
+		Errors: []int{http.StatusNotFound, http.StatusBadGateway, http.StatusServiceUnavailable},
+	}), in.refreshNode)
 }
 
 // Node is a ComfyUI node as the API shows it: its configuration in the registry and
@@ -111,6 +123,25 @@ type Node struct {
 	Drained    bool       `json:"drained" doc:"true when the node is drained: it finishes the scenes it holds and takes nothing new."`
 	Registered bool       `json:"registered" doc:"false for a node known only from its executor's heartbeats, not from the registry (for instance just removed, while its executor lets it go); such a node cannot be drained or removed."`
 	Health     NodeReport `json:"health" doc:"What the node's executor last reported."`
+	// Inventory is filled for one node (GET /v1/nodes/{id} and the calls that change
+	// one), not in lists.
+	Inventory *NodeInventory `json:"inventory,omitempty" doc:"What the node can run, as its executor last read it from the node's /object_info; absent until it has, and in lists (GET /v1/nodes)."`
+}
+
+// NodeInventory is what a node can run, in short: the whole of it is the node's
+// /object_info.
+type NodeInventory struct {
+	Version   string       `json:"version" doc:"Identifies the content: it changes when a node class or a model file comes or goes."`
+	Classes   int          `json:"classes" doc:"How many node classes the node has."`
+	Models    []ModelFiles `json:"models" doc:"The model files the node has, by the loader input that lists them."`
+	ChangedAt time.Time    `json:"changed_at" doc:"When the executor last found the inventory changed (RFC 3339)."`
+}
+
+// ModelFiles are the files that one kind of loader input lists.
+type ModelFiles struct {
+	Input string   `json:"input" doc:"The loader input that lists them, e.g. ckpt_name, lora_name, vae_name."`
+	Kind  string   `json:"kind" doc:"What they are: checkpoint, LoRA, VAE, …"`
+	Files []string `json:"files"`
 }
 
 // NodeReport is what a node's executor last reported about it.
@@ -375,7 +406,11 @@ func (in *intake) viewOf(ctx context.Context, cfg fleet.NodeConfig) (Node, error
 	if err != nil {
 		return Node{}, err
 	}
-	return nodeView(&cfg, st), nil
+	n := nodeView(&cfg, st)
+	if n.Inventory, err = in.inventoryOf(ctx, cfg.ID); err != nil {
+		return Node{}, err
+	}
+	return n, nil
 }
 
 // observed returns the node's last reported state, nil if there is none. Its errors

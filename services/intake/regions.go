@@ -1,77 +1,44 @@
 package intake
 
 import (
-	"context"
 	"fmt"
 	"maps"
 	"slices"
-	"sync"
 
 	"github.com/danielgtaylor/huma/v2"
 )
 
-// knownRegions are the regions some registered node was seen in. A region once seen
-// is taken as known from then on, so that the jobs of a region that exists do not
-// each read the registry; a region that loses its last node is no worse than one
-// whose nodes are all offline: its scenes wait.
-type knownRegions struct {
-	mu   sync.Mutex
-	seen map[string]bool
-}
-
-func (k *knownRegions) has(region string) bool {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return k.seen[region]
-}
-
-func (k *knownRegions) set(regions map[string]bool) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.seen == nil {
-		k.seen = map[string]bool{}
-	}
-	for r := range regions {
-		k.seen[r] = true
-	}
-}
-
-// checkRegions returns a validation error for each region that the request requires
-// (the job's region, or a scene's) and that no registered node is in: such a scene
-// could never run. It reads the registry only for a region it has not seen yet; an
-// error is returned when it cannot.
-func (in *intake) checkRegions(ctx context.Context, body *JobInput) ([]error, error) {
-	type use struct{ loc, region string }
-	var unseen []use
-	add := func(loc, region string) {
-		if region != "" && !in.regions.has(region) {
-			unseen = append(unseen, use{loc, region})
+// checkRegions returns a validation error for each scene that requires a region in
+// which no registered node serves the scene's pool: it could never run. The error is
+// at the field that set the region, the scene's or the job's (once).
+func (in *intake) checkRegions(body *JobInput, scenes []resolved) []error {
+	// pool → region → true, from the registry as the intake mirrors it.
+	regions := map[string]map[string]bool{}
+	for _, cfg := range in.caps.configs.all() {
+		for _, pool := range cfg.Pools {
+			if regions[pool] == nil {
+				regions[pool] = map[string]bool{}
+			}
+			regions[pool][cfg.Region] = true
 		}
 	}
-	add("body.region", body.Region)
-	for i, s := range body.Scenes {
-		add(fmt.Sprintf("body.scenes[%d].region", i), s.Region)
-	}
-	if len(unseen) == 0 {
-		return nil, nil
-	}
-	nodes, err := in.registry.All(ctx)
-	if err != nil {
-		return nil, err
-	}
-	regions := map[string]bool{}
-	for _, n := range nodes {
-		if n.Region != "" {
-			regions[n.Region] = true
-		}
-	}
-	in.regions.set(regions)
 	var errs []error
-	for _, u := range unseen {
-		if !regions[u.region] {
-			errs = append(errs, &huma.ErrorDetail{Location: u.loc, Value: u.region,
-				Message: fmt.Sprintf("no registered node is in the region %q; regions with nodes: %v", u.region, slices.Sorted(maps.Keys(regions)))})
+	reported := map[string]bool{}
+	for i, s := range scenes {
+		if s.region == "" || regions[s.pool][s.region] {
+			continue
 		}
+		loc := fmt.Sprintf("body.scenes[%d].region", i)
+		if body.Scenes[i].Region == "" {
+			loc = "body.region"
+		}
+		if reported[loc+"\x00"+s.pool] {
+			continue
+		}
+		reported[loc+"\x00"+s.pool] = true
+		known := slices.DeleteFunc(slices.Sorted(maps.Keys(regions[s.pool])), func(r string) bool { return r == "" })
+		errs = append(errs, &huma.ErrorDetail{Location: loc, Value: s.region,
+			Message: fmt.Sprintf("no registered node of the pool %s is in the region %q; regions with nodes of that pool: %v", s.pool, s.region, known)})
 	}
-	return errs, nil
+	return errs
 }

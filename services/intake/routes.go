@@ -20,6 +20,8 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
@@ -27,14 +29,26 @@ import (
 func (in *intake) addRoutes(a huma.API) {
 	in.addDeadLetterRoutes(a)
 	huma.Register(a, secured(tenancy.RoleSubmit, huma.Operation{
-		OperationID:   "create-job",
-		Method:        http.MethodPost,
-		Path:          "/v1/jobs",
-		Summary:       "Submit a job of scenes",
-		Description:   "Accepts the job and returns at once; its scenes run in parallel on the fleet. The job is POSTed to callback_url when every scene is done.",
+		OperationID: "create-job",
+		Method:      http.MethodPost,
+		Path:        "/v1/jobs",
+		Summary:     "Submit a job of scenes",
+		Description: "Accepts the job and returns at once (202); its scenes run in parallel on the fleet. The job is POSTed to callback_url when every scene is done. " +
+			"With Prefer: wait=N (N up to 60), it answers 200 with the finished job if the job ends within N seconds, else 202 as without it. " +
+			"A scene that no registered node of its pool can run, by the nodes' last known inventories (node classes, model files), is a 422 naming the field, e.g. body.scenes[0].params.checkpoint.",
 		Tags:          []string{"jobs"},
 		DefaultStatus: http.StatusAccepted,
 		MaxBodyBytes:  maxJobBytes,
+		Responses: map[string]*huma.Response{
+			"200": {
+				Description: "The job ended within the wait of Prefer: wait=N.",
+				Headers: map[string]*huma.Param{
+					"Location":           {Description: "URL of the job.", Schema: &huma.Schema{Type: huma.TypeString}},
+					"Preference-Applied": {Description: "wait=N: the wait the request asked for, as honoured.", Schema: &huma.Schema{Type: huma.TypeString}},
+				},
+				Content: map[string]*huma.MediaType{"application/json": {Schema: &huma.Schema{Ref: "#/components/schemas/Job"}}},
+			},
+		},
 	}), in.createJob)
 	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
 		OperationID: "get-job",
@@ -51,6 +65,8 @@ func (in *intake) addRoutes(a huma.API) {
 		Tags:        []string{"jobs"},
 		Responses: map[string]*huma.Response{
 			"200": {Description: "The file, with its content type.", Content: map[string]*huma.MediaType{"application/octet-stream": {}}},
+			"307": {Description: "The file is in an S3-compatible store: Location is a presigned URL that downloads it for a limited time.",
+				Headers: map[string]*huma.Param{"Location": {Description: "Presigned URL of the file.", Schema: &huma.Schema{Type: huma.TypeString}}}},
 		},
 	}), in.getOutput)
 	huma.Register(a, secured(tenancy.RoleRead, huma.Operation{
@@ -94,8 +110,11 @@ type SceneInput struct {
 	Inputs   map[string]ImageInput `json:"inputs,omitempty" doc:"Input images for the template's image parameters, by parameter name. Each is uploaded to the node that runs the scene."`
 	TimeoutS int                   `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Most seconds one attempt may run; then it is interrupted and retried, elsewhere if possible. Defaults to 3600 in the video pool, 600 elsewhere."`
 
-	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the scene, e.g. shenzhen; some registered node must be in it. Defaults to the job's region."`
+	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the scene, e.g. shenzhen; a registered node of its pool must be in it. Defaults to the job's region."`
 	PreferRegion string `json:"prefer_region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"A region whose nodes the scene goes to unless a node elsewhere finishes it markedly sooner (the dispatcher's --region-penalty, 10 s by default). Defaults to the job's prefer_region."`
+	// stored are input images of a raw graph already in the inputs store, bound to
+	// the graph's inputs: the uploads that the ComfyUI door's prompts name.
+	stored []fleet.Input
 }
 
 // JobInput is the body of a job request.
@@ -104,13 +123,22 @@ type JobInput struct {
 	CallbackURL string       `json:"callback_url,omitempty" maxLength:"2048" doc:"http(s) URL that receives the finished job as a POST."`
 	Scenes      []SceneInput `json:"scenes" minItems:"1" doc:"The scenes, run in parallel."`
 
-	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the job's scenes, unless a scene names its own; some registered node must be in it."`
+	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the job's scenes, unless a scene names its own; a registered node of their pool must be in it."`
 	PreferRegion string `json:"prefer_region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"A region whose nodes the job's scenes go to unless a node elsewhere finishes them markedly sooner, unless a scene names its own."`
 }
 
 type createJobInput struct {
 	IdempotencyKey string `header:"Idempotency-Key" maxLength:"255" doc:"Makes retries safe: the same key with the same body returns the same job; with another body, 409."`
+	Prefer         string `header:"Prefer" maxLength:"255" doc:"wait=N (RFC 7240, as Replicate has it): wait up to N seconds (at most 60) for the job to end, and answer 200 with the finished job if it does."`
 	Body           JobInput
+}
+
+type createJobOutput struct {
+	Status            int
+	Location          string `header:"Location" doc:"URL of the job."`
+	Replayed          string `header:"Idempotent-Replayed" doc:"true when an Idempotency-Key returned a job created before."`
+	PreferenceApplied string `header:"Preference-Applied" doc:"wait=N when the request's Prefer: wait=N was honoured: the job was awaited N seconds at most."`
+	Body              api.Job
 }
 
 type jobOutput struct {
@@ -124,6 +152,8 @@ type resolved struct {
 	pool   string
 	graph  fleet.Graph
 	inputs []sceneInput
+	// needs are the node classes and model files the graph names.
+	needs *inventory.Requirements
 	// region and preferRegion are the scene's, else the job's.
 	region, preferRegion string
 }
@@ -147,12 +177,13 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 		at := fmt.Sprintf("body.scenes[%d]", i)
 		r := resolved{spec: fleet.SceneSpec{Workflow: s.Workflow, Params: s.Params, Pool: s.Pool}, pool: s.Pool,
 			region: cmp.Or(s.Region, body.Region), preferRegion: cmp.Or(s.PreferRegion, body.PreferRegion)}
+		var tpl *workflow.Template
 		switch {
 		case s.Workflow != "" && s.Graph != nil:
 			detail(at, "give either workflow or graph, not both", nil)
 		case s.Workflow != "":
-			tpl, ok := in.catalog.Get(s.Workflow)
-			if !ok {
+			var ok bool
+			if tpl, ok = in.catalog.Get(s.Workflow); !ok {
 				detail(at+".workflow", fmt.Sprintf("unknown workflow; known: %v", in.catalog.Names()), s.Workflow)
 				continue
 			}
@@ -176,7 +207,7 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 			if len(s.Inputs) > 0 {
 				detail(at+".inputs", "inputs apply to a workflow template's image parameters, not to a raw graph", nil)
 			}
-			if err := workflow.ValidateGraph(s.Graph); err != nil {
+			if err := workflow.CheckGraph(s.Graph, in.graphClasses(cmp.Or(s.Pool, workflow.DefaultPool))); err != nil {
 				loc := at + ".graph"
 				var ge *workflow.GraphError
 				if errors.As(err, &ge) && ge.Node != "" {
@@ -186,11 +217,18 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 				continue
 			}
 			r.graph, r.spec.Graph = s.Graph, s.Graph
+			for _, f := range s.stored {
+				r.inputs = append(r.inputs, sceneInput{param: f.Param, object: f.Object, bind: f.Bind})
+			}
 		default:
 			detail(at, "give a workflow (with params) or a graph", nil)
 		}
 		if r.pool == "" {
 			r.pool = workflow.DefaultPool
+		}
+		if r.graph != nil {
+			r.needs = inventory.Require(r.graph)
+			errs = append(errs, in.judge(at, r.pool, r.needs, tpl)...)
 		}
 		r.spec.TimeoutS = cmp.Or(s.TimeoutS, defaultTimeout(r.pool))
 		out[i] = r
@@ -198,15 +236,26 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 	return out, errs
 }
 
-func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOutput, error) {
+func (in *intake) createJob(ctx context.Context, input *createJobInput) (*createJobOutput, error) {
 	job, replayed, err := in.submit(ctx, &input.Body, input.IdempotencyKey)
 	if err != nil {
 		return nil, err
 	}
-	out := &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}
+	out := &createJobOutput{Status: http.StatusAccepted, Location: in.cfg.PublicURL + api.JobPath(job.ID)}
 	if replayed {
 		out.Replayed = "true"
 	}
+	if wait := preferredWait(input.Prefer); wait > 0 {
+		out.PreferenceApplied = fmt.Sprintf("wait=%d", int(wait/time.Second))
+		done, err := in.awaitJob(ctx, job, wait)
+		if err != nil {
+			in.log.Warn("wait for the job to end; answering 202", "job", job.ID, "err", err)
+		}
+		if done != nil {
+			job, out.Status = done, http.StatusOK
+		}
+	}
+	out.Body = in.jobView(ctx, job)
 	return out, nil
 }
 
@@ -221,11 +270,7 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*jobOut
 // dies after the commit leaves no job half-queued.
 func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey string) (job *fleet.Job, replayed bool, err error) {
 	scenes, errs := in.resolve(ctx, body)
-	regionErrs, err := in.checkRegions(ctx, body)
-	if err != nil {
-		return nil, false, huma.Error503ServiceUnavailable("cannot read the node registry now; retry", err)
-	}
-	if errs = append(errs, regionErrs...); len(errs) > 0 {
+	if errs = append(errs, in.checkRegions(body, scenes)...); len(errs) > 0 {
 		return nil, false, huma.Error422UnprocessableEntity("validation failed", errs...)
 	}
 	tenant := caller(ctx).Tenant
@@ -258,6 +303,13 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 		spec.Inputs, spec.Graph = refs[i], nil
 		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Model: fleet.Checkpoint(s.graph),
 			Region: s.region, PreferRegion: s.preferRegion, Status: fleet.StatusQueued, QueuedAt: now}
+		if s.needs != nil {
+			if job.Needs == nil {
+				job.Needs = map[string]*inventory.Requirements{}
+			}
+			job.Needs[s.needs.Key] = s.needs
+			job.Scenes[i].NeedsKey = s.needs.Key
+		}
 	}
 	if idempotencyKey != "" {
 		existing, err := in.jobs.Record(ctx, id)
@@ -286,7 +338,7 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	}
 	first, err := in.commit(ctx, job, scenes, refs)
 	if err != nil {
-		in.removeInputs(context.WithoutCancel(ctx), refs)
+		in.removeInputs(context.WithoutCancel(ctx), job.ID, refs)
 		return nil, false, err
 	}
 	if !first {
@@ -362,7 +414,9 @@ func (in *intake) getJob(ctx context.Context, input *jobIDInput) (*jobOutput, er
 	if err != nil {
 		return nil, err
 	}
-	return &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: api.FromJob(job, in.cfg.PublicURL)}, nil
+	out := &jobOutput{Location: in.cfg.PublicURL + api.JobPath(job.ID), Body: in.jobView(ctx, job)}
+	in.explainWaits(ctx, job, &out.Body)
+	return out, nil
 }
 
 type outputInput struct {
@@ -384,8 +438,20 @@ func (in *intake) getOutput(ctx context.Context, input *outputInput) (*huma.Stre
 		return nil, huma.Error404NotFound(fmt.Sprintf("scene %d of job %s has no output %q", input.Index, input.ID, input.Name))
 	}
 	meta := job.Scenes[input.Index].Outputs[i]
-	obj, err := in.outputs.Get(ctx, fleet.OutputKey(job.ID, input.Index, meta.Name))
-	if errors.Is(err, jetstream.ErrObjectNotFound) {
+	key := fleet.OutputKey(job.ID, input.Index, meta.Name)
+	link, err := in.outputs.URL(ctx, key, in.cfg.OutputURLTTL)
+	if err != nil {
+		return nil, huma.Error503ServiceUnavailable("cannot link the output now; retry", err)
+	}
+	if link != "" {
+		return &huma.StreamResponse{Body: func(hc huma.Context) {
+			hc.SetHeader("Location", link)
+			hc.SetHeader("Cache-Control", "no-store")
+			hc.SetStatus(http.StatusTemporaryRedirect)
+		}}, nil
+	}
+	obj, _, err := in.outputs.Open(ctx, key)
+	if errors.Is(err, outputs.ErrNotFound) {
 		return nil, huma.Error404NotFound("output is gone from the store")
 	}
 	if err != nil {

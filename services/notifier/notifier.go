@@ -32,6 +32,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/callback"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 )
 
@@ -63,6 +64,14 @@ type Config struct {
 	// WebhookAttempts is how many times a webhook is tried before it is given up.
 	// Defaults to 20 (about 75 minutes with the default back-off).
 	WebhookAttempts int
+	// Outputs is where the executors store scene outputs: when it gives presigned
+	// URLs (an S3-compatible store), webhooks link outputs by them. Defaults to none:
+	// outputs are linked through the API (PublicURL), as for the JetStream object
+	// store.
+	Outputs outputs.Store
+	// OutputURLTTL is how long the presigned URLs in webhooks stay valid. Defaults
+	// to 1h.
+	OutputURLTTL time.Duration
 	// TrackerWorkers is how many scene events the tracker handles at once; the
 	// events of one job are handled in order, one at a time. Defaults to 32.
 	TrackerWorkers int
@@ -98,6 +107,9 @@ func (c *Config) fill() error {
 	}
 	if c.WebhookAttempts == 0 {
 		c.WebhookAttempts = 20
+	}
+	if c.OutputURLTTL == 0 {
+		c.OutputURLTTL = time.Hour
 	}
 	if c.TrackerWorkers == 0 {
 		c.TrackerWorkers = 32
@@ -394,7 +406,14 @@ var errGone = errors.New("receiver answered 410 Gone")
 func (n *notifier) deliver(ctx context.Context, job *fleet.Job, typ fleet.EventType) error {
 	ctx, span := tracer.Start(ctx, "deliver webhook", trace.WithSpanKind(trace.SpanKindClient))
 	defer span.End()
-	body, err := json.Marshal(api.Webhook{Type: "job." + string(typ), Job: api.FromJob(job, n.cfg.PublicURL)})
+	view := api.FromJob(job, n.cfg.PublicURL)
+	if n.cfg.Outputs != nil {
+		if err := api.Presign(ctx, &view, n.cfg.Outputs, n.cfg.OutputURLTTL); err != nil {
+			n.log.Warn("presign output URLs; the webhook links them through the API", "job", job.ID, "err", err)
+			view = api.FromJob(job, n.cfg.PublicURL)
+		}
+	}
+	body, err := json.Marshal(api.Webhook{Type: "job." + string(typ), Job: view})
 	if err != nil {
 		return fmt.Errorf("encode webhook of job %s: %w", job.ID, err)
 	}

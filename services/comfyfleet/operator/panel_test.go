@@ -174,7 +174,7 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 		ID string `json:"id"`
 	}
 	if status := f.call(t, http.MethodPost, "/v1/jobs", map[string]any{"scenes": []any{map[string]any{"graph": map[string]any{
-		"1": map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}},
+		"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"height": 64, "batch_size": 1, "color": 0}},
 		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "x"}},
 	}}}}, &failing); status != http.StatusAccepted {
 		t.Fatalf("POST /v1/jobs: %d", status)

@@ -291,9 +291,11 @@ func TestWebhookIsRetriedUntilTheReceiverAcceptsIt(t *testing.T) {
 func TestGraphRejectedByComfyUIFailsOnceWithItsErrors(t *testing.T) {
 	t.Parallel()
 	b := startStack(t, testSims(1, 1))
+	// Every node has the graph's classes (a class none has is refused at submission):
+	// ComfyUI rejects it for an input it lacks.
 	body := map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
 		map[string]any{"graph": map[string]any{
-			"1": map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}},
+			"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"height": 64, "batch_size": 1, "color": 0}},
 			"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "x"}},
 		}},
 		map[string]any{"workflow": "demo"},
@@ -304,7 +306,7 @@ func TestGraphRejectedByComfyUIFailsOnceWithItsErrors(t *testing.T) {
 		t.Fatalf("webhook %s, job %s; want job.failed", hook.Body.Type, hook.Body.Job.Status)
 	}
 	bad, good := hook.Body.Job.Scenes[0], hook.Body.Job.Scenes[1]
-	if bad.Status != "failed" || bad.Attempts != 1 || !strings.Contains(bad.Error, "NoSuchNode") {
+	if bad.Status != "failed" || bad.Attempts != 1 || !strings.Contains(bad.Error, "Required input is missing: width") {
 		t.Errorf("rejected scene: %s after %d attempts: %q; want failed at once with the server's message", bad.Status, bad.Attempts, bad.Error)
 	}
 	if good.Status != "succeeded" {

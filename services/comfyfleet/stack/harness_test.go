@@ -110,7 +110,12 @@ func startStackTuned(t *testing.T, sims []comfysim.Config, tune func(*stack.Conf
 			t.Errorf("stack stopped with: %v", err)
 		}
 	})
-	nc, err := nats.Connect(s.NATS.ClientURL())
+	var nc *nats.Conn
+	if cfg.Connect != nil {
+		nc, err = cfg.Connect("test")
+	} else {
+		nc, err = nats.Connect(s.NATSURL)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

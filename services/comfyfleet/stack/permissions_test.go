@@ -1,10 +1,12 @@
 package stack_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"image"
 	"image/png"
-	"net"
+	"io"
 	"net/http"
 	"strings"
 	"sync"
@@ -15,15 +17,13 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/comfyfleet/comfyfleet/pkg/callback"
+	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
-	"github.com/comfyfleet/comfyfleet/services/dispatcher"
-	"github.com/comfyfleet/comfyfleet/services/executor"
-	"github.com/comfyfleet/comfyfleet/services/intake"
-	"github.com/comfyfleet/comfyfleet/services/notifier"
-	"github.com/comfyfleet/comfyfleet/workflows"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/intake/comfydoor"
 )
 
 // deployConfig is the nats-server configuration shipped for deployments.
@@ -123,35 +123,6 @@ func (u *userConn) waitViolation(t *testing.T, subject string, within time.Durat
 
 func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	srv, passwords := permServer(t)
-	settings := testSettings()
-	log := testLogger(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	var (
-		wg    sync.WaitGroup
-		conns = map[string]*userConn{}
-	)
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-		for _, c := range conns {
-			c.nc.Close()
-		}
-	})
-	for _, user := range []string{"intake", "dispatcher", "executor", "notifier", "admin"} {
-		conns[user] = dialUser(t, srv, passwords, user)
-	}
-	run := func(name string, f func() error) {
-		wg.Go(func() {
-			if err := f(); err != nil {
-				t.Errorf("%s: %v", name, err)
-			}
-		})
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	apiURL := "http://" + ln.Addr().String()
 	hooks := newHookReceiver(t)
 	sim, err := comfysim.Start(comfysim.Config{Name: "sim-0", StepDuration: 10 * time.Millisecond})
 	if err != nil {
@@ -159,22 +130,25 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	}
 	t.Cleanup(func() { sim.Close() })
 	node := fleet.NodeConfig{ID: "sim-0", URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
-
-	run("dispatcher", func() error {
-		return dispatcher.Run(ctx, dispatcher.Config{Conn: conns["dispatcher"].nc, Settings: settings, Logger: log})
+	// Every service connects as its own user; the stack creates the streams as admin.
+	var mu sync.Mutex
+	conns := map[string]*userConn{}
+	b := startStackTuned(t, nil, func(c *stack.Config) {
+		c.NATSURL, c.DataDir, c.Comfy, c.NoAdopt = srv.ClientURL(), "", []fleet.NodeConfig{node}, true
+		c.Executor.Name = "exec-0"
+		c.Connect = func(name string) (*nats.Conn, error) {
+			user, _, _ := strings.Cut(name, "-")
+			if user == "boot" || user == "test" {
+				user = "admin"
+			}
+			u := dialUser(t, srv, passwords, user)
+			mu.Lock()
+			conns[name] = u
+			mu.Unlock()
+			return u.nc, nil
+		}
 	})
-	run("notifier", func() error {
-		return notifier.Run(ctx, notifier.Config{Conn: conns["notifier"].nc, Settings: settings, PublicURL: apiURL,
-			WebhookBackoff: 50 * time.Millisecond, CallbackGuard: callback.NewGuard(loopback...), Logger: log})
-	})
-	run("intake", func() error {
-		return intake.Run(ctx, intake.Config{Conn: conns["intake"].nc, Settings: settings, Templates: workflows.FS, Listener: ln,
-			Open: true, CallbackGuard: callback.NewGuard(loopback...), Logger: log})
-	})
-	run("executor", func() error {
-		return executor.Run(ctx, executor.Config{Conn: conns["executor"].nc, Settings: settings, Nodes: []fleet.NodeConfig{node},
-			Name: "exec-0", HeartbeatInterval: 200 * time.Millisecond, Logger: log})
-	})
+	apiURL := b.stack.APIURL
 
 	// A job end to end, every service as its own user.
 	job, _ := postJob(t, apiURL, sceneJob(hooks.URL, 2, 10))
@@ -203,7 +177,17 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	if got := getJob(t, apiURL, job.ID); got.Status != "succeeded" {
 		t.Errorf("GET job after webhook: %s", got.Status)
 	}
+	// A job awaited (Prefer: wait), and a node's inventory read again on request.
+	if code, _, waited := postJobWaiting(t, apiURL, sceneJob("", 1, 5), 30); code != http.StatusOK || waited.Status != "succeeded" {
+		t.Errorf("POST /v1/jobs with Prefer: wait=30: %d, %s", code, waited.Status)
+	}
+	if st, _, raw := call(t, http.MethodPost, apiURL+"/v1/nodes/sim-0/refresh", "", nil); st != http.StatusOK || !strings.Contains(string(raw), `"inventory"`) {
+		t.Errorf("POST /v1/nodes/sim-0/refresh: %d %s", st, raw)
+	}
+	comfyDoorAsItsUser(t, apiURL+"/comfy", sim, node.ID, b.js)
 	// The services ran without hitting a single refusal.
+	mu.Lock()
+	defer mu.Unlock()
 	for user, c := range conns {
 		if v := c.violations(); len(v) > 0 {
 			t.Errorf("%s's connection was refused: %v", user, v)
@@ -237,7 +221,9 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	intakeConn.waitViolation(t, fleet.WorkSubject("image"), 5*time.Second)
 
 	// The executor cannot read the API keys, even one that exists.
-	keys, err := conns["admin"].js.KeyValue(ctx, fleet.BucketAPIKeys)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	keys, err := b.js.KeyValue(ctx, fleet.BucketAPIKeys)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,4 +273,67 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 		t.Fatal(err)
 	}
 	executorConn.waitViolation(t, "_INBOX_intake.>", 5*time.Second)
+}
+
+// comfyDoorAsItsUser uses every part of the ComfyUI-compatible API, whose NATS
+// requests the intake's user must be allowed, with the node's object_info published
+// (by admin, as an executor would).
+func comfyDoorAsItsUser(t *testing.T, door string, sim *comfysim.Server, nodeID string, admin jetstream.JetStream) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	store, err := admin.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: comfydoor.ObjectInfoStore})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := client.Get(sim.URL() + "/object_info")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if _, err := store.PutBytes(ctx, nodeID, info); err != nil {
+		t.Fatal(err)
+	}
+	cc := comfy.New(door, comfy.WithHTTPClient(client))
+	defer cc.Close()
+	fleettest.Eventually(t, 30*time.Second, func() bool {
+		classes, err := cc.ObjectInfo(ctx, "LoadImage")
+		return err == nil && len(classes) == 1
+	}, "the door does not offer the node's classes")
+	var img bytes.Buffer
+	if err := png.Encode(&img, image.NewRGBA(image.Rect(0, 0, 8, 8))); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := cc.UploadImage(ctx, "perm.png", img.Bytes(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := cc.Run(ctx, comfy.Graph{
+		"1": map[string]any{"class_type": "LoadImage", "inputs": map[string]any{"image": ref.Filename}},
+		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "perm"}},
+	}, "", nil)
+	if err != nil {
+		t.Fatalf("a prompt through the door: %v", err)
+	}
+	body, _, err := cc.View(ctx, res.Outputs[0].File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body.Close()
+	if _, err := cc.RecentHistory(ctx, 5); err != nil {
+		t.Error(err)
+	}
+	if _, err := cc.Queue(ctx); err != nil {
+		t.Error(err)
+	}
+	if _, err := cc.SystemStats(ctx); err != nil {
+		t.Error(err)
+	}
+	if err := cc.Interrupt(ctx, ""); err != nil {
+		t.Error(err)
+	}
+	if _, err := cc.Submit(ctx, comfy.Graph{"1": map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}}}, ""); !comfy.IsPermanent(err) {
+		t.Errorf("an unknown class: %v; want a rejection", err)
+	}
 }

@@ -390,8 +390,10 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 	log := followScenes(t, b.nc)
 	deadline := time.Now().Add(30 * time.Second)
 
+	// Scenes of 400 ms: longer than the executor may take, under -race on a busy
+	// machine, to hear of the removal.
 	const scenes = 20
-	job, _ := postJob(t, b.stack.APIURL, schedJob(b.hooks.URL, 5, scenes, 20, 0))
+	job, _ := postJob(t, b.stack.APIURL, schedJob(b.hooks.URL, 5, scenes, 40, 0))
 	_, pos := log.next(t, 0, deadline, "completed scene on "+a, func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventCompleted && ev.Node == a
 	})

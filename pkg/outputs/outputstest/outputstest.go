@@ -1,11 +1,18 @@
-package outputs_test
+// Package outputstest runs a real S3-protocol server on loopback for tests of output
+// storage: gofakes3 behind a check of every request's AWS Signature Version 4, with
+// the credentials and region that S3Server.Env and S3Server.AWSConfig give clients.
+package outputstest
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -13,37 +20,41 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
+	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/johannesboyne/gofakes3"
 	"github.com/johannesboyne/gofakes3/backend/s3mem"
 )
 
-// The fake server's credentials and region.
+// The server's credentials and region.
 const (
-	accessKey = "AKIACOMFYFLEETTEST"
-	secretKey = "comfyfleet/test/secret/key"
-	region    = "eu-central-1"
+	AccessKey = "AKIACOMFYFLEETTEST"
+	SecretKey = "comfyfleet/test/secret/key"
+	Region    = "eu-central-1"
 )
 
-// s3Server is gofakes3 on a loopback socket, behind a check of every request's
-// Signature Version 4 (header-signed and presigned) against the test's credentials,
-// which gofakes3 does not make itself.
-type s3Server struct {
-	URL     string
-	backend *s3mem.Backend
+// S3Server is gofakes3 on a loopback socket, behind a check of every request's
+// Signature Version 4 (header-signed and presigned) against AccessKey and SecretKey,
+// which gofakes3 does not make itself. It records every request it gets.
+type S3Server struct {
+	// URL is the server's base URL, the endpoint clients use (path-style).
+	URL string
+	// Backend holds the buckets and their objects.
+	Backend *s3mem.Backend
 
 	mu       sync.Mutex
 	requests []string
 }
 
-func startS3(t *testing.T, buckets ...string) *s3Server {
+// Start runs a server with buckets until the test ends.
+func Start(t testing.TB, buckets ...string) *S3Server {
 	t.Helper()
-	s := &s3Server{backend: s3mem.New()}
+	s := &S3Server{Backend: s3mem.New()}
 	for _, b := range buckets {
-		if err := s.backend.CreateBucket(b); err != nil {
+		if err := s.Backend.CreateBucket(b); err != nil {
 			t.Fatal(err)
 		}
 	}
-	fake := gofakes3.New(s.backend, gofakes3.WithAutoBucket(false)).Server()
+	fake := gofakes3.New(s.Backend, gofakes3.WithAutoBucket(false)).Server()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -64,8 +75,34 @@ func startS3(t *testing.T, buckets ...string) *s3Server {
 	return s
 }
 
-// count returns how many requests matched match.
-func (s *s3Server) count(match func(string) bool) int {
+// Env points the standard AWS variables at the server for the rest of the test, as
+// an operator configures comfyfleet's --outputs s3://…, and keeps the machine's own
+// AWS configuration files and instance metadata out. Tests that call it cannot run
+// in parallel (testing.T.Setenv).
+func (s *S3Server) Env(t *testing.T) {
+	t.Helper()
+	dir := t.TempDir()
+	for k, v := range map[string]string{
+		"AWS_ENDPOINT_URL_S3": s.URL, "AWS_REGION": Region, "AWS_ACCESS_KEY_ID": AccessKey, "AWS_SECRET_ACCESS_KEY": SecretKey,
+		"AWS_CONFIG_FILE": filepath.Join(dir, "config"), "AWS_SHARED_CREDENTIALS_FILE": filepath.Join(dir, "credentials"),
+		"AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "", "AWS_PROFILE": "", "AWS_SESSION_TOKEN": "",
+	} {
+		t.Setenv(k, v)
+	}
+}
+
+// AWSConfig is an SDK configuration for the server, signing with secret (SecretKey,
+// or another one to see requests refused).
+func (s *S3Server) AWSConfig(secret string) *aws.Config {
+	return &aws.Config{
+		Region:       Region,
+		BaseEndpoint: aws.String(s.URL),
+		Credentials:  credentials.NewStaticCredentialsProvider(AccessKey, secret, ""),
+	}
+}
+
+// Count returns how many requests matched match; each is "METHOD /path?query".
+func (s *S3Server) Count(match func(request string) bool) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0
@@ -77,8 +114,37 @@ func (s *s3Server) count(match func(string) bool) int {
 	return n
 }
 
-func (s *s3Server) verify(t *testing.T, next http.Handler) http.Handler {
-	creds := aws.Credentials{AccessKeyID: accessKey, SecretAccessKey: secretKey}
+// Object returns the content of the object under key in bucket.
+func (s *S3Server) Object(bucket, key string) ([]byte, error) {
+	obj, err := s.Backend.GetObject(bucket, key, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer obj.Contents.Close()
+	var b bytes.Buffer
+	if _, err := io.Copy(&b, obj.Contents); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+// Keys returns the keys of the objects in bucket that start with prefix, sorted.
+func (s *S3Server) Keys(bucket, prefix string) ([]string, error) {
+	p := gofakes3.NewPrefix(&prefix, nil)
+	list, err := s.Backend.ListBucket(bucket, &p, gofakes3.ListBucketPage{})
+	if err != nil {
+		return nil, err
+	}
+	keys := make([]string, 0, len(list.Contents))
+	for _, c := range list.Contents {
+		keys = append(keys, c.Key)
+	}
+	sort.Strings(keys)
+	return keys, nil
+}
+
+func (s *S3Server) verify(t testing.TB, next http.Handler) http.Handler {
+	creds := aws.Credentials{AccessKeyID: AccessKey, SecretAccessKey: SecretKey}
 	signer := v4.NewSigner(func(o *v4.SignerOptions) { o.DisableURIPathEscaping = true })
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
@@ -121,7 +187,7 @@ func checkSignature(ctx context.Context, signer *v4.Signer, creds aws.Credential
 		amzDate, payload = r.Header.Get("X-Amz-Date"), r.Header.Get("X-Amz-Content-Sha256")
 	}
 	scope := strings.Split(credential, "/")
-	if len(scope) != 5 || scope[0] != creds.AccessKeyID || scope[2] != region || scope[3] != "s3" {
+	if len(scope) != 5 || scope[0] != creds.AccessKeyID || scope[2] != Region || scope[3] != "s3" {
 		return errors.New("credential scope " + credential)
 	}
 	at, err := time.Parse("20060102T150405Z", amzDate)
@@ -150,7 +216,7 @@ func checkSignature(ctx context.Context, signer *v4.Signer, creds aws.Credential
 	}
 	var got string
 	if presigned {
-		signed, _, err := signer.PresignHTTP(ctx, creds, again, payload, "s3", region, at)
+		signed, _, err := signer.PresignHTTP(ctx, creds, again, payload, "s3", Region, at)
 		if err != nil {
 			return err
 		}
@@ -160,7 +226,7 @@ func checkSignature(ctx context.Context, signer *v4.Signer, creds aws.Credential
 		}
 		got = su.Query().Get("X-Amz-Signature")
 	} else {
-		if err := signer.SignHTTP(ctx, creds, again, payload, "s3", region, at); err != nil {
+		if err := signer.SignHTTP(ctx, creds, again, payload, "s3", Region, at); err != nil {
 			return err
 		}
 		_, got, _ = strings.Cut(again.Header.Get("Authorization"), "Signature=")

@@ -1,0 +1,217 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("bench backlog", flag.ContinueOnError)
+	var (
+		scenes    = fs.Int("scenes", 1_000_000, "scenes queued before any node arrives")
+		perJob    = fs.Int("scenes-per-job", 1000, "scenes per job")
+		clients   = fs.Int("clients", 8, "concurrent clients submitting")
+		nodes     = fs.Int("nodes", 500, "simulated ComfyUI nodes that arrive once the backlog is queued")
+		executors = fs.Int("executors", 2, "executor processes driving the nodes")
+		sceneTime = fs.Duration("scene-time", time.Millisecond, "time a simulated node takes for one scene")
+		keep      = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
+	)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	jobs := *scenes / *perJob
+	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Keep: *keep})
+	if err != nil {
+		return err
+	}
+	defer f.stop()
+	nc, err := nats.Connect(f.natsURL)
+	if err != nil {
+		return fmt.Errorf("bench: %w", err)
+	}
+	defer nc.Close()
+	var ended, unsuccessful atomic.Int64
+	sub, err := nc.Subscribe("fleet.evt.job.*.*", func(m *nats.Msg) {
+		typ := fleet.EventType(m.Subject[strings.LastIndexByte(m.Subject, '.')+1:])
+		if typ.Terminal() {
+			ended.Add(1)
+		}
+		if typ == fleet.EventFailed || typ == fleet.EventCancelled {
+			unsuccessful.Add(1)
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("bench: %w", err)
+	}
+	defer sub.Unsubscribe()
+	fmt.Fprintf(stdout, "backlog: %d scenes in jobs of %d queued with no node, then %d simulated nodes of %s scenes arrive, driven by %d executors; every service its own process\n\n",
+		jobs**perJob, *perJob, *nodes, *sceneTime, *executors)
+
+	// Queue the backlog.
+	start := time.Now()
+	work := make(chan int, jobs)
+	for j := range jobs {
+		work <- j
+	}
+	close(work)
+	var wg sync.WaitGroup
+	var failed atomic.Value
+	for range *clients {
+		wg.Go(func() {
+			for j := range work {
+				list := make([]map[string]any, *perJob)
+				for i := range list {
+					list[i] = map[string]any{"workflow": "demo", "params": map[string]any{"width": 8, "height": 8, "size": 8, "color": (j**perJob + i) % 0xffffff}}
+				}
+				body, _ := json.Marshal(map[string]any{"scenes": list})
+				if _, err := f.post(ctx, body); err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err, ok := failed.Load().(error); ok {
+		return err
+	}
+	accepted := time.Since(start)
+	total := jobs * *perJob
+	var summary fleet.QueueSummary
+	for {
+		if err := queueSummary(nc, &summary); err == nil && depth(summary) >= total {
+			break
+		}
+		if time.Since(start) > time.Hour {
+			return fmt.Errorf("bench: the queue holds %d scenes of %d after an hour", depth(summary), total)
+		}
+		fleet.Pause(ctx, time.Second)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	queuedIn := time.Since(start)
+	held := f.usage()["dispatcher-1"]
+
+	// The nodes arrive.
+	sims := make([]comfysim.Config, *nodes)
+	for i := range sims {
+		sims[i] = comfysim.Config{Name: fmt.Sprintf("gpu-%03d", i+1), NodeDuration: *sceneTime / 4, StepDuration: -1}
+	}
+	arrived := time.Now()
+	if err := f.startNodes(sims, *executors); err != nil {
+		return err
+	}
+	for ended.Load() < int64(jobs) {
+		if time.Since(arrived) > 3*time.Hour {
+			return fmt.Errorf("bench: %d of %d jobs ended after 3 hours", ended.Load(), jobs)
+		}
+		fleet.Pause(ctx, time.Second)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	drained := time.Since(arrived)
+	after := f.usage()
+	decisions, err := histogram(f.proc("dispatcher-1").metrics, "comfyfleet_placement_decision_seconds")
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "measure\tvalue\t")
+	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())
+	fmt.Fprintf(tw, "every scene queued after\t%.1f s\t\n", queuedIn.Seconds())
+	fmt.Fprintf(tw, "dispatcher peak RSS with %d scenes queued\t%d MiB (%.0f bytes a scene)\t\n", total, held.rssMax>>20, float64(held.rssMax)/float64(total))
+	fmt.Fprintf(tw, "placement decisions (plans placing a scene)\t%.0f\t\n", decisions.count)
+	fmt.Fprintf(tw, "placement decision p50 / p99 (upper bucket bounds)\t%s / %s\t\n", decisions.quantile(0.5), decisions.quantile(0.99))
+	fmt.Fprintf(tw, "time to drain once %d nodes arrived\t%.1f s (%.0f scenes a second)\t\n", *nodes, drained.Seconds(), float64(total)/drained.Seconds())
+	fmt.Fprintf(tw, "jobs ended / of them not succeeded\t%d / %d\t\n", ended.Load(), unsuccessful.Load())
+	for _, name := range []string{"nats", "intake", "dispatcher-1", "notifier-1"} {
+		fmt.Fprintf(tw, "%s: peak RSS\t%d MiB\t\n", name, after[name].rssMax>>20)
+	}
+	return tw.Flush()
+}
+
+// queueSummary asks a dispatcher what its queue holds.
+func queueSummary(nc *nats.Conn, s *fleet.QueueSummary) error {
+	m, err := nc.Request(fleet.QueuesSubject, nil, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(m.Data, s)
+}
+
+func depth(s fleet.QueueSummary) int {
+	n := 0
+	for _, p := range s.Pools {
+		n += p.Depth
+	}
+	return n
+}
+
+// buckets is a Prometheus histogram: cumulative counts by upper bound.
+type buckets struct {
+	bounds []float64
+	counts []float64
+	count  float64
+}
+
+// quantile is the upper bound of the bucket holding quantile q.
+func (b buckets) quantile(q float64) string {
+	for i, c := range b.counts {
+		if c >= q*b.count {
+			if math.IsInf(b.bounds[i], 1) {
+				return "above the last bucket"
+			}
+			return fmt.Sprintf("≤ %s", time.Duration(b.bounds[i]*float64(time.Second)))
+		}
+	}
+	return "n/a"
+}
+
+// histogram reads histogram name from the Prometheus metrics at addr.
+func histogram(addr, name string) (buckets, error) {
+	var b buckets
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return b, fmt.Errorf("bench: read metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, name+"_bucket{"):
+			i := strings.Index(line, `le="`)
+			j := strings.Index(line[i+4:], `"`)
+			le := line[i+4 : i+4+j]
+			bound := math.Inf(1)
+			if le != "+Inf" {
+				bound, _ = strconv.ParseFloat(le, 64)
+			}
+			v, _ := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+			b.bounds, b.counts = append(b.bounds, bound), append(b.counts, v)
+		case strings.HasPrefix(line, name+"_count"):
+			b.count, _ = strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+		}
+	}
+	return b, sc.Err()
+}

@@ -1,0 +1,305 @@
+package stack_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/api"
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/pkg/outputs/outputstest"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/intake"
+)
+
+// postJobWaiting posts a job with Prefer: wait=seconds and returns the status, the
+// headers and the job answered.
+func postJobWaiting(t *testing.T, apiURL string, body any, seconds int) (int, http.Header, api.Job) {
+	t.Helper()
+	b, err := json.Marshal(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, err := http.NewRequest(http.MethodPost, apiURL+"/v1/jobs", bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Prefer", fmt.Sprintf("wait=%d", seconds))
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var job api.Job
+	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusAccepted {
+		if err := json.Unmarshal(raw, &job); err != nil {
+			t.Fatalf("POST /v1/jobs: %s: %v", raw, err)
+		}
+	} else {
+		t.Logf("POST /v1/jobs: %s: %s", resp.Status, raw)
+	}
+	return resp.StatusCode, resp.Header, job
+}
+
+// nodeInventory returns node's inventory as GET /v1/nodes/{id} shows it, nil while
+// there is none.
+func nodeInventory(t *testing.T, apiURL, node string) *intake.NodeInventory {
+	t.Helper()
+	var n intake.Node
+	getJSON(t, apiURL+"/v1/nodes/"+node, &n)
+	return n.Inventory
+}
+
+// checkpointsOf are the checkpoint files of an inventory.
+func checkpointsOf(inv *intake.NodeInventory) []string {
+	if inv == nil {
+		return nil
+	}
+	for _, m := range inv.Models {
+		if m.Input == "ckpt_name" {
+			return m.Files
+		}
+	}
+	return nil
+}
+
+const (
+	sd15 = "v1-5-pruned-emaonly.safetensors"
+	sdxl = "sd_xl_base_1.0.safetensors"
+)
+
+// videoGraph is a raw graph that needs VideoHelperSuite's VHS_VideoCombine: frames
+// blank frames of 64×64 combined into an mp4.
+func videoGraph(frames int) map[string]any {
+	return map[string]any{
+		"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"width": 64, "height": 64, "batch_size": frames, "color": 0}},
+		"2": map[string]any{"class_type": "VHS_VideoCombine", "inputs": map[string]any{"images": []any{"1", 0}, "frame_rate": 8,
+			"loop_count": 0, "filename_prefix": "clip", "format": "video/h264-mp4", "pingpong": false, "save_output": true}},
+	}
+}
+
+// TestScenesRunOnlyWhereTheyCan is issue 13's fleet of unlike nodes: every scene runs
+// on a node that has what it needs, a scene no node can run is refused naming the
+// field, a scene whose only capable node is offline waits and says why, and a node
+// that gains the checkpoint (read again on request) takes it.
+func TestScenesRunOnlyWhereTheyCan(t *testing.T) {
+	t.Parallel()
+	sims := testSims(1, 1, 1)
+	sims[0].Models = map[string][]string{"ckpt_name": {sd15, sdxl}}
+	sims[1].Models = map[string][]string{"ckpt_name": {sd15}}
+	sims[1].WithoutClasses = []string{"VHS_VideoCombine"}
+	sims[2].Models = map[string][]string{"ckpt_name": {sd15}}
+	b := startStack(t, sims)
+	api := b.stack.APIURL
+	a, bee, c := b.stack.Sims[0], b.stack.Sims[1], b.stack.Sims[2]
+	for _, n := range b.stack.Nodes {
+		fleettest.Eventually(t, 20*time.Second, func() bool { return nodeInventory(t, api, n.ID) != nil }, "no inventory of node %s", n.ID)
+	}
+	if got := checkpointsOf(nodeInventory(t, api, "sim-a")); !slices.Equal(got, []string{sdxl, sd15}) {
+		t.Errorf("GET /v1/nodes/sim-a: checkpoints %v", got)
+	}
+
+	// A mixed job: each kind of scene runs only where it can.
+	capable := map[string][]string{"sd15": {"sim-a", "sim-b", "sim-c"}, "sdxl": {"sim-a"}, "video": {"sim-a", "sim-c"}}
+	var scenes []any
+	var kinds []string
+	for i := range 4 {
+		txt := func(ckpt string) map[string]any {
+			return map[string]any{"workflow": "txt2img", "params": map[string]any{"checkpoint": ckpt, "seed": i, "steps": 5, "width": 64, "height": 64}}
+		}
+		scenes = append(scenes, txt(sd15), txt(sdxl), map[string]any{"graph": videoGraph(2 + i)})
+		kinds = append(kinds, "sd15", "sdxl", "video")
+	}
+	code, _, job := postJobWaiting(t, api, map[string]any{"scenes": scenes}, 60)
+	if code != http.StatusOK || job.Status != "succeeded" {
+		t.Fatalf("mixed job: %d, %s", code, job.Status)
+	}
+	for i, s := range job.Scenes {
+		if !slices.Contains(capable[kinds[i]], s.Node) || len(s.Failures) > 0 {
+			t.Errorf("scene %d (%s) ran on %s after %d failures; it can run on %v only", i, kinds[i], s.Node, len(s.Failures), capable[kinds[i]])
+		}
+	}
+	for i, sim := range []*comfysim.Server{a, bee, c} {
+		if st := sim.Stats(); st.Failed > 0 {
+			t.Errorf("node %s failed %d prompts", b.stack.Nodes[i].ID, st.Failed)
+		}
+	}
+
+	// No node has it: 422 at the parameter that names it.
+	st, _, raw := call(t, http.MethodPost, api+"/v1/jobs", "", map[string]any{"scenes": []any{
+		map[string]any{"workflow": "txt2img", "params": map[string]any{"checkpoint": "x.safetensors"}}}})
+	var problem struct {
+		Errors []struct{ Location, Message string } `json:"errors"`
+	}
+	_ = json.Unmarshal(raw, &problem)
+	if st != http.StatusUnprocessableEntity || len(problem.Errors) != 1 || problem.Errors[0].Location != "body.scenes[0].params.checkpoint" ||
+		problem.Errors[0].Message != "no node in pool image has checkpoint x.safetensors" {
+		t.Errorf("a checkpoint no node has: %d %s", st, raw)
+	}
+
+	// The only node with SDXL goes offline: an SDXL scene is accepted (sim-a is
+	// registered and has it), waits, and says why.
+	a.Kill()
+	fleettest.Eventually(t, 10*time.Second, func() bool { return observedState(t, b.js, "sim-a") == fleet.NodeOffline }, "sim-a not offline")
+	waiting, _ := postJob(t, api, map[string]any{"scenes": []any{
+		map[string]any{"workflow": "txt2img", "params": map[string]any{"checkpoint": sdxl, "steps": 5, "width": 64, "height": 64}}}})
+	view := getJob(t, api, waiting.ID)
+	if s := view.Scenes[0]; s.Status != "queued" || s.WaitingFor != "no online node in pool image has checkpoint "+sdxl {
+		t.Errorf("SDXL scene while sim-a is offline: %s, waiting for %q", s.Status, s.WaitingFor)
+	}
+
+	// sim-b gains the checkpoint; read again on request, it takes the scene.
+	if err := bee.AddModel("ckpt_name", sdxl); err != nil {
+		t.Fatal(err)
+	}
+	st, _, raw = call(t, http.MethodPost, api+"/v1/nodes/sim-b/refresh", "", nil)
+	var refreshed intake.Node
+	if err := json.Unmarshal(raw, &refreshed); err != nil || st != http.StatusOK || !slices.Contains(checkpointsOf(refreshed.Inventory), sdxl) {
+		t.Fatalf("POST /v1/nodes/sim-b/refresh: %d %s", st, raw)
+	}
+	fleettest.Eventually(t, 30*time.Second, func() bool { return getJob(t, api, waiting.ID).Status == "succeeded" },
+		"the SDXL scene did not run once sim-b had the checkpoint")
+	if s := getJob(t, api, waiting.ID).Scenes[0]; s.Node != "sim-b" || s.WaitingFor != "" {
+		t.Errorf("the SDXL scene ran on %s (waiting for %q), want sim-b", s.Node, s.WaitingFor)
+	}
+
+	// A refresh of a node whose ComfyUI is down says so; of an unknown node, 404.
+	if st, _, raw := call(t, http.MethodPost, api+"/v1/nodes/sim-a/refresh", "", nil); st != http.StatusBadGateway {
+		t.Errorf("refresh of a dead node: %d %s, want 502", st, raw)
+	}
+	if st, _, _ := call(t, http.MethodPost, api+"/v1/nodes/nobody/refresh", "", nil); st != http.StatusNotFound {
+		t.Errorf("refresh of an unknown node: %d, want 404", st)
+	}
+}
+
+// TestPreferWaitAnswersTheFinishedJob is the synchronous mode: a job that ends within
+// the wait comes back finished with 200; one that does not, 202 as without it.
+func TestPreferWaitAnswersTheFinishedJob(t *testing.T) {
+	t.Parallel()
+	b := startStack(t, testSims(1, 1))
+	api := b.stack.APIURL
+	start := time.Now()
+	code, h, job := postJobWaiting(t, api, sceneJob("", 2, 5), 30)
+	if code != http.StatusOK || h.Get("Preference-Applied") != "wait=30" || job.Status != "succeeded" || h.Get("Location") == "" {
+		t.Fatalf("job within the wait: %d, Preference-Applied %q, %s", code, h.Get("Preference-Applied"), job.Status)
+	}
+	for _, s := range job.Scenes {
+		if s.Status != "succeeded" || len(s.Outputs) == 0 {
+			t.Errorf("scene %d: %s with %d outputs", s.Index, s.Status, len(s.Outputs))
+		}
+	}
+	t.Logf("2 scenes of 5 steps answered finished after %s", time.Since(start).Round(time.Millisecond))
+
+	// 150 steps of 10ms take longer than the 1 s waited.
+	start = time.Now()
+	code, h, job = postJobWaiting(t, api, sceneJob("", 1, 150), 1)
+	took := time.Since(start)
+	if code != http.StatusAccepted || h.Get("Preference-Applied") != "wait=1" || job.Status == "succeeded" || took < time.Second {
+		t.Errorf("job longer than the wait: %d, Preference-Applied %q, %s after %s", code, h.Get("Preference-Applied"), job.Status, took)
+	}
+	// Asked beyond 60 s, it waits 60 s at most.
+	code, h, _ = postJobWaiting(t, api, sceneJob("", 1, 5), 600)
+	if code != http.StatusOK || h.Get("Preference-Applied") != "wait=60" {
+		t.Errorf("wait=600: %d, Preference-Applied %q", code, h.Get("Preference-Applied"))
+	}
+}
+
+// TestOutputsGoToS3 is a whole fleet with --outputs s3://renders/studio/2026 against
+// a real S3-protocol server on loopback: outputs land in the bucket under the prefix,
+// the job's presigned URLs (in the job, its webhook and the API's redirect) download
+// the same bytes, and a video larger than a part goes up in parts and arrives whole.
+func TestOutputsGoToS3(t *testing.T) {
+	s3 := outputstest.Start(t, "renders")
+	s3.Env(t)
+	sims := testSims(1, 1)
+	for i := range sims {
+		// 20 frames of 1 MiB: a 20 MiB clip, two parts of 16 MiB.
+		sims[i].VideoFrameBytes = 1 << 20
+	}
+	b := startStackTuned(t, sims, func(c *stack.Config) { c.Outputs = "s3://renders/studio/2026" })
+	apiURL := b.stack.APIURL
+	body := map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+		map[string]any{"workflow": "txt2img", "params": map[string]any{"seed": 7, "steps": 5, "width": 64, "height": 64}},
+		map[string]any{"graph": videoGraph(20)},
+	}}
+	code, _, job := postJobWaiting(t, apiURL, body, 60)
+	if code != http.StatusOK || job.Status != "succeeded" {
+		t.Fatalf("job: %d %s", code, job.Status)
+	}
+	hook := b.hooks.wait(t, job.ID, 30*time.Second)
+
+	var video *api.Output
+	for si, s := range job.Scenes {
+		for oi, o := range s.Outputs {
+			key := "studio/2026/" + fleet.OutputKey(job.ID, s.Index, o.Name)
+			stored, err := s3.Object("renders", key)
+			if err != nil {
+				t.Fatalf("output %s is not in the bucket under the prefix: %v", key, err)
+			}
+			if !strings.HasPrefix(o.URL, s3.URL+"/renders/"+key+"?") || !strings.Contains(o.URL, "X-Amz-Signature=") {
+				t.Errorf("output %s: URL %s, want a presigned URL of the bucket", o.Name, o.URL)
+			}
+			if hooked := hook.Body.Job.Scenes[si].Outputs[oi].URL; !strings.HasPrefix(hooked, s3.URL+"/renders/"+key+"?") {
+				t.Errorf("output %s: webhook URL %s, want a presigned URL of the bucket", o.Name, hooked)
+			}
+			res, err := http.Get(o.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(res.Body)
+			res.Body.Close()
+			if err != nil || res.StatusCode != http.StatusOK || !bytes.Equal(got, stored) || int64(len(got)) != o.Size {
+				t.Errorf("GET presigned URL of %s: %s, %d bytes; want the %d bytes in the bucket", o.Name, res.Status, len(got), o.Size)
+			}
+			if o.ContentType == "video/mp4" {
+				video = &job.Scenes[si].Outputs[oi]
+			}
+		}
+	}
+	if video == nil {
+		t.Fatal("the video scene has no mp4 output")
+	}
+	// 20 frames of 1 MiB, and the file's boxes.
+	if video.Size < 20<<20 {
+		t.Errorf("video of %d bytes, want the whole clip of more than 20 MiB", video.Size)
+	}
+	multipart := s3.Count(func(r string) bool { return strings.HasPrefix(r, "POST ") && strings.Contains(r, "?uploads") })
+	parts := s3.Count(func(r string) bool { return strings.HasPrefix(r, "PUT ") && strings.Contains(r, "partNumber=") })
+	if multipart != 1 || parts != 2 {
+		t.Errorf("%d multipart uploads of %d parts, want the video alone in 2 parts of 16 MiB", multipart, parts)
+	}
+	t.Logf("video of %d bytes in %d parts", video.Size, parts)
+
+	// The API's download link sends the client to the store.
+	noRedirect := &http.Client{Transport: client.Transport, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	res, err := noRedirect.Get(apiURL + api.OutputPath(job.ID, 1, video.Name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if loc := res.Header.Get("Location"); res.StatusCode != http.StatusTemporaryRedirect || !strings.HasPrefix(loc, s3.URL+"/renders/studio/2026/") {
+		t.Errorf("GET the API's output URL: %s to %q, want 307 to a presigned URL", res.Status, loc)
+	}
+	res, err = client.Get(apiURL + api.OutputPath(job.ID, 1, video.Name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK || n != video.Size {
+		t.Errorf("GET the API's output URL, following it: %s, %d bytes of %d", res.Status, n, video.Size)
+	}
+}

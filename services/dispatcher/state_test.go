@@ -1,0 +1,60 @@
+package dispatcher
+
+import (
+	"testing"
+	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// stateWithNode is a fleet state with one registered node driven by executor ex,
+// holding one scene, heard from at t0.
+func stateWithNode(t0 time.Time, ex string) *fleetState {
+	s := newFleetState(fleet.Settings{AckWait: 4 * time.Second, NodeTTL: 10 * time.Second})
+	s.registryReady = true
+	s.registryChanged("gpu", &fleet.NodeConfig{ID: "gpu", Pools: []string{"image"}, Weight: 1})
+	s.heartbeat(fleet.NodeStatus{ID: "gpu", Executor: ex, State: fleet.NodeBusy}, t0)
+	s.hold("gpu", fleet.Ticket{JobID: "j", Index: 0, Pool: "image"}, 1, t0)
+	return s
+}
+
+func TestAnExecutorWhoseConnectionIsGoneLosesItsNodesAfterTheGrace(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	if got := s.executors(); len(got) != 1 || got[0] != "ex" {
+		t.Fatalf("executors to ask: %v, want ex", got)
+	}
+	s.answered("ex", true, t0.Add(100*time.Millisecond))
+	if s.usable(s.nodes["gpu"], t0.Add(200*time.Millisecond)) {
+		t.Error("a node whose executor meets no responders still takes scenes")
+	}
+	if lost := s.lost(t0.Add(500 * time.Millisecond)); len(lost) != 0 {
+		t.Errorf("lost %v within the grace; a reconnection to another server takes that long", lost)
+	}
+	if lost := s.lost(t0.Add(1200 * time.Millisecond)); len(lost) != 1 || lost[0].id != "gpu" || lost[0].undeliveredOnly {
+		t.Errorf("lost %v after the grace, want every scene of gpu", lost)
+	}
+}
+
+func TestASlowExecutorKeepsItsNodesUntilAckWait(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	// Its answer came late (a timeout, not "no responders"): alive, only slow.
+	s.answered("ex", false, t0.Add(time.Second))
+	if lost := s.lost(t0.Add(3 * time.Second)); len(lost) != 0 {
+		t.Errorf("lost %v: a slow executor lost its nodes before ack-wait", lost)
+	}
+	if lost := s.lost(t0.Add(5 * time.Second)); len(lost) != 1 {
+		t.Errorf("lost %v after ack-wait of silence, want gpu", lost)
+	}
+}
+
+func TestAHeartbeatBringsBackAnExecutorThatWasGone(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	s.answered("ex", true, t0)
+	s.heartbeat(fleet.NodeStatus{ID: "gpu", Executor: "ex", State: fleet.NodeOnline}, t0.Add(3*time.Second))
+	if !s.usable(s.nodes["gpu"], t0.Add(3*time.Second)) {
+		t.Error("a node whose restarted executor reports again takes no scenes")
+	}
+}
