@@ -2,9 +2,7 @@ package fleet
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -76,6 +74,13 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			Retention:   jetstream.WorkQueuePolicy,
 		},
 	}
+	for _, cfg := range streams {
+		cfg.Storage = s.Storage
+		cfg.Replicas = s.Replicas
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("create stream %s: %w", cfg.Name, err)
+		}
+	}
 	buckets := []jetstream.KeyValueConfig{
 		{Bucket: BucketJobs, Description: "jobs as submitted", History: 1, TTL: s.EventsMaxAge},
 		{Bucket: BucketJobState, Description: "job progress, changed by compare-and-set", History: 1, TTL: s.EventsMaxAge},
@@ -89,47 +94,26 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketLeases, Description: "leases electing one instance of a service", History: 1, TTL: s.LeaseTTL},
 		{Bucket: BucketComfyPrompts, Description: "prompts of the ComfyUI-compatible API and their jobs", History: 1, TTL: s.EventsMaxAge},
 	}
+	for _, cfg := range buckets {
+		cfg.Storage = s.Storage
+		cfg.Replicas = s.Replicas
+		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+			return fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
+		}
+	}
 	stores := []jetstream.ObjectStoreConfig{
 		{Bucket: ObjectOutputs, Description: "scene outputs"},
 		{Bucket: ObjectInputs, Description: "input images of scenes"},
 		{Bucket: ObjectNodeInfo, Description: "each node's /object_info, as its executor read it last"},
 	}
-	// All at once: a service far from the NATS server (an executor in another region,
-	// a round trip of 300 ms away) then starts within a couple of round trips instead
-	// of one or two per stream, well within an attempt of Retry.
-	var wg sync.WaitGroup
-	errs := make(chan error, len(streams)+len(buckets)+len(stores))
-	for _, cfg := range streams {
-		cfg.Storage, cfg.Replicas = s.Storage, s.Replicas
-		wg.Go(func() {
-			if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
-				errs <- fmt.Errorf("create stream %s: %w", cfg.Name, err)
-			}
-		})
-	}
-	for _, cfg := range buckets {
-		cfg.Storage, cfg.Replicas = s.Storage, s.Replicas
-		wg.Go(func() {
-			if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-				errs <- fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
-			}
-		})
-	}
 	for _, cfg := range stores {
-		cfg.Storage, cfg.Replicas = s.Storage, s.Replicas
-		wg.Go(func() {
-			if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
-				errs <- fmt.Errorf("create object store %s: %w", cfg.Bucket, err)
-			}
-		})
+		cfg.Storage = s.Storage
+		cfg.Replicas = s.Replicas
+		if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
+			return fmt.Errorf("create object store %s: %w", cfg.Bucket, err)
+		}
 	}
-	wg.Wait()
-	close(errs)
-	var all []error
-	for err := range errs {
-		all = append(all, err)
-	}
-	return errors.Join(all...)
+	return nil
 }
 
 // NodeSlots is how many scenes a node holds at once: the one ComfyUI runs and one
