@@ -22,6 +22,49 @@ type Job struct {
 	CreatedAt   time.Time  `json:"created_at"`
 	UpdatedAt   time.Time  `json:"updated_at"`
 	FinishedAt  *time.Time `json:"finished_at,omitempty"`
+	ExpiresAt   *time.Time `json:"expires_at,omitempty" doc:"When the job, its input images and its outputs are deleted: after the fleet's retention, or the job's ttl_s."`
+}
+
+// JobSummary is a job as GET /v1/jobs lists it: what its state holds, without its
+// scenes.
+type JobSummary struct {
+	ID         string     `json:"id" doc:"Job id."`
+	Tenant     string     `json:"tenant"`
+	Status     string     `json:"status" enum:"queued,running,succeeded,failed,cancelled"`
+	Priority   int        `json:"priority" doc:"Priority 1 (lowest) to 10."`
+	Scenes     int        `json:"scenes" doc:"Number of scenes."`
+	Succeeded  int        `json:"succeeded" doc:"Scenes that succeeded."`
+	Failed     int        `json:"failed" doc:"Scenes that failed (for good)."`
+	Cancelled  int        `json:"cancelled" doc:"Scenes cancelled."`
+	CreatedAt  time.Time  `json:"created_at"`
+	UpdatedAt  time.Time  `json:"updated_at"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+	ExpiresAt  *time.Time `json:"expires_at,omitempty" doc:"When the job is deleted."`
+}
+
+// JobPage is one page of GET /v1/jobs.
+type JobPage struct {
+	Jobs       []JobSummary `json:"jobs" doc:"Newest first."`
+	NextCursor string       `json:"next_cursor,omitempty" doc:"Pass as cursor for the next page; absent on the last page."`
+}
+
+// FromJobState summarizes a job's state for lists.
+func FromJobState(st *fleet.JobState) JobSummary {
+	succeeded, failed, cancelled := st.Counts()
+	return JobSummary{
+		ID:         st.ID,
+		Tenant:     st.Tenant,
+		Status:     string(st.Status),
+		Priority:   st.Priority,
+		Scenes:     st.Scenes(),
+		Succeeded:  succeeded,
+		Failed:     failed,
+		Cancelled:  cancelled,
+		CreatedAt:  st.CreatedAt,
+		UpdatedAt:  st.UpdatedAt,
+		FinishedAt: st.FinishedAt,
+		ExpiresAt:  st.ExpiresAt,
+	}
 }
 
 // Scene is one scene of a job as clients see it.
@@ -76,6 +119,7 @@ func FromJob(j *fleet.Job, baseURL string) Job {
 		CreatedAt:   j.CreatedAt,
 		UpdatedAt:   j.UpdatedAt,
 		FinishedAt:  j.FinishedAt,
+		ExpiresAt:   j.ExpiresAt,
 	}
 	for i, s := range j.Scenes {
 		v := Scene{

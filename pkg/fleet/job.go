@@ -85,6 +85,32 @@ type Job struct {
 	// Needs are the requirements of the job's scenes, by key: scenes of one template
 	// share theirs.
 	Needs map[string]*inventory.Requirements `json:"needs,omitempty"`
+	// ExpiresAt is when the job and everything of it are deleted, if its client
+	// asked for less than the retention (see Expiry).
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+}
+
+// Expiry is when a job created at created is deleted: at expiresAt, if the job has
+// one, or after the retention, whichever comes first. An expired job is gone, though
+// pieces of it may still wait for JetStream or the janitor to remove them.
+func Expiry(created time.Time, expiresAt *time.Time, retention time.Duration) time.Time {
+	at := created.Add(retention)
+	if expiresAt != nil && expiresAt.Before(at) {
+		at = *expiresAt
+	}
+	return at
+}
+
+// CancelEvents are the events that cancel every scene of j that has not ended, as
+// of at, each for the scene's current run.
+func CancelEvents(j *Job, at time.Time) []SceneEvent {
+	var events []SceneEvent
+	for _, s := range j.Scenes {
+		if !s.Status.Terminal() {
+			events = append(events, SceneEvent{JobID: j.ID, Index: s.Index, Retry: s.Retries, Type: EventCancelled, Time: at})
+		}
+	}
+	return events
 }
 
 // Apply folds a scene event into the job and reports whether anything changed.
@@ -259,6 +285,8 @@ type JobState struct {
 	UpdatedAt  time.Time   `json:"updated_at"`
 	StartedAt  *time.Time  `json:"started_at,omitempty"`
 	FinishedAt *time.Time  `json:"finished_at,omitempty"`
+	// ExpiresAt is the job's own expiry, as on its record.
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 }
 
 // NewJobState is the state of job j as it was submitted: every scene open.
@@ -266,7 +294,7 @@ func NewJobState(j *Job) *JobState {
 	return &JobState{
 		ID: j.ID, Tenant: j.Tenant, Priority: j.Priority, Status: StatusQueued,
 		Outcomes:  strings.Repeat(string(rune(outcomeOpen)), len(j.Scenes)),
-		CreatedAt: j.CreatedAt, UpdatedAt: j.CreatedAt,
+		CreatedAt: j.CreatedAt, UpdatedAt: j.CreatedAt, ExpiresAt: j.ExpiresAt,
 	}
 }
 

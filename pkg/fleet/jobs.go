@@ -27,6 +27,7 @@ var ErrNoChange = errors.New("no change")
 // changed by compare-and-set on the revision), and the events of its scenes
 // (StreamEvents), from which every scene's state is folded when the job is read.
 type Jobs struct {
+	js      jetstream.JetStream
 	nc      *nats.Conn
 	apiPfx  string
 	records jetstream.KeyValue
@@ -43,11 +44,12 @@ func OpenJobs(ctx context.Context, js jetstream.JetStream) (*Jobs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s: %w", BucketJobState, err)
 	}
-	return &Jobs{nc: js.Conn(), apiPfx: apiPrefix(js), records: records, states: states}, nil
+	return &Jobs{js: js, nc: js.Conn(), apiPfx: apiPrefix(js), records: records, states: states}, nil
 }
 
-// Create stores the record of a new job; it fails with jetstream.ErrKeyExists if
-// the id exists.
+// Create stores the record of a new job, then its state as submitted, so that job
+// lists show it at once; it fails with jetstream.ErrKeyExists if the record exists
+// (and leaves the state to whoever recorded the job).
 func (s *Jobs) Create(ctx context.Context, j *Job) error {
 	b, err := json.Marshal(j)
 	if err != nil {
@@ -55,6 +57,14 @@ func (s *Jobs) Create(ctx context.Context, j *Job) error {
 	}
 	if _, err := s.records.Create(ctx, j.ID, b); err != nil {
 		return fmt.Errorf("create job %s: %w", j.ID, err)
+	}
+	st, err := json.Marshal(NewJobState(j))
+	if err != nil {
+		return fmt.Errorf("encode state of job %s: %w", j.ID, err)
+	}
+	// The tracker may have written the state first, from a scene's start.
+	if _, err := s.states.Create(ctx, j.ID, st); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return fmt.Errorf("create state of job %s: %w", j.ID, err)
 	}
 	return nil
 }
@@ -64,7 +74,7 @@ func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {
 	if !ValidToken(id) {
 		return nil, ErrJobNotFound
 	}
-	e, err := s.records.Get(ctx, id)
+	e, err := kvGet(ctx, s.nc, s.apiPfx, s.records, BucketJobs, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return nil, ErrJobNotFound
 	}
@@ -72,7 +82,7 @@ func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {
 		return nil, fmt.Errorf("get job %s: %w", id, err)
 	}
 	var j Job
-	if err := json.Unmarshal(e.Value(), &j); err != nil {
+	if err := json.Unmarshal(e.value, &j); err != nil {
 		return nil, fmt.Errorf("decode job %s: %w", id, err)
 	}
 	return &j, nil
@@ -84,7 +94,7 @@ func (s *Jobs) State(ctx context.Context, id string) (*JobState, uint64, error) 
 	if !ValidToken(id) {
 		return nil, 0, ErrJobNotFound
 	}
-	e, err := s.states.Get(ctx, id)
+	e, err := kvGet(ctx, s.nc, s.apiPfx, s.states, BucketJobState, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		rec, err := s.Record(ctx, id)
 		if err != nil {
@@ -96,10 +106,10 @@ func (s *Jobs) State(ctx context.Context, id string) (*JobState, uint64, error) 
 		return nil, 0, fmt.Errorf("get state of job %s: %w", id, err)
 	}
 	var st JobState
-	if err := json.Unmarshal(e.Value(), &st); err != nil {
+	if err := json.Unmarshal(e.value, &st); err != nil {
 		return nil, 0, fmt.Errorf("decode state of job %s: %w", id, err)
 	}
-	return &st, e.Revision(), nil
+	return &st, e.revision, nil
 }
 
 // UpdateState reads the job's state, applies mutate and writes it back if the

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
@@ -312,6 +314,25 @@ type DeadLetter struct {
 	FailedAt time.Time `json:"failed_at"`
 }
 
+// JobExpiry is the message of a job's expiry schedule: the server fires it on
+// ExpiryDueSubject at ExpiresAt, and the janitor deletes the job.
+type JobExpiry struct {
+	JobID     string    `json:"job_id"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// ExpirySchedule is the message that schedules the deletion of j at its ExpiresAt,
+// which must be set: a message schedule fires at whole seconds, so ExpiresAt should
+// be one.
+func ExpirySchedule(j *Job) Outgoing {
+	return Outgoing{
+		Subject: ExpiryScheduleSubject(j.ID),
+		MsgID:   ExpiryMsgID(j.ID),
+		Value:   JobExpiry{JobID: j.ID, ExpiresAt: *j.ExpiresAt},
+		Opts:    []jetstream.PublishOpt{jetstream.WithScheduleAt(*j.ExpiresAt), jetstream.WithScheduleTarget(ExpiryDueSubject(j.ID))},
+	}
+}
+
 // DeadLetterKey is the key of scene index of job in BucketDeadLetters.
 func DeadLetterKey(job string, index int) string { return SceneKey(job, index) }
 
@@ -335,32 +356,32 @@ const QueuesSubject = "fleet.sched.queues"
 // QueueSummary is what waits in the queue and how fast scenes flow, as a dispatcher
 // sees it.
 type QueueSummary struct {
-	Pools []PoolQueue `json:"pools"`
+	Pools []PoolQueue `json:"pools" doc:"Every pool with scenes waiting or nodes serving it, by name."`
 	// Nodes counts the known nodes by state: online, busy, draining, offline.
-	Nodes map[string]int `json:"nodes"`
+	Nodes map[string]int `json:"nodes" doc:"Known nodes by status: online, busy, draining, offline."`
 	Rates QueueRates     `json:"rates"`
 	// Dispatcher is the dispatcher that answered, and Leading whether it places.
-	Dispatcher string    `json:"dispatcher"`
-	Leading    bool      `json:"leading"`
-	At         time.Time `json:"at"`
+	Dispatcher string    `json:"dispatcher" doc:"The dispatcher that answered."`
+	Leading    bool      `json:"leading" doc:"Whether that dispatcher places scenes (the others stand by)."`
+	At         time.Time `json:"at" doc:"When the dispatcher took the figures."`
 }
 
 // PoolQueue is the waiting scenes of one pool.
 type PoolQueue struct {
 	Pool string `json:"pool"`
 	// Depth counts every waiting scene, Delayed those whose retry back-off runs.
-	Depth   int `json:"depth"`
-	Delayed int `json:"delayed"`
+	Depth   int `json:"depth" doc:"Scenes waiting for a node."`
+	Delayed int `json:"delayed" doc:"Of those, scenes whose retry back-off runs."`
 	// OldestAgeS is how long the oldest waiting scene has waited since its
 	// submission, in seconds.
-	OldestAgeS float64        `json:"oldest_age_s"`
-	ByPriority map[string]int `json:"by_priority"`
-	ByTenant   map[string]int `json:"by_tenant"`
+	OldestAgeS float64        `json:"oldest_age_s" doc:"Seconds the oldest waiting scene has waited since its submission; 0 when none waits."`
+	ByPriority map[string]int `json:"by_priority" doc:"Waiting scenes by priority."`
+	ByTenant   map[string]int `json:"by_tenant" doc:"Waiting scenes by tenant."`
 }
 
 // QueueRates are the rates of the last minute, per second.
 type QueueRates struct {
-	AcceptedPerS  float64 `json:"accepted_per_s"`
-	CompletedPerS float64 `json:"completed_per_s"`
-	FailedPerS    float64 `json:"failed_per_s"`
+	AcceptedPerS  float64 `json:"accepted_per_s" doc:"Scenes accepted a second."`
+	CompletedPerS float64 `json:"completed_per_s" doc:"Scenes completed a second."`
+	FailedPerS    float64 `json:"failed_per_s" doc:"Scenes failed (for good) a second."`
 }

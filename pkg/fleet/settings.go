@@ -26,10 +26,14 @@ type Settings struct {
 	// RetryBackoff is the first delay before a failed attempt is tried again; it doubles
 	// per attempt up to 30 times its value. Defaults to 1s.
 	RetryBackoff time.Duration
-	// EventsMaxAge is how long public events are kept. Defaults to 7 days.
-	EventsMaxAge time.Duration
+	// Retention is how long a job and everything of it are kept after its
+	// submission: its record and state, its scenes' payloads and events, its input
+	// images and its outputs. JetStream removes them by itself (the age limits of the
+	// streams, buckets and object stores); a job may ask for less (its ttl_s), which
+	// the notifier's janitor enforces. At least 1s. Defaults to 7 days.
+	Retention time.Duration
 	// DuplicateWindow is how long JetStream remembers message ids to drop duplicate
-	// publishes. Defaults to 10 minutes.
+	// publishes; never more than Retention. Defaults to 10 minutes.
 	DuplicateWindow time.Duration
 	// NodeTTL is how long a node's observed state outlives its last heartbeat.
 	// Defaults to 10s.
@@ -38,6 +42,9 @@ type Settings struct {
 	// renewing its lease, before it takes over. Defaults to 1s.
 	LeaseTTL time.Duration
 }
+
+// DefaultRetention is how long jobs are kept unless Settings.Retention says otherwise.
+const DefaultRetention = 7 * 24 * time.Hour
 
 // DefaultSettings returns Settings with every default filled in.
 func DefaultSettings() Settings {
@@ -59,12 +66,14 @@ func (s *Settings) fill() {
 	if s.RetryBackoff == 0 {
 		s.RetryBackoff = time.Second
 	}
-	if s.EventsMaxAge == 0 {
-		s.EventsMaxAge = 7 * 24 * time.Hour
+	if s.Retention == 0 {
+		s.Retention = DefaultRetention
 	}
 	if s.DuplicateWindow == 0 {
 		s.DuplicateWindow = 10 * time.Minute
 	}
+	// JetStream refuses a stream whose duplicate window outlasts its messages.
+	s.DuplicateWindow = min(s.DuplicateWindow, s.Retention)
 	if s.NodeTTL == 0 {
 		s.NodeTTL = 10 * time.Second
 	}
@@ -82,6 +91,9 @@ func (s Settings) Normalize() (Settings, error) {
 	}
 	if s.MaxAttempts < 1 || s.MaxAttempts > 100 {
 		errs = append(errs, fmt.Errorf("max attempts %d is outside 1..100", s.MaxAttempts))
+	}
+	if s.Retention < time.Second {
+		errs = append(errs, fmt.Errorf("retention %s is below 1s", s.Retention))
 	}
 	if s.NodeTTL < time.Second {
 		errs = append(errs, fmt.Errorf("node TTL %s is below 1s", s.NodeTTL))

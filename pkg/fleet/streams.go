@@ -28,7 +28,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			Description:       "scene payloads: rendered graphs, inputs, timeouts",
 			Subjects:          []string{scenePrefix + ".>"},
 			Retention:         jetstream.LimitsPolicy,
-			MaxAge:            s.EventsMaxAge,
+			MaxAge:            s.Retention,
 			MaxMsgsPerSubject: 1,
 			AllowDirect:       true,
 			Duplicates:        s.DuplicateWindow,
@@ -56,7 +56,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			Description: "public CloudEvents of scenes and jobs",
 			Subjects:    []string{eventPrefix + ".>"},
 			Retention:   jetstream.LimitsPolicy,
-			MaxAge:      s.EventsMaxAge,
+			MaxAge:      s.Retention,
 			AllowDirect: true,
 			Duplicates:  s.DuplicateWindow,
 		},
@@ -73,6 +73,15 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			Subjects:    []string{deadLetterAdvisories},
 			Retention:   jetstream.WorkQueuePolicy,
 		},
+		{
+			Name:              StreamExpiry,
+			Description:       "schedules of the jobs that expire before the retention, and the messages they fire when a job is due for deletion",
+			Subjects:          []string{expiryPrefix + ".>"},
+			Retention:         jetstream.WorkQueuePolicy,
+			AllowMsgSchedules: true,
+			MaxAge:            s.Retention,
+			Duplicates:        s.DuplicateWindow,
+		},
 	}
 	for _, cfg := range streams {
 		cfg.Storage = s.Storage
@@ -82,8 +91,8 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		}
 	}
 	buckets := []jetstream.KeyValueConfig{
-		{Bucket: BucketJobs, Description: "jobs as submitted", History: 1, TTL: s.EventsMaxAge},
-		{Bucket: BucketJobState, Description: "job progress, changed by compare-and-set", History: 1, TTL: s.EventsMaxAge},
+		{Bucket: BucketJobs, Description: "jobs as submitted", History: 1, TTL: s.Retention},
+		{Bucket: BucketJobState, Description: "job progress, changed by compare-and-set", History: 1, TTL: s.Retention},
 		{Bucket: BucketNodes, Description: "observed node state", History: 1, TTL: s.NodeTTL},
 		{Bucket: BucketRegistry, Description: "desired node configuration", History: 1},
 		{Bucket: BucketInventory, Description: "what each node can run: node classes and model files", History: 1},
@@ -92,7 +101,7 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketTenants, Description: "tenants and their webhook secrets", History: 1},
 		{Bucket: BucketWorkflows, Description: "workflow templates by name", History: 5},
 		{Bucket: BucketLeases, Description: "leases electing one instance of a service", History: 1, TTL: s.LeaseTTL},
-		{Bucket: BucketComfyPrompts, Description: "prompts of the ComfyUI-compatible API and their jobs", History: 1, TTL: s.EventsMaxAge},
+		{Bucket: BucketComfyPrompts, Description: "prompts of the ComfyUI-compatible API and their jobs", History: 1, TTL: s.Retention},
 	}
 	for _, cfg := range buckets {
 		cfg.Storage = s.Storage
@@ -102,8 +111,8 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		}
 	}
 	stores := []jetstream.ObjectStoreConfig{
-		{Bucket: ObjectOutputs, Description: "scene outputs"},
-		{Bucket: ObjectInputs, Description: "input images of scenes"},
+		{Bucket: ObjectOutputs, Description: "scene outputs", TTL: s.Retention},
+		{Bucket: ObjectInputs, Description: "input images of scenes", TTL: s.Retention},
 		{Bucket: ObjectNodeInfo, Description: "each node's /object_info, as its executor read it last"},
 	}
 	for _, cfg := range stores {
@@ -165,6 +174,18 @@ func TrackerConsumer() jetstream.ConsumerConfig {
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       serviceAckWait,
 		MaxAckPending: 1024,
+	}
+}
+
+// JanitorConsumer is the notifier's durable consumer of the jobs due for deletion
+// (ExpiryDueFilter). AckWait outlasts the deletion of a large job.
+func JanitorConsumer() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       "janitor",
+		FilterSubject: ExpiryDueFilter,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       time.Minute,
+		MaxAckPending: 64,
 	}
 }
 

@@ -28,6 +28,10 @@ const (
 	// StreamDeadLetters captures the server's max-deliveries advisories for work
 	// messages, so that no exhausted scene goes unnoticed while the dispatcher is down.
 	StreamDeadLetters = "FLEET_DEADLETTERS"
+	// StreamExpiry holds, for each job that expires before the retention (its ttl_s),
+	// a message schedule that the server fires at the job's expiry on
+	// ExpiryDueSubject, where the notifier's janitor deletes the job.
+	StreamExpiry = "FLEET_EXPIRY"
 
 	// BucketJobs maps a job id to its record: the Job as submitted.
 	BucketJobs = "fleet_jobs"
@@ -78,6 +82,7 @@ const (
 	eventPrefix     = "fleet.evt"
 	donePrefix      = "fleet.done"
 	heartbeatPrefix = "fleet.node.hb"
+	expiryPrefix    = "fleet.expiry"
 )
 
 // Kinds of submit commands, the third token of their subjects.
@@ -101,10 +106,19 @@ func SubmitRetrySubject(job string, index int) string {
 	return fmt.Sprintf("%s.%s.%s.%d", submitPrefix, SubmitRetry, job, index)
 }
 
+// SubmitFilters match the commands of job on the submit stream: its commit and the
+// retries of its scenes.
+func SubmitFilters(job string) []string {
+	return []string{SubmitJobSubject(job), submitPrefix + "." + SubmitRetry + "." + job + ".>"}
+}
+
 // ScenePayloadSubject is where the payload of scene index of job is kept.
 func ScenePayloadSubject(job string, index int) string {
 	return fmt.Sprintf("%s.%s.%d", scenePrefix, job, index)
 }
+
+// ScenePayloadsFilter matches the payloads of every scene of job.
+func ScenePayloadsFilter(job string) string { return scenePrefix + "." + job + ".>" }
 
 // QueueSubject is where scene index of job waits, in pool, for the dispatcher to
 // place it.
@@ -157,6 +171,24 @@ func DoneSubject(job string) string { return donePrefix + "." + job }
 // deadLetterAdvisories is the subject of the server's max-deliveries advisories for
 // every consumer of the work stream.
 const deadLetterAdvisories = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + StreamWork + ".*"
+
+// ExpiryScheduleSubject is where job's expiry is scheduled: a message schedule that
+// the server fires once, at the expiry, on ExpiryDueSubject.
+func ExpiryScheduleSubject(job string) string { return expiryPrefix + ".at." + job }
+
+// ExpiryDueSubject is where the schedule of ExpiryScheduleSubject fires when job is
+// due for deletion.
+func ExpiryDueSubject(job string) string { return expiryPrefix + ".due." + job }
+
+// ExpiryDueFilter matches ExpiryDueSubject of every job.
+const ExpiryDueFilter = expiryPrefix + ".due.*"
+
+// ExpiryMsgID is the de-duplication id of job's expiry schedule.
+func ExpiryMsgID(job string) string { return "expiry." + job }
+
+// DeadLettersFilter matches the dead letters of every scene of job in the subjects
+// of BucketDeadLetters' stream.
+func DeadLettersFilter(job string) string { return "$KV." + BucketDeadLetters + "." + job + ".>" }
 
 // OutputKey is the object store name of output name of scene index of job.
 func OutputKey(job string, index int, name string) string {

@@ -93,7 +93,7 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 		return nil, err
 	}
 	f.natsURL = fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
-	if _, err := f.start("nats", "nats", "--port", strconv.Itoa(natsPort), "--store", filepath.Join(dir, "nats")); err != nil {
+	if _, err := f.startService("nats", o.Profile, "nats", "--port", strconv.Itoa(natsPort), "--store", filepath.Join(dir, "nats")); err != nil {
 		return nil, err
 	}
 	f.common = []string{"--nats", f.natsURL, "--log-format", "json", "--log-level", "warn",
@@ -206,7 +206,7 @@ func (f *benchFleet) startService(name string, profile bool, args ...string) (*b
 		pprofAddr = fmt.Sprintf("127.0.0.1:%d", port)
 		args = append(args, "--pprof", pprofAddr)
 	}
-	if f.opts.Metrics && args[0] != "intake" {
+	if f.opts.Metrics && args[0] != "intake" && args[0] != "nats" {
 		port, err := freePort()
 		if err != nil {
 			return nil, err

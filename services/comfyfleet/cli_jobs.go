@@ -12,43 +12,23 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 )
 
-// runJobs lists, shows, cancels, retries and follows jobs.
+// runJobs lists, shows, cancels, deletes, retries and follows jobs.
 func runJobs(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return subcommand(ctx, "jobs", map[string]func(context.Context, []string, io.Writer, io.Writer) error{
 		"list":   runJobsList,
 		"get":    runJobsGet,
 		"cancel": runJobsCancel,
+		"delete": runJobsDelete,
 		"retry":  runJobsRetry,
 		"watch":  runJobsWatch,
 	}, args, stdout, stderr)
-}
-
-// jobSummary is a job as GET /v1/jobs lists it.
-type jobSummary struct {
-	ID         string     `json:"id"`
-	Tenant     string     `json:"tenant"`
-	Status     string     `json:"status"`
-	Priority   int        `json:"priority"`
-	Scenes     int        `json:"scenes"`
-	Succeeded  int        `json:"succeeded"`
-	Failed     int        `json:"failed"`
-	Cancelled  int        `json:"cancelled"`
-	CreatedAt  time.Time  `json:"created_at"`
-	UpdatedAt  time.Time  `json:"updated_at"`
-	FinishedAt *time.Time `json:"finished_at,omitempty"`
-}
-
-// jobPage is one page of GET /v1/jobs.
-type jobPage struct {
-	Jobs       []jobSummary `json:"jobs"`
-	NextCursor string       `json:"next_cursor,omitempty"`
 }
 
 func runJobsList(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := commandFlags("jobs list", "[--status S] [--tenant T] [--since 24h] [--limit N] [--cursor C] [flags]", stderr)
 	var cf clientFlags
 	status := fs.String("status", "", "only jobs in this state: queued, running, succeeded, failed or cancelled")
-	tenant := fs.String("tenant", "", "only this tenant's jobs (an admin key sees every tenant's)")
+	tenant := fs.String("tenant", "", "another tenant's jobs: admin keys only (default: the key's tenant)")
 	since := fs.String("since", "", "only jobs created since: a duration back from now (24h) or an RFC 3339 time")
 	limit := fs.Int("limit", 50, "most jobs on a page")
 	cursor := fs.String("cursor", "", "the page after this cursor (printed at the end of the previous page)")
@@ -77,7 +57,7 @@ func runJobsList(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if *limit > 0 {
 		q.Set("limit", strconv.Itoa(*limit))
 	}
-	var page jobPage
+	var page api.JobPage
 	if err := c.call(ctx, "GET", "/v1/jobs?"+q.Encode(), nil, &page); err != nil {
 		return err
 	}
@@ -165,6 +145,26 @@ func runJobsCancel(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	fmt.Fprintf(stdout, "job %s cancelled: its scenes that had not ended are stopped\n", job.ID)
+	return nil
+}
+
+func runJobsDelete(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := commandFlags("jobs delete", "JOB [--cancel] [flags]", stderr)
+	var cf clientFlags
+	cancel := fs.Bool("cancel", false, "cancel the job first if it has not ended (otherwise such a job is not deleted)")
+	cf.register(fs)
+	c, id, err := idArg(fs, &cf, args, "job")
+	if err != nil {
+		return err
+	}
+	path := api.JobPath(id)
+	if *cancel {
+		path += "?cancel=true"
+	}
+	if err := c.call(ctx, "DELETE", path, nil, nil); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "job %s deleted, with its inputs and outputs\n", id)
 	return nil
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"image/png"
 	"log/slog"
@@ -19,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
@@ -326,5 +328,76 @@ func TestAPIKeyCommandsListAndRevoke(t *testing.T) {
 	}
 	if stdout, _, err := comfyfleet(t, "apikey", "list", nats); err != nil || strings.Contains(stdout, id[1]) {
 		t.Errorf("apikey list after the revocation: %v\n%s", err, stdout)
+	}
+}
+
+func TestJobsListFiltersPagesAndDeletes(t *testing.T) {
+	t.Parallel()
+	s := cliFleet(t, false, 2)
+	stdout, stderr, err := comfyfleet(t, "submit", "--api", s.APIURL, "--workflow", "txt2img", "--param", "steps=2", "--count", "2", "--wait")
+	if err != nil {
+		t.Fatalf("submit: %v\n%s", err, stderr)
+	}
+	ok := regexp.MustCompile(`[0-9a-f-]{36}`).FindString(stdout)
+	job := filepath.Join(t.TempDir(), "job.json")
+	// A graph that lacks an input: ComfyUI refuses it, the scene fails.
+	if err := os.WriteFile(job, []byte(`{"scenes": [{"graph": {"1": {"class_type": "EmptyImage", "inputs": {"height": 64, "batch_size": 1, "color": 0}},
+		"2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stdout, _, err = comfyfleet(t, "submit", "--api", s.APIURL, "-f", job, "--wait")
+	var failed *jobFailedError
+	if !errors.As(err, &failed) {
+		t.Fatalf("submit of a failing job: %v", err)
+	}
+	bad := regexp.MustCompile(`[0-9a-f-]{36}`).FindString(stdout)
+	if ok == "" || bad == "" || ok == bad {
+		t.Fatalf("job ids %q and %q", ok, bad)
+	}
+	list := func(args ...string) string {
+		t.Helper()
+		stdout, stderr, err := comfyfleet(t, append([]string{"jobs", "list", "--api", s.APIURL}, args...)...)
+		if err != nil {
+			t.Fatalf("jobs list %v: %v\n%s", args, err, stderr)
+		}
+		return stdout
+	}
+	// Newest first, with the scenes' outcomes.
+	out := list()
+	if i, j := strings.Index(out, bad), strings.Index(out, ok); i < 0 || j < 0 || i > j {
+		t.Errorf("jobs list does not show the failed job, then the other:\n%s", out)
+	}
+	if !regexp.MustCompile(bad+`\s+default\s+failed\s+5\s+0/1 \(1 failed\)`).MatchString(out) ||
+		!regexp.MustCompile(ok+`\s+default\s+succeeded\s+5\s+2/2\s`).MatchString(out) {
+		t.Errorf("jobs list rows:\n%s", out)
+	}
+	if out := list("--status", "failed"); !strings.Contains(out, bad) || strings.Contains(out, ok) {
+		t.Errorf("jobs list --status failed:\n%s", out)
+	}
+	if out := list("--since", "2099-01-01T00:00:00Z"); strings.Contains(out, ok) || strings.Contains(out, bad) {
+		t.Errorf("jobs list --since a future time:\n%s", out)
+	}
+	// Pages of one, the next one through the cursor printed.
+	out = list("--limit", "1")
+	cursor := regexp.MustCompile(`more: --cursor (\S+)`).FindStringSubmatch(out)
+	if !strings.Contains(out, bad) || strings.Contains(out, ok) || cursor == nil {
+		t.Fatalf("jobs list --limit 1:\n%s", out)
+	}
+	if out := list("--limit", "1", "--cursor", cursor[1]); !strings.Contains(out, ok) || strings.Contains(out, "more:") {
+		t.Errorf("the page after %s:\n%s", cursor[1], out)
+	}
+	var page api.JobPage
+	if err := json.Unmarshal([]byte(list("--json")), &page); err != nil || len(page.Jobs) != 2 || page.Jobs[0].ID != bad || page.Jobs[0].Failed != 1 {
+		t.Errorf("jobs list --json: %+v, %v", page, err)
+	}
+
+	if _, _, err := comfyfleet(t, "jobs", "delete", ok, "--api", s.APIURL); err != nil {
+		t.Fatalf("jobs delete: %v", err)
+	}
+	if out := list(); strings.Contains(out, ok) || !strings.Contains(out, bad) {
+		t.Errorf("jobs list after deleting %s:\n%s", ok, out)
+	}
+	if _, _, err := comfyfleet(t, "jobs", "get", ok, "--api", s.APIURL); !isStatus(err, http.StatusNotFound) {
+		t.Errorf("jobs get of a deleted job: %v, want the API's 404", err)
 	}
 }

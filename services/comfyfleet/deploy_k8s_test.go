@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"flag"
 	"fmt"
 	"net"
@@ -25,6 +26,8 @@ import (
 	kustomize "sigs.k8s.io/kustomize/api/types"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
 // The KEDA resources of deploy/k8s/keda.yaml, mirroring the fields of KEDA's
@@ -623,10 +626,15 @@ func checkK8sKEDA(t *testing.T, m *k8sManifests, workloads map[string]k8sWorkloa
 			!slices.ContainsFunc(intake.Spec.Ports, func(p corev1.ServicePort) bool { return int(p.Port) == urlPort(u) }) {
 			t.Errorf("%s: reads %s; want the intake's Service, full name, port and GET /v1/queues", where, trigger.Metadata["url"])
 		}
-		// What GET /v1/queues answers: valueLocation must pick the depth of a pool of
-		// the workload's nodes.
+		// What GET /v1/queues answers (the dispatcher's fleet.QueueSummary, as the
+		// intake relays it): valueLocation must pick the depth of a pool of the
+		// workload's nodes.
 		for pool := range pools[target.Name] {
-			queues := fmt.Sprintf(`{"pools":[{"pool":"other","depth":3},{"pool":%q,"depth":12}]}`, pool)
+			raw, err := json.Marshal(fleet.QueueSummary{Pools: []fleet.PoolQueue{{Pool: "other", Depth: 3}, {Pool: pool, Depth: 12}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			queues := string(raw)
 			if got := gjson.Get(queues, trigger.Metadata["valueLocation"]); got.Type != gjson.Number || got.Int() != 12 {
 				t.Errorf("%s: valueLocation %q gives %s from %s, want the depth of pool %s", where, trigger.Metadata["valueLocation"], got.Raw, queues, pool)
 			}

@@ -32,6 +32,7 @@ type settingsFlags struct {
 	maxAttempts  int
 	retryBackoff time.Duration
 	nodeTTL      time.Duration
+	retention    time.Duration
 	storage      string
 	replicas     int
 }
@@ -42,6 +43,7 @@ func (s *settingsFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&s.maxAttempts, "max-attempts", d.MaxAttempts, "attempts per scene before it becomes a dead letter")
 	fs.DurationVar(&s.retryBackoff, "retry-backoff", d.RetryBackoff, "first delay before a failed scene is retried (doubles per attempt)")
 	fs.DurationVar(&s.nodeTTL, "node-ttl", d.NodeTTL, "time after its last heartbeat that a node is shown offline")
+	fs.DurationVar(&s.retention, "retention", d.Retention, "time after its submission that a job, its inputs and its outputs are deleted (a job's ttl_s may ask for less); the same on every service")
 	fs.StringVar(&s.storage, "storage", "file", "JetStream storage of streams and buckets: file or memory")
 	fs.IntVar(&s.replicas, "replicas", d.Replicas, "copies of each stream in a NATS cluster")
 }
@@ -49,7 +51,7 @@ func (s *settingsFlags) register(fs *flag.FlagSet) {
 func (s *settingsFlags) settings() (fleet.Settings, error) {
 	out := fleet.Settings{
 		AckWait: s.ackWait, MaxAttempts: s.maxAttempts, RetryBackoff: s.retryBackoff,
-		NodeTTL: s.nodeTTL, Replicas: s.replicas,
+		NodeTTL: s.nodeTTL, Retention: s.retention, Replicas: s.replicas,
 	}
 	switch s.storage {
 	case "file":

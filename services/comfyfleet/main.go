@@ -12,7 +12,7 @@
 //	comfyfleet bench NAME    a benchmark that prints a table (failover)
 //	comfyfleet apikey       create, list and revoke API keys, straight in NATS
 //	comfyfleet submit       submit a job through the API, follow it, download its outputs
-//	comfyfleet jobs         list, show, cancel, retry and follow jobs through the API
+//	comfyfleet jobs         list, show, cancel, delete, retry and follow jobs through the API
 //	comfyfleet nodes        list, add, drain, undrain and remove nodes through the API
 //	comfyfleet healthcheck  exit 0 if --url answers 2xx (container health checks)
 //
@@ -50,7 +50,7 @@ func commands() []command {
 		{"nats", "run a NATS server with JetStream (embedded nats-server) alone, or as a nats-server configuration says (--config deploy/nats/hub.conf)", runNATS},
 		{"bench", "run a benchmark and print its table: failover", runBench},
 		{"submit", "submit a job (-f job.json, or --workflow txt2img --param prompt=… --count 6); --wait follows it, --out DIR downloads its outputs", runSubmit},
-		{"jobs", "jobs list|get|cancel|retry|watch, through the API (--api, --key)", runJobs},
+		{"jobs", "jobs list|get|cancel|delete|retry|watch, through the API (--api, --key)", runJobs},
 		{"nodes", "nodes list|add|drain|undrain|rm, through the API (--api, --key)", runNodes},
 		{"apikey", "API keys, straight in NATS: apikey create --tenant NAME --role read|submit|admin, apikey list, apikey revoke ID", runAPIKey},
 		{"healthcheck", "exit 0 if --url answers 2xx: a container health check without curl", runHealthcheck},

@@ -39,7 +39,7 @@ func (d *deadLetters) handle(ctx context.Context, msg jetstream.Msg) error {
 	if err != nil {
 		return err
 	}
-	m, err := raw.GetMsg(ctx, adv.StreamSeq)
+	m, err := fleet.MsgAt(ctx, d.js, raw, adv.StreamSeq)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return nil
 	}

@@ -150,10 +150,21 @@ func (m *metrics) observe(st *fleetState, leading bool, now time.Time) {
 		count(w, 1)
 		pool(w.t.Pool).Delayed++
 	}
+	// The pools of the known nodes show too, empty, so that a reader (KEDA) finds a
+	// depth of 0 for them rather than nothing.
+	for _, n := range st.nodes {
+		if n.cfg != nil {
+			for _, name := range n.cfg.Pools {
+				pool(name)
+			}
+		}
+	}
 	summary := fleet.QueueSummary{Nodes: map[string]int{}, Leading: leading, At: now.UTC(), Pools: []fleet.PoolQueue{}}
 	for _, name := range slices.Sorted(maps.Keys(pools)) {
 		p := pools[name]
-		p.OldestAgeS = now.Sub(oldest[name]).Seconds()
+		if o, ok := oldest[name]; ok {
+			p.OldestAgeS = now.Sub(o).Seconds()
+		}
 		summary.Pools = append(summary.Pools, *p)
 	}
 	for _, n := range st.nodes {

@@ -62,6 +62,11 @@ func (e *executor) fetchInput(ctx context.Context, in fleet.Input) ([]byte, erro
 	if in.Object != "" {
 		data, err := e.inputs.GetBytes(ctx, in.Object)
 		if errors.Is(err, jetstream.ErrObjectNotFound) {
+			// A replica behind the leader does not count.
+			stored, serr := fleet.ObjectStored(ctx, e.js, fleet.ObjectInputs, in.Object)
+			if serr != nil || stored {
+				return nil, fmt.Errorf("read %s: not found on one server of the cluster: %w", in.Object, errors.Join(err, serr))
+			}
 			return nil, &fileError{err: fmt.Errorf("%s is gone from the %s store", in.Object, fleet.ObjectInputs), permanent: true}
 		}
 		if err != nil {

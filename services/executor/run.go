@@ -38,7 +38,7 @@ var errPayloadMissing = errors.New("the scene's payload is gone from the store")
 
 // load returns the scene of ticket t, with its payload.
 func (e *executor) load(ctx context.Context, t fleet.Ticket) (scene, error) {
-	raw, err := e.payloads.GetLastMsgForSubject(ctx, fleet.ScenePayloadSubject(t.JobID, t.Index))
+	raw, err := fleet.LastMsg(ctx, e.js, e.payloads, fleet.ScenePayloadSubject(t.JobID, t.Index))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return scene{}, errPayloadMissing
 	}
@@ -325,6 +325,11 @@ func (e *executor) probe(ctx context.Context, n *node) {
 	defer cancel()
 	stats, err := n.client.SystemStats(ctx)
 	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && time.Since(n.client.LastHeard()) < e.cfg.HeartbeatInterval {
+			// Slow to answer, but it spoke meanwhile (a websocket frame, another
+			// answer): busy, not gone.
+			return
+		}
 		n.setHealth(err, nil)
 		return
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/danielgtaylor/huma/v2"
 
@@ -93,10 +94,12 @@ func (in *intake) identify(ctx context.Context, authorization string) (principal
 	return principal{Tenant: k.Tenant, Role: k.Role, limiterKey: tenancy.KeyID(key)}, nil
 }
 
-// tenantJob returns the caller's job id; another tenant's job does not exist for it.
+// tenantJob returns the caller's job id; another tenant's job does not exist for it,
+// nor does an expired one, whose pieces may wait for their removal.
 func (in *intake) tenantJob(ctx context.Context, id string) (*fleet.Job, error) {
 	job, err := in.jobs.Get(ctx, id)
-	if errors.Is(err, fleet.ErrJobNotFound) || err == nil && job.Tenant != caller(ctx).Tenant {
+	if errors.Is(err, fleet.ErrJobNotFound) || err == nil && (job.Tenant != caller(ctx).Tenant ||
+		!time.Now().Before(fleet.Expiry(job.CreatedAt, job.ExpiresAt, in.cfg.Settings.Retention))) {
 		return nil, huma.Error404NotFound("no job " + id)
 	}
 	if err != nil {

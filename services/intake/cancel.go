@@ -54,13 +54,7 @@ func (in *intake) cancelJob(ctx context.Context, input *jobIDInput) (*cancelOutp
 func (in *intake) cancelScenes(ctx context.Context, job *fleet.Job) error {
 	ctx, span := tracer.Start(ctx, "cancel job", trace.WithAttributes(attribute.String("comfyfleet.job", job.ID)))
 	defer span.End()
-	now := time.Now().UTC()
-	var events []fleet.SceneEvent
-	for _, s := range job.Scenes {
-		if !s.Status.Terminal() {
-			events = append(events, fleet.SceneEvent{JobID: job.ID, Index: s.Index, Retry: s.Retries, Type: fleet.EventCancelled, Time: now})
-		}
-	}
+	events := fleet.CancelEvents(job, time.Now().UTC())
 	if err := in.pub.SceneEvents(ctx, events); err != nil {
 		return err
 	}

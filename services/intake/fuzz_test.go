@@ -47,7 +47,7 @@ func FuzzCreateJob(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	if err := in.followTemplates(ctx, &wg); err != nil {
+	if err := in.followBuckets(ctx, &wg); err != nil {
 		f.Fatal(err)
 	}
 	mux := http.NewServeMux()

@@ -70,6 +70,9 @@ type Config struct {
 	// MaxInputBytes caps the size of one input image sent in base64. Defaults to
 	// fleet.MaxInputBytes (20 MiB).
 	MaxInputBytes int
+	// MinJobTTL is the shortest ttl_s a job may ask for. Defaults to 1 minute;
+	// tests lower it.
+	MinJobTTL time.Duration
 	// ShutdownTimeout bounds how long running requests may finish after ctx ends.
 	// Defaults to 10s.
 	ShutdownTimeout time.Duration
@@ -110,6 +113,9 @@ func (c *Config) fill() error {
 	if c.MaxInputBytes == 0 {
 		c.MaxInputBytes = fleet.MaxInputBytes
 	}
+	if c.MinJobTTL == 0 {
+		c.MinJobTTL = time.Minute
+	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 10 * time.Second
 	}
@@ -132,6 +138,8 @@ type intake struct {
 	nc       *nats.Conn
 	js       jetstream.JetStream
 	jobs     *fleet.Jobs
+	states   jetstream.KeyValue
+	index    *jobIndex
 	nodes    jetstream.KeyValue
 	registry *fleet.Registry
 	// caps mirrors the registered nodes and their inventories.
@@ -172,7 +180,7 @@ func run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer stopFollowing()
-	if err := in.followTemplates(followCtx, &wg); err != nil {
+	if err := in.followBuckets(followCtx, &wg); err != nil {
 		return err
 	}
 	if err := in.caps.follow(followCtx, in.js, in.log, &wg); err != nil {
@@ -210,16 +218,30 @@ func run(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-// followTemplates keeps the catalog equal to the templates bucket, in a goroutine
-// that stops with ctx; wg waits for it. It returns once the catalog holds the
-// bucket's current templates.
-func (in *intake) followTemplates(ctx context.Context, wg *sync.WaitGroup) error {
+// followBuckets keeps the workflow catalog and the job index equal to their buckets
+// until ctx ends; wg waits for them. It returns once both hold their bucket's
+// current content.
+func (in *intake) followBuckets(ctx context.Context, wg *sync.WaitGroup) error {
+	if err := in.follow(ctx, wg, "workflow templates", func(ctx context.Context, ready func()) error {
+		return in.store.Follow(ctx, in.catalog, in.log, ready)
+	}); err != nil {
+		return err
+	}
+	return in.follow(ctx, wg, "job states", func(ctx context.Context, ready func()) error {
+		return in.index.follow(ctx, in.states, in.log, ready)
+	})
+}
+
+// follow runs run, which keeps a copy of a bucket (what it holds), in a goroutine
+// that stops with ctx; wg waits for it. It returns once run calls ready: the copy
+// holds the bucket's current content.
+func (in *intake) follow(ctx context.Context, wg *sync.WaitGroup, what string, run func(ctx context.Context, ready func()) error) error {
 	ready := make(chan struct{})
 	stopped := make(chan error, 1)
 	wg.Go(func() {
-		err := in.store.Follow(ctx, in.catalog, in.log, func() { close(ready) })
+		err := run(ctx, func() { close(ready) })
 		if err != nil {
-			in.log.Error("workflow templates no longer follow the bucket", "err", err)
+			in.log.Error(what+" no longer follow their bucket", "err", err)
 		}
 		stopped <- err
 	})
@@ -230,7 +252,7 @@ func (in *intake) followTemplates(ctx context.Context, wg *sync.WaitGroup) error
 		if err == nil {
 			err = ctx.Err()
 		}
-		return fmt.Errorf("intake: read workflow templates: %w", err)
+		return fmt.Errorf("intake: read %s: %w", what, err)
 	}
 }
 
@@ -253,6 +275,10 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.jobs, err = fleet.OpenJobs(ctx, in.js); err != nil {
 		return nil, fmt.Errorf("intake: %w", err)
 	}
+	if in.states, err = in.js.KeyValue(ctx, fleet.BucketJobState); err != nil {
+		return nil, fmt.Errorf("intake: open job state bucket: %w", err)
+	}
+	in.index = newJobIndex(cfg.Settings.Retention)
 	if in.nodes, err = in.js.KeyValue(ctx, fleet.BucketNodes); err != nil {
 		return nil, fmt.Errorf("intake: open nodes bucket: %w", err)
 	}

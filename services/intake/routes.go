@@ -93,6 +93,7 @@ func (in *intake) addRoutes(a huma.API) {
 		Tags:        []string{"health"},
 	}, in.ready)
 	in.addControlRoutes(a)
+	in.addJobListRoutes(a)
 	in.addNodeRoutes(a)
 	in.addWorkflowRoutes(a)
 	in.addCompatRoutes(a)
@@ -122,6 +123,7 @@ type JobInput struct {
 	Priority    int          `json:"priority,omitempty" minimum:"1" maximum:"10" default:"5" doc:"1 (lowest) to 10."`
 	CallbackURL string       `json:"callback_url,omitempty" maxLength:"2048" doc:"http(s) URL that receives the finished job as a POST."`
 	Scenes      []SceneInput `json:"scenes" minItems:"1" doc:"The scenes, run in parallel."`
+	TTLS        int          `json:"ttl_s,omitempty" doc:"Seconds after its submission that the job, its input images and its outputs are deleted; then it answers 404. At least 60, at most the fleet's retention (--retention, 7 days by default), which is also the default."`
 
 	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the job's scenes, unless a scene names its own; a registered node of their pool must be in it."`
 	PreferRegion string `json:"prefer_region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"A region whose nodes the job's scenes go to unless a node elsewhere finishes them markedly sooner, unless a scene names its own."`
@@ -171,6 +173,9 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 		if err := in.cfg.CallbackGuard.CheckURL(ctx, body.CallbackURL); err != nil {
 			detail("body.callback_url", err.Error(), body.CallbackURL)
 		}
+	}
+	if minTTL, maxTTL := int(in.cfg.MinJobTTL/time.Second), int(in.cfg.Settings.Retention/time.Second); body.TTLS != 0 && (body.TTLS < minTTL || body.TTLS > maxTTL) {
+		detail("body.ttl_s", fmt.Sprintf("must be from %d to %d seconds (the fleet's retention)", minTTL, maxTTL), body.TTLS)
 	}
 	out := make([]resolved, len(body.Scenes))
 	for i, s := range body.Scenes {
@@ -297,6 +302,12 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 		CreatedAt:   now,
 		UpdatedAt:   now,
 	}
+	expires := now.Add(in.cfg.Settings.Retention)
+	if body.TTLS > 0 {
+		// Whole seconds: the schedule that deletes the job fires at one.
+		expires = now.Add(time.Duration(body.TTLS)*time.Second + time.Second - 1).Truncate(time.Second)
+	}
+	job.ExpiresAt = &expires
 	refs := inputRefs(id, scenes)
 	for i, s := range scenes {
 		spec := s.spec
@@ -353,7 +364,11 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	}
 	// Recorded here too, so that the job can be read as soon as it is accepted; the
 	// router records it if this fails or the router was first.
-	if err := in.jobs.Create(ctx, job); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+	switch err := in.jobs.Create(ctx, job); {
+	case err == nil:
+		// Listed at once here; the watch of the job states brings it to the others.
+		in.index.put(fleet.NewJobState(job), 0)
+	case !errors.Is(err, jetstream.ErrKeyExists):
 		in.log.Warn("record job; the router records it", "job", job.ID, "err", err)
 	}
 	for _, s := range scenes {
@@ -371,6 +386,10 @@ func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved,
 	for i, s := range scenes {
 		p := fleet.ScenePayload{JobID: job.ID, Index: i, Graph: s.graph, Timeout: s.spec.Timeout(), Inputs: refs[i]}
 		msgs = append(msgs, fleet.Outgoing{Subject: fleet.ScenePayloadSubject(job.ID, i), MsgID: p.MsgID(), Value: p})
+	}
+	if job.ExpiresAt != nil && job.ExpiresAt.Before(job.CreatedAt.Add(in.cfg.Settings.Retention)) {
+		// Sooner than JetStream's age limits remove the job: the janitor deletes it.
+		msgs = append(msgs, fleet.ExpirySchedule(job))
 	}
 	msgs = append(msgs, fleet.Outgoing{Subject: fleet.SubmitJobSubject(job.ID), MsgID: fleet.SubmitMsgID(job.ID), Value: job})
 	acks, err := in.pub.BatchAcks(ctx, msgs)

@@ -65,9 +65,9 @@ type Config struct {
 	// Defaults to 20 (about 75 minutes with the default back-off).
 	WebhookAttempts int
 	// Outputs is where the executors store scene outputs: when it gives presigned
-	// URLs (an S3-compatible store), webhooks link outputs by them. Defaults to none:
-	// outputs are linked through the API (PublicURL), as for the JetStream object
-	// store.
+	// URLs (an S3-compatible store), webhooks link outputs by them, and the janitor
+	// deletes expired jobs' outputs there. Defaults to none: outputs are linked
+	// through the API (PublicURL) and deleted from the JetStream object store.
 	Outputs outputs.Store
 	// OutputURLTTL is how long the presigned URLs in webhooks stay valid. Defaults
 	// to 1h.
@@ -169,12 +169,15 @@ func run(ctx context.Context, cfg Config) error {
 	n.log.Info("notifier running")
 	defer n.log.Info("notifier stopped")
 	var wg sync.WaitGroup
-	errs := make(chan error, 2)
+	errs := make(chan error, 3)
 	wg.Go(func() {
 		errs <- fleet.Consume(ctx, js, fleet.StreamEvents, fleet.TrackerConsumer(), n.log, n.track, fleet.Service("notifier"), fleet.Workers(cfg.TrackerWorkers, jobOfEvent))
 	})
 	wg.Go(func() {
 		errs <- fleet.Consume(ctx, js, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts), n.log, n.complete, fleet.Service("notifier"), fleet.Workers(8, nil))
+	})
+	wg.Go(func() {
+		errs <- fleet.Consume(ctx, js, fleet.StreamExpiry, fleet.JanitorConsumer(), n.log, n.expire, fleet.Service("notifier"), fleet.Workers(4, nil))
 	})
 	wg.Wait()
 	close(errs)
@@ -247,6 +250,32 @@ func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
 	n.states.drop(ev.JobID)
 	done := fleet.DoneMsg{JobID: st.ID, Round: st.Round}
 	return n.pub.JSON(ctx, fleet.DoneSubject(st.ID), done.MsgID(), done)
+}
+
+// staleReadDelay is how long the notifier waits before it reads again a job that
+// it read as it was before the end it announces.
+const staleReadDelay = 250 * time.Millisecond
+
+// expire deletes a job whose ttl has passed, cancelling it first if it has not
+// ended: the janitor's handler of the messages its expiry schedule fires.
+func (n *notifier) expire(ctx context.Context, msg jetstream.Msg) error {
+	var e fleet.JobExpiry
+	if err := json.Unmarshal(msg.Data(), &e); err != nil || !fleet.ValidToken(e.JobID) {
+		return fleet.Permanent(fmt.Errorf("undecodable job expiry: %v", err))
+	}
+	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", e.JobID))
+	if wait := time.Until(e.ExpiresAt); wait > 0 {
+		// The server's clock runs ahead of ours.
+		return fleet.RetryAfter(wait, fmt.Errorf("job %s expires in %s", e.JobID, wait))
+	}
+	switch err := n.jobs.Delete(ctx, e.JobID, n.cfg.Outputs, n.pub); {
+	case errors.Is(err, fleet.ErrJobNotFound):
+		return nil
+	case err != nil:
+		return err
+	}
+	n.log.Info("expired job deleted", "job", e.JobID, "expired_at", e.ExpiresAt)
+	return nil
 }
 
 // recordDeadLetter keeps a failed scene where GET /v1/deadletters finds it. It runs
@@ -370,9 +399,13 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 	if err != nil {
 		return retry(err)
 	}
-	if !job.Status.Terminal() || job.Round > done.Round {
+	switch {
+	case job.Round > done.Round:
 		n.log.Info("job reopened by a retry since it ended; its next end will be announced", "job", job.ID)
 		return nil
+	case !job.Status.Terminal() || job.Round < done.Round:
+		// Read from a server of the cluster that has not caught up yet.
+		return fleet.RetryAfter(staleReadDelay, fmt.Errorf("job %s read %s in round %d, before the end of round %d", job.ID, job.Status, job.Round, done.Round))
 	}
 	typ := jobEventType(job.Status)
 	if err := n.pub.JobEvent(ctx, fleet.JobEvent{Type: typ, Job: *job}); err != nil {

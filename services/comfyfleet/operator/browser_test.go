@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -210,8 +211,15 @@ func eval[T any](t *testing.T, b *browser, expression string) T {
 	return v
 }
 
-// unserved accepts the 404 or 405 of the operations this intake may not serve yet,
-// which the panel shows as a note: GET /v1/queues and GET /v1/jobs.
-func unserved(u *url.URL, status int64) bool {
-	return (status == 404 || status == 405) && (u.Path == "/v1/queues" || u.Path == "/v1/jobs")
+// requested reports whether the page has asked for a URL that contains every one of
+// parts.
+func (b *browser) requested(parts ...string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, u := range b.urls {
+		if !slices.ContainsFunc(parts, func(p string) bool { return !strings.Contains(u, p) }) {
+			return true
+		}
+	}
+	return false
 }

@@ -28,7 +28,6 @@ func TestPanelShowsTheFleetAndSteersIt(t *testing.T) {
 	// A 60-step scene takes 2.4 s: long enough to see its progress move.
 	f := startFleet(t, true, sim("sim-a", 40*time.Millisecond), sim("sim-b", 40*time.Millisecond))
 	b := startBrowser(t, f.API, 1280, 900)
-	b.expected = unserved
 	b.do(t, chromedp.Navigate(f.API+"/"))
 
 	waitFor[bool](t, b, 20*time.Second, "both nodes shown online",
@@ -52,12 +51,12 @@ func TestPanelShowsTheFleetAndSteersIt(t *testing.T) {
 
 	if *screenshot != "" {
 		// The picture shows the first job folded, and a second one with scenes done,
-		// their outputs, and scenes running.
+		// their outputs, scenes running and scenes waiting in the queue.
 		b.do(t, chromedp.Click(chromedp.CSS(fmt.Sprintf(`article.job[data-job="%s"] button.toggle`, job))))
-		second := f.submit(t, 4, 60, "")
+		second := f.submit(t, 12, 60, "")
 		bars := fmt.Sprintf(`[...document.querySelectorAll('progress[data-scene^="%s/"]')]`, second)
-		waitFor[bool](t, b, 30*time.Second, "a scene done and a scene running", fmt.Sprintf(
-			`%[1]s.some((p) => p.value === 1) && %[1]s.some((p) => p.value > 0.2 && p.value < 1) && document.querySelector('article.job[data-job="%[2]s"] .output img')?.naturalWidth > 0`, bars, second))
+		waitFor[bool](t, b, 30*time.Second, "a scene done, a scene running and scenes waiting", fmt.Sprintf(
+			`%[1]s.some((p) => p.value === 1) && %[1]s.some((p) => p.value > 0.2 && p.value < 1) && document.querySelector('article.job[data-job="%[2]s"] .output img')?.naturalWidth > 0 && Number(document.querySelector('#queues tr[data-pool="image"]')?.dataset.depth) > 0`, bars, second))
 		// A window as tall as the page, so that the sticky header stays on top.
 		height := eval[int64](t, b, `document.documentElement.scrollHeight`)
 		b.do(t, chromedp.EmulateViewport(1280, height))
@@ -95,7 +94,7 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 	f.Key = f.createKey(t, "studio", tenancy.RoleAdmin)
 	b := startBrowser(t, f.API, 1024, 768)
 	b.expected = func(u *url.URL, status int64) bool {
-		return unserved(u, status) || status == 401 && strings.HasPrefix(u.Path, "/v1/")
+		return status == 401 && strings.HasPrefix(u.Path, "/v1/")
 	}
 	b.do(t, chromedp.Navigate(f.API+"/"))
 	waitFor[bool](t, b, 10*time.Second, "the key dialog", `document.querySelector("#key-dialog").open`)
@@ -107,7 +106,7 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 
 	// A reload keeps the key: nothing is asked again, and the job's events stream
 	// with the key (a scene's progress shows only from the stream or a reload of the job).
-	b.expected = unserved
+	b.expected = func(*url.URL, int64) bool { return false }
 	b.do(t, chromedp.Reload())
 	waitFor[bool](t, b, 20*time.Second, "the node shown after a reload", `document.querySelector('article.node[data-node="sim-a"]') !== null`)
 	job := f.submit(t, 1, 150, "")
@@ -133,7 +132,6 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = extra.Close() })
 	b := startBrowser(t, f.API, 1280, 900)
-	b.expected = unserved
 	b.do(t, chromedp.Navigate(f.API+"/"))
 	waitFor[bool](t, b, 20*time.Second, "sim-a shown", `document.querySelector('article.node[data-node="sim-a"]') !== null`)
 
@@ -211,5 +209,79 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 		j, err := jobs.Get(context.Background(), long)
 		return err == nil && j.Status == fleet.StatusCancelled
 	}, "the job cancelled on the page is not cancelled")
+	b.checkClean(t)
+}
+
+// TestPanelListsJobsAndShowsQueues: the job list comes from GET /v1/jobs (a job that
+// ended before the page opened is there), its status filter asks the API for those
+// jobs only, a job is deleted from the page, and the queues show the scenes that
+// wait while the only node is drained.
+func TestPanelListsJobsAndShowsQueues(t *testing.T) {
+	t.Parallel()
+	f := startFleet(t, true, sim("sim-a", 10*time.Millisecond))
+	status := func(id string) string {
+		var job struct {
+			Status string `json:"status"`
+		}
+		f.call(t, http.MethodGet, "/v1/jobs/"+id, nil, &job)
+		return job.Status
+	}
+	done := f.submit(t, 1, 5, "")
+	var failing struct {
+		ID string `json:"id"`
+	}
+	// A graph that lacks an input: ComfyUI refuses it, the scene fails.
+	if code := f.call(t, http.MethodPost, "/v1/jobs", map[string]any{"scenes": []any{map[string]any{"graph": map[string]any{
+		"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"height": 64, "batch_size": 1, "color": 0}},
+		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "x"}},
+	}}}}, &failing); code != http.StatusAccepted {
+		t.Fatalf("POST /v1/jobs: %d", code)
+	}
+	fleettest.Eventually(t, 30*time.Second, func() bool {
+		return status(done) == "succeeded" && status(failing.ID) == "failed"
+	}, "the jobs did not end")
+	if code := f.call(t, http.MethodPost, "/v1/nodes/sim-a/drain", nil, nil); code != http.StatusOK {
+		t.Fatalf("drain sim-a: %d", code)
+	}
+	waiting := f.submit(t, 3, 5, "")
+
+	b := startBrowser(t, f.API, 1280, 900)
+	b.do(t, chromedp.Navigate(f.API+"/"))
+	card := func(id string) string { return fmt.Sprintf(`document.querySelector('article.job[data-job="%s"]')`, id) }
+	waitFor[bool](t, b, 20*time.Second, "the job that ended before the page opened listed, succeeded", card(done)+`?.dataset.status === "succeeded"`)
+	waitFor[bool](t, b, 20*time.Second, "the image pool's 3 waiting scenes shown",
+		`document.querySelector('#queues tr[data-pool="image"]')?.dataset.depth === "3"`)
+
+	filter := func(value string) {
+		t.Helper()
+		eval[bool](t, b, fmt.Sprintf(`(() => { const s = document.querySelector('#jobs select[name="status"]');
+			s.value = %q; s.dispatchEvent(new Event("change", { bubbles: true })); return true; })()`, value))
+	}
+	shown := `[...document.querySelectorAll("article.job")].map((c) => c.dataset.job).sort().join(" ")`
+	filter("failed")
+	waitFor[bool](t, b, 10*time.Second, "only the failed job shown", shown+fmt.Sprintf(` === %q`, failing.ID))
+	if !b.requested("/v1/jobs?", "status=failed") {
+		t.Error("the page did not ask GET /v1/jobs for the failed jobs")
+	}
+	filter("queued")
+	waitFor[bool](t, b, 10*time.Second, "only the waiting job shown", shown+fmt.Sprintf(` === %q`, waiting))
+	filter("")
+	waitFor[bool](t, b, 10*time.Second, "the three jobs shown", fmt.Sprintf(`%s !== null && %s !== null && %s !== null`, card(done), card(failing.ID), card(waiting)))
+
+	del := fmt.Sprintf(`article.job[data-job="%s"] button[data-action="delete"]`, done)
+	b.do(t, chromedp.Click(chromedp.CSS(del)))
+	waitFor[bool](t, b, 5*time.Second, "the delete button to ask again", fmt.Sprintf(`document.querySelector('%s').dataset.armed === "true"`, del))
+	b.do(t, chromedp.Click(chromedp.CSS(del)))
+	waitFor[bool](t, b, 10*time.Second, "the deleted job gone from the page", card(done)+` === null`)
+	if code := f.call(t, http.MethodGet, "/v1/jobs/"+done, nil, nil); code != http.StatusNotFound {
+		t.Errorf("GET the job deleted on the page: %d, want 404", code)
+	}
+
+	if code := f.call(t, http.MethodPost, "/v1/nodes/sim-a/undrain", nil, nil); code != http.StatusOK {
+		t.Fatalf("undrain sim-a: %d", code)
+	}
+	waitFor[bool](t, b, 30*time.Second, "the waiting job shown succeeded", card(waiting)+`?.dataset.status === "succeeded"`)
+	waitFor[bool](t, b, 20*time.Second, "the image pool shown empty",
+		`document.querySelector('#queues tr[data-pool="image"]')?.dataset.depth === "0"`)
 	b.checkClean(t)
 }

@@ -8,6 +8,7 @@ import (
 	"image/png"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -136,6 +138,7 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	b := startStackTuned(t, nil, func(c *stack.Config) {
 		c.NATSURL, c.DataDir, c.Comfy, c.NoAdopt = srv.ClientURL(), "", []fleet.NodeConfig{node}, true
 		c.Executor.Name = "exec-0"
+		c.Intake.MinJobTTL = time.Second
 		c.Connect = func(name string) (*nats.Conn, error) {
 			user, _, _ := strings.Cut(name, "-")
 			if user == "boot" || user == "test" {
@@ -185,6 +188,45 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 		t.Errorf("POST /v1/nodes/sim-0/refresh: %d %s", st, raw)
 	}
 	comfyDoorAsItsUser(t, apiURL+"/comfy", sim, node.ID, b.js)
+	// The job list (a watch of the job states), the queues (a dispatcher answers the
+	// intake), a job deleted through the API, and one deleted by the notifier's
+	// janitor when its ttl has passed.
+	var page api.JobPage
+	getJSON(t, apiURL+"/v1/jobs?limit=1", &page)
+	if len(page.Jobs) != 1 || page.Jobs[0].Status != "succeeded" {
+		t.Errorf("GET /v1/jobs?limit=1: %+v, want the last job, succeeded", page.Jobs)
+	}
+	var queues fleet.QueueSummary
+	getJSON(t, apiURL+"/v1/queues", &queues)
+	if !slices.ContainsFunc(queues.Pools, func(p fleet.PoolQueue) bool { return p.Pool == "image" && p.Depth == 0 }) {
+		t.Errorf("GET /v1/queues: %+v, want the node's pool, empty", queues)
+	}
+	req, err := http.NewRequest(http.MethodDelete, apiURL+"/v1/jobs/"+job.ID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusNoContent {
+		t.Fatalf("DELETE the job: %s", res.Status)
+	}
+	if gone, left := fleettest.Gone(fleettest.JobPieces(t, b.js, job.ID)); !gone {
+		t.Errorf("after DELETE, the job's %v are left", left)
+	}
+	expiring := sceneJob(hooks.URL, 1, 5)
+	expiring["ttl_s"] = 2
+	short, _ := postJob(t, apiURL, expiring)
+	hooks.wait(t, short.ID, 30*time.Second)
+	var left []string
+	fleettest.Eventually(t, 20*time.Second, func() bool {
+		var gone bool
+		gone, left = fleettest.Gone(fleettest.JobPieces(t, b.js, short.ID))
+		return gone
+	}, "the janitor left the expired job's %v", &left)
+
 	// The services ran without hitting a single refusal.
 	mu.Lock()
 	defer mu.Unlock()

@@ -22,10 +22,6 @@ export class APIError extends Error {
     this.status = status;
     this.problem = problem;
   }
-  /** Whether the intake does not serve the operation at all (yet). */
-  get unserved() {
-    return this.status === 404 || this.status === 405;
-  }
 }
 
 function describe(status, problem) {

@@ -1,6 +1,6 @@
-// Jobs: the list (GET /v1/jobs, or the jobs the panel comes across when the intake
-// does not list them), each job's scenes with live progress (its SSE stream), its
-// outputs, cancel and retry.
+// Jobs: the list (GET /v1/jobs, with the jobs the panel comes across on nodes and
+// among dead letters), each job's scenes with live progress (its SSE stream), its
+// outputs, cancel, retry and delete.
 import { APIError, apiPath, call, follow, get, objectURL } from "./api.js";
 import { ago, badge, fill, h, seconds, text } from "./dom.js";
 
@@ -24,10 +24,8 @@ export class Jobs {
     /** id → {id, summary, detail, source, expanded, stream, retryAt, refetch} */
     this.jobs = new Map();
     this.cards = new Map();
-    this.listServed = null;
     this.nextCursor = "";
     this.root = root;
-    this.note = root.querySelector("[data-role=note]");
     this.list = root.querySelector("[data-role=list]");
     this.more = root.querySelector("[data-role=more]");
     this.form = root.querySelector("form");
@@ -49,27 +47,28 @@ export class Jobs {
   /** Fetches the job list with the form's filters; append loads the next page. */
   async refreshList(append = false) {
     const f = this.form.elements;
-    const q = new URLSearchParams({ limit: "50" });
+    const limit = 50;
+    const q = new URLSearchParams({ limit: String(limit) });
     if (f.status.value) q.set("status", f.status.value);
     if (f.tenant.value.trim()) q.set("tenant", f.tenant.value.trim());
     if (f.since.value) q.set("since", new Date(f.since.value).toISOString());
     if (append && this.nextCursor) q.set("cursor", this.nextCursor);
-    let page;
-    try {
-      page = await get(`v1/jobs?${q}`);
-    } catch (err) {
-      if (err instanceof APIError && err.unserved) {
-        this.listServed = false;
-        this.render();
-        return;
-      }
-      throw err;
-    }
-    this.listServed = true;
+    const page = await get(`v1/jobs?${q}`);
+    const listed = new Set();
     for (const s of page.jobs || []) {
+      listed.add(s.id);
       const j = this.entry(s.id, "list");
       j.summary = s;
       if (j.detail && s.updated_at !== j.detail.updated_at && !j.stream) j.stale = true;
+    }
+    if (!append) {
+      // A listed job the first page no longer holds, though it would, is gone:
+      // deleted, or expired.
+      const jobs = page.jobs || [];
+      const oldest = jobs.length < limit ? 0 : new Date(jobs[jobs.length - 1].created_at).getTime();
+      for (const j of [...this.jobs.values()]) {
+        if (j.summary && !listed.has(j.id) && this.shown(j) && this.order(j) >= oldest) this.forget(j);
+      }
     }
     this.nextCursor = page.next_cursor || "";
     this.render();
@@ -297,12 +296,6 @@ export class Jobs {
   }
 
   render() {
-    if (this.listServed === false) {
-      fill(this.note, "This intake does not list jobs (GET /v1/jobs). Shown here: the jobs its nodes run, its dead letters' jobs and jobs opened by id.");
-      this.note.hidden = false;
-    } else {
-      this.note.hidden = true;
-    }
     this.more.hidden = !this.nextCursor;
     const shown = [...this.jobs.values()].filter((j) => this.shown(j)).sort((a, b) => this.order(b) - this.order(a)).slice(0, 100);
     const ids = new Set(shown.map((j) => j.id));
@@ -350,6 +343,7 @@ export class Jobs {
     c.bar.value = done;
     c.live.hidden = !j.stream;
     c.cancel.hidden = !this.live(j);
+    c.del.hidden = this.live(j);
     const open = this.expanded(j);
     c.toggle.setAttribute("aria-expanded", String(open));
     c.scenes.hidden = !open;
@@ -366,8 +360,10 @@ export class Jobs {
       live: h("span", { class: "live", title: "following the job's events" }, "live"),
       bar: h("progress", { class: "job-bar", max: 1, value: 0 }),
       cancel: h("button", { type: "button", class: "danger", dataset: { action: "cancel", job: j.id } }, "Cancel"),
+      del: h("button", { type: "button", class: "danger", dataset: { action: "delete", job: j.id } }, "Delete"),
       scenes: h("div", { class: "scenes" }),
     };
+    parts.del.addEventListener("click", () => this.remove(j, parts.del));
     parts.toggle.addEventListener("click", () => {
       j.expanded = !this.expanded(j);
       if (j.expanded && !j.detail) this.load(j).catch((e) => this.report(e.message));
@@ -387,12 +383,35 @@ export class Jobs {
     const card = h(
       "article",
       { class: "job", dataset: { job: j.id } },
-      h("div", { class: "job-head" }, parts.toggle, h("code", { class: "job-id", title: j.id }, j.id), parts.status, parts.live, parts.counts, parts.meta, h("span", { class: "spacer" }), parts.cancel),
+      h("div", { class: "job-head" }, parts.toggle, h("code", { class: "job-id", title: j.id }, j.id), parts.status, parts.live, parts.counts, parts.meta, h("span", { class: "spacer" }), parts.cancel, parts.del),
       parts.bar,
       parts.scenes,
     );
     card.parts = parts;
     return card;
+  }
+
+  /** Deletes an ended job, its inputs and outputs, on a second click. */
+  async remove(j, button) {
+    if (button.dataset.armed !== "true") {
+      button.dataset.armed = "true";
+      button.textContent = "Really delete?";
+      setTimeout(() => {
+        button.dataset.armed = "";
+        button.textContent = "Delete";
+      }, 4000);
+      return;
+    }
+    button.disabled = true;
+    try {
+      await call("DELETE", `v1/jobs/${encodeURIComponent(j.id)}`);
+      this.forget(j);
+      this.render();
+    } catch (err) {
+      this.report(`delete ${j.id}: ${err.message}`);
+    } finally {
+      button.disabled = false;
+    }
   }
 
   renderScenes(j, box) {

@@ -1,5 +1,5 @@
 // Queues: scenes waiting per pool and priority, the oldest one's wait, and the
-// fleet's throughput (GET /v1/queues).
+// fleet's throughput (GET /v1/queues, as a dispatcher sees them).
 import { APIError, get } from "./api.js";
 import { fill, h, seconds } from "./dom.js";
 
@@ -7,7 +7,6 @@ export class Queues {
   /** @param {HTMLElement} root the section's element */
   constructor(root) {
     this.view = root.querySelector("[data-role=view]");
-    this.served = null;
     /** Samples of the rates, {t, completed, failed}, t in seconds, for the charts. */
     this.samples = [];
   }
@@ -17,14 +16,13 @@ export class Queues {
     try {
       q = await get("v1/queues");
     } catch (err) {
-      if (err instanceof APIError && err.unserved) {
-        this.served = false;
-        fill(this.view, h("p", { class: "note" }, "This intake does not report its queues (GET /v1/queues)."));
+      // No dispatcher answered: a state of the fleet, shown where the queues are.
+      if (err instanceof APIError && err.status === 503) {
+        fill(this.view, h("p", { class: "note", dataset: { role: "unknown" } }, "No dispatcher answers: the queues are not known now."));
         return;
       }
       throw err;
     }
-    this.served = true;
     const r = q.rates || {};
     this.samples.push({ t: Date.now() / 1000, completed: r.completed_per_s || 0, failed: r.failed_per_s || 0 });
     if (this.samples.length > 900) this.samples.shift();
@@ -53,7 +51,7 @@ export class Queues {
                 pools.map((p) =>
                   h(
                     "tr",
-                    { dataset: { pool: p.pool } },
+                    { dataset: { pool: p.pool, depth: String(p.depth) } },
                     h("td", {}, p.pool),
                     h("td", { class: "num", dataset: { role: "depth" } }, p.depth),
                     h("td", {}, p.depth ? seconds(p.oldest_age_s) : "–"),
@@ -64,7 +62,7 @@ export class Queues {
               ),
             ),
           )
-        : h("p", { class: "muted" }, "No scene waits."),
+        : h("p", { class: "muted" }, "No pool known yet."),
     );
   }
 }
