@@ -33,6 +33,8 @@ type node struct {
 	runs map[string]*nodeRun
 	// model is the checkpoint of the scene that started last.
 	model string
+	// setup is the moving average of the node's setup times (see setupTook).
+	setup time.Duration
 	// inventoryDue is set when the node comes up: its inventory is read again
 	// before it is reported online.
 	inventoryDue bool

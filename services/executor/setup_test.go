@@ -13,11 +13,11 @@ import (
 	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
-// TestNodesHaveTheExecutorsRegionAndAMeasuredSetupTime runs an executor of the region
-// shenzhen with a node that names no region and one that names beijing: the first is
-// registered in shenzhen, the second keeps its own, and both report their region and
-// a setup time measured before they run anything, which a scene then updates.
-func TestNodesHaveTheExecutorsRegionAndAMeasuredSetupTime(t *testing.T) {
+// TestNodesHaveTheExecutorsRegion runs an executor of the region shenzhen with a node
+// that names no region and one that names beijing: the first is registered in
+// shenzhen, the second keeps its own, both report their region, and a scene runs.
+// (The multi-region test in services/comfyfleet shows the setup times of far nodes.)
+func TestNodesHaveTheExecutorsRegion(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
 	_, local := r.sim(comfysim.Config{Name: "sz-1"})
@@ -52,20 +52,17 @@ func TestNodesHaveTheExecutorsRegionAndAMeasuredSetupTime(t *testing.T) {
 	fleettest.Eventually(t, 10*time.Second, func() bool {
 		for id, region := range want {
 			cfg, _, err := registry.Get(ctx, id)
-			if st := status(id); err != nil || cfg.Region != region || st.Region != region || st.SetupSeconds <= 0 {
+			if st := status(id); err != nil || cfg.Region != region || st.Region != region {
 				return false
 			}
 		}
 		return true
-	}, "the nodes are not registered and reported in their regions with a setup time: sz-1 %+v, bj-1 %+v", status("sz-1"), status("bj-1"))
+	}, "the nodes are not registered and reported in their regions")
 
-	seeded := map[string]float64{"sz-1": status("sz-1").SetupSeconds, "bj-1": status("bj-1").SetupSeconds}
 	r.awaitOnline("sz-1", "bj-1")
 	r.submit("job-setup", 5, 0)
 	var seen []fleet.SceneEvent
-	done := r.await(fleet.EventCompleted, 20*time.Second, &seen)
-	fleettest.Eventually(t, 10*time.Second, func() bool { return status(done.Node).SetupSeconds != seeded[done.Node] },
-		"the setup time of %s did not change with its first scene", done.Node)
+	r.await(fleet.EventCompleted, 20*time.Second, &seen)
 	if invalid := (executor.Config{Conn: r.nc, Nodes: []fleet.NodeConfig{local}, Region: "south china"}); executor.Run(ctx, invalid) == nil {
 		t.Error("an executor of the region \"south china\" started")
 	}
