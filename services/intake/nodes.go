@@ -158,7 +158,7 @@ type NodeReport struct {
 	SecondsPerStep  float64            `json:"seconds_per_step,omitempty" doc:"Moving average of one sampler step on the node, in seconds."`
 	Workflows       map[string]float64 `json:"workflows,omitempty" doc:"Moving average of the node's scene durations by workflow template, in seconds, without the time spent loading a model."`
 	Model           string             `json:"model,omitempty" doc:"The checkpoint the node loaded last: scenes using it run there without loading it again."`
-	SetupSeconds    float64            `json:"setup_seconds,omitempty" doc:"Moving average of the time from a scene's delivery to its prompt being on the node (reading its payload and input images, uploading them), in seconds: for a node in another region than the NATS hub, the cost of the distance. Placement adds it to the node's estimates."`
+	SetupSeconds    float64            `json:"setup_seconds,omitempty" doc:"Moving average of the time from a scene's delivery to its prompt being on the node (reading its payload and input images, uploading them), in seconds, in whole 20 ms: for a node in another region than the NATS hub, the cost of the distance; 0 beside the hub. Placement adds it to the node's estimates."`
 	LastHeartbeat   *time.Time         `json:"last_heartbeat,omitempty" doc:"When the node's executor last reported it (RFC 3339); absent if it never did, or its report expired."`
 	Error           string             `json:"error,omitempty" doc:"Why the executor last failed to reach the node's ComfyUI."`
 }
