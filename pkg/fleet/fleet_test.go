@@ -301,3 +301,44 @@ func (l *lockedBuffer) String() string {
 	defer l.mu.Unlock()
 	return l.b.String()
 }
+
+func TestEnsureWorkConsumerReplacesOneKeptOnFile(t *testing.T) {
+	t.Parallel()
+	settings := fleet.Settings{AckWait: 2 * time.Second}
+	_, _, js := fleettest.Fleet(t, settings)
+	ctx := context.Background()
+	old := fleet.WorkConsumer("gpu-a", settings)
+	old.MemoryStorage = false
+	if _, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamWork, old); err != nil {
+		t.Fatal(err)
+	}
+	cons, err := fleet.EnsureWorkConsumer(ctx, js, "gpu-a", settings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := cons.Info(ctx); err != nil || !info.Config.MemoryStorage {
+		t.Fatalf("work consumer after Ensure: %+v, %v; want its state in memory", info, err)
+	}
+}
+
+func TestEnsureExistsCreatesWhatIsMissing(t *testing.T) {
+	t.Parallel()
+	s := fleettest.NATS(t)
+	_, js := fleettest.Connect(t, s)
+	ctx := context.Background()
+	if err := fleet.EnsureExists(ctx, js, fleet.Settings{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.KeyValue(ctx, fleet.BucketJobState); err != nil {
+		t.Fatalf("bucket %s after EnsureExists on an empty server: %v", fleet.BucketJobState, err)
+	}
+	if err := js.DeleteKeyValue(ctx, fleet.BucketLeases); err != nil {
+		t.Fatal(err)
+	}
+	if err := fleet.EnsureExists(ctx, js, fleet.Settings{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.KeyValue(ctx, fleet.BucketLeases); err != nil {
+		t.Fatalf("bucket %s deleted, after EnsureExists: %v", fleet.BucketLeases, err)
+	}
+}
