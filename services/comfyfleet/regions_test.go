@@ -39,7 +39,7 @@ const hubRegion = "shanghai"
 
 // regionLinks are the regions joined by a leaf node and the latency the test adds on
 // each one's link to the hub, each way.
-var regionLinks = map[string]time.Duration{"shenzhen": 25 * time.Millisecond, "beijing": 50 * time.Millisecond}
+var regionLinks = map[string]time.Duration{"shenzhen": 50 * time.Millisecond, "beijing": 100 * time.Millisecond}
 
 // regionNodes are the simulated nodes of each region, all of one speed.
 var regionNodes = map[string][]string{hubRegion: {"sh-1", "sh-2"}, "shenzhen": {"sz-1", "sz-2"}, "beijing": {"bj-1"}}
