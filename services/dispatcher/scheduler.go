@@ -145,6 +145,25 @@ func (s *scheduler) run(ctx context.Context) error {
 		return fmt.Errorf("follow scene events: %w", err)
 	}
 	defer events.Unsubscribe()
+	// The ends of runs as stored: only a stored end makes a ticket stale. A run's end
+	// seen as published but lost with a stream's leader would otherwise drop the
+	// ticket that runs the scene again.
+	ends, err := s.js.OrderedConsumer(ctx, fleet.StreamEvents, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{fleet.SceneEventFilter(fleet.EventCompleted), fleet.SceneEventFilter(fleet.EventFailed), fleet.SceneEventFilter(fleet.EventCancelled)},
+		DeliverPolicy:  jetstream.DeliverNewPolicy,
+	})
+	if err != nil {
+		return fmt.Errorf("follow the ends of scenes: %w", err)
+	}
+	endsCC, err := ends.Consume(func(msg jetstream.Msg) {
+		if ev, err := fleet.DecodeSceneEvent(msg.Data()); err == nil {
+			s.post(func(l *loop) { l.sceneEnded(ev) })
+		}
+	}, fleet.PullExpiry, fleet.PullHeartbeat)
+	if err != nil {
+		return fmt.Errorf("follow the ends of scenes: %w", err)
+	}
+	defer endsCC.Stop()
 	// Heartbeats straight from their subject too: they keep coming while a watch of
 	// the nodes bucket, which gives the state at start, stalls after a NATS server
 	// dies.
@@ -372,10 +391,16 @@ func (l *loop) sceneEvent(ev fleet.SceneEvent) {
 	default:
 		return
 	}
-	if w := l.state.sceneEvent(ev, time.Now()); w != nil {
+	l.state.sceneEvent(ev)
+	l.dirty = l.dirty || ev.Type != fleet.EventStarted
+}
+
+// sceneEnded follows a terminal scene event stored in the events stream.
+func (l *loop) sceneEnded(ev fleet.SceneEvent) {
+	if w := l.state.ended(ev, time.Now()); w != nil {
 		l.removals = append(l.removals, w)
 	}
-	l.dirty = l.dirty || ev.Type != fleet.EventStarted
+	l.dirty = true
 }
 
 func (l *loop) registryEntry(e jetstream.KeyValueEntry, log *slog.Logger) {

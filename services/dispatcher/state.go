@@ -179,9 +179,11 @@ func (s *fleetState) heartbeat(st fleet.NodeStatus, now time.Time) {
 	n.speed.seed(st.Workflows)
 }
 
-// sceneEvent follows a scene's life on its node. It returns the queue entry of a
-// scene that ended while it waited, which the leader removes from the stream.
-func (s *fleetState) sceneEvent(ev fleet.SceneEvent, now time.Time) *waiting {
+// sceneEvent follows a scene's life on its node, as published: the moment a scene
+// ends its slot frees. An event seen as published may yet not be stored (its stream
+// electing a leader), so nothing here decides that a run has ended: ended does, from
+// the events stream.
+func (s *fleetState) sceneEvent(ev fleet.SceneEvent) {
 	key := fleet.Ticket{JobID: ev.JobID, Index: ev.Index, Retry: ev.Retry}.RunKey()
 	switch ev.Type {
 	case fleet.EventStarted:
@@ -204,11 +206,21 @@ func (s *fleetState) sceneEvent(ev fleet.SceneEvent, now time.Time) *waiting {
 		if n := s.nodes[ev.Node]; n != nil && ev.Model != "" {
 			n.model = ev.Model
 		}
-		s.finished[key] = now
-		k := sceneKey{ev.JobID, ev.Index}
-		if w := s.queue.get(k); w != nil && w.t.Retry <= ev.Retry {
-			return s.queue.remove(k)
-		}
+	}
+}
+
+// ended follows a terminal scene event read from the events stream, where it is
+// stored: the run has ended, and a ticket of it is stale. It returns the queue entry
+// of a scene that ended while it waited, which the leader removes from the stream.
+func (s *fleetState) ended(ev fleet.SceneEvent, now time.Time) *waiting {
+	key := fleet.Ticket{JobID: ev.JobID, Index: ev.Index, Retry: ev.Retry}.RunKey()
+	for _, n := range s.nodes {
+		delete(n.held, key)
+	}
+	s.finished[key] = now
+	k := sceneKey{ev.JobID, ev.Index}
+	if w := s.queue.get(k); w != nil && w.t.Retry <= ev.Retry {
+		return s.queue.remove(k)
 	}
 	return nil
 }

@@ -58,3 +58,26 @@ func TestAHeartbeatBringsBackAnExecutorThatWasGone(t *testing.T) {
 		t.Error("a node whose restarted executor reports again takes no scenes")
 	}
 }
+
+// An end seen as published but not stored (its stream electing a leader) must not
+// make the scene's ticket stale: the ticket put back in the queue runs it again.
+// Only an end read from the events stream does.
+func TestOnlyAStoredEndMakesATicketStale(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	end := fleet.SceneEvent{JobID: "j", Index: 0, Type: fleet.EventCompleted, Node: "gpu"}
+	s.sceneEvent(end)
+	if len(s.nodes["gpu"].held) != 0 {
+		t.Error("the node still holds a scene whose end was published: its slot did not free")
+	}
+	requeued := &waiting{t: fleet.Ticket{JobID: "j", Index: 0, Pool: "image", Moves: 1}, seq: 2}
+	if !s.enqueue(requeued, t0) {
+		t.Fatal("a ticket was dropped for an end seen as published only")
+	}
+	if w := s.ended(end, t0); w != requeued {
+		t.Fatalf("the stored end removed %v, want the waiting ticket", w)
+	}
+	if s.enqueue(&waiting{t: fleet.Ticket{JobID: "j", Index: 0, Pool: "image", Moves: 2}, seq: 3}, t0) {
+		t.Error("a ticket of a run whose end is stored was queued")
+	}
+}
