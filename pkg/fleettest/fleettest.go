@@ -1,9 +1,16 @@
-// Package fleettest starts the real parts that comfyfleet's tests need: an embedded
-// nats-server per test, and the fleet's streams and buckets on it.
+// Package fleettest is comfyfleet's kit for tests: the real parts they need (an
+// embedded nats-server per test, the fleet's streams and buckets on it, a webhook
+// receiver on a loopback socket), calls of the HTTP API, followers of a subject's
+// events that wait with deadlines, and a logger that shows the services' warnings in
+// a failing test's output. Starting a whole stack is stacktest's
+// (services/comfyfleet/stack/stacktest), which this module cannot import.
 package fleettest
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -69,4 +76,31 @@ func Eventually(t testing.TB, within time.Duration, cond func() bool, msg string
 		}
 		<-tick.C
 	}
+}
+
+// Logger writes the warnings and errors of the services a test runs into the test's
+// output, which shows them when the test fails (or runs with -v).
+func Logger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+// Buffer is a bytes.Buffer that several goroutines may write, such as the log of a
+// service that a test reads.
+type Buffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+// Write appends p.
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// String returns what was written so far.
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
