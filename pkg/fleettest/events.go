@@ -26,6 +26,8 @@ type Events[T any] struct {
 	got       []T
 	undecoded []error
 	changed   chan struct{}
+	// ended is why nothing more comes, once Close has been called.
+	ended error
 }
 
 // NewEvents returns an empty log of what ("scene events on fleet.evt.scene.>"), the
@@ -39,6 +41,16 @@ func (e *Events[T]) Add(v T) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.got = append(e.got, v)
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+// Close says that nothing more will come, because of why: a wait that its events
+// do not satisfy then fails at once, naming why, instead of waiting out its time.
+func (e *Events[T]) Close(why error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.ended = why
 	close(e.changed)
 	e.changed = make(chan struct{})
 }
@@ -156,10 +168,13 @@ func (e *Events[T]) wait(t testing.TB, within time.Duration, failure string, con
 	for {
 		e.mu.Lock()
 		held := cond(e.got)
-		changed := e.changed
+		changed, ended := e.changed, e.ended
 		e.mu.Unlock()
 		if held {
 			return
+		}
+		if ended != nil {
+			t.Fatalf("%s: they ended (%v); %s", failure, ended, e.seen())
 		}
 		select {
 		case <-changed:

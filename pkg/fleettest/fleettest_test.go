@@ -3,6 +3,7 @@ package fleettest_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -74,13 +75,13 @@ func TestCallsSendKeysAndHeadersAndDecodeByStatus(t *testing.T) {
 	t.Parallel()
 	base := apiServer(t)
 	var echo map[string]string
-	fleettest.Get(t, base+"/echo", &echo, fleettest.Key("cf_key"), fleettest.Header("Prefer", "wait=5"))
+	fleettest.Call(t, http.MethodPost, base+"/echo", map[string]any{}, &echo, fleettest.Key("cf_key"), fleettest.Header("Prefer", "wait=5"))
 	if echo["authorization"] != "Bearer cf_key" || echo["prefer"] != "wait=5" || echo["content_type"] != "application/json" {
 		t.Errorf("the request carried %v", echo)
 	}
 	fleettest.Get(t, base+"/echo", &echo, fleettest.Key(""))
-	if echo["authorization"] != "" {
-		t.Errorf("an empty key sent Authorization %q", echo["authorization"])
+	if echo["authorization"] != "" || echo["content_type"] != "" {
+		t.Errorf("a GET without a key or body sent %v", echo)
 	}
 
 	if job := fleettest.SubmitJob(t, base, map[string]any{"scenes": []any{}}, fleettest.Key("cf_key")); job.ID != "job-1" || job.Status != "queued" {
@@ -220,5 +221,20 @@ func TestWebhooksWaitForEachJobsNextDelivery(t *testing.T) {
 	}
 	if got := failure(t, func(tb testing.TB) { hooks.Wait(tb, "b", 20*time.Millisecond) }); !strings.Contains(got, "no webhook for job b within 20ms") {
 		t.Errorf("a wait for a delivery that does not come failed with %q", got)
+	}
+}
+
+func TestAClosedLogFailsItsWaitsAtOnce(t *testing.T) {
+	t.Parallel()
+	lines := fleettest.NewEvents[string]("lines of a process", nil)
+	lines.Add("starting")
+	lines.Close(errors.New("exit status 2"))
+	began := time.Now()
+	got := failure(t, func(tb testing.TB) { lines.Next(tb, 0, time.Minute, "listening line", func(l string) bool { return l == "listening" }) })
+	if !strings.Contains(got, "no listening line: they ended (exit status 2); 1 lines of a process came, the last: starting") || time.Since(began) > 10*time.Second {
+		t.Errorf("a wait on a closed log failed after %s with %q", time.Since(began), got)
+	}
+	if l, _ := lines.Next(t, 0, time.Minute, "first line", nil); l != "starting" {
+		t.Errorf("a closed log lost its lines: %q", l)
 	}
 }

@@ -73,8 +73,8 @@ func (a Answer) Want(t testing.TB, status int) Answer {
 	return a
 }
 
-// Send sends body to url with method: as JSON unless nil, a []byte or a
-// json.RawMessage as it is. It returns the whole answer, or the error that kept it
+// Send sends body to url with method: none if nil, else as JSON (application/json),
+// a []byte or a json.RawMessage as it is. It returns the whole answer, or the error that kept it
 // from coming; it fails no test, so that a goroutine or a condition of Eventually
 // may call it.
 func Send(ctx context.Context, method, url string, body any, opts ...CallOption) (Answer, error) {
@@ -99,7 +99,9 @@ func Send(ctx context.Context, method, url string, body any, opts ...CallOption)
 	if err != nil {
 		return Answer{}, fmt.Errorf("%s %s: %w", method, url, err)
 	}
-	req.Header.Set("Content-Type", "application/json")
+	if raw != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	for _, o := range opts {
 		o(req)
 	}
