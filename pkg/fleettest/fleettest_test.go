@@ -230,7 +230,9 @@ func TestAClosedLogFailsItsWaitsAtOnce(t *testing.T) {
 	lines.Add("starting")
 	lines.Close(errors.New("exit status 2"))
 	began := time.Now()
-	got := failure(t, func(tb testing.TB) { lines.Next(tb, 0, time.Minute, "listening line", func(l string) bool { return l == "listening" }) })
+	got := failure(t, func(tb testing.TB) {
+		lines.Next(tb, 0, time.Minute, "listening line", func(l string) bool { return l == "listening" })
+	})
 	if !strings.Contains(got, "no listening line: they ended (exit status 2); 1 lines of a process came, the last: starting") || time.Since(began) > 10*time.Second {
 		t.Errorf("a wait on a closed log failed after %s with %q", time.Since(began), got)
 	}
