@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"log/slog"
 	"slices"
 	"sync"
 	"testing"
@@ -63,7 +62,7 @@ func (r *inventoryRig) run(cfg comfysim.Config, interval time.Duration) *comfysi
 	r.wg.Go(func() {
 		err := executor.Run(r.ctx, executor.Config{Conn: r.nc, Settings: r.settings, Nodes: []fleet.NodeConfig{node}, Name: "exec-" + cfg.Name,
 			HeartbeatInterval: 100 * time.Millisecond, InventoryInterval: interval,
-			Logger: slog.New(slog.NewTextHandler(r.t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))})
+			Logger: fleettest.Logger(r.t)})
 		if err != nil {
 			r.t.Errorf("executor: %v", err)
 		}
