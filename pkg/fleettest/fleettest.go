@@ -34,10 +34,20 @@ func NATS(t testing.TB) *server.Server {
 	return s
 }
 
-// Connect opens a connection to s, closed when the test ends.
+// Connect opens a connection to s that reconnects at once, closed when the test
+// ends.
 func Connect(t testing.TB, s *server.Server) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
-	nc, err := nats.Connect(s.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	return Open(t, func() (*nats.Conn, error) {
+		return nats.Connect(s.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	})
+}
+
+// Open opens a connection with connect, failing the test if it cannot, closes it
+// when the test ends, and returns it with its JetStream.
+func Open(t testing.TB, connect func() (*nats.Conn, error)) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := connect()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -100,7 +100,7 @@ func TestCallsSendKeysAndHeadersAndDecodeByStatus(t *testing.T) {
 	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/jobs/x", nil, &p); code != http.StatusNoContent {
 		t.Errorf("DELETE: %d", code)
 	}
-	if a := fleettest.Do(t, http.MethodPost, base+"/v1/jobs", json.RawMessage(`{"scenes": []}`)); a.Status != http.StatusUnauthorized {
+	if a := fleettest.Do(t, http.MethodPost, base+"/v1/jobs", []byte(`{"scenes": []}`)); a.Status != http.StatusUnauthorized {
 		t.Errorf("Do with a raw body: %v", a)
 	}
 }
@@ -125,11 +125,8 @@ func TestAFailedCallShowsTheProblem(t *testing.T) {
 func sceneEvent(t *testing.T, job string, index int, typ fleet.EventType) []byte {
 	t.Helper()
 	ev, err := fleet.SceneEvent{JobID: job, Index: index, Type: typ, Node: "gpu", Attempt: 1, Time: time.Now()}.Envelope("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := json.Marshal(ev)
-	if err != nil {
+	b, encodeErr := json.Marshal(ev)
+	if err := errors.Join(err, encodeErr); err != nil {
 		t.Fatal(err)
 	}
 	return b

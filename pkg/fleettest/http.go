@@ -74,7 +74,7 @@ func (a Answer) Want(t testing.TB, status int) Answer {
 }
 
 // Send sends body to url with method: none if nil, else as JSON (application/json),
-// a []byte or a json.RawMessage as it is. It returns the whole answer, or the error that kept it
+// a []byte as it is. It returns the whole answer, or the error that kept it
 // from coming; it fails no test, so that a goroutine or a condition of Eventually
 // may call it.
 func Send(ctx context.Context, method, url string, body any, opts ...CallOption) (Answer, error) {
@@ -82,8 +82,6 @@ func Send(ctx context.Context, method, url string, body any, opts ...CallOption)
 	switch b := body.(type) {
 	case nil:
 	case []byte:
-		raw = b
-	case json.RawMessage:
 		raw = b
 	default:
 		var err error

@@ -88,19 +88,10 @@ func Start(t *testing.T, tune ...func(*stack.Config)) *Fleet {
 			t.Errorf("stack stopped with: %v", err)
 		}
 	})
-	var nc *nats.Conn
+	connect := func() (*nats.Conn, error) { return nats.Connect(s.NATSURL) }
 	if cfg.Connect != nil {
-		nc, err = cfg.Connect("test")
-	} else {
-		nc, err = nats.Connect(s.NATSURL)
+		connect = func() (*nats.Conn, error) { return cfg.Connect("test") }
 	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nc, js := fleettest.Open(t, connect)
 	return &Fleet{Stack: s, NC: nc, JS: js, Hooks: fleettest.StartWebhooks(t)}
 }
