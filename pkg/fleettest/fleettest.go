@@ -1,8 +1,8 @@
 // Package fleettest is comfyfleet's kit for tests: the real parts they need (an
 // embedded nats-server per test, the fleet's streams and buckets on it, a webhook
-// receiver on a loopback socket), calls of the HTTP API, followers of a subject's
-// events that wait with deadlines, and a logger that shows the services' warnings in
-// a failing test's output. Starting a whole stack is stacktest's
+// receiver and simulated ComfyUI nodes on loopback sockets), calls of the HTTP API,
+// followers of a subject's events that wait with deadlines, and a logger that shows
+// the services' warnings in a failing test's output. Starting a whole stack is stacktest's
 // (services/comfyfleet/stack/stacktest), which this module cannot import.
 package fleettest
 
@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
 )
@@ -71,6 +72,17 @@ func Fleet(t testing.TB, settings fleet.Settings) (*server.Server, *nats.Conn, j
 		t.Fatal(err)
 	}
 	return s, nc, js
+}
+
+// Sim runs a simulated ComfyUI node of cfg on a loopback port until the test ends.
+func Sim(t testing.TB, cfg comfysim.Config) *comfysim.Server {
+	t.Helper()
+	sim, err := comfysim.Start(cfg)
+	if err != nil {
+		t.Fatalf("start the simulated node %q: %v", cfg.Name, err)
+	}
+	t.Cleanup(func() { _ = sim.Close() })
+	return sim
 }
 
 // Eventually calls cond until it returns true or the deadline passes; then it fails the

@@ -21,11 +21,7 @@ import (
 // uploaded are all rejected.
 func TestShippedTemplatesRunOnTheSimulator(t *testing.T) {
 	t.Parallel()
-	sim, err := comfysim.Start(comfysim.Config{StepDuration: time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
+	sim := fleettest.Sim(t, comfysim.Config{StepDuration: time.Millisecond})
 	c := comfy.New(sim.URL(), comfy.WithHTTPClient(fleettest.HTTP))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -58,11 +58,7 @@ func newRig(t *testing.T) *rig {
 func (r *rig) sim(cfg comfysim.Config) (*comfysim.Server, fleet.NodeConfig) {
 	r.t.Helper()
 	cfg.StepDuration = 10 * time.Millisecond
-	sim, err := comfysim.Start(cfg)
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	r.t.Cleanup(func() { sim.Close() })
+	sim := fleettest.Sim(r.t, cfg)
 	return sim, fleet.NodeConfig{ID: cfg.Name, URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
 }
 

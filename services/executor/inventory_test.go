@@ -53,11 +53,7 @@ func newInventoryRig(t *testing.T) *inventoryRig {
 func (r *inventoryRig) run(cfg comfysim.Config, interval time.Duration) *comfysim.Server {
 	r.t.Helper()
 	cfg.StepDuration = 10 * time.Millisecond
-	sim, err := comfysim.Start(cfg)
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	r.t.Cleanup(func() { sim.Close() })
+	sim := fleettest.Sim(r.t, cfg)
 	node := fleet.NodeConfig{ID: cfg.Name, URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
 	r.wg.Go(func() {
 		err := executor.Run(r.ctx, executor.Config{Conn: r.nc, Settings: r.settings, Nodes: []fleet.NodeConfig{node}, Name: "exec-" + cfg.Name,

@@ -126,11 +126,7 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 func TestPanelManagesNodesAndJobs(t *testing.T) {
 	t.Parallel()
 	f := startFleet(t, true, sim("sim-a", 10*time.Millisecond))
-	extra, err := comfysim.Start(comfysim.Config{Name: "sim-x", StepDuration: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = extra.Close() })
+	extra := fleettest.Sim(t, comfysim.Config{Name: "sim-x", StepDuration: 10 * time.Millisecond})
 	b := startBrowser(t, f.APIURL, 1280, 900)
 	b.do(t, chromedp.Navigate(f.APIURL+"/"))
 	waitFor[bool](t, b, 20*time.Second, "sim-a shown", `document.querySelector('article.node[data-node="sim-a"]') !== null`)

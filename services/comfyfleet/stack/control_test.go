@@ -423,11 +423,7 @@ func TestCancelStopsARetriedScene(t *testing.T) {
 
 	// The pool gets a sound but slow node instead, and the scene runs again there.
 	f.stopExecutorOf(f.nodes[0].ID)
-	slow, err := comfysim.Start(comfysim.Config{Name: "slow", StepDuration: 10 * time.Millisecond, Speed: 0.5})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { slow.Close() })
+	slow := fleettest.Sim(t, comfysim.Config{Name: "slow", StepDuration: 10 * time.Millisecond, Speed: 0.5})
 	f.startExecutor("exec-slow", fleet.NodeConfig{ID: "slow", URL: slow.URL(), Pools: []string{"cursed"}, Weight: 1}, nil)
 	events := fleettest.SceneEvents(t, f.NC)
 	if status := fleettest.Call(t, http.MethodPost, f.APIURL+"/v1/jobs/"+job.ID+"/scenes/0/retry", nil, nil); status != http.StatusAccepted {

@@ -55,11 +55,7 @@ func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec)
 	p := &parts{executors: map[string]*stack.Executor{}, t: t}
 	for i, spec := range specs {
 		spec.sim.Name = fmt.Sprintf("sim-%d", i)
-		sim, err := comfysim.Start(spec.sim)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { sim.Close() })
+		sim := fleettest.Sim(t, spec.sim)
 		p.sims = append(p.sims, sim)
 		p.nodes = append(p.nodes, fleet.NodeConfig{ID: spec.sim.Name, URL: sim.URL(), Pools: spec.pools, Weight: 1})
 	}

@@ -105,11 +105,7 @@ func (u *userConn) waitViolation(t *testing.T, subject string, within time.Durat
 func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	srv, passwords := permServer(t)
 	hooks := fleettest.StartWebhooks(t)
-	sim, err := comfysim.Start(comfysim.Config{Name: "sim-0", StepDuration: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
+	sim := fleettest.Sim(t, comfysim.Config{Name: "sim-0", StepDuration: 10 * time.Millisecond})
 	node := fleet.NodeConfig{ID: "sim-0", URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
 	// Every service connects as its own user; the stack creates the streams as admin.
 	var mu sync.Mutex

@@ -308,11 +308,7 @@ func TestDrainedNodeFinishesItsSceneAndTakesNoNewOne(t *testing.T) {
 func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 	t.Parallel()
 	// Started before the stack, so that it stops after the executor driving it.
-	simC, err := comfysim.Start(comfysim.Config{Name: "sim-new", StepDuration: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { simC.Close() })
+	simC := fleettest.Sim(t, comfysim.Config{Name: "sim-new", StepDuration: 10 * time.Millisecond})
 	b := stacktest.Start(t, stacktest.Nodes(1, 1))
 	a, simA := b.Nodes[0].ID, b.Sims[0]
 	const added = "sim-new"
