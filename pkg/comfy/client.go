@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -47,6 +48,9 @@ type Client struct {
 	// silenceTimeout is how long after a submission the websocket may hear
 	// nothing before Run takes it for unregistered by the server.
 	silenceTimeout time.Duration
+
+	// heard is when the server last answered (Unix nanoseconds).
+	heard atomic.Int64
 
 	streamMu   sync.Mutex
 	stream     *stream
@@ -150,6 +154,13 @@ func (c *Client) Close() error {
 	}
 	return nil
 }
+
+// LastHeard is when the server last answered anything: an HTTP response or a
+// websocket frame. A server slow to answer one request while it speaks on others is
+// busy, not gone.
+func (c *Client) LastHeard() time.Time { return time.Unix(0, c.heard.Load()) }
+
+func (c *Client) hear() { c.heard.Store(time.Now().UnixNano()) }
 
 // ClientID returns the client id sent with prompts and on the websocket.
 func (c *Client) ClientID() string { return c.clientID }

@@ -46,6 +46,7 @@ func (c *Client) send(ctx context.Context, op, method, path string, q url.Values
 	if err != nil {
 		return nil, fmt.Errorf("comfy: %s: %w", op, err)
 	}
+	c.hear()
 	return resp, nil
 }
 

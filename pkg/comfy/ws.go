@@ -55,6 +55,8 @@ type Socket struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	log    *slog.Logger
+	// hear records that the server spoke.
+	hear func()
 
 	closeOnce sync.Once
 	mu        sync.Mutex
@@ -87,6 +89,7 @@ func (c *Client) Connect(ctx context.Context) (*Socket, error) {
 		cancel: cancel,
 		done:   make(chan struct{}),
 		log:    c.log,
+		hear:   c.hear,
 	}
 	go s.read(rctx)
 	return s, nil
@@ -153,6 +156,7 @@ func (s *Socket) read(ctx context.Context) {
 			s.mu.Unlock()
 			return
 		}
+		s.hear()
 		ev, ok := parseFrame(typ, b)
 		if !ok {
 			s.log.Debug("skipping websocket frame", "binary", typ == websocket.MessageBinary, "len", len(b))

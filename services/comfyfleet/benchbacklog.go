@@ -9,6 +9,8 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,13 +33,14 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		nodes     = fs.Int("nodes", 500, "simulated ComfyUI nodes that arrive once the backlog is queued")
 		executors = fs.Int("executors", 2, "executor processes driving the nodes")
 		sceneTime = fs.Duration("scene-time", time.Millisecond, "time a simulated node takes for one scene")
+		profile   = fs.String("profile", "", "directory to write the dispatcher's heap profile with the backlog queued and a CPU profile of every service (30 s of the drain)")
 		keep      = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
 	)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	jobs := *scenes / *perJob
-	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Keep: *keep})
+	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Profile: *profile != "", Keep: *keep})
 	if err != nil {
 		return err
 	}
@@ -109,6 +112,12 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	}
 	queuedIn := time.Since(start)
 	held := f.usage()["dispatcher-1"]
+	if *profile != "" {
+		if err := os.MkdirAll(*profile, 0o755); err != nil {
+			return err
+		}
+		fetchProfile(f.proc("dispatcher-1"), "heap", filepath.Join(*profile, "dispatcher-1.queued.heap.pprof"))
+	}
 
 	// The nodes arrive.
 	sims := make([]comfysim.Config, *nodes)
@@ -119,6 +128,15 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	if err := f.startNodes(sims, *executors); err != nil {
 		return err
 	}
+	var profiles sync.WaitGroup
+	if *profile != "" {
+		for _, p := range f.procs {
+			if p.pprof != "" {
+				profiles.Go(func() { fetchProfile(p, "profile?seconds=30", filepath.Join(*profile, p.name+".drain.cpu.pprof")) })
+			}
+		}
+	}
+	defer profiles.Wait()
 	for ended.Load() < int64(jobs) {
 		if time.Since(arrived) > 3*time.Hour {
 			return fmt.Errorf("bench: %d of %d jobs ended after 3 hours", ended.Load(), jobs)

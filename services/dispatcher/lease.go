@@ -50,6 +50,11 @@ func (l *lease) run(ctx context.Context, leading func(bool)) {
 		} else {
 			callCtx, cancel := context.WithTimeout(ctx, every)
 			r, err := l.kv.Update(callCtx, leaseKey, []byte(l.id), rev)
+			if errors.Is(err, jetstream.ErrKeyExists) {
+				// A renewal whose answer was lost (a slow server) moved the revision on:
+				// the entry still naming this dispatcher is its own.
+				r, err = l.ownRevision(callCtx, err)
+			}
 			cancel()
 			switch {
 			case err == nil:
@@ -79,6 +84,16 @@ func (l *lease) run(ctx context.Context, leading func(bool)) {
 		case <-tick.C:
 		}
 	}
+}
+
+// ownRevision returns the revision of the lease's entry if it names this dispatcher,
+// and otherwise err, the failed renewal's error.
+func (l *lease) ownRevision(ctx context.Context, err error) (uint64, error) {
+	e, getErr := l.kv.Get(ctx, leaseKey)
+	if getErr != nil || string(e.Value()) != l.id {
+		return 0, err
+	}
+	return e.Revision(), nil
 }
 
 // openLease binds to the leases bucket.

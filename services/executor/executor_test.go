@@ -142,6 +142,11 @@ func (r *rig) await(typ fleet.EventType, within time.Duration) fleet.SceneEvent 
 	return ev
 }
 
+// seen returns the scene events up to the one await returned last.
+func (r *rig) seen() []fleet.SceneEvent {
+	return r.events.All(nil)[:r.pos]
+}
+
 func promptID(item fleet.Ticket, attempt string) string {
 	return comfy.PromptID(item.JobID, "0", attempt)
 }
@@ -204,7 +209,7 @@ func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) 
 	}
 	done := r.await(fleet.EventCompleted, 30*time.Second)
 
-	for _, ev := range r.events.All(nil)[:r.pos] {
+	for _, ev := range r.seen() {
 		if ev.Type == fleet.EventRetrying || ev.Type == fleet.EventFailed {
 			t.Errorf("%s event after the websocket dropped: %s", ev.Type, ev.Error)
 		}

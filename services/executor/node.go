@@ -321,11 +321,14 @@ func (e *executor) heartbeat(ctx context.Context, n *node) {
 			}
 			n.inv.readOnce()
 		}
-		if q, err := n.client.QueueRemaining(ctx); err == nil {
+		// Bounded as the probe is: a hung node must not stop its heartbeats.
+		qctx, cancel := context.WithTimeout(ctx, e.cfg.HeartbeatInterval)
+		if q, err := n.client.QueueRemaining(qctx); err == nil {
 			n.mu.Lock()
 			n.status.QueueRemaining = q
 			n.mu.Unlock()
 		}
+		cancel()
 		e.report(ctx, n)
 		select {
 		case <-ctx.Done():

@@ -295,6 +295,11 @@ func (e *executor) probe(ctx context.Context, n *node) {
 	defer cancel()
 	stats, err := n.client.SystemStats(ctx)
 	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && time.Since(n.client.LastHeard()) < e.cfg.HeartbeatInterval {
+			// Slow to answer, but it spoke meanwhile (a websocket frame, another
+			// answer): busy, not gone.
+			return
+		}
 		n.setHealth(err, nil)
 		return
 	}
