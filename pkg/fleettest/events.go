@@ -135,6 +135,7 @@ func OfType(typ fleet.EventType) func(fleet.SceneEvent) bool {
 // Next returns the first event at or after position from that match accepts (any
 // event if match is nil), and the position after it. It fails the test, naming what
 // it waited for and the events that came, if none has come within the time given.
+// match runs with the log locked: it must not call the log's methods.
 func (e *Events[T]) Next(t testing.TB, from int, within time.Duration, what string, match func(T) bool) (T, int) {
 	t.Helper()
 	var found T
@@ -152,8 +153,9 @@ func (e *Events[T]) Next(t testing.TB, from int, within time.Duration, what stri
 }
 
 // Wait waits until cond holds for the events so far, in the order they came, and
-// returns them. It fails the test, naming what it waited for and the events that
-// came, if cond does not hold within the time given. cond must not keep the slice.
+// returns the events then. It fails the test, naming what it waited for and the
+// events that came, if cond does not hold within the time given. cond runs with the
+// log locked: it must not keep the slice nor call the log's methods.
 func (e *Events[T]) Wait(t testing.TB, within time.Duration, what string, cond func([]T) bool) []T {
 	t.Helper()
 	e.wait(t, within, "not "+what, cond)

@@ -46,12 +46,7 @@ func publishObjectInfo(t *testing.T, s *stack.Stack, js jetstream.JetStream, doo
 		t.Fatal(err)
 	}
 	for i, sim := range s.Sims {
-		resp, err := fleettest.HTTP.Get(sim.URL() + "/object_info")
-		if err != nil {
-			t.Fatal(err)
-		}
-		raw, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
+		raw := fleettest.Do(t, http.MethodGet, sim.URL()+"/object_info", nil).Body
 		if _, err := store.PutBytes(ctx, s.Nodes[i].ID, raw); err != nil {
 			t.Fatal(err)
 		}
@@ -245,16 +240,7 @@ func (c *scriptClient) history(promptID string) historyEntry {
 func (c *scriptClient) view(f comfy.FileRef) []byte {
 	c.t.Helper()
 	q := url.Values{"filename": {f.Filename}, "subfolder": {f.Subfolder}, "type": {f.Type}}
-	resp, err := fleettest.HTTP.Get(c.base + "/view?" + q.Encode())
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		c.t.Fatalf("GET /view %s: %s", q.Encode(), resp.Status)
-	}
-	return b
+	return fleettest.Do(c.t, http.MethodGet, c.base+"/view?"+q.Encode(), nil).Want(c.t, http.StatusOK).Body
 }
 
 type historyEntry struct {

@@ -70,13 +70,8 @@ func TestRedeliveredSceneWhosePromptFinishedIsNotRenderedAgain(t *testing.T) {
 	if st := sim.Stats(); st.Prompts != 1 || len(st.Rendered) != 1 {
 		t.Errorf("node took %d prompts and rendered %v; want the one prompt, rendered once", st.Prompts, st.Rendered)
 	}
-	res, err := fleettest.HTTP.Get(s.Outputs[0].URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	res.Body.Close()
-	if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != "image/png" {
-		t.Errorf("GET %s: %s %s", s.Outputs[0].URL, res.Status, res.Header.Get("Content-Type"))
+	if res := fleettest.Do(t, http.MethodGet, s.Outputs[0].URL, nil); res.Status != http.StatusOK || res.Header.Get("Content-Type") != "image/png" {
+		t.Errorf("%v (%s)", res, res.Header.Get("Content-Type"))
 	}
 	if n := fleettest.Count(t, f.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, 0, fleet.EventCompleted)); n != 1 {
 		t.Errorf("%d completed events, want 1", n)
@@ -217,14 +212,9 @@ func TestVideoSceneOutputsDownloadWithTheirContentTypes(t *testing.T) {
 			t.Errorf("output %s of kind %s as %s; want an mp4 and a gif from gifs", o.Name, o.Kind, o.ContentType)
 			continue
 		}
-		res, err := fleettest.HTTP.Get(o.URL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != w.contentType || !w.magic(body) || int64(len(body)) != o.Size {
-			t.Errorf("GET %s: %s %s, %d bytes starting %q; want %s of %d bytes", o.URL, res.Status, res.Header.Get("Content-Type"),
+		res := fleettest.Do(t, http.MethodGet, o.URL, nil)
+		if body := res.Body; res.Status != http.StatusOK || res.Header.Get("Content-Type") != w.contentType || !w.magic(body) || int64(len(body)) != o.Size {
+			t.Errorf("GET %s: %d %s, %d bytes starting %q; want %s of %d bytes", o.URL, res.Status, res.Header.Get("Content-Type"),
 				len(body), body[:min(len(body), 12)], w.contentType, o.Size)
 		}
 	}

@@ -1,6 +1,7 @@
 package stack_test
 
 import (
+	"bytes"
 	"image/png"
 	"net/http"
 	"strings"
@@ -45,17 +46,13 @@ func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 		}
 		nodes[s.Node]++
 		for _, o := range s.Outputs {
-			res, err := fleettest.HTTP.Get(o.URL)
-			if err != nil {
-				t.Fatal(err)
+			res := fleettest.Do(t, http.MethodGet, o.URL, nil)
+			if ct := res.Header.Get("Content-Type"); res.Status != http.StatusOK || ct != "image/png" {
+				t.Fatalf("%v (%s)", res, ct)
 			}
-			if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "image/png" {
-				t.Fatalf("GET %s: %s %s", o.URL, res.Status, ct)
-			}
-			if _, err := png.Decode(res.Body); err != nil {
+			if _, err := png.Decode(bytes.NewReader(res.Body)); err != nil {
 				t.Fatalf("output %s of scene %d is not a PNG: %v", o.Name, s.Index, err)
 			}
-			res.Body.Close()
 		}
 	}
 	if len(nodes) != 3 {

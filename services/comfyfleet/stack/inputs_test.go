@@ -102,14 +102,9 @@ func TestScenesWithInputImagesRunWithTheImagesUploaded(t *testing.T) {
 		if len(s.Outputs) != 1 || s.Outputs[0].ContentType != want {
 			t.Fatalf("scene %d outputs %+v, want one %s", i, s.Outputs, want)
 		}
-		res, err := fleettest.HTTP.Get(s.Outputs[0].URL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != want || http.DetectContentType(body) != want {
-			t.Errorf("scene %d output: %s %s, %d bytes sniffed as %s; want %s", i, res.Status, res.Header.Get("Content-Type"),
+		res := fleettest.Do(t, http.MethodGet, s.Outputs[0].URL, nil)
+		if body := res.Body; res.Status != http.StatusOK || res.Header.Get("Content-Type") != want || http.DetectContentType(body) != want {
+			t.Errorf("scene %d output: %d %s, %d bytes sniffed as %s; want %s", i, res.Status, res.Header.Get("Content-Type"),
 				len(body), http.DetectContentType(body), want)
 		}
 	}

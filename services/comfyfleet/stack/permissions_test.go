@@ -6,7 +6,6 @@ import (
 	"errors"
 	"image"
 	"image/png"
-	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -139,17 +138,10 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 			t.Fatalf("scene %d: %s with %d outputs (%s)", s.Index, s.Status, len(s.Outputs), s.Error)
 		}
 		for _, o := range s.Outputs {
-			res, err := fleettest.HTTP.Get(o.URL)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if res.StatusCode != http.StatusOK {
-				t.Fatalf("GET %s: %s", o.URL, res.Status)
-			}
-			if _, err := png.Decode(res.Body); err != nil {
+			out := fleettest.Do(t, http.MethodGet, o.URL, nil).Want(t, http.StatusOK)
+			if _, err := png.Decode(bytes.NewReader(out.Body)); err != nil {
 				t.Fatalf("output %s of scene %d is not a PNG: %v", o.Name, s.Index, err)
 			}
-			res.Body.Close()
 		}
 	}
 	if got := fleettest.GetJob(t, apiURL, job.ID); got.Status != "succeeded" {
@@ -292,12 +284,7 @@ func comfyDoorAsItsUser(t *testing.T, door string, sim *comfysim.Server, nodeID 
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := fleettest.HTTP.Get(sim.URL() + "/object_info")
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	info := fleettest.Do(t, http.MethodGet, sim.URL()+"/object_info", nil).Body
 	if _, err := store.PutBytes(ctx, nodeID, info); err != nil {
 		t.Fatal(err)
 	}
