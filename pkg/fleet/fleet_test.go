@@ -284,3 +284,22 @@ func TestAPanickingHandlerIsLoggedAndItsMessageRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestEnsureWorkConsumerReplacesOneKeptOnFile(t *testing.T) {
+	t.Parallel()
+	settings := fleet.Settings{AckWait: 2 * time.Second}
+	_, _, js := fleettest.Fleet(t, settings)
+	ctx := context.Background()
+	old := fleet.WorkConsumer("gpu-a", settings)
+	old.MemoryStorage = false
+	if _, err := js.CreateOrUpdateConsumer(ctx, fleet.StreamWork, old); err != nil {
+		t.Fatal(err)
+	}
+	cons, err := fleet.EnsureWorkConsumer(ctx, js, "gpu-a", settings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := cons.Info(ctx); err != nil || !info.Config.MemoryStorage {
+		t.Fatalf("work consumer after Ensure: %+v, %v; want its state in memory", info, err)
+	}
+}

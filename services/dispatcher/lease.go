@@ -48,14 +48,17 @@ func (l *lease) run(ctx context.Context, leading func(bool)) {
 				l.log.Debug("take the dispatchers' lease", "err", err)
 			}
 		} else {
-			callCtx, cancel := context.WithTimeout(ctx, every)
+			// A slow server may answer late: wait as long as the lease holds.
+			callCtx, cancel := context.WithTimeout(ctx, max(every, l.ttl*3/4-time.Since(renewed)))
 			r, err := l.kv.Update(callCtx, leaseKey, []byte(l.id), rev)
-			if errors.Is(err, jetstream.ErrKeyExists) {
-				// A renewal whose answer was lost (a slow server) moved the revision on:
-				// the entry still naming this dispatcher is its own.
-				r, err = l.ownRevision(callCtx, err)
-			}
 			cancel()
+			if errors.Is(err, jetstream.ErrKeyExists) {
+				// A renewal whose answer was lost moved the revision on: the entry
+				// still naming this dispatcher is its own.
+				getCtx, cancel := context.WithTimeout(ctx, every)
+				r, err = l.ownRevision(getCtx, err)
+				cancel()
+			}
 			switch {
 			case err == nil:
 				rev, renewed = r, time.Now()

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"slices"
 	"time"
+	"unique"
 
 	"github.com/google/btree"
 
@@ -73,26 +74,23 @@ type queue struct {
 	scenes  map[sceneKey]*waiting
 	pools   map[string]*poolQueue
 	delayed delayHeap
-	// names interns the strings that many tickets share, and needs the
-	// requirements, by key.
-	names map[string]string
+	// needs interns the requirements, by key.
 	needs map[string]*inventory.Requirements
 }
 
 func newQueue() *queue {
-	return &queue{scenes: map[sceneKey]*waiting{}, pools: map[string]*poolQueue{}, names: map[string]string{},
-		needs: map[string]*inventory.Requirements{}}
+	return &queue{scenes: map[sceneKey]*waiting{}, pools: map[string]*poolQueue{}, needs: map[string]*inventory.Requirements{}}
 }
 
-func (q *queue) intern(s string) string {
+// intern returns the one copy of s that every ticket sharing it holds (a job's
+// scenes share its id and trace, most share tenant, pool and workflow): a million
+// queued scenes hold a few thousand strings, not millions. Copies no ticket holds
+// any more are collected.
+func intern(s string) string {
 	if s == "" {
 		return ""
 	}
-	if v, ok := q.names[s]; ok {
-		return v
-	}
-	q.names[s] = s
-	return s
+	return unique.Make(s).Value()
 }
 
 // len is the number of waiting scenes.
@@ -104,8 +102,8 @@ func (q *queue) get(k sceneKey) *waiting { return q.scenes[k] }
 // entry it replaced, if any.
 func (q *queue) add(w *waiting, now time.Time) *waiting {
 	t := &w.t
-	t.Tenant, t.Pool, t.Workflow, t.Model, t.Avoid = q.intern(t.Tenant), q.intern(t.Pool), q.intern(t.Workflow), q.intern(t.Model), q.intern(t.Avoid)
-	t.Region, t.PreferRegion = q.intern(t.Region), q.intern(t.PreferRegion)
+	t.JobID, t.Tenant, t.Pool, t.Workflow, t.Model, t.Avoid = intern(t.JobID), intern(t.Tenant), intern(t.Pool), intern(t.Workflow), intern(t.Model), intern(t.Avoid)
+	t.Region, t.PreferRegion, w.trace = intern(t.Region), intern(t.PreferRegion), intern(w.trace)
 	if t.Needs != nil {
 		if shared, ok := q.needs[t.Needs.Key]; ok {
 			t.Needs = shared

@@ -174,7 +174,7 @@ func (e *executor) runNode(ctx context.Context, n *node) {
 	var cons jetstream.Consumer
 	err := fleet.Retry(ctx, e.log, "work consumer of node "+n.cfg.ID, func(ctx context.Context) error {
 		var err error
-		cons, err = e.js.CreateOrUpdateConsumer(ctx, fleet.StreamWork, fleet.WorkConsumer(n.cfg.ID, e.cfg.Settings))
+		cons, err = fleet.EnsureWorkConsumer(ctx, e.js, n.cfg.ID, e.cfg.Settings)
 		return err
 	})
 	if err != nil {

@@ -251,6 +251,23 @@ func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	return nil
 }
 
+// recreateIfGone returns n's work consumer created anew if cons is gone (a NATS
+// server restarted without it: its state is kept in memory), else cons.
+func (e *executor) recreateIfGone(ctx context.Context, n *node, cons jetstream.Consumer) jetstream.Consumer {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := cons.Info(ctx); !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return cons
+	}
+	fresh, err := fleet.EnsureWorkConsumer(ctx, e.js, n.cfg.ID, e.cfg.Settings)
+	if err != nil {
+		e.log.Warn("create the work consumer again", "node", n.cfg.ID, "err", err)
+		return cons
+	}
+	e.log.Info("work consumer created again", "node", n.cfg.ID)
+	return fresh
+}
+
 // fetchWait is how long one pull for a node's next scene waits on the server; its
 // heartbeats every second reveal a pull lost with a NATS server sooner.
 const fetchWait = 5 * time.Second
@@ -283,6 +300,7 @@ func (e *executor) serve(ctx context.Context, n *node, cons jetstream.Consumer) 
 			<-slots
 			if err != nil {
 				e.log.Warn("fetch work", "node", n.cfg.ID, "err", err)
+				cons = e.recreateIfGone(ctx, n, cons)
 				fleet.Pause(ctx, time.Second)
 			}
 			continue

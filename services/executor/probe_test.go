@@ -72,3 +72,22 @@ func TestSilentNodeIsTakenOut(t *testing.T) {
 		return err == nil && strings.Contains(string(e.Value()), `"state":"offline"`)
 	}, "node %s still not offline after it stopped answering", node.ID)
 }
+
+// A work consumer lost with its NATS server (its state is kept in memory) is created
+// again, and the node's scenes run.
+func TestLostWorkConsumerIsCreatedAgain(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	_, node := r.sim(comfysim.Config{Name: "gpu-a"})
+	r.executor("exec-a", nil, node)
+	r.awaitOnline(node.ID)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.js.DeleteConsumer(ctx, fleet.StreamWork, fleet.WorkConsumerName(node.ID)); err != nil {
+		t.Fatal(err)
+	}
+	r.submit("after-loss", 5, 0)
+	if done := r.await(fleet.EventCompleted, 30*time.Second); done.Node != node.ID {
+		t.Errorf("completed on %s, want %s", done.Node, node.ID)
+	}
+}
