@@ -84,6 +84,9 @@ type Scene struct {
 	QueuedAt   time.Time       `json:"queued_at"`
 	StartedAt  *time.Time      `json:"started_at,omitempty"`
 	FinishedAt *time.Time      `json:"finished_at,omitempty"`
+
+	Region       string `json:"region,omitempty" doc:"The only region whose nodes may run the scene."`
+	PreferRegion string `json:"prefer_region,omitempty" doc:"The region whose nodes the scene goes to unless others finish it markedly sooner."`
 }
 
 // Output is a downloadable file of a scene.
@@ -134,6 +137,7 @@ func FromJob(j *fleet.Job, baseURL string) Job {
 			StartedAt:  s.StartedAt,
 			FinishedAt: s.FinishedAt,
 		}
+		v.Region, v.PreferRegion = s.Region, s.PreferRegion
 		for _, o := range s.Outputs {
 			v.Outputs = append(v.Outputs, Output{
 				Name:        o.Name,

@@ -270,6 +270,9 @@ func lessNodeID(a, b string) bool {
 
 // jsonInt reads a JSON number (integer or float) as an int, 0 if it is not one.
 func jsonInt(raw json.RawMessage) int {
+	if n, err := strconv.Atoi(string(raw)); err == nil {
+		return n
+	}
 	var f float64
 	if json.Unmarshal(raw, &f) != nil {
 		return 0

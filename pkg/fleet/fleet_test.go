@@ -303,3 +303,25 @@ func TestEnsureWorkConsumerReplacesOneKeptOnFile(t *testing.T) {
 		t.Fatalf("work consumer after Ensure: %+v, %v; want its state in memory", info, err)
 	}
 }
+
+func TestEnsureExistsCreatesWhatIsMissing(t *testing.T) {
+	t.Parallel()
+	s := fleettest.NATS(t)
+	_, js := fleettest.Connect(t, s)
+	ctx := context.Background()
+	if err := fleet.EnsureExists(ctx, js, fleet.Settings{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.KeyValue(ctx, fleet.BucketJobState); err != nil {
+		t.Fatalf("bucket %s after EnsureExists on an empty server: %v", fleet.BucketJobState, err)
+	}
+	if err := js.DeleteKeyValue(ctx, fleet.BucketLeases); err != nil {
+		t.Fatal(err)
+	}
+	if err := fleet.EnsureExists(ctx, js, fleet.Settings{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.KeyValue(ctx, fleet.BucketLeases); err != nil {
+		t.Fatalf("bucket %s deleted, after EnsureExists: %v", fleet.BucketLeases, err)
+	}
+}

@@ -13,9 +13,69 @@ import (
 // Ensure creates or updates every stream, bucket and object store of the fleet. It is
 // idempotent: every service calls it at start, and whichever comes first creates them.
 func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
+	streams, buckets, stores, err := configs(s)
+	if err != nil {
+		return err
+	}
+	for _, cfg := range streams {
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("create stream %s: %w", cfg.Name, err)
+		}
+	}
+	for _, cfg := range buckets {
+		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+			return fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
+		}
+	}
+	for _, cfg := range stores {
+		if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
+			return fmt.Errorf("create object store %s: %w", cfg.Bucket, err)
+		}
+	}
+	return nil
+}
+
+// EnsureExists is Ensure for a service far from the JetStream servers (an executor
+// in another region, behind a leaf node): when every stream, bucket and object
+// store exists, it costs one round trip, where Ensure costs a few dozen. It creates
+// them all, as Ensure does, if any is missing; it updates none (the services near
+// the servers do).
+func EnsureExists(ctx context.Context, js jetstream.JetStream, s Settings) error {
+	streams, buckets, stores, err := configs(s)
+	if err != nil {
+		return err
+	}
+	have := map[string]bool{}
+	names := js.StreamNames(ctx)
+	for name := range names.Name() {
+		have[name] = true
+	}
+	if err := names.Err(); err != nil {
+		return fmt.Errorf("list streams: %w", err)
+	}
+	for _, cfg := range streams {
+		if !have[cfg.Name] {
+			return Ensure(ctx, js, s)
+		}
+	}
+	for _, cfg := range buckets {
+		if !have["KV_"+cfg.Bucket] {
+			return Ensure(ctx, js, s)
+		}
+	}
+	for _, cfg := range stores {
+		if !have["OBJ_"+cfg.Bucket] {
+			return Ensure(ctx, js, s)
+		}
+	}
+	return nil
+}
+
+// configs are the fleet's streams, buckets and object stores under settings s.
+func configs(s Settings) ([]jetstream.StreamConfig, []jetstream.KeyValueConfig, []jetstream.ObjectStoreConfig, error) {
 	s, err := s.Normalize()
 	if err != nil {
-		return fmt.Errorf("fleet settings: %w", err)
+		return nil, nil, nil, fmt.Errorf("fleet settings: %w", err)
 	}
 	streams := []jetstream.StreamConfig{
 		{
@@ -85,12 +145,8 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 			Duplicates:        s.DuplicateWindow,
 		},
 	}
-	for _, cfg := range streams {
-		cfg.Storage = s.Storage
-		cfg.Replicas = s.Replicas
-		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
-			return fmt.Errorf("create stream %s: %w", cfg.Name, err)
-		}
+	for i := range streams {
+		streams[i].Storage, streams[i].Replicas = s.Storage, s.Replicas
 	}
 	buckets := []jetstream.KeyValueConfig{
 		{Bucket: BucketJobs, Description: "jobs as submitted", History: 1, TTL: s.Retention},
@@ -105,26 +161,18 @@ func Ensure(ctx context.Context, js jetstream.JetStream, s Settings) error {
 		{Bucket: BucketLeases, Description: "leases electing one instance of a service", History: 1, TTL: s.LeaseTTL},
 		{Bucket: BucketComfyPrompts, Description: "prompts of the ComfyUI-compatible API and their jobs", History: 1, TTL: s.Retention},
 	}
-	for _, cfg := range buckets {
-		cfg.Storage = s.Storage
-		cfg.Replicas = s.Replicas
-		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-			return fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
-		}
+	for i := range buckets {
+		buckets[i].Storage, buckets[i].Replicas = s.Storage, s.Replicas
 	}
 	stores := []jetstream.ObjectStoreConfig{
 		{Bucket: ObjectOutputs, Description: "scene outputs", TTL: s.Retention},
 		{Bucket: ObjectInputs, Description: "input images of scenes", TTL: s.Retention},
 		{Bucket: ObjectNodeInfo, Description: "each node's /object_info, as its executor read it last"},
 	}
-	for _, cfg := range stores {
-		cfg.Storage = s.Storage
-		cfg.Replicas = s.Replicas
-		if _, err := js.CreateOrUpdateObjectStore(ctx, cfg); err != nil {
-			return fmt.Errorf("create object store %s: %w", cfg.Bucket, err)
-		}
+	for i := range stores {
+		stores[i].Storage, stores[i].Replicas = s.Storage, s.Replicas
 	}
-	return nil
+	return streams, buckets, stores, nil
 }
 
 // NodeSlots is how many scenes a node holds at once: the one ComfyUI runs and one

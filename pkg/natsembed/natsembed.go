@@ -3,6 +3,7 @@
 package natsembed
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"net/url"
@@ -15,7 +16,12 @@ import (
 
 // Config configures the embedded server.
 type Config struct {
-	// Dir is where JetStream keeps its file store. Required.
+	// ConfigFile, if set, is a nats-server configuration file (such as those of
+	// deploy/nats) that the server runs as it says, reading its $VARIABLES from the
+	// environment: JetStream, cluster, leaf nodes, users and permissions are the
+	// file's. The other fields then override the file only where they are set.
+	ConfigFile string
+	// Dir is where JetStream keeps its file store. Required without ConfigFile.
 	Dir string
 	// Host is the address clients connect to. Defaults to "127.0.0.1".
 	Host string
@@ -33,6 +39,10 @@ type Config struct {
 	Cluster     string
 	Routes      []string
 	ClusterName string
+	// MonitorPort, when not zero, is the port of the monitoring endpoint (/healthz,
+	// /varz), and LeafPort, with ConfigFile, the port leaf nodes connect to instead of
+	// the file's; -1 picks a free one.
+	MonitorPort, LeafPort int
 	// Log turns the server's own log on.
 	Log bool
 	// StartTimeout bounds the wait for the server to accept connections. Defaults to 10s.
@@ -41,27 +51,13 @@ type Config struct {
 
 // Start starts the server and waits until it accepts connections.
 func Start(cfg Config) (*server.Server, error) {
-	if cfg.Dir == "" {
-		return nil, fmt.Errorf("embedded nats: a store directory is required")
+	opts, err := options(cfg)
+	if err != nil {
+		return nil, err
 	}
-	name := cfg.Name
-	if name == "" {
-		name = "comfyfleet"
-	}
-	opts := &server.Options{
-		ServerName: name,
-		Host:       cfg.Host,
-		Port:       cfg.Port,
-		JetStream:  true,
-		StoreDir:   cfg.Dir,
-		NoSigs:     true,
-		NoLog:      !cfg.Log,
-	}
-	if opts.Host == "" {
-		opts.Host = "127.0.0.1"
-	}
-	if opts.Port == 0 {
-		opts.Port = 4222
+	opts.NoSigs, opts.NoLog = true, !cfg.Log
+	if cfg.MonitorPort != 0 {
+		opts.HTTPHost, opts.HTTPPort = cmp.Or(opts.HTTPHost, opts.Host), cfg.MonitorPort
 	}
 	if err := applySync(opts, cfg.Sync); err != nil {
 		return nil, err
@@ -88,6 +84,30 @@ func Start(cfg Config) (*server.Server, error) {
 	return s, nil
 }
 
+// options are ConfigFile's options with cfg's overrides, or those of a server with
+// JetStream that runs alone unless cfg names a cluster.
+func options(cfg Config) (*server.Options, error) {
+	if cfg.ConfigFile == "" {
+		if cfg.Dir == "" {
+			return nil, fmt.Errorf("embedded nats: a store directory is required")
+		}
+		return &server.Options{ServerName: cmp.Or(cfg.Name, "comfyfleet"), Host: cmp.Or(cfg.Host, "127.0.0.1"),
+			Port: cmp.Or(cfg.Port, 4222), JetStream: true, StoreDir: cfg.Dir}, nil
+	}
+	opts, err := server.ProcessConfigFile(cfg.ConfigFile)
+	if err != nil {
+		return nil, fmt.Errorf("embedded nats: %w", err)
+	}
+	opts.ServerName = cmp.Or(cfg.Name, opts.ServerName)
+	opts.Host = cmp.Or(cfg.Host, opts.Host)
+	opts.Port = cmp.Or(cfg.Port, opts.Port)
+	opts.StoreDir = cmp.Or(cfg.Dir, opts.StoreDir)
+	if cfg.LeafPort != 0 {
+		opts.LeafNode.Host, opts.LeafNode.Port = cmp.Or(opts.LeafNode.Host, opts.Host), cfg.LeafPort
+	}
+	return opts, nil
+}
+
 // Stop shuts the server down and waits until it has.
 func Stop(s *server.Server) {
 	s.Shutdown()
@@ -110,25 +130,29 @@ func applySync(opts *server.Options, sync string) error {
 	return nil
 }
 
-// applyCluster joins the server to its cluster, if cfg names one.
+// applyCluster joins the server to the cluster cfg names, or moves the cluster of
+// its configuration file: Cluster is its listen address, Routes replace the file's
+// routes, ClusterName its name (default "comfyfleet").
 func applyCluster(opts *server.Options, cfg Config) error {
-	if cfg.Cluster == "" {
+	if cfg.Cluster != "" {
+		host, port, err := net.SplitHostPort(cfg.Cluster)
+		if err != nil {
+			return fmt.Errorf("embedded nats: cluster address %q: %w", cfg.Cluster, err)
+		}
+		opts.Cluster.Host = host
+		if opts.Cluster.Port, err = strconv.Atoi(port); err != nil {
+			return fmt.Errorf("embedded nats: cluster port %q: %w", port, err)
+		}
+	}
+	if opts.Cluster.Port == 0 {
 		if len(cfg.Routes) > 0 {
 			return fmt.Errorf("embedded nats: routes given without a cluster listen address")
 		}
 		return nil
 	}
-	host, port, err := net.SplitHostPort(cfg.Cluster)
-	if err != nil {
-		return fmt.Errorf("embedded nats: cluster address %q: %w", cfg.Cluster, err)
-	}
-	opts.Cluster.Host = host
-	if opts.Cluster.Port, err = strconv.Atoi(port); err != nil {
-		return fmt.Errorf("embedded nats: cluster port %q: %w", port, err)
-	}
-	opts.Cluster.Name = cfg.ClusterName
-	if opts.Cluster.Name == "" {
-		opts.Cluster.Name = "comfyfleet"
+	opts.Cluster.Name = cmp.Or(cfg.ClusterName, opts.Cluster.Name, "comfyfleet")
+	if len(cfg.Routes) > 0 {
+		opts.Routes = nil
 	}
 	for _, r := range cfg.Routes {
 		u, err := url.Parse(r)

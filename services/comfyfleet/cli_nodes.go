@@ -45,7 +45,7 @@ func runNodesList(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return printJSON(stdout, list)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tSTATUS\tPOOLS\tWEIGHT\tHOLDING\tSCENE\tDONE\tS/SCENE\tMODEL\tHEARTBEAT\tURL")
+	fmt.Fprintln(tw, "NODE\tSTATUS\tPOOLS\tWEIGHT\tREGION\tHOLDING\tSCENE\tDONE\tS/SCENE\tMODEL\tHEARTBEAT\tURL")
 	for _, n := range list.Nodes {
 		h := n.Health
 		status := h.Status
@@ -66,14 +66,14 @@ func runNodesList(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		if h.LastHeartbeat != nil {
 			beat = time.Since(*h.LastHeartbeat).Round(time.Second).String() + " ago"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%g\t%d\t%s\t%d\t%s\t%s\t%s\t%s\n", n.ID, status, strings.Join(n.Pools, ","), n.Weight,
-			h.Holding, orDash(h.Scene), h.ScenesDone, speed, orDash(h.Model), beat, n.URL)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%g\t%s\t%d\t%s\t%d\t%s\t%s\t%s\t%s\n", n.ID, status, strings.Join(n.Pools, ","), n.Weight,
+			orDash(n.Region), h.Holding, orDash(h.Scene), h.ScenesDone, speed, orDash(h.Model), beat, n.URL)
 	}
 	return tw.Flush()
 }
 
 func runNodesAdd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := commandFlags("nodes add", "NODE --url URL [--pool POOL]… [--weight W] [--label NAME=VALUE]… [flags]", stderr)
+	fs := commandFlags("nodes add", "NODE --url URL [--pool POOL]… [--weight W] [--region R] [--label NAME=VALUE]… [flags]", stderr)
 	var (
 		cf     clientFlags
 		pools  listFlag
@@ -82,7 +82,8 @@ func runNodesAdd(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	nodeURL := fs.String("url", "", "base URL of the node's ComfyUI, such as http://10.0.0.5:8188")
 	weight := fs.Float64("weight", 0, "relative speed: 4 for a GPU four times as fast as one of weight 1 (default 1)")
 	fs.Var(&pools, "pool", "a pool whose scenes the node runs, such as image or video (repeatable, or comma-separated; default image)")
-	fs.Var(&labels, "label", "a label, name=value, such as region=shenzhen (repeatable)")
+	region := fs.String("region", "", "where the node is, such as shenzhen: scenes that require a region run only on its nodes")
+	fs.Var(&labels, "label", "a label, name=value, such as gpu=a100 (repeatable)")
 	cf.register(fs)
 	c, id, err := idArg(fs, &cf, args, "node")
 	if err != nil {
@@ -91,7 +92,7 @@ func runNodesAdd(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if *nodeURL == "" {
 		return fmt.Errorf("nodes add: give the node's ComfyUI URL with --url")
 	}
-	body := intake.NodeInput{URL: *nodeURL, Weight: *weight}
+	body := intake.NodeInput{URL: *nodeURL, Weight: *weight, Region: *region}
 	for _, p := range pools {
 		for _, name := range strings.Split(p, ",") {
 			if name = strings.TrimSpace(name); name != "" {

@@ -30,6 +30,8 @@ func runSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		priority = fs.Int("priority", 0, "priority 1 (lowest) to 10 (default: the job file's, else 5)")
 		pool     = fs.String("pool", "", "pool of nodes every scene runs on (default: each template's)")
 		callback = fs.String("callback", "", "URL that receives the finished job as a POST")
+		region   = fs.String("region", "", "the only region whose nodes may run the job's scenes, such as shenzhen (default: the job file's, else any)")
+		prefer   = fs.String("prefer-region", "", "a region whose nodes the job's scenes go to unless others finish them markedly sooner (default: the job file's, else none)")
 		wait     = fs.Bool("wait", false, "follow the job to its end with a progress bar per scene; exit 1 if a scene failed or the job was cancelled")
 		out      = fs.String("out", "", "download every output file into this directory once the job is done (implies --wait)")
 	)
@@ -81,6 +83,12 @@ func runSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	if *callback != "" {
 		body.CallbackURL = *callback
+	}
+	if *region != "" {
+		body.Region = *region
+	}
+	if *prefer != "" {
+		body.PreferRegion = *prefer
 	}
 	var job api.Job
 	if err := c.call(ctx, "POST", "/v1/jobs", body, &job); err != nil {

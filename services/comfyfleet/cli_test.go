@@ -200,10 +200,10 @@ func TestNodesCommands(t *testing.T) {
 		t.Errorf("nodes undrain: %v; drained %v", err, node("sim-a").Drained)
 	}
 
-	if _, _, err := comfyfleet(t, "nodes", "add", "gpu-7", "--url", "http://127.0.0.1:9", "--pool", "image,video", "--weight", "2", "--label", "region=lab", api); err != nil {
+	if _, _, err := comfyfleet(t, "nodes", "add", "gpu-7", "--url", "http://127.0.0.1:9", "--pool", "image,video", "--weight", "2", "--region", "lab", "--label", "gpu=a100", api); err != nil {
 		t.Fatalf("nodes add: %v", err)
 	}
-	if n := node("gpu-7"); n.URL != "http://127.0.0.1:9" || !slices.Equal(n.Pools, []string{"image", "video"}) || n.Weight != 2 || n.Labels["region"] != "lab" {
+	if n := node("gpu-7"); n.URL != "http://127.0.0.1:9" || !slices.Equal(n.Pools, []string{"image", "video"}) || n.Weight != 2 || n.Region != "lab" || n.Labels["gpu"] != "a100" {
 		t.Errorf("nodes add registered %+v", n)
 	}
 	if _, _, err := comfyfleet(t, "nodes", "rm", "gpu-7", api); err != nil {

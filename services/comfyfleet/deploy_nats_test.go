@@ -146,6 +146,9 @@ func TestNATSConfigsLoadAndShareTheirPermissions(t *testing.T) {
 	if hub.ServerName != "nats-0" || hub.LeafNode.Port != 7422 || hub.HTTPPort != 8222 || hub.StoreDir == "" {
 		t.Errorf("hub.conf: server name %q, leaf port %d, monitoring port %d, store %q", hub.ServerName, hub.LeafNode.Port, hub.HTTPPort, hub.StoreDir)
 	}
+	if !hub.LeafNode.NoAdvertise {
+		t.Error("hub.conf: the leaf-node listener advertises the servers' own addresses to the regions; they dial the hub's public name only (no_advertise)")
+	}
 	if hub.JetStreamDomain != "hub" {
 		t.Errorf("hub.conf: JetStream domain %q; the leaf nodes map their JetStream API to the domain hub", hub.JetStreamDomain)
 	}
@@ -392,6 +395,13 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		t.Fatalf("the output stored in %s reads %q, %v in the hub", region, got, err)
 	}
 
+	// A scene event published in the region is stored in the hub's events stream:
+	// the hub's interest in it crosses the link.
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		_, err := regionalJS.Publish(ctx, "fleet.evt.scene.probe.0.started", []byte("{}"))
+		return err == nil
+	}, "a scene event published through the leaf node reached no stream")
+
 	// Work placed in the hub reaches a consumer in the region, and its ack returns.
 	probe, err := regionalJS.CreateOrUpdateConsumer(ctx, fleet.StreamWork, jetstream.ConsumerConfig{
 		Durable: "node-probe", FilterSubject: fleet.WorkSubject("probe"), AckPolicy: jetstream.AckExplicitPolicy})
@@ -434,7 +444,7 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 	// A denied subject first, then an allowed one, on one connection and one link:
 	// once the allowed one arrives, the denied one would have arrived before it.
 	for {
-		for _, subject := range []string{"fleet.submit.job.0", "fleet.work.gpu-" + region, "fleet.evt.scene.probe.0.progress"} {
+		for _, subject := range []string{"fleet.submit.job.0", "fleet.work.gpu-" + region, "fleet.evt.scene.probe.0.cancelled", "fleet.evt.scene.probe.0.progress"} {
 			if err := anyone.Publish(subject, []byte("{}")); err != nil {
 				t.Fatal(err)
 			}

@@ -65,8 +65,8 @@ func (s *settingsFlags) settings() (fleet.Settings, error) {
 }
 
 // parseNode reads a --comfy value: a ComfyUI URL, then optional comma-separated
-// id=NAME, pool=POOL[+POOL…] and weight=W, e.g.
-// "http://10.0.0.5:8188,id=a100,pool=video,weight=4".
+// id=NAME, pool=POOL[+POOL…], weight=W and region=R, e.g.
+// "http://10.0.0.5:8188,id=a100,pool=video,weight=4,region=shanghai".
 func parseNode(v string) (fleet.NodeConfig, error) {
 	parts := strings.Split(v, ",")
 	u, err := url.Parse(strings.TrimSpace(parts[0]))
@@ -93,8 +93,13 @@ func parseNode(v string) (fleet.NodeConfig, error) {
 			if n.Weight, err = strconv.ParseFloat(val, 64); err != nil || n.Weight <= 0 {
 				return n, fmt.Errorf("--comfy %q: weight %q is not a positive number", v, val)
 			}
+		case "region":
+			if !fleet.ValidToken(val) {
+				return n, fmt.Errorf("--comfy %q: region %q: use letters, digits, '-' and '_'", v, val)
+			}
+			n.Region = val
 		default:
-			return n, fmt.Errorf("--comfy %q: unknown key %q; use id, pool or weight", v, key)
+			return n, fmt.Errorf("--comfy %q: unknown key %q; use id, pool, weight or region", v, key)
 		}
 	}
 	if !fleet.ValidToken(n.ID) {

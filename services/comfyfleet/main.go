@@ -7,7 +7,8 @@
 //	comfyfleet executor      drives the ComfyUI nodes named by --comfy
 //	comfyfleet notifier      completions and webhooks
 //	comfyfleet sim           one simulated ComfyUI node
-//	comfyfleet nats          a NATS server with JetStream, for running the services apart
+//	comfyfleet nats          a NATS server with JetStream, for running the services apart,
+//	                         or as a deploy/nats configuration says (--config)
 //	comfyfleet bench NAME    a benchmark that prints a table (failover)
 //	comfyfleet apikey       create, list and revoke API keys, straight in NATS
 //	comfyfleet submit       submit a job through the API, follow it, download its outputs
@@ -46,7 +47,7 @@ func commands() []command {
 		{"executor", "run an executor for the ComfyUI nodes named by --comfy", runExecutor},
 		{"notifier", "run the notifier against an external NATS", runNotifier},
 		{"sim", "run one simulated ComfyUI node", runSim},
-		{"nats", "run a NATS server with JetStream (embedded nats-server) alone", runNATS},
+		{"nats", "run a NATS server with JetStream (embedded nats-server) alone, or as a nats-server configuration says (--config deploy/nats/hub.conf)", runNATS},
 		{"bench", "run a benchmark and print its table: failover", runBench},
 		{"submit", "submit a job (-f job.json, or --workflow txt2img --param prompt=… --count 6); --wait follows it, --out DIR downloads its outputs", runSubmit},
 		{"jobs", "jobs list|get|cancel|delete|retry|watch, through the API (--api, --key)", runJobs},
@@ -132,6 +133,19 @@ func parse(fs *flag.FlagSet, args []string) error {
 		return parsed(fs)
 	}
 	return nil
+}
+
+// givenFlags reports which flags of fs were given, on the command line or by their
+// environment variables, once parse has run.
+func givenFlags(fs *flag.FlagSet) map[string]bool {
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	fs.VisitAll(func(f *flag.Flag) {
+		if _, ok := os.LookupEnv(envName(f.Name)); ok {
+			given[f.Name] = true
+		}
+	})
+	return given
 }
 
 // parseArgs is parse for a command that takes arguments among its flags, as in

@@ -69,8 +69,8 @@ func TestUpStartsTheFleetAndStopsOnCancel(t *testing.T) {
 
 func TestParseNode(t *testing.T) {
 	t.Parallel()
-	got, err := parseNode("http://10.0.0.5:8188/,id=a100,pool=image+video,weight=4")
-	want := fleet.NodeConfig{ID: "a100", URL: "http://10.0.0.5:8188", Pools: []string{"image", "video"}, Weight: 4}
+	got, err := parseNode("http://10.0.0.5:8188/,id=a100,pool=image+video,weight=4,region=shanghai")
+	want := fleet.NodeConfig{ID: "a100", URL: "http://10.0.0.5:8188", Pools: []string{"image", "video"}, Weight: 4, Region: "shanghai"}
 	if err != nil || !reflect.DeepEqual(got, want) {
 		t.Errorf("parseNode = %+v, %v; want %+v", got, err, want)
 	}
@@ -78,7 +78,7 @@ func TestParseNode(t *testing.T) {
 	if err != nil || got.ID != "gpu-7-lan-8188" || len(got.Pools) != 2 || got.Weight != 1 {
 		t.Errorf("defaults: %+v, %v", got, err)
 	}
-	for _, bad := range []string{"gpu:8188", "ftp://x", "http://x,weight=0", "http://x,colour=red", "http://x,id=a.b", "http://x,novalue"} {
+	for _, bad := range []string{"gpu:8188", "ftp://x", "http://x,weight=0", "http://x,colour=red", "http://x,id=a.b", "http://x,novalue", "http://x,region=cn south"} {
 		if _, err := parseNode(bad); err == nil {
 			t.Errorf("parseNode(%q) accepted it", bad)
 		}

@@ -30,7 +30,14 @@ type proc struct {
 
 func startProc(t *testing.T, bin, name string, args ...string) *proc {
 	t.Helper()
+	return startProcEnv(t, bin, name, nil, args...)
+}
+
+// startProcEnv is startProc with the environment env; nil inherits the test's.
+func startProcEnv(t *testing.T, bin, name string, env []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{name: name, cmd: exec.Command(bin, args...), lines: fleettest.NewEvents[string]("lines of "+name, nil), exited: make(chan struct{})}
+	p.cmd.Env = env
 	stdout, _ := p.cmd.StdoutPipe()
 	stderr, _ := p.cmd.StderrPipe()
 	if err := p.cmd.Start(); err != nil {

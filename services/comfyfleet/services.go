@@ -91,12 +91,13 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 		comfy listFlag
 	)
 	name := fs.String("name", "", "executor name in node state and logs (default host-pid)")
+	region := fs.String("region", "", "region of the nodes this executor drives that name none (--comfy without region=, nodes it adopts), e.g. shenzhen; none by default")
 	var allow allowFlag
 	allow.register(fs)
 	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
 	adopt := fs.Bool("adopt", false, "also drive the nodes registered through the API (PUT /v1/nodes/{id}) that no executor drives yet")
 	inventoryInterval := fs.Duration("inventory-interval", 5*time.Minute, "how often each node's inventory (/object_info: node classes, model files) is read again")
-	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
+	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W][,region=R] (repeatable)")
 	var outs outputsFlags
 	outs.register(fs, false)
 	sf.register(fs)
@@ -129,7 +130,7 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 		return err
 	}
 	defer stopMetrics()
-	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Adopt: *adopt, Name: *name, URLGuard: guard,
+	return executor.Run(ctx, executor.Config{Conn: svc.conn, Settings: svc.settings, Nodes: nodes, Adopt: *adopt, Name: *name, Region: *region, URLGuard: guard,
 		InputTimeout: *inputTimeout, InventoryInterval: *inventoryInterval, Outputs: store, Logger: svc.log})
 }
 

@@ -45,15 +45,19 @@ func runSim(ctx context.Context, args []string, stdout, _ io.Writer) error {
 
 func runNATS(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("nats", flag.ContinueOnError)
+	config := fs.String("config", "", "a nats-server configuration file, such as deploy/nats/hub.conf or leaf-<region>.conf, run as it says "+
+		"($VARIABLES from the environment); the other flags then override it only where given")
 	host := fs.String("host", "127.0.0.1", "listen host")
-	port := fs.Int("port", 4222, "client port")
+	port := fs.Int("port", 4222, "client port (-1 picks a free one)")
 	store := fs.String("store", "./.comfyfleet", "JetStream file store directory")
 	syncPolicy := fs.String("sync", "2m", `file store sync policy: "always" or an interval`)
 	name := fs.String("name", "comfyfleet", "server name, unique in a cluster")
-	cluster := fs.String("cluster", "", "host:port where this server listens for the other servers of its cluster (default: no cluster)")
+	cluster := fs.String("cluster", "", "host:port where this server listens for the other servers of its cluster (default: no cluster, or --config's)")
 	clusterName := fs.String("cluster-name", "comfyfleet", "name of the cluster")
 	var routes listFlag
 	fs.Var(&routes, "routes", "cluster URL of another server of the cluster, nats://host:port (repeatable, or comma-separated)")
+	monitorPort := fs.Int("http-port", 0, "monitoring port (/healthz, /varz); 0: --config's, else none")
+	leafPort := fs.Int("leaf-port", 0, "with --config: the port leaf nodes connect to, instead of the file's")
 	pprofAddr := fs.String("pprof", "", "serve Go's pprof profiles (/debug/pprof/) of the server on this address, e.g. 127.0.0.1:6060 (default off)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -67,12 +71,33 @@ func runNATS(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	for _, r := range routes {
 		routeURLs = append(routeURLs, strings.Split(r, ",")...)
 	}
-	s, err := natsembed.Start(natsembed.Config{Dir: *store, Host: *host, Port: *port, Sync: *syncPolicy,
-		Name: *name, Cluster: *cluster, ClusterName: *clusterName, Routes: routeURLs})
+	cfg := natsembed.Config{Dir: *store, Host: *host, Port: *port, Sync: *syncPolicy,
+		Name: *name, Cluster: *cluster, ClusterName: *clusterName, Routes: routeURLs, MonitorPort: *monitorPort}
+	if *config != "" {
+		// The file decides what the flags left at their defaults would otherwise.
+		given := givenFlags(fs)
+		keep := func(flag string, v string) string {
+			if given[flag] {
+				return v
+			}
+			return ""
+		}
+		cfg = natsembed.Config{ConfigFile: *config, Host: keep("host", *host), Dir: keep("store", *store), Sync: keep("sync", *syncPolicy),
+			Name: keep("name", *name), Cluster: *cluster, ClusterName: keep("cluster-name", *clusterName), Routes: routeURLs,
+			MonitorPort: *monitorPort, LeafPort: *leafPort, Log: true}
+		if given["port"] {
+			cfg.Port = *port
+		}
+	}
+	s, err := natsembed.Start(cfg)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "nats-server with JetStream listening on %s, store %s\n", s.ClientURL(), *store)
+	if *config != "" {
+		fmt.Fprintf(stdout, "nats-server %s from %s listening on %s\n", s.Name(), *config, s.ClientURL())
+	} else {
+		fmt.Fprintf(stdout, "nats-server with JetStream listening on %s, store %s\n", s.ClientURL(), *store)
+	}
 	<-ctx.Done()
 	natsembed.Stop(s)
 	return nil

@@ -42,7 +42,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		logs      logFlags
 		outs      outputsFlags
 	)
-	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W] (repeatable)")
+	fs.Var(&comfy, "comfy", "a real ComfyUI node: URL[,id=NAME][,pool=image+video][,weight=W][,region=R] (repeatable)")
 	fs.Var(&allow, "allow-callback", "internal addresses or CIDR prefixes that callback URLs may reach (repeatable; default loopback)")
 	outs.register(fs, true)
 	settings.register(fs)

@@ -131,6 +131,9 @@ func (e *executor) adopt(ctx context.Context, id string) (fleet.NodeConfig, erro
 		}
 		next := *cur
 		next.ID, next.Executor = id, e.cfg.Name
+		if next.Region == "" {
+			next.Region = e.cfg.Region
+		}
 		return &next, nil
 	})
 	return nc, err
@@ -180,5 +183,6 @@ func (e *executor) runNode(ctx context.Context, n *node) {
 	if err != nil {
 		return
 	}
+	e.seedSetup(ctx, n)
 	e.serve(ctx, n, cons)
 }

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -41,6 +42,10 @@ type Config struct {
 	Adopt bool
 	// Name identifies this executor in node state and logs. Defaults to host-pid.
 	Name string
+	// Region is where this executor and its nodes are, e.g. shenzhen: the region of
+	// each node of Nodes that names none, and of each node it adopts without one.
+	// Empty for a fleet in one place.
+	Region string
 	// HeartbeatInterval is how often each node is probed and its state reported.
 	// Defaults to 1s.
 	HeartbeatInterval time.Duration
@@ -76,8 +81,18 @@ func (c *Config) fill() error {
 	if len(c.Nodes) == 0 && !c.Adopt {
 		return errors.New("executor: no ComfyUI node to drive; name one with --comfy URL, or adopt those registered through the API")
 	}
+	if c.Region != "" && !fleet.ValidToken(c.Region) {
+		return fmt.Errorf("executor: region %q: use letters, digits, '-' and '_'", c.Region)
+	}
+	// Filled in with the region below, so the caller's slice stays as it was.
+	c.Nodes = slices.Clone(c.Nodes)
 	seen := map[string]bool{}
 	for i, n := range c.Nodes {
+		if n.Region == "" {
+			c.Nodes[i].Region = c.Region
+		} else if !fleet.ValidToken(n.Region) {
+			return fmt.Errorf("executor: node %s: region %q: use letters, digits, '-' and '_'", n.ID, n.Region)
+		}
 		if !fleet.ValidToken(n.ID) {
 			return fmt.Errorf("executor: node %d: id %q: use letters, digits, '-' and '_'", i, n.ID)
 		}
@@ -204,7 +219,7 @@ func run(ctx context.Context, cfg Config) error {
 // executor uses, registers its nodes and creates the work consumers of their pools.
 func (e *executor) open(ctx context.Context, js jetstream.JetStream) error {
 	var err error
-	if err = fleet.Ensure(ctx, js, e.cfg.Settings); err != nil {
+	if err = fleet.EnsureExists(ctx, js, e.cfg.Settings); err != nil {
 		return err
 	}
 	if e.jobs, err = fleet.OpenJobs(ctx, js); err != nil {

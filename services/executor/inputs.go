@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"path"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
@@ -22,6 +23,7 @@ func (e *executor) runOnNode(ctx context.Context, n *node, item scene, promptID 
 	if err := e.placeInputs(ctx, n, item); err != nil {
 		return comfy.Result{}, err
 	}
+	n.setupTook(time.Since(item.delivered))
 	return n.client.Run(ctx, item.Graph, promptID, onProgress)
 }
 

@@ -33,6 +33,8 @@ type node struct {
 	runs map[string]*nodeRun
 	// model is the checkpoint of the scene that started last.
 	model string
+	// setup is the moving average of the node's setup times (see setupTook).
+	setup time.Duration
 	// inventoryDue is set when the node comes up: its inventory is read again
 	// before it is reported online.
 	inventoryDue bool
@@ -65,7 +67,7 @@ func newNode(cfg fleet.NodeConfig, client *comfy.Client, executor string) *node 
 		runs:   map[string]*nodeRun{},
 		inv:    nodeInventory{first: make(chan struct{})},
 		status: fleet.NodeStatus{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Executor: executor, State: fleet.NodeOffline,
-			Workflows: map[string]float64{}},
+			Workflows: map[string]float64{}, Region: cfg.Region},
 	}
 }
 

@@ -28,6 +28,8 @@ type scene struct {
 	Graph   fleet.Graph
 	Inputs  []fleet.Input
 	Timeout time.Duration
+	// delivered is when its work message reached the executor.
+	delivered time.Time
 }
 
 // errPayloadMissing is the error of a scene whose payload is not in the store: its
@@ -71,6 +73,7 @@ func (e *executor) handler(n *node) fleet.Handler {
 }
 
 func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.Ticket, delivered int) error {
+	received := time.Now()
 	attempt := t.Attempt(delivered)
 	stopKeepAlive := e.keepAlive(msg)
 	defer stopKeepAlive()
@@ -110,6 +113,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 	case err != nil:
 		return err
 	}
+	item.delivered = received
 	stopWatch := e.watch(runCtx, cancel, n, item)
 	defer stopWatch()
 	event := func(typ fleet.EventType) fleet.SceneEvent {
@@ -130,7 +134,8 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 			log.Warn("publish started event", "err", err)
 		}
 	}
-	report := e.progress(ctx, t, attempt, n.cfg.ID)
+	report, flushProgress := e.progress(ctx, t, attempt, n.cfg.ID)
+	defer flushProgress()
 	onProgress := func(p comfy.Progress) {
 		markStarted()
 		steps = max(steps, p.Max)
@@ -138,6 +143,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 	}
 
 	res, err := e.execute(runCtx, n, item, attempt, log, onProgress)
+	flushProgress()
 	var outputs []fleet.Output
 	if err == nil {
 		// A prompt served from ComfyUI's cache, or followed by polling, started
@@ -238,10 +244,23 @@ func (e *executor) keepAlive(msg jetstream.Msg) (stop func()) {
 }
 
 // progress returns the callback that publishes a scene's progress, at most once per
-// ProgressInterval and always for the last step.
-func (e *executor) progress(ctx context.Context, item fleet.Ticket, attempt int, node string) func(comfy.Progress) {
+// ProgressInterval and always for the last step, and the function that waits until
+// what it took is published (call it once no more progress comes). The callback never
+// waits for the server: one event at a time is published in the background, a later
+// one replacing any that waits, so that a slow link to the hub (a node in another
+// region) does not slow the scene down by a round trip per step.
+func (e *executor) progress(ctx context.Context, item fleet.Ticket, attempt int, node string) (report func(comfy.Progress), flush func()) {
+	waiting := make(chan fleet.SceneEvent, 1)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for ev := range waiting {
+			if err := e.pub.SceneEvent(ctx, ev); err != nil {
+				e.log.Debug("publish progress", "scene", item.RunKey(), "err", err)
+			}
+		}
+	})
 	var last time.Time
-	return func(p comfy.Progress) {
+	report = func(p comfy.Progress) {
 		if p.Max <= 0 {
 			return
 		}
@@ -252,10 +271,21 @@ func (e *executor) progress(ctx context.Context, item fleet.Ticket, attempt int,
 		last = time.Now()
 		ev := fleet.SceneEvent{JobID: item.JobID, Index: item.Index, Retry: item.Retry, Type: fleet.EventProgress, Attempt: attempt, Node: node,
 			Progress: &fleet.Progress{Value: p.Value + 1, Max: p.Max, Node: p.Node}}
-		if err := e.pub.SceneEvent(ctx, ev); err != nil {
-			e.log.Debug("publish progress", "scene", item.RunKey(), "err", err)
+		// The only sender: once the slot is emptied, this send cannot block.
+		select {
+		case <-waiting:
+		default:
 		}
+		waiting <- ev
 	}
+	var once sync.Once
+	flush = func() {
+		once.Do(func() {
+			close(waiting)
+			wg.Wait()
+		})
+	}
+	return report, flush
 }
 
 // store copies the prompt's output files from the node into the outputs store.

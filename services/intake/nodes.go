@@ -31,7 +31,7 @@ func (in *intake) addNodeRoutes(a huma.API) {
 		Method:      http.MethodGet,
 		Path:        "/v1/nodes",
 		Summary:     "List the ComfyUI nodes and their health",
-		Description: "Every node of the fleet, ordered by id: its configuration (URL, pools, weight, labels, drained) and what its executor last reported (health). " +
+		Description: "Every node of the fleet, ordered by id: its configuration (URL, pools, weight, labels, region, drained) and what its executor last reported (health). " +
 			"A node that an executor still reports but that is no longer in the registry is listed too, with registered false.",
 		Tags: []string{"nodes"},
 	}), in.listNodes)
@@ -49,7 +49,7 @@ func (in *intake) addNodeRoutes(a huma.API) {
 		Method:      http.MethodPut,
 		Path:        "/v1/nodes/{id}",
 		Summary:     "Add or replace a ComfyUI node (admin)",
-		Description: "Admin operation. Adds the node to the fleet, or replaces its URL, pools, weight and labels; no service needs a restart. " +
+		Description: "Admin operation. Adds the node to the fleet, or replaces its URL, pools, weight, labels and region; no service needs a restart. " +
 			"A new node gets scenes once an executor drives it and reports it online. " +
 			"A replaced node stays drained if it was, and keeps the executor that drives it. " +
 			"Answers 201 for a new node, 200 for a replaced one.",
@@ -116,7 +116,8 @@ type Node struct {
 	URL    string            `json:"url" doc:"Base URL of the node's ComfyUI."`
 	Pools  []string          `json:"pools" doc:"The pools whose scenes the node runs (a scene's pool is image unless it or its template says otherwise)."`
 	Weight float64           `json:"weight" doc:"Relative speed of the node: 4 for a GPU about four times as fast as one of weight 1. 0 for a node that is not registered."`
-	Labels map[string]string `json:"labels" doc:"Free-form labels, such as region or gpu."`
+	Labels map[string]string `json:"labels" doc:"Free-form labels, such as gpu."`
+	Region string            `json:"region,omitempty" doc:"Where the node is, e.g. shanghai: scenes that require a region run only on its nodes, and placement counts the distance (see health.setup_seconds). Absent for a node of no region."`
 	// Executor is the registry's, or else the heartbeat's.
 	Executor   string     `json:"executor,omitempty" doc:"The executor that drives the node; absent for a node added through the API until an executor takes it on."`
 	Drained    bool       `json:"drained" doc:"true when the node is drained: it finishes the scenes it holds and takes nothing new."`
@@ -157,6 +158,7 @@ type NodeReport struct {
 	SecondsPerStep  float64            `json:"seconds_per_step,omitempty" doc:"Moving average of one sampler step on the node, in seconds."`
 	Workflows       map[string]float64 `json:"workflows,omitempty" doc:"Moving average of the node's scene durations by workflow template, in seconds, without the time spent loading a model."`
 	Model           string             `json:"model,omitempty" doc:"The checkpoint the node loaded last: scenes using it run there without loading it again."`
+	SetupSeconds    float64            `json:"setup_seconds,omitempty" doc:"Moving average of the time from a scene's delivery to its prompt being on the node (reading its payload and input images, uploading them), in seconds, in whole 20 ms: for a node in another region than the NATS hub, the cost of the distance; 0 beside the hub. Placement adds it to the node's estimates."`
 	LastHeartbeat   *time.Time         `json:"last_heartbeat,omitempty" doc:"When the node's executor last reported it (RFC 3339); absent if it never did, or its report expired."`
 	Error           string             `json:"error,omitempty" doc:"Why the executor last failed to reach the node's ComfyUI."`
 }
@@ -166,7 +168,8 @@ type NodeInput struct {
 	URL    string            `json:"url" minLength:"1" maxLength:"2048" doc:"Base URL of the node's ComfyUI: an absolute http or https URL, such as http://10.0.0.5:8188."`
 	Pools  []string          `json:"pools,omitempty" minItems:"1" maxItems:"32" uniqueItems:"true" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" default:"image" doc:"The pools whose scenes the node runs, e.g. image, video: letters, digits, '-' and '_'."`
 	Weight float64           `json:"weight,omitempty" exclusiveMinimum:"0" maximum:"1000" default:"1" doc:"Relative speed of the node: 4 for a GPU about four times as fast as one of weight 1."`
-	Labels map[string]string `json:"labels,omitempty" maxProperties:"32" doc:"Free-form labels, such as region or gpu: at most 32; names of letters, digits, '-' and '_', at most 63 long; values at most 256 characters."`
+	Labels map[string]string `json:"labels,omitempty" maxProperties:"32" doc:"Free-form labels, such as gpu: at most 32; names of letters, digits, '-' and '_', at most 63 long; values at most 256 characters."`
+	Region string            `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Where the node is, e.g. shenzhen: letters, digits, '-' and '_'. Scenes that require a region run only on its nodes. Absent: no region, unless the executor that adopts the node sets its own."`
 }
 
 type nodeIDInput struct {
@@ -222,7 +225,7 @@ func (in *intake) putNode(ctx context.Context, input *putNodeInput) (*putNodeOut
 		return nil, huma.Error422UnprocessableEntity("validation failed", errs...)
 	}
 	cfg, created, err := in.changeNode(ctx, input.ID, func(cur *fleet.NodeConfig) (*fleet.NodeConfig, error) {
-		next := &fleet.NodeConfig{ID: input.ID, URL: body.URL, Pools: body.Pools, Weight: body.Weight, Labels: body.Labels}
+		next := &fleet.NodeConfig{ID: input.ID, URL: body.URL, Pools: body.Pools, Weight: body.Weight, Labels: body.Labels, Region: body.Region}
 		if cur != nil {
 			next.Drained, next.Executor = cur.Drained, cur.Executor
 		}
@@ -231,7 +234,7 @@ func (in *intake) putNode(ctx context.Context, input *putNodeInput) (*putNodeOut
 	if err != nil {
 		return nil, err
 	}
-	in.log.Info("node stored", "node", cfg.ID, "url", cfg.URL, "pools", cfg.Pools, "weight", cfg.Weight, "created", created)
+	in.log.Info("node stored", "node", cfg.ID, "url", cfg.URL, "pools", cfg.Pools, "weight", cfg.Weight, "region", cfg.Region, "created", created)
 	n, err := in.viewOf(ctx, cfg)
 	if err != nil {
 		return nil, err
@@ -430,10 +433,10 @@ func nodeView(cfg *fleet.NodeConfig, st *fleet.NodeStatus) Node {
 	var n Node
 	switch {
 	case cfg != nil:
-		n = Node{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Weight: cfg.Weight, Labels: cfg.Labels,
+		n = Node{ID: cfg.ID, URL: cfg.URL, Pools: cfg.Pools, Weight: cfg.Weight, Labels: cfg.Labels, Region: cfg.Region,
 			Executor: cfg.Executor, Drained: cfg.Drained, Registered: true}
 	case st != nil:
-		n = Node{ID: st.ID, URL: st.URL, Pools: st.Pools}
+		n = Node{ID: st.ID, URL: st.URL, Pools: st.Pools, Region: st.Region}
 	}
 	if n.Pools == nil {
 		n.Pools = []string{}
@@ -462,6 +465,7 @@ func nodeView(cfg *fleet.NodeConfig, st *fleet.NodeStatus) Node {
 		SecondsPerStep:  st.SecondsPerStep,
 		Workflows:       st.Workflows,
 		Model:           st.Model,
+		SetupSeconds:    st.SetupSeconds,
 		LastHeartbeat:   &hb,
 		Error:           st.Error,
 	}

@@ -25,6 +25,7 @@ type nodeView struct {
 	Pools      []string          `json:"pools"`
 	Weight     float64           `json:"weight"`
 	Labels     map[string]string `json:"labels"`
+	Region     string            `json:"region"`
 	Executor   string            `json:"executor"`
 	Drained    bool              `json:"drained"`
 	Registered bool              `json:"registered"`
@@ -41,6 +42,7 @@ type nodeView struct {
 		SecondsPerStep  float64            `json:"seconds_per_step"`
 		Workflows       map[string]float64 `json:"workflows"`
 		Model           string             `json:"model"`
+		SetupSeconds    float64            `json:"setup_seconds"`
 		LastHeartbeat   *time.Time         `json:"last_heartbeat"`
 		Error           string             `json:"error"`
 	} `json:"health"`
@@ -98,18 +100,18 @@ func TestPutNodeCreatesThenReplacesKeepingDrainedAndExecutor(t *testing.T) {
 	t.Parallel()
 	f := startNodeFleet(t)
 	var n nodeView
-	body := map[string]any{"url": "http://10.0.0.5:8188/", "labels": map[string]string{"region": "eu-west", "gpu": "a100"}}
+	body := map[string]any{"url": "http://10.0.0.5:8188/", "region": "eu-west", "labels": map[string]string{"rack": "r7", "gpu": "a100"}}
 	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/a100", body, &n); code != http.StatusCreated {
 		t.Fatalf("PUT a new node: %d %+v", code, n)
 	}
 	if n.ID != "a100" || n.URL != "http://10.0.0.5:8188" || strings.Join(n.Pools, ",") != "image" || n.Weight != 1 ||
-		n.Labels["region"] != "eu-west" || n.Labels["gpu"] != "a100" || n.Drained || !n.Registered || n.Executor != "" {
-		t.Errorf("created %+v; want the URL without its trailing slash, pool image, weight 1, the labels, not drained", n)
+		n.Labels["rack"] != "r7" || n.Labels["gpu"] != "a100" || n.Region != "eu-west" || n.Drained || !n.Registered || n.Executor != "" {
+		t.Errorf("created %+v; want the URL without its trailing slash, pool image, weight 1, the labels and region, not drained", n)
 	}
 	if n.Health.Status != "offline" || n.Health.LastHeartbeat != nil {
 		t.Errorf("a node never seen has health %+v; want offline without a heartbeat", n.Health)
 	}
-	if cfg := config(t, f.registry, "a100"); cfg.ID != "a100" || cfg.URL != "http://10.0.0.5:8188" || cfg.Weight != 1 || len(cfg.Pools) != 1 {
+	if cfg := config(t, f.registry, "a100"); cfg.ID != "a100" || cfg.URL != "http://10.0.0.5:8188" || cfg.Weight != 1 || len(cfg.Pools) != 1 || cfg.Region != "eu-west" {
 		t.Errorf("registry holds %+v", cfg)
 	}
 
@@ -126,8 +128,8 @@ func TestPutNodeCreatesThenReplacesKeepingDrainedAndExecutor(t *testing.T) {
 	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/a100", body, &n); code != http.StatusOK {
 		t.Fatalf("PUT replacing the node: %d %+v", code, n)
 	}
-	if n.URL != "https://gpu.example.com:8443" || strings.Join(n.Pools, ",") != "image,video" || n.Weight != 4 || len(n.Labels) != 0 {
-		t.Errorf("replaced as %+v; want the new URL, pools and weight, and no labels", n)
+	if n.URL != "https://gpu.example.com:8443" || strings.Join(n.Pools, ",") != "image,video" || n.Weight != 4 || len(n.Labels) != 0 || n.Region != "" {
+		t.Errorf("replaced as %+v; want the new URL, pools and weight, and no labels nor region", n)
 	}
 	if !n.Drained || n.Executor != "exec-1" {
 		t.Errorf("replacing lost drained or the executor: %+v", n)
@@ -192,6 +194,7 @@ func TestPutNodeNamesTheBadField(t *testing.T) {
 		"bad label name":    {"n1", map[string]any{"url": "http://h:8188", "labels": map[string]string{"gpu type": "a100"}}, "body.labels.gpu type"},
 		"long label name":   {"n1", map[string]any{"url": "http://h:8188", "labels": map[string]string{strings.Repeat("k", 64): "x"}}, "body.labels." + strings.Repeat("k", 64)},
 		"long label value":  {"n1", map[string]any{"url": "http://h:8188", "labels": map[string]string{"note": strings.Repeat("é", 257)}}, "body.labels.note"},
+		"region with a dot": {"n1", map[string]any{"url": "http://h:8188", "region": "cn.south"}, "body.region"},
 		"bad id":            {"bad.id", map[string]any{"url": "http://h:8188"}, "path.id"},
 		"long id":           {strings.Repeat("n", 129), map[string]any{"url": "http://h:8188"}, "path.id"},
 	} {
@@ -306,10 +309,10 @@ func TestNodeHealthFromHeartbeats(t *testing.T) {
 		ID: "a100", URL: "http://10.0.0.5:8188", Pools: []string{"image", "video"}, Executor: "exec-1", State: fleet.NodeBusy,
 		Scene: "j1.3", QueueRemaining: 3, Holding: 2, VRAMTotal: 80 << 30, VRAMFree: 20 << 30, Device: "cuda:0 NVIDIA A100",
 		ScenesDone: 41, SecondsPerScene: 2.5, SecondsPerStep: 0.08, Workflows: map[string]float64{"txt2img": 2.1, "txt2video": 95},
-		Model: "sd_xl_base_1.0.safetensors", Heartbeat: seen,
+		Model: "sd_xl_base_1.0.safetensors", SetupSeconds: 0.12, Heartbeat: seen,
 	})
 	// An executor still reports a node that is not in the registry.
-	putJSON(t, f.nodes, "stray", fleet.NodeStatus{ID: "stray", URL: "http://10.0.0.7:8188", Pools: []string{"video"}, Executor: "exec-2",
+	putJSON(t, f.nodes, "stray", fleet.NodeStatus{ID: "stray", URL: "http://10.0.0.7:8188", Pools: []string{"video"}, Executor: "exec-2", Region: "beijing",
 		State: fleet.NodeOffline, Error: "connection refused", Heartbeat: seen})
 
 	var n nodeView
@@ -320,7 +323,7 @@ func TestNodeHealthFromHeartbeats(t *testing.T) {
 	if n.Executor != "exec-1" || !n.Registered || n.Weight != 4 || h.Status != "busy" || h.Holding != 2 || h.QueueRemaining != 3 || h.Scene != "j1.3" ||
 		h.VRAMTotal != 80<<30 || h.VRAMFree != 20<<30 || h.Device != "cuda:0 NVIDIA A100" || h.ScenesDone != 41 ||
 		h.SecondsPerScene != 2.5 || h.SecondsPerStep != 0.08 || h.Workflows["txt2video"] != 95 || h.Workflows["txt2img"] != 2.1 ||
-		h.Model != "sd_xl_base_1.0.safetensors" || h.LastHeartbeat == nil || !h.LastHeartbeat.Equal(seen) || h.Error != "" {
+		h.Model != "sd_xl_base_1.0.safetensors" || h.SetupSeconds != 0.12 || h.LastHeartbeat == nil || !h.LastHeartbeat.Equal(seen) || h.Error != "" {
 		t.Errorf("a100 shown as %+v", n)
 	}
 
@@ -337,7 +340,7 @@ func TestNodeHealthFromHeartbeats(t *testing.T) {
 	if r.ID != "rtx3060" || r.Health.Status != "offline" || r.Health.LastHeartbeat != nil || !r.Registered {
 		t.Errorf("listed rtx3060 (never seen) as %+v; want offline without a heartbeat", r)
 	}
-	if s.ID != "stray" || s.Registered || s.URL != "http://10.0.0.7:8188" || strings.Join(s.Pools, ",") != "video" || s.Executor != "exec-2" ||
+	if s.ID != "stray" || s.Registered || s.URL != "http://10.0.0.7:8188" || strings.Join(s.Pools, ",") != "video" || s.Executor != "exec-2" || s.Region != "beijing" ||
 		s.Health.Status != "offline" || s.Health.Error != "connection refused" {
 		t.Errorf("listed stray (heartbeat only) as %+v; want it unregistered, offline with its error", s)
 	}

@@ -110,6 +110,9 @@ type SceneInput struct {
 	Pool     string                `json:"pool,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"Pool of nodes to run on. Defaults to the template's pool, or image."`
 	Inputs   map[string]ImageInput `json:"inputs,omitempty" doc:"Input images for the template's image parameters, by parameter name. Each is uploaded to the node that runs the scene."`
 	TimeoutS int                   `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Most seconds one attempt may run; then it is interrupted and retried, elsewhere if possible. Defaults to 3600 in the video pool, 600 elsewhere."`
+
+	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the scene, e.g. shenzhen; a registered node of its pool must be in it. Defaults to the job's region."`
+	PreferRegion string `json:"prefer_region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"A region whose nodes the scene goes to unless a node elsewhere finishes it markedly sooner (the dispatcher's --region-penalty, 10 s by default). Defaults to the job's prefer_region."`
 	// stored are input images of a raw graph already in the inputs store, bound to
 	// the graph's inputs: the uploads that the ComfyUI door's prompts name.
 	stored []fleet.Input
@@ -121,6 +124,9 @@ type JobInput struct {
 	CallbackURL string       `json:"callback_url,omitempty" maxLength:"2048" doc:"http(s) URL that receives the finished job as a POST."`
 	Scenes      []SceneInput `json:"scenes" minItems:"1" doc:"The scenes, run in parallel."`
 	TTLS        int          `json:"ttl_s,omitempty" doc:"Seconds after its submission that the job, its input images and its outputs are deleted; then it answers 404. At least 60, at most the fleet's retention (--retention, 7 days by default), which is also the default."`
+
+	Region       string `json:"region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"The only region whose nodes may run the job's scenes, unless a scene names its own; a registered node of their pool must be in it."`
+	PreferRegion string `json:"prefer_region,omitempty" pattern:"^[A-Za-z0-9_-]+$" maxLength:"64" doc:"A region whose nodes the job's scenes go to unless a node elsewhere finishes them markedly sooner, unless a scene names its own."`
 }
 
 type createJobInput struct {
@@ -150,6 +156,8 @@ type resolved struct {
 	inputs []sceneInput
 	// needs are the node classes and model files the graph names.
 	needs *inventory.Requirements
+	// region and preferRegion are the scene's, else the job's.
+	region, preferRegion string
 }
 
 // resolve checks every scene and renders its graph; errors name the offending field.
@@ -172,7 +180,8 @@ func (in *intake) resolve(ctx context.Context, body *JobInput) ([]resolved, []er
 	out := make([]resolved, len(body.Scenes))
 	for i, s := range body.Scenes {
 		at := fmt.Sprintf("body.scenes[%d]", i)
-		r := resolved{spec: fleet.SceneSpec{Workflow: s.Workflow, Params: s.Params, Pool: s.Pool}, pool: s.Pool}
+		r := resolved{spec: fleet.SceneSpec{Workflow: s.Workflow, Params: s.Params, Pool: s.Pool}, pool: s.Pool,
+			region: cmp.Or(s.Region, body.Region), preferRegion: cmp.Or(s.PreferRegion, body.PreferRegion)}
 		var tpl *workflow.Template
 		switch {
 		case s.Workflow != "" && s.Graph != nil:
@@ -266,7 +275,7 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*create
 // dies after the commit leaves no job half-queued.
 func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey string) (job *fleet.Job, replayed bool, err error) {
 	scenes, errs := in.resolve(ctx, body)
-	if len(errs) > 0 {
+	if errs = append(errs, in.checkRegions(body, scenes)...); len(errs) > 0 {
 		return nil, false, huma.Error422UnprocessableEntity("validation failed", errs...)
 	}
 	tenant := caller(ctx).Tenant
@@ -303,7 +312,8 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	for i, s := range scenes {
 		spec := s.spec
 		spec.Inputs, spec.Graph = refs[i], nil
-		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Model: fleet.Checkpoint(s.graph), Status: fleet.StatusQueued, QueuedAt: now}
+		job.Scenes[i] = fleet.Scene{Index: i, Spec: spec, Pool: s.pool, Model: fleet.Checkpoint(s.graph),
+			Region: s.region, PreferRegion: s.preferRegion, Status: fleet.StatusQueued, QueuedAt: now}
 		if s.needs != nil {
 			if job.Needs == nil {
 				job.Needs = map[string]*inventory.Requirements{}

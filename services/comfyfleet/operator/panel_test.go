@@ -143,10 +143,10 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 		const card = document.querySelector('article.node[data-node="sim-x"]');
 		return card?.dataset.status === "online" && card.innerText.includes("shenzhen"); })()`)
 	var node struct {
-		Registered bool              `json:"registered"`
-		Labels     map[string]string `json:"labels"`
+		Registered bool   `json:"registered"`
+		Region     string `json:"region"`
 	}
-	if status := f.call(t, http.MethodGet, "/v1/nodes/sim-x", nil, &node); status != http.StatusOK || node.Labels["region"] != "shenzhen" {
+	if status := f.call(t, http.MethodGet, "/v1/nodes/sim-x", nil, &node); status != http.StatusOK || node.Region != "shenzhen" {
 		t.Fatalf("GET /v1/nodes/sim-x after adding it on the page: %d %+v", status, node)
 	}
 

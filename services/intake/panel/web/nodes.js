@@ -35,14 +35,12 @@ export class Nodes {
 
   async add(form) {
     const f = form.elements;
-    const labels = {};
-    if (f.region.value.trim()) labels.region = f.region.value.trim();
     const body = {
       url: f.url.value.trim(),
       pools: f.pools.value.split(/[\s,+]+/).filter(Boolean),
       weight: Number(f.weight.value) || 1,
-      labels,
     };
+    if (f.region.value.trim()) body.region = f.region.value.trim();
     const node = await call("PUT", `v1/nodes/${encodeURIComponent(f.id.value.trim())}`, body);
     form.reset();
     this.upsert(node);
@@ -140,7 +138,7 @@ export class Nodes {
     card.dataset.status = hl.status;
     if (p.status.dataset.status !== hl.status) fill(p.status, badge(hl.status)).dataset.status = hl.status;
     text(p.pools, `${n.pools.join(", ")}${n.weight ? ` · weight ${n.weight}` : ""}`);
-    text(p.region, n.labels.region || "–");
+    text(p.region, [n.region, hl.setup_seconds && `${seconds(hl.setup_seconds)} setup`].filter(Boolean).join(" · ") || "–");
     // The job streams the page follows are fresher than the node's last heartbeat.
     let run = this.jobs.runningOn(n.id);
     if (!run && hl.scene) {
