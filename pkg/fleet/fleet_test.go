@@ -8,9 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestEnsureIsIdempotent(t *testing.T) {
@@ -234,7 +235,7 @@ func TestAPanickingHandlerIsLoggedAndItsMessageRetried(t *testing.T) {
 	_, _, js := fleettest.Fleet(t, fleet.Settings{})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var logs lockedBuffer
+	var logs fleettest.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	handled := make(chan uint64, 4)
 	cfg := jetstream.ConsumerConfig{Durable: "panics", AckPolicy: jetstream.AckExplicitPolicy, AckWait: 5 * time.Second}
@@ -282,24 +283,6 @@ func TestAPanickingHandlerIsLoggedAndItsMessageRetried(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-}
-
-// lockedBuffer is a log destination safe for concurrent writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func TestEnsureWorkConsumerReplacesOneKeptOnFile(t *testing.T) {

@@ -22,24 +22,6 @@ func JobPieces(t testing.TB, js jetstream.JetStream, id string) map[string]int {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	count := func(stream string, filters ...string) int {
-		t.Helper()
-		st, err := js.Stream(ctx, stream)
-		if err != nil {
-			t.Fatalf("open stream %s: %v", stream, err)
-		}
-		n := 0
-		for _, f := range filters {
-			info, err := st.Info(ctx, jetstream.WithSubjectFilter(f))
-			if err != nil {
-				t.Fatalf("count %s in %s: %v", f, stream, err)
-			}
-			for _, c := range info.State.Subjects {
-				n += int(c)
-			}
-		}
-		return n
-	}
 	// Files are counted from the object store's stream, without a consumer: an
 	// object store's List does not end when the age limit removes objects meanwhile.
 	files := func(bucket string) int {
@@ -87,12 +69,12 @@ func JobPieces(t testing.TB, js jetstream.JetStream, id string) map[string]int {
 		t.Fatalf("read the state of %s: %v", id, err)
 	}
 	return map[string]int{
-		"commands":    count(fleet.StreamSubmit, fleet.SubmitFilters(id)...),
-		"payloads":    count(fleet.StreamScenes, fleet.ScenePayloadsFilter(id)),
-		"expiry":      count(fleet.StreamExpiry, fleet.ExpiryScheduleSubject(id)),
-		"events":      count(fleet.StreamEvents, fleet.JobEventsFilter(id)...),
-		"deadletters": count("KV_"+fleet.BucketDeadLetters, fleet.DeadLettersFilter(id)),
-		"record":      count("KV_"+fleet.BucketJobs, "$KV."+fleet.BucketJobs+"."+id),
+		"commands":    Count(t, js, fleet.StreamSubmit, fleet.SubmitFilters(id)...),
+		"payloads":    Count(t, js, fleet.StreamScenes, fleet.ScenePayloadsFilter(id)),
+		"expiry":      Count(t, js, fleet.StreamExpiry, fleet.ExpiryScheduleSubject(id)),
+		"events":      Count(t, js, fleet.StreamEvents, fleet.JobEventsFilter(id)...),
+		"deadletters": Count(t, js, "KV_"+fleet.BucketDeadLetters, fleet.DeadLettersFilter(id)),
+		"record":      Count(t, js, "KV_"+fleet.BucketJobs, "$KV."+fleet.BucketJobs+"."+id),
 		"state":       state,
 		"inputs":      files(fleet.ObjectInputs),
 		"outputs":     files(fleet.ObjectOutputs),
@@ -108,4 +90,26 @@ func Gone(pieces map[string]int) (bool, []string) {
 		}
 	}
 	return len(left) == 0, left
+}
+
+// Count counts the messages stored in stream on the subject filters.
+func Count(t testing.TB, js jetstream.JetStream, stream string, filters ...string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatalf("open stream %s: %v", stream, err)
+	}
+	n := 0
+	for _, f := range filters {
+		info, err := st.Info(ctx, jetstream.WithSubjectFilter(f))
+		if err != nil {
+			t.Fatalf("count %s in %s: %v", f, stream, err)
+		}
+		for _, c := range info.State.Subjects {
+			n += int(c)
+		}
+	}
+	return n
 }

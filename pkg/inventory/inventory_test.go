@@ -15,6 +15,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
@@ -23,11 +24,7 @@ import (
 func sim(t *testing.T, cfg comfysim.Config) (*comfysim.Server, *comfy.Client) {
 	t.Helper()
 	cfg.StepDuration, cfg.NodeDuration = -1, -1
-	s, err := comfysim.Start(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
+	s := fleettest.Sim(t, cfg)
 	return s, comfy.New(s.URL())
 }
 

@@ -6,13 +6,13 @@ import (
 	"image"
 	"image/color"
 	"image/png"
-	"net/http"
 	"path"
 	"testing"
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 )
 
 // TestShippedTemplatesRunOnTheSimulator submits every shipped template, rendered with
@@ -21,12 +21,8 @@ import (
 // uploaded are all rejected.
 func TestShippedTemplatesRunOnTheSimulator(t *testing.T) {
 	t.Parallel()
-	sim, err := comfysim.Start(comfysim.Config{StepDuration: time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
-	c := comfy.New(sim.URL(), comfy.WithHTTPClient(&http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}))
+	sim := fleettest.Sim(t, comfysim.Config{StepDuration: time.Millisecond})
+	c := comfy.New(sim.URL(), comfy.WithHTTPClient(fleettest.HTTP))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 

@@ -3,7 +3,6 @@ package workflow_test
 import (
 	"context"
 	"encoding/json"
-	"log/slog"
 	"os"
 	"slices"
 	"sync"
@@ -69,7 +68,7 @@ func follow(t *testing.T, s *workflow.Store) *workflow.Catalog {
 	ready := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		if err := s.Follow(ctx, c, slog.New(slog.NewTextHandler(t.Output(), nil)), func() { close(ready) }); err != nil {
+		if err := s.Follow(ctx, c, fleettest.Logger(t), func() { close(ready) }); err != nil {
 			t.Errorf("Follow: %v", err)
 		}
 	})

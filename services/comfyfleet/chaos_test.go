@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"flag"
@@ -94,9 +93,7 @@ func (f *chaosFleet) output(prefix string) string {
 	}
 	for _, p := range all {
 		if strings.HasPrefix(p.name, prefix) {
-			p.mu.Lock()
-			b.WriteString(p.out.String())
-			p.mu.Unlock()
+			b.WriteString(p.output())
 		}
 	}
 	return b.String()
@@ -413,22 +410,15 @@ func submitAll(ctx context.Context, t *testing.T, apiURLs []string, key, hook st
 			for i := range scenes {
 				scenes[i] = map[string]any{"workflow": "txt2img", "params": map[string]any{"steps": 10, "width": 64, "height": 64, "seed": j*chaosScenesPerJob + i}}
 			}
-			body, _ := json.Marshal(map[string]any{"callback_url": hook, "scenes": scenes})
+			body := map[string]any{"callback_url": hook, "scenes": scenes}
 			for try := j; ctx.Err() == nil; try++ {
 				apiURL := apiURLs[try%len(apiURLs)]
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, apiURL+"/v1/jobs", bytes.NewReader(body))
-				req.Header.Set("Content-Type", "application/json")
-				req.Header.Set("Authorization", "Bearer "+key)
-				req.Header.Set("Idempotency-Key", fmt.Sprintf("chaos-job-%d", j))
-				resp, err := testClient.Do(req)
-				if err == nil {
-					var job struct{ ID string }
-					_ = json.NewDecoder(resp.Body).Decode(&job)
-					resp.Body.Close()
-					if resp.StatusCode == http.StatusAccepted {
-						ids[j] = job.ID
-						return
-					}
+				a, err := fleettest.Send(ctx, http.MethodPost, apiURL+"/v1/jobs", body,
+					fleettest.Key(key), fleettest.Header("Idempotency-Key", fmt.Sprintf("chaos-job-%d", j)))
+				var job struct{ ID string }
+				if err == nil && a.Status == http.StatusAccepted && json.Unmarshal(a.Body, &job) == nil {
+					ids[j] = job.ID
+					return
 				}
 				select {
 				case <-ctx.Done():
@@ -460,14 +450,8 @@ func getJobWithKey(t *testing.T, apiURLs []string, key, id string) api.Job {
 	try := 0
 	fleettest.Eventually(t, 10*time.Second, func() bool {
 		try++
-		req, _ := http.NewRequest(http.MethodGet, apiURLs[try%len(apiURLs)]+"/v1/jobs/"+id, nil)
-		req.Header.Set("Authorization", "Bearer "+key)
-		resp, err := testClient.Do(req)
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		return resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&job) == nil
+		a, err := fleettest.Send(context.Background(), http.MethodGet, apiURLs[try%len(apiURLs)]+"/v1/jobs/"+id, nil, fleettest.Key(key))
+		return err == nil && a.Status == http.StatusOK && json.Unmarshal(a.Body, &job) == nil
 	}, "GET job %s kept failing", id)
 	return job
 }
@@ -603,19 +587,5 @@ func (w *completionWatch) counts() (unique, duplicates int) {
 // stored counts the completion events kept in the stream.
 func (w *completionWatch) stored(t *testing.T) int {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := w.js.Stream(ctx, fleet.StreamEvents)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter("fleet.evt.scene.*.*.completed"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, c := range info.State.Subjects {
-		n += int(c)
-	}
-	return n
+	return fleettest.Count(t, w.js, fleet.StreamEvents, "fleet.evt.scene.*.*.completed")
 }

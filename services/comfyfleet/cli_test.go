@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"image/png"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -21,42 +20,25 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/api"
-	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
-	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
-	"github.com/comfyfleet/comfyfleet/services/executor"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
 // cliFleet starts a whole fleet for a test of the client commands: embedded NATS,
 // the four services, and simulated nodes sim-a, sim-b… whose 20-step scene takes
 // 200 ms. The API is open (no keys) unless keys is set.
-func cliFleet(t *testing.T, keys bool, sims int) *stack.Stack {
+func cliFleet(t *testing.T, keys bool, sims int) *stacktest.Fleet {
 	t.Helper()
-	cfgs := make([]comfysim.Config, sims)
-	for i := range cfgs {
-		cfgs[i] = comfysim.Config{Name: "sim-" + string(rune('a'+i)), StepDuration: 10 * time.Millisecond}
+	speeds := make([]float64, sims)
+	for i := range speeds {
+		speeds[i] = 1
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	s, err := stack.Start(ctx, stack.Config{
-		DataDir: t.TempDir(), NATSPort: -1, HTTPAddr: "127.0.0.1:0", Open: !keys, Sims: cfgs,
-		Settings: fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 100 * time.Millisecond, NodeTTL: 3 * time.Second},
-		Intake:   intake.Config{ReadRate: intake.RateLimit{PerSecond: intake.Unlimited}},
-		Executor: executor.Config{HeartbeatInterval: 200 * time.Millisecond},
-		Logger:   slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+	return stacktest.Start(t, stacktest.Nodes(speeds...), func(c *stack.Config) {
+		c.Open = !keys
+		c.Intake.ReadRate = intake.RateLimit{PerSecond: intake.Unlimited}
 	})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		if err := s.Wait(); err != nil {
-			t.Errorf("fleet stopped with: %v", err)
-		}
-	})
-	return s
 }
 
 // comfyfleet runs the command line args in-process, as main does, and returns its

@@ -337,11 +337,7 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		"leaf-%s.conf made no leaf connection to the hub", region)
 
 	// An executor in the region, with its ComfyUI, connected to the leaf node only.
-	sim, err := comfysim.Start(comfysim.Config{Addr: "127.0.0.1:0", StepDuration: time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sim.Close() })
+	sim := fleettest.Sim(t, comfysim.Config{Addr: "127.0.0.1:0", StepDuration: time.Millisecond})
 	execCtx, stopExec := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {

@@ -13,12 +13,9 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
-
-// testClient has a transport of its own: httptest servers closing in parallel tests
-// close the idle connections of http.DefaultTransport, under any request in flight.
-var testClient = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
 
 // TestUpStartsTheFleetAndStopsOnCancel runs `comfyfleet up` as the README does, on
 // free ports, and checks that it serves and stops cleanly.
@@ -50,7 +47,7 @@ func TestUpStartsTheFleetAndStopsOnCancel(t *testing.T) {
 		t.Fatalf("banner gave API %q and %d simulated nodes, want an API and 3", api, sims)
 	}
 	for _, path := range []string{"/readyz", "/openapi.json", "/docs", "/v1/workflows", "/", "/metrics"} {
-		resp, err := testClient.Get(api + path)
+		resp, err := fleettest.HTTP.Get(api + path)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 )
 
 // TestMetricsFlagServesUntilCancelled is --metrics of dispatcher, executor and
@@ -20,7 +22,7 @@ func TestMetricsFlagServesUntilCancelled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := testClient.Get("http://" + addr.String() + "/metrics")
+	resp, err := fleettest.HTTP.Get("http://" + addr.String() + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +33,7 @@ func TestMetricsFlagServesUntilCancelled(t *testing.T) {
 	}
 	cancel()
 	stop()
-	if _, err := testClient.Get("http://" + addr.String() + "/metrics"); err == nil {
+	if _, err := fleettest.HTTP.Get("http://" + addr.String() + "/metrics"); err == nil {
 		t.Error("/metrics still answers after the service stopped")
 	}
 

@@ -2,22 +2,19 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 )
 
@@ -25,9 +22,7 @@ import (
 type proc struct {
 	name  string
 	cmd   *exec.Cmd
-	mu    sync.Mutex
-	out   bytes.Buffer
-	lines chan string
+	lines *fleettest.Events[string]
 	// exited is closed once the process has exited, with its error in err.
 	exited chan struct{}
 	err    error
@@ -41,7 +36,7 @@ func startProc(t *testing.T, bin, name string, args ...string) *proc {
 // startProcEnv is startProc with the environment env; nil inherits the test's.
 func startProcEnv(t *testing.T, bin, name string, env []string, args ...string) *proc {
 	t.Helper()
-	p := &proc{name: name, cmd: exec.Command(bin, args...), lines: make(chan string, 1024), exited: make(chan struct{})}
+	p := &proc{name: name, cmd: exec.Command(bin, args...), lines: fleettest.NewEvents[string]("lines of "+name, nil), exited: make(chan struct{})}
 	p.cmd.Env = env
 	stdout, _ := p.cmd.StdoutPipe()
 	stderr, _ := p.cmd.StderrPipe()
@@ -53,19 +48,14 @@ func startProcEnv(t *testing.T, bin, name string, env []string, args ...string) 
 		wg.Go(func() {
 			sc := bufio.NewScanner(r)
 			for sc.Scan() {
-				p.mu.Lock()
-				p.out.WriteString(sc.Text() + "\n")
-				p.mu.Unlock()
-				select {
-				case p.lines <- sc.Text():
-				default:
-				}
+				p.lines.Add(sc.Text())
 			}
 		})
 	}
 	go func() {
 		wg.Wait()
 		p.err = p.cmd.Wait()
+		p.lines.Close(fmt.Errorf("%s exited: %v", p.name, p.err))
 		close(p.exited)
 	}()
 	t.Cleanup(func() {
@@ -76,30 +66,26 @@ func startProcEnv(t *testing.T, bin, name string, env []string, args ...string) 
 			<-p.exited
 		}
 		if t.Failed() {
-			p.mu.Lock()
-			t.Logf("--- output of %s:\n%s", p.name, p.out.String())
-			p.mu.Unlock()
+			t.Logf("--- output of %s:\n%s", p.name, p.output())
 		}
 	})
 	return p
 }
 
+// output is every line the process printed.
+func (p *proc) output() string {
+	var b strings.Builder
+	for _, l := range p.lines.All(nil) {
+		b.WriteString(l + "\n")
+	}
+	return b.String()
+}
+
 // await returns the first submatch of re in the process's output.
 func (p *proc) await(t *testing.T, re *regexp.Regexp) string {
 	t.Helper()
-	deadline := time.After(30 * time.Second)
-	for {
-		select {
-		case line := <-p.lines:
-			if m := re.FindStringSubmatch(line); m != nil {
-				return m[1]
-			}
-		case <-p.exited:
-			t.Fatalf("%s exited (%v) before printing %s", p.name, p.err, re)
-		case <-deadline:
-			t.Fatalf("%s did not print %s within 30s", p.name, re)
-		}
-	}
+	line, _ := p.lines.Next(t, 0, 30*time.Second, fmt.Sprintf("line of %s matching %s", p.name, re), re.MatchString)
+	return re.FindStringSubmatch(line)[1]
 }
 
 // stop sends SIGTERM and expects a clean exit.
@@ -154,55 +140,25 @@ func TestServicesAsSeparateProcesses(t *testing.T) {
 		startProc(t, bin, "executor", append(append([]string{"executor", "--name", "ex1"}, common...), nodes...)...),
 	}
 
-	hooks := make(chan api.Webhook, 4)
-	receiver := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var h api.Webhook
-		if err := json.NewDecoder(r.Body).Decode(&h); err == nil {
-			hooks <- h
-		}
-	}))
-	defer receiver.Close()
-
+	hooks := fleettest.StartWebhooks(t)
 	scenes := []map[string]any{}
 	for i := range 4 {
 		scenes = append(scenes, map[string]any{"workflow": "txt2img", "params": map[string]any{"seed": i, "steps": 10, "width": 64, "height": 64}})
 	}
-	body, _ := json.Marshal(map[string]any{"callback_url": receiver.URL, "scenes": scenes})
-	req, _ := http.NewRequest(http.MethodPost, apiURL+"/v1/jobs", bytes.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer "+key)
-	resp, err := testClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
+	job := fleettest.SubmitJob(t, apiURL, map[string]any{"callback_url": hooks.URL, "scenes": scenes}, fleettest.Key(key))
+	h := hooks.Wait(t, job.ID, 60*time.Second).Body
+	if h.Job.Status != "succeeded" {
+		t.Fatalf("job %s: %+v", h.Job.Status, h.Job.Scenes)
 	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("POST /v1/jobs: %s", resp.Status)
+	ran := map[string]bool{}
+	for _, s := range h.Job.Scenes {
+		ran[s.Node] = true
 	}
-	select {
-	case h := <-hooks:
-		if h.Job.Status != "succeeded" {
-			t.Fatalf("job %s: %+v", h.Job.Status, h.Job.Scenes)
-		}
-		ran := map[string]bool{}
-		for _, s := range h.Job.Scenes {
-			ran[s.Node] = true
-		}
-		if len(ran) != 2 {
-			t.Errorf("scenes ran on %v, want both nodes", ran)
-		}
-		get, _ := http.NewRequest(http.MethodGet, h.Job.Scenes[0].Outputs[0].URL, nil)
-		get.Header.Set("Authorization", "Bearer "+key)
-		out, err := testClient.Do(get)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out.Body.Close()
-		if out.StatusCode != http.StatusOK || out.Header.Get("Content-Type") != "image/png" {
-			t.Errorf("download: %s %s", out.Status, out.Header.Get("Content-Type"))
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("no webhook within 60s")
+	if len(ran) != 2 {
+		t.Errorf("scenes ran on %v, want both nodes", ran)
+	}
+	if out := fleettest.Do(t, http.MethodGet, h.Job.Scenes[0].Outputs[0].URL, nil, fleettest.Key(key)); out.Status != http.StatusOK || out.Header.Get("Content-Type") != "image/png" {
+		t.Errorf("download: %d %s", out.Status, out.Header.Get("Content-Type"))
 	}
 	for _, p := range append(services, sims...) {
 		p.stop(t)

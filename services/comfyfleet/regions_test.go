@@ -10,7 +10,6 @@ import (
 	"maps"
 	"math"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -62,8 +61,8 @@ type regionFleet struct {
 	passwords map[string]string
 	sims      map[string]*comfysim.Server
 	regionOf  map[string]string
-	events    *sceneEventLog
-	hooks     *hookCounter
+	events    sceneEventLog
+	hooks     *fleettest.Webhooks
 }
 
 // TestRegionsJoinedByLeafNodes runs a fleet across three regions joined as
@@ -210,7 +209,7 @@ func startRegionFleet(t *testing.T, bin string) *regionFleet {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	f := &regionFleet{links: map[string]*toxiproxy.Proxy{}, leafURLs: map[string]string{}, passwords: map[string]string{},
-		sims: map[string]*comfysim.Server{}, regionOf: map[string]string{}, events: &sceneEventLog{}, hooks: newHookCounter(t)}
+		sims: map[string]*comfysim.Server{}, regionOf: map[string]string{}, hooks: fleettest.StartWebhooks(t)}
 	env := os.Environ()
 	for _, user := range natsUsers {
 		f.passwords[user] = "pw-" + user
@@ -285,16 +284,11 @@ func startRegionFleet(t *testing.T, bin string) *regionFleet {
 		}, "the leaf node of %s reaches no JetStream in the hub", region)
 	}
 
-	// Every scene event, as the hub sees it.
-	sub, err := admin.Subscribe(fleet.SceneEventsFilter, func(m *nats.Msg) {
-		if ev, err := fleet.DecodeSceneEvent(m.Data); err == nil {
-			f.events.add(ev)
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	// Every scene event, as the hub sees it, with the time it arrived.
+	f.events = sceneEventLog{fleettest.Follow(t, admin, fleet.SceneEventsFilter, func(b []byte) (loggedEvent, error) {
+		ev, err := fleet.DecodeSceneEvent(b)
+		return loggedEvent{time.Now(), ev}, err
+	})}
 
 	// The services: intake, dispatcher and notifier on the hub's servers, an executor
 	// in each region on its own NATS server.
@@ -324,11 +318,7 @@ func startRegionFleet(t *testing.T, bin string) *regionFleet {
 		}
 		args := []string{"executor", "--nats", natsURL, "--name", "executor-" + region, "--region", region}
 		for _, id := range nodes {
-			sim, err := comfysim.Start(comfysim.Config{Name: id, StepDuration: regionStep})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = sim.Close() })
+			sim := fleettest.Sim(t, comfysim.Config{Name: id, StepDuration: regionStep})
 			f.sims[id], f.regionOf[id] = sim, region
 			args = append(args, "--comfy", sim.URL()+",id="+id+",pool=image")
 		}
@@ -337,7 +327,7 @@ func startRegionFleet(t *testing.T, bin string) *regionFleet {
 	svcCtx, stop := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	for name, args := range services {
-		logs := &syncBuffer{}
+		logs := &fleettest.Buffer{}
 		wg.Go(func() {
 			if err := run(svcCtx, append(args, common...), io.Discard, logs); err != nil && !errors.Is(err, context.Canceled) {
 				t.Errorf("%s: %v", name, err)
@@ -422,44 +412,26 @@ func (f *regionFleet) roundTrip(t *testing.T, natsURL string) time.Duration {
 	return took[len(took)/2]
 }
 
-// call sends body (JSON unless nil) to the API with the fleet's key and decodes the
-// answer into out (unless nil); it returns the status, 0 if the call failed.
+// call sends body to the API with the fleet's key and decodes a successful answer
+// into out (see fleettest.Call); it returns the status, 0 if the call failed (the
+// intake not listening yet).
 func (f *regionFleet) call(t *testing.T, method, path string, body, out any) int {
 	t.Helper()
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, f.api+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer "+f.key)
-	resp, err := testClient.Do(req)
+	a, err := fleettest.Send(context.Background(), method, f.api+path, body, fleettest.Key(f.key))
 	if err != nil {
 		return 0
 	}
-	defer resp.Body.Close()
-	if out != nil {
-		_ = json.NewDecoder(resp.Body).Decode(out)
+	if out != nil && a.Status < 300 {
+		_ = json.Unmarshal(a.Body, out)
 	}
-	return resp.StatusCode
+	return a.Status
 }
 
 // submit posts a job with a callback to the fleet's hook counter and returns its id.
 func (f *regionFleet) submit(t *testing.T, body map[string]any) string {
 	t.Helper()
-	body["callback_url"] = f.hooks.url
-	var job api.Job
-	if status := f.call(t, http.MethodPost, "/v1/jobs", body, &job); status != http.StatusAccepted {
-		t.Fatalf("POST /v1/jobs: %d", status)
-	}
-	return job.ID
+	body["callback_url"] = f.hooks.URL
+	return fleettest.SubmitJob(t, f.api, body, fleettest.Key(f.key)).ID
 }
 
 // job reads job id; a job that its intake has not recorded yet (404 for a moment
@@ -522,7 +494,7 @@ func (f *regionFleet) checkOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	jobs := f.events.jobs()
-	fleettest.Eventually(t, 20*time.Second, func() bool { return f.hooks.total() >= len(jobs) }, "not every job was called back")
+	fleettest.Eventually(t, 20*time.Second, func() bool { return len(f.hooks.All()) >= len(jobs) }, "not every job was called back")
 	info, err := events.Info(ctx, jetstream.WithSubjectFilter("fleet.evt.>"))
 	if err != nil {
 		t.Fatal(err)
@@ -539,7 +511,7 @@ func (f *regionFleet) checkOnce(t *testing.T) {
 		}
 	}
 	for _, job := range jobs {
-		if n := f.hooks.count(job); n != 1 {
+		if n := f.hooks.Count(job); n != 1 {
 			t.Errorf("job %s was called back %d times", job, n)
 		}
 	}
@@ -547,8 +519,7 @@ func (f *regionFleet) checkOnce(t *testing.T) {
 
 // sceneEventLog keeps every scene event with the time it arrived.
 type sceneEventLog struct {
-	mu     sync.Mutex
-	events []loggedEvent
+	*fleettest.Events[loggedEvent]
 }
 
 type loggedEvent struct {
@@ -556,19 +527,11 @@ type loggedEvent struct {
 	ev fleet.SceneEvent
 }
 
-func (l *sceneEventLog) add(ev fleet.SceneEvent) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.events = append(l.events, loggedEvent{time.Now(), ev})
-}
-
 // runningIn returns the scenes of job whose last start or end was a start on one of
 // nodes.
 func (l *sceneEventLog) runningIn(job string, nodes []string) []int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	last := map[int]fleet.SceneEvent{}
-	for _, e := range l.events {
+	for _, e := range l.All(nil) {
 		if e.ev.JobID == job && (e.ev.Type == fleet.EventStarted || e.ev.Type.Terminal() || e.ev.Type == fleet.EventRetrying) {
 			last[e.ev.Index] = e.ev
 		}
@@ -586,9 +549,7 @@ func (l *sceneEventLog) runningIn(job string, nodes []string) []int {
 // after is when the first event of type typ of scene index of job arrived after
 // since; since itself if none did.
 func (l *sceneEventLog) after(job string, index int, typ fleet.EventType, since time.Time) time.Time {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, e := range l.events {
+	for _, e := range l.All(nil) {
 		if e.ev.JobID == job && e.ev.Index == index && e.ev.Type == typ && e.at.After(since) {
 			return e.at
 		}
@@ -598,9 +559,7 @@ func (l *sceneEventLog) after(job string, index int, typ fleet.EventType, since 
 
 // startedOutside reports whether scene index of job started on a node not in nodes.
 func (l *sceneEventLog) startedOutside(job string, index int, nodes []string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, e := range l.events {
+	for _, e := range l.All(nil) {
 		if e.ev.JobID == job && e.ev.Index == index && e.ev.Type == fleet.EventStarted && !slices.Contains(nodes, e.ev.Node) {
 			return true
 		}
@@ -610,69 +569,11 @@ func (l *sceneEventLog) startedOutside(job string, index int, nodes []string) bo
 
 // jobs are the jobs seen in events.
 func (l *sceneEventLog) jobs() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	var out []string
-	for _, e := range l.events {
+	for _, e := range l.All(nil) {
 		if !slices.Contains(out, e.ev.JobID) {
 			out = append(out, e.ev.JobID)
 		}
 	}
 	return out
-}
-
-// hookCounter counts the webhooks each job gets.
-type hookCounter struct {
-	url string
-	mu  sync.Mutex
-	got map[string]int
-}
-
-func newHookCounter(t *testing.T) *hookCounter {
-	h := &hookCounter{got: map[string]int{}}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var hook api.Webhook
-		if err := json.NewDecoder(r.Body).Decode(&hook); err == nil {
-			h.mu.Lock()
-			h.got[hook.Job.ID]++
-			h.mu.Unlock()
-		}
-	}))
-	t.Cleanup(srv.Close)
-	h.url = srv.URL
-	return h
-}
-
-func (h *hookCounter) count(job string) int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.got[job]
-}
-
-func (h *hookCounter) total() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	n := 0
-	for _, c := range h.got {
-		n += c
-	}
-	return n
-}
-
-// syncBuffer is a buffer that several goroutines may write.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

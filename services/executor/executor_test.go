@@ -3,7 +3,6 @@ package executor_test
 import (
 	"context"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"strings"
@@ -30,34 +29,24 @@ type rig struct {
 	nc       *nats.Conn
 	js       jetstream.JetStream
 	settings fleet.Settings
-	events   chan fleet.SceneEvent
-	ctx      context.Context
-	wg       *sync.WaitGroup
+	events   *fleettest.Events[fleet.SceneEvent]
+	// pos is the position after the event await returned last.
+	pos int
+	ctx context.Context
+	wg  *sync.WaitGroup
 }
 
 func newRig(t *testing.T) *rig {
 	t.Helper()
 	settings := fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 100 * time.Millisecond, NodeTTL: 3 * time.Second}
 	_, nc, js := fleettest.Fleet(t, settings)
-	r := &rig{t: t, nc: nc, js: js, settings: settings, events: make(chan fleet.SceneEvent, 1024), wg: &sync.WaitGroup{}}
-	sub, err := nc.Subscribe(fleet.SceneEventsFilter, func(m *nats.Msg) {
-		if ev, err := fleet.DecodeSceneEvent(m.Data); err == nil {
-			r.events <- ev
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	r := &rig{t: t, nc: nc, js: js, settings: settings, events: fleettest.SceneEvents(t, nc), wg: &sync.WaitGroup{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.ctx = ctx
-	t.Cleanup(func() { cancel(); r.wg.Wait(); _ = sub.Unsubscribe() })
+	t.Cleanup(func() { cancel(); r.wg.Wait() })
 	// The dispatcher places the scenes: queued ones, and those the executors give back.
 	r.wg.Go(func() {
-		cfg := dispatcher.Config{Conn: nc, Settings: settings,
-			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))}
+		cfg := dispatcher.Config{Conn: nc, Settings: settings, Logger: fleettest.Logger(t)}
 		if err := dispatcher.Run(ctx, cfg); err != nil {
 			t.Errorf("dispatcher: %v", err)
 		}
@@ -69,11 +58,7 @@ func newRig(t *testing.T) *rig {
 func (r *rig) sim(cfg comfysim.Config) (*comfysim.Server, fleet.NodeConfig) {
 	r.t.Helper()
 	cfg.StepDuration = 10 * time.Millisecond
-	sim, err := comfysim.Start(cfg)
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	r.t.Cleanup(func() { sim.Close() })
+	sim := fleettest.Sim(r.t, cfg)
 	return sim, fleet.NodeConfig{ID: cfg.Name, URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
 }
 
@@ -87,7 +72,7 @@ func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.
 	}
 	r.t.Cleanup(nc.Close)
 	cfg := executor.Config{Conn: nc, Settings: r.settings, Nodes: nodes, Name: name, HeartbeatInterval: 200 * time.Millisecond,
-		Logger: slog.New(slog.NewTextHandler(r.t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))}
+		Logger: fleettest.Logger(r.t)}
 	if transport != nil {
 		cfg.HTTPClient = &http.Client{Transport: transport}
 	}
@@ -128,8 +113,6 @@ func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.Ticket 
 	return fleet.Ticket{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", SubmittedAt: now}
 }
 
-// await returns the first scene event of type typ, failing the test after within;
-// every event seen on the way is kept in seen.
 // awaitOnline waits until the dispatcher has recorded every node as online.
 func (r *rig) awaitOnline(ids ...string) {
 	r.t.Helper()
@@ -150,20 +133,18 @@ func (r *rig) awaitOnline(ids ...string) {
 	}, "nodes %v not online", ids)
 }
 
-func (r *rig) await(typ fleet.EventType, within time.Duration, seen *[]fleet.SceneEvent) fleet.SceneEvent {
+// await returns the first scene event of type typ after the one it returned last,
+// failing the test after within.
+func (r *rig) await(typ fleet.EventType, within time.Duration) fleet.SceneEvent {
 	r.t.Helper()
-	deadline := time.After(within)
-	for {
-		select {
-		case ev := <-r.events:
-			*seen = append(*seen, ev)
-			if ev.Type == typ {
-				return ev
-			}
-		case <-deadline:
-			r.t.Fatalf("no %s event within %s; saw %+v", typ, within, *seen)
-		}
-	}
+	ev, next := r.events.Next(r.t, r.pos, within, string(typ)+" event", fleettest.OfType(typ))
+	r.pos = next
+	return ev
+}
+
+// seen returns the scene events up to the one await returned last.
+func (r *rig) seen() []fleet.SceneEvent {
+	return r.events.All(nil)[:r.pos]
 }
 
 func promptID(item fleet.Ticket, attempt string) string {
@@ -217,9 +198,8 @@ func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) 
 	r.executor("exec", cutter, node)
 	item := r.submit("ws-drop", 60, 0)
 
-	var seen []fleet.SceneEvent
 	for {
-		ev := r.await(fleet.EventProgress, 30*time.Second, &seen)
+		ev := r.await(fleet.EventProgress, 30*time.Second)
 		if ev.Progress != nil && ev.Progress.Max > 0 && ev.Progress.Value < ev.Progress.Max/2 {
 			break
 		}
@@ -227,9 +207,9 @@ func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) 
 	if n := cutter.drop(); n != 1 {
 		t.Fatalf("dropped %d websockets mid-prompt, want 1", n)
 	}
-	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	done := r.await(fleet.EventCompleted, 30*time.Second)
 
-	for _, ev := range seen {
+	for _, ev := range r.seen() {
 		if ev.Type == fleet.EventRetrying || ev.Type == fleet.EventFailed {
 			t.Errorf("%s event after the websocket dropped: %s", ev.Type, ev.Error)
 		}
@@ -257,15 +237,14 @@ func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
 	r.awaitOnline(oom.ID, ok.ID)
 	r.submit("oom", 20, 0)
 
-	var seen []fleet.SceneEvent
-	if first := r.await(fleet.EventStarted, 30*time.Second, &seen); first.Node != oom.ID {
+	if first := r.await(fleet.EventStarted, 30*time.Second); first.Node != oom.ID {
 		t.Fatalf("first attempt on %s, want %s", first.Node, oom.ID)
 	}
-	retry := r.await(fleet.EventRetrying, 30*time.Second, &seen)
+	retry := r.await(fleet.EventRetrying, 30*time.Second)
 	if retry.Node != oom.ID || !strings.Contains(retry.Error, "OutOfMemoryError") {
 		t.Errorf("retrying event from %s: %q; want the out-of-memory error of %s", retry.Node, retry.Error, oom.ID)
 	}
-	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	done := r.await(fleet.EventCompleted, 30*time.Second)
 	if done.Node != ok.ID || done.Attempt != 2 {
 		t.Errorf("completed on %s at attempt %d; want %s at attempt 2", done.Node, done.Attempt, ok.ID)
 	}
@@ -285,16 +264,15 @@ func TestTimedOutAttemptIsInterruptedAndRetriedElsewhere(t *testing.T) {
 	r.executor("exec-slow", nil, slow)
 	r.submit("timeout", 20, 2*time.Second)
 
-	var seen []fleet.SceneEvent
-	if first := r.await(fleet.EventStarted, 30*time.Second, &seen); first.Node != slow.ID {
+	if first := r.await(fleet.EventStarted, 30*time.Second); first.Node != slow.ID {
 		t.Fatalf("first attempt on %s, want %s", first.Node, slow.ID)
 	}
 	r.executor("exec-fast", nil, fast)
-	retry := r.await(fleet.EventRetrying, 30*time.Second, &seen)
+	retry := r.await(fleet.EventRetrying, 30*time.Second)
 	if retry.Node != slow.ID || retry.Error != "timed out after 2s" {
 		t.Errorf("retrying event from %s: %q; want %s timed out after 2s", retry.Node, retry.Error, slow.ID)
 	}
-	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	done := r.await(fleet.EventCompleted, 30*time.Second)
 	if done.Node != fast.ID || done.Attempt != 2 {
 		t.Errorf("completed on %s at attempt %d; want %s at attempt 2", done.Node, done.Attempt, fast.ID)
 	}
@@ -315,17 +293,16 @@ func TestRedeliveryFollowsThePromptStillRunningOnItsNode(t *testing.T) {
 	lost := r.executor("lost", nil, node)
 	item := r.submit("follow", 150, 0)
 
-	var seen []fleet.SceneEvent
-	r.await(fleet.EventProgress, 30*time.Second, &seen)
+	r.await(fleet.EventProgress, 30*time.Second)
 	// The executor loses NATS for good while ComfyUI keeps rendering its prompt; the
 	// scene comes back after AckWait to the other executor of the same node.
 	lost.Close()
 	r.executor("successor", nil, node)
-	if again := r.await(fleet.EventStarted, 30*time.Second, &seen); again.Attempt != 2 || sim.Stats().Completed != 0 {
+	if again := r.await(fleet.EventStarted, 30*time.Second); again.Attempt != 2 || sim.Stats().Completed != 0 {
 		t.Fatalf("attempt %d started with %d prompts completed; want the redelivery while the first prompt still runs",
 			again.Attempt, sim.Stats().Completed)
 	}
-	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
+	done := r.await(fleet.EventCompleted, 30*time.Second)
 	if done.Attempt != 2 || len(done.Outputs) == 0 {
 		t.Errorf("completed attempt %d with %d outputs; want the redelivery with outputs", done.Attempt, len(done.Outputs))
 	}

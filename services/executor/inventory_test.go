@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"log/slog"
 	"slices"
 	"sync"
 	"testing"
@@ -54,16 +53,12 @@ func newInventoryRig(t *testing.T) *inventoryRig {
 func (r *inventoryRig) run(cfg comfysim.Config, interval time.Duration) *comfysim.Server {
 	r.t.Helper()
 	cfg.StepDuration = 10 * time.Millisecond
-	sim, err := comfysim.Start(cfg)
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	r.t.Cleanup(func() { sim.Close() })
+	sim := fleettest.Sim(r.t, cfg)
 	node := fleet.NodeConfig{ID: cfg.Name, URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
 	r.wg.Go(func() {
 		err := executor.Run(r.ctx, executor.Config{Conn: r.nc, Settings: r.settings, Nodes: []fleet.NodeConfig{node}, Name: "exec-" + cfg.Name,
 			HeartbeatInterval: 100 * time.Millisecond, InventoryInterval: interval,
-			Logger: slog.New(slog.NewTextHandler(r.t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))})
+			Logger: fleettest.Logger(r.t)})
 		if err != nil {
 			r.t.Errorf("executor: %v", err)
 		}

@@ -41,9 +41,8 @@ func TestNodeThatSpeaksIsNotTakenOutForSlowProbes(t *testing.T) {
 	// 150 steps of 10 ms: longer than the three missed probes (200 ms each) that
 	// take out a silent node.
 	r.submit("busy", 150, 0)
-	var seen []fleet.SceneEvent
-	done := r.await(fleet.EventCompleted, 30*time.Second, &seen)
-	for _, ev := range seen {
+	done := r.await(fleet.EventCompleted, 30*time.Second)
+	for _, ev := range r.seen() {
 		if ev.Type == fleet.EventRetrying {
 			t.Fatalf("the scene was retried (%s) though its node spoke all along", ev.Error)
 		}
@@ -88,8 +87,7 @@ func TestLostWorkConsumerIsCreatedAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.submit("after-loss", 5, 0)
-	var seen []fleet.SceneEvent
-	if done := r.await(fleet.EventCompleted, 30*time.Second, &seen); done.Node != node.ID {
+	if done := r.await(fleet.EventCompleted, 30*time.Second); done.Node != node.ID {
 		t.Errorf("completed on %s, want %s", done.Node, node.ID)
 	}
 }

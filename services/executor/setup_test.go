@@ -3,7 +3,6 @@ package executor_test
 import (
 	"context"
 	"encoding/json"
-	"log/slog"
 	"testing"
 	"time"
 
@@ -24,7 +23,7 @@ func TestNodesHaveTheExecutorsRegion(t *testing.T) {
 	_, far := r.sim(comfysim.Config{Name: "bj-1"})
 	far.Region = "beijing"
 	cfg := executor.Config{Conn: r.nc, Settings: r.settings, Nodes: []fleet.NodeConfig{local, far}, Name: "ex-sz", Region: "shenzhen",
-		HeartbeatInterval: 100 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))}
+		HeartbeatInterval: 100 * time.Millisecond, Logger: fleettest.Logger(t)}
 	r.wg.Go(func() {
 		if err := executor.Run(r.ctx, cfg); err != nil {
 			t.Errorf("executor: %v", err)
@@ -61,8 +60,7 @@ func TestNodesHaveTheExecutorsRegion(t *testing.T) {
 
 	r.awaitOnline("sz-1", "bj-1")
 	r.submit("job-setup", 5, 0)
-	var seen []fleet.SceneEvent
-	r.await(fleet.EventCompleted, 20*time.Second, &seen)
+	r.await(fleet.EventCompleted, 20*time.Second)
 	if invalid := (executor.Config{Conn: r.nc, Nodes: []fleet.NodeConfig{local}, Region: "south china"}); executor.Run(ctx, invalid) == nil {
 		t.Error("an executor of the region \"south china\" started")
 	}

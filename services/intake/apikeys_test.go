@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
@@ -30,7 +31,7 @@ func TestAdminsListAndRevokeAPIKeys(t *testing.T) {
 	var list struct {
 		Keys []intake.APIKey `json:"keys"`
 	}
-	if code := callAs(t, admin, http.MethodGet, base+"/v1/apikeys", nil, &list); code != http.StatusOK || len(list.Keys) != 3 {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/apikeys", nil, &list, fleettest.Key(admin)); code != http.StatusOK || len(list.Keys) != 3 {
 		t.Fatalf("GET /v1/apikeys as admin: %d, %+v; want 200 and three keys", code, list.Keys)
 	}
 	ids := map[string]intake.APIKey{}
@@ -45,27 +46,27 @@ func TestAdminsListAndRevokeAPIKeys(t *testing.T) {
 	if k := ids[tenancy.ShortID(other)]; k.Tenant != "agency" || k.Role != tenancy.RoleSubmit || k.Created.IsZero() {
 		t.Errorf("the agency key is listed as %+v", k)
 	}
-	if code := callAs(t, reader, http.MethodGet, base+"/v1/apikeys", nil, nil); code != http.StatusForbidden {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/apikeys", nil, nil, fleettest.Key(reader)); code != http.StatusForbidden {
 		t.Errorf("GET /v1/apikeys with a read key: %d, want 403", code)
 	}
-	if code := callAs(t, reader, http.MethodDelete, base+"/v1/apikeys/"+tenancy.ShortID(other), nil, nil); code != http.StatusForbidden {
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/apikeys/"+tenancy.ShortID(other), nil, nil, fleettest.Key(reader)); code != http.StatusForbidden {
 		t.Errorf("DELETE with a read key: %d, want 403", code)
 	}
 
-	if code := callAs(t, admin, http.MethodDelete, base+"/v1/apikeys/"+tenancy.ShortID(other), nil, nil); code != http.StatusNoContent {
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/apikeys/"+tenancy.ShortID(other), nil, nil, fleettest.Key(admin)); code != http.StatusNoContent {
 		t.Fatalf("DELETE /v1/apikeys/{id}: %d, want 204", code)
 	}
-	if code := callAs(t, other, http.MethodGet, base+"/v1/nodes", nil, nil); code != http.StatusUnauthorized {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/nodes", nil, nil, fleettest.Key(other)); code != http.StatusUnauthorized {
 		t.Errorf("the revoked key: %d, want 401", code)
 	}
-	var p problem
-	if code := callAs(t, admin, http.MethodDelete, base+"/v1/apikeys/"+tenancy.ShortID(other), nil, &p); code != http.StatusNotFound {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/apikeys/"+tenancy.ShortID(other), nil, &p, fleettest.Key(admin)); code != http.StatusNotFound {
 		t.Errorf("revoking it again: %d, want 404", code)
 	}
-	if code := callAs(t, admin, http.MethodDelete, base+"/v1/apikeys/not-an-id", nil, &p); code != http.StatusUnprocessableEntity || !p.at("path.id") {
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/apikeys/not-an-id", nil, &p, fleettest.Key(admin)); code != http.StatusUnprocessableEntity || !p.At("path.id") {
 		t.Errorf("DELETE with a malformed id: %d %+v, want 422 naming path.id", code, p)
 	}
-	if code := callAs(t, admin, http.MethodGet, base+"/v1/apikeys", nil, &list); code != http.StatusOK || len(list.Keys) != 2 {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/apikeys", nil, &list, fleettest.Key(admin)); code != http.StatusOK || len(list.Keys) != 2 {
 		t.Errorf("after the revocation: %d, %d keys; want 2", code, len(list.Keys))
 	}
 }

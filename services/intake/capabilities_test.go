@@ -13,6 +13,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
@@ -107,9 +108,9 @@ func TestScenesNoNodeCanRunAreRejectedNamingTheField(t *testing.T) {
 			"no node in pool image has checkpoint sd_xl_base_1.0.safetensors together with everything else the graph needs"},
 		{"no output node, as the nodes tell", map[string]any{"graph": noOutput}, "body.scenes[0].graph", "Prompt has no outputs"},
 	} {
-		var p problem
-		code := call(t, http.MethodPost, base+"/v1/jobs", map[string]any{"scenes": []any{tc.scene}}, &p)
-		if code != http.StatusUnprocessableEntity || !p.at(tc.location) || !strings.Contains(p.Errors[0].Message, tc.message) {
+		var p fleettest.Problem
+		code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", map[string]any{"scenes": []any{tc.scene}}, &p)
+		if code != http.StatusUnprocessableEntity || !p.At(tc.location) || !strings.Contains(p.Errors[0].Message, tc.message) {
 			t.Errorf("%s: %d %+v, want 422 at %s: %s", tc.name, code, p.Errors, tc.location, tc.message)
 		}
 	}
@@ -126,7 +127,7 @@ func TestScenesNoNodeCanRunAreRejectedNamingTheField(t *testing.T) {
 		var job struct {
 			ID string `json:"id"`
 		}
-		if code := call(t, http.MethodPost, base+"/v1/jobs", map[string]any{"scenes": []any{tc.scene}}, &job); code != http.StatusAccepted {
+		if code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", map[string]any{"scenes": []any{tc.scene}}, &job); code != http.StatusAccepted {
 			t.Errorf("%s: %d, want 202", tc.name, code)
 		}
 	}
@@ -136,22 +137,11 @@ func TestPreferWaitAnswers202WithPreferenceAppliedWhenTheJobRunsOn(t *testing.T)
 	t.Parallel()
 	natsURL, _ := fleetFor(t)
 	base := startIntake(t, natsURL, intake.Config{Templates: shipped})
-	body := strings.NewReader(`{"scenes": [{"workflow": "demo"}]}`)
-	req, err := http.NewRequest(http.MethodPost, base+"/v1/jobs", body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Prefer", "respond-async, wait=1")
 	start := time.Now()
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
+	a := fleettest.Do(t, http.MethodPost, base+"/v1/jobs", []byte(`{"scenes": [{"workflow": "demo"}]}`), fleettest.Header("Prefer", "respond-async, wait=1"))
 	took := time.Since(start)
 	// No executor runs here: the job cannot end.
-	if resp.StatusCode != http.StatusAccepted || resp.Header.Get("Preference-Applied") != "wait=1" || took < time.Second {
-		t.Errorf("%s, Preference-Applied %q after %s; want 202, wait=1, after a second", resp.Status, resp.Header.Get("Preference-Applied"), took)
+	if a.Status != http.StatusAccepted || a.Header.Get("Preference-Applied") != "wait=1" || took < time.Second {
+		t.Errorf("%v, Preference-Applied %q after %s; want 202, wait=1, after a second", a, a.Header.Get("Preference-Applied"), took)
 	}
 }

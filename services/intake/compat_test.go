@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
@@ -23,7 +24,7 @@ func TestDispatchCreatesAOneSceneJob(t *testing.T) {
 			Status string  `json:"status"`
 		}
 		body := map[string]any{"type": typ, "prompt": "a lighthouse in a storm", "priority": 9, "style": "ignored"}
-		if code := call(t, http.MethodPost, base+"/api/comfyui/dispatch", body, &got); code != http.StatusAccepted {
+		if code := fleettest.Call(t, http.MethodPost, base+"/api/comfyui/dispatch", body, &got); code != http.StatusAccepted {
 			t.Fatalf("dispatch %s: %d", typ, code)
 		}
 		if got.JobID == "" || got.Node == nil || *got.Node != "" || got.Status != "queued" {
@@ -35,7 +36,7 @@ func TestDispatchCreatesAOneSceneJob(t *testing.T) {
 				Workflow string `json:"workflow"`
 			} `json:"scenes"`
 		}
-		if code := call(t, http.MethodGet, base+"/v1/jobs/"+got.JobID, nil, &job); code != http.StatusOK {
+		if code := fleettest.Call(t, http.MethodGet, base+"/v1/jobs/"+got.JobID, nil, &job); code != http.StatusOK {
 			t.Fatalf("GET the dispatched job: %d", code)
 		}
 		if job.Priority != 9 || len(job.Scenes) != 1 || job.Scenes[0].Workflow != workflow {
@@ -52,8 +53,8 @@ func TestDispatchCreatesAOneSceneJob(t *testing.T) {
 		"priority 11":     {map[string]any{"type": "image", "prompt": "x", "priority": 11}, "body.priority"},
 		"prompt too long": {map[string]any{"type": "image", "prompt": string(make([]byte, 8001))}, "body.prompt"},
 	} {
-		var p problem
-		if code := call(t, http.MethodPost, base+"/api/comfyui/dispatch", tc.body, &p); code != http.StatusUnprocessableEntity || !p.at(tc.location) {
+		var p fleettest.Problem
+		if code := fleettest.Call(t, http.MethodPost, base+"/api/comfyui/dispatch", tc.body, &p); code != http.StatusUnprocessableEntity || !p.At(tc.location) {
 			t.Errorf("%s: %d %+v, want 422 at %s", name, code, p.Errors, tc.location)
 		}
 	}
@@ -89,7 +90,7 @@ func TestCompatNodesAndHealth(t *testing.T) {
 			LastHeartbeat *time.Time `json:"last_heartbeat"`
 		} `json:"nodes"`
 	}
-	if code := call(t, http.MethodGet, base+"/api/nodes", nil, &list); code != http.StatusOK || len(list.Nodes) != 2 {
+	if code := fleettest.Call(t, http.MethodGet, base+"/api/nodes", nil, &list); code != http.StatusOK || len(list.Nodes) != 2 {
 		t.Fatalf("GET /api/nodes: %d %+v", code, list)
 	}
 	a, r := list.Nodes[0], list.Nodes[1]
@@ -107,17 +108,17 @@ func TestCompatNodesAndHealth(t *testing.T) {
 		QueueLength     int     `json:"queue_length"`
 		ProcessingSpeed float64 `json:"processing_speed"`
 	}
-	if code := call(t, http.MethodGet, base+"/api/nodes/a100/health", nil, &h); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodGet, base+"/api/nodes/a100/health", nil, &h); code != http.StatusOK {
 		t.Fatalf("GET a100 health: %d", code)
 	}
 	if h.Status != "busy" || h.GPUUsage != 1 || math.Abs(h.MemoryUsage-0.75) > 1e-9 || h.QueueLength != 2 || h.ProcessingSpeed != 1.5 {
 		t.Errorf("a100 health %+v; want busy, gpu 1, memory 0.75, queue 2, 1.5 s per image", h)
 	}
-	if code := call(t, http.MethodGet, base+"/api/nodes/rtx3060/health", nil, &h); code != http.StatusOK || h.Status != "offline" || h.GPUUsage != 0 || h.MemoryUsage != 0 {
+	if code := fleettest.Call(t, http.MethodGet, base+"/api/nodes/rtx3060/health", nil, &h); code != http.StatusOK || h.Status != "offline" || h.GPUUsage != 0 || h.MemoryUsage != 0 {
 		t.Errorf("rtx3060 health: %d %+v; want offline and idle", code, h)
 	}
-	var p problem
-	if code := call(t, http.MethodGet, base+"/api/nodes/nope/health", nil, &p); code != http.StatusNotFound || p.Status != http.StatusNotFound {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodGet, base+"/api/nodes/nope/health", nil, &p); code != http.StatusNotFound || p.Status != http.StatusNotFound {
 		t.Errorf("unknown node health: %d %+v; want 404 problem JSON", code, p)
 	}
 }

@@ -27,7 +27,7 @@ func TestEventStreamEndsWhenTheIntakeStops(t *testing.T) {
 		"unknown job": {"no-such-job", http.StatusNotFound},
 		"bad id":      {"a.b", http.StatusNotFound},
 	} {
-		resp, err := client.Get(url + "/v1/jobs/" + tc.id + "/events")
+		resp, err := fleettest.HTTP.Get(url + "/v1/jobs/" + tc.id + "/events")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -41,7 +41,7 @@ func TestEventStreamEndsWhenTheIntakeStops(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/v1/jobs/"+job.id+"/events", nil)
-	resp, err := client.Do(req)
+	resp, err := fleettest.HTTP.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
@@ -24,9 +25,9 @@ func TestGraphWithoutAnOutputNodeIsRejected(t *testing.T) {
 		{http.MethodPost, "/v1/jobs", map[string]any{"scenes": []any{map[string]any{"graph": noOutput}}}, "body.scenes[0].graph"},
 		{http.MethodPut, "/v1/workflows/no-output", map[string]any{"graph": noOutput}, "body.graph"},
 	} {
-		var p problem
-		code := call(t, tc.method, base+tc.path, tc.body, &p)
-		if code != http.StatusUnprocessableEntity || !p.at(tc.location) || !strings.Contains(p.Errors[0].Message, "Prompt has no outputs") {
+		var p fleettest.Problem
+		code := fleettest.Call(t, tc.method, base+tc.path, tc.body, &p)
+		if code != http.StatusUnprocessableEntity || !p.At(tc.location) || !strings.Contains(p.Errors[0].Message, "Prompt has no outputs") {
 			t.Errorf("%s %s: %d %+v, want 422 at %s quoting ComfyUI's reason", tc.method, tc.path, code, p.Errors, tc.location)
 		}
 	}

@@ -1,10 +1,8 @@
 package intake_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
-	"log/slog"
 	"net"
 	"net/http"
 	"sync"
@@ -29,7 +27,7 @@ func restartableIntake(t *testing.T, nc *nats.Conn) (url string, stop func()) {
 	done := make(chan error, 1)
 	go func() {
 		done <- intake.Run(ctx, intake.Config{Conn: nc, Templates: shipped, Listener: ln, Open: true,
-			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))})
+			Logger: fleettest.Logger(t)})
 	}()
 	stop = func() {
 		cancel()
@@ -46,22 +44,19 @@ type reply struct {
 	replayed string
 }
 
+// post submits body with the Idempotency-Key key; it fails no test itself, so that
+// goroutines may call it.
 func post(t *testing.T, url, key string, body any) reply {
-	b, _ := json.Marshal(body)
-	req, _ := http.NewRequest(http.MethodPost, url+"/v1/jobs", bytes.NewReader(b))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Idempotency-Key", key)
-	resp, err := client.Do(req)
+	a, err := fleettest.Send(context.Background(), http.MethodPost, url+"/v1/jobs", body, fleettest.Header("Idempotency-Key", key))
 	if err != nil {
 		t.Error(err)
 		return reply{}
 	}
-	defer resp.Body.Close()
 	var job struct {
 		ID string `json:"id"`
 	}
-	_ = json.NewDecoder(resp.Body).Decode(&job)
-	return reply{resp.StatusCode, job.ID, resp.Header.Get("Idempotent-Replayed")}
+	_ = json.Unmarshal(a.Body, &job)
+	return reply{a.Status, job.ID, a.Header.Get("Idempotent-Replayed")}
 }
 
 // submitted counts the scene payloads stored.

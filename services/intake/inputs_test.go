@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
@@ -61,9 +62,9 @@ func TestSceneInputsAreCheckedFieldByField(t *testing.T) {
 		"steps above 150": {scene("img2img", map[string]any{"steps": 151}, map[string]any{"image": b64(small)}), "body.scenes[1].params.steps"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			var p problem
-			code := call(t, http.MethodPost, base+"/v1/jobs", tc.body, &p)
-			if code != http.StatusUnprocessableEntity || !p.at(tc.location) {
+			var p fleettest.Problem
+			code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", tc.body, &p)
+			if code != http.StatusUnprocessableEntity || !p.At(tc.location) {
 				t.Errorf("POST /v1/jobs: %d %+v, want 422 at %s", code, p.Errors, tc.location)
 			}
 		})
@@ -84,7 +85,7 @@ func TestInputImagesAreStoredAndReferenced(t *testing.T) {
 	var job struct {
 		ID string `json:"id"`
 	}
-	if code := call(t, http.MethodPost, base+"/v1/jobs", body, &job); code != http.StatusAccepted {
+	if code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &job); code != http.StatusAccepted {
 		t.Fatalf("POST /v1/jobs: %d", code)
 	}
 	ctx := context.Background()

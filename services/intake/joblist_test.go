@@ -35,7 +35,7 @@ func demoJob(n int) map[string]any {
 func submitAs(t *testing.T, key, base string, body any) string {
 	t.Helper()
 	var job api.Job
-	if code := callAs(t, key, http.MethodPost, base+"/v1/jobs", body, &job); code != http.StatusAccepted {
+	if code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &job, fleettest.Key(key)); code != http.StatusAccepted {
 		t.Fatalf("POST /v1/jobs: %d", code)
 	}
 	return job.ID
@@ -45,7 +45,7 @@ func submitAs(t *testing.T, key, base string, body any) string {
 func listAs(t *testing.T, key, base, query string) ([]string, string) {
 	t.Helper()
 	var page api.JobPage
-	if code := callAs(t, key, http.MethodGet, base+"/v1/jobs?"+query, nil, &page); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/jobs?"+query, nil, &page, fleettest.Key(key)); code != http.StatusOK {
 		t.Fatalf("GET /v1/jobs?%s: %d", query, code)
 	}
 	ids := []string{}
@@ -94,7 +94,7 @@ func TestJobListShowsTheTenantsJobsNewestFirst(t *testing.T) {
 		t.Errorf("pages of studio's jobs: %v, want %v", all, mine)
 	}
 	var page api.JobPage
-	callAs(t, studio, http.MethodGet, base+"/v1/jobs", nil, &page)
+	fleettest.Call(t, http.MethodGet, base+"/v1/jobs", nil, &page, fleettest.Key(studio))
 	if len(page.Jobs) != 5 || page.NextCursor != "" {
 		t.Fatalf("GET /v1/jobs: %d jobs, cursor %q; want 5 and no cursor", len(page.Jobs), page.NextCursor)
 	}
@@ -115,8 +115,8 @@ func TestJobListShowsTheTenantsJobsNewestFirst(t *testing.T) {
 	}
 	for query, loc := range map[string]string{"status=done": "query.status", "cursor=nonsense": "query.cursor", "limit=1001": "query.limit",
 		"since=2026-12-02T00:00:00Z&until=2026-12-01T00:00:00Z": "query.until"} {
-		var p problem
-		if code := callAs(t, studio, http.MethodGet, base+"/v1/jobs?"+query, nil, &p); code != http.StatusUnprocessableEntity || !p.at(loc) {
+		var p fleettest.Problem
+		if code := fleettest.Call(t, http.MethodGet, base+"/v1/jobs?"+query, nil, &p, fleettest.Key(studio)); code != http.StatusUnprocessableEntity || !p.At(loc) {
 			t.Errorf("GET /v1/jobs?%s: %d %+v; want 422 at %s", query, code, p, loc)
 		}
 	}
@@ -125,7 +125,7 @@ func TestJobListShowsTheTenantsJobsNewestFirst(t *testing.T) {
 	if got, _ := listAs(t, agency, base, ""); !slices.Equal(got, []string{theirs}) {
 		t.Errorf("agency's jobs: %v, want %v", got, []string{theirs})
 	}
-	if code := callAs(t, studio, http.MethodGet, base+"/v1/jobs?tenant=agency", nil, nil); code != http.StatusForbidden {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/jobs?tenant=agency", nil, nil, fleettest.Key(studio)); code != http.StatusForbidden {
 		t.Errorf("GET /v1/jobs?tenant=agency with studio's key: %d, want 403", code)
 	}
 	if got, _ := listAs(t, admin, base, "tenant=agency"); !slices.Equal(got, []string{theirs}) {
@@ -169,14 +169,14 @@ func TestDeleteJobRemovesItAndItsInputs(t *testing.T) {
 		return slices.Equal(got, []string{id})
 	}, "the other intake does not list the job")
 
-	var p problem
-	if code := call(t, http.MethodDelete, base+"/v1/jobs/"+id, nil, &p); code != http.StatusConflict {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/jobs/"+id, nil, &p); code != http.StatusConflict {
 		t.Fatalf("DELETE a queued job: %d, want 409", code)
 	}
-	if code := call(t, http.MethodDelete, base+"/v1/jobs/"+id+"?cancel=true", nil, nil); code != http.StatusNoContent {
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/jobs/"+id+"?cancel=true", nil, nil); code != http.StatusNoContent {
 		t.Fatalf("DELETE ?cancel=true: %d, want 204", code)
 	}
-	if code := call(t, http.MethodGet, base+"/v1/jobs/"+id, nil, nil); code != http.StatusNotFound {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/jobs/"+id, nil, nil); code != http.StatusNotFound {
 		t.Errorf("GET a deleted job: %d, want 404", code)
 	}
 	if got, _ := listAs(t, "", base, ""); len(got) != 0 {
@@ -189,7 +189,7 @@ func TestDeleteJobRemovesItAndItsInputs(t *testing.T) {
 	if _, err := inputs.GetInfo(ctx, fleet.InputKey(id, 0, "image")); !errors.Is(err, jetstream.ErrObjectNotFound) {
 		t.Errorf("input image of the deleted job: %v, want it gone", err)
 	}
-	if code := call(t, http.MethodDelete, base+"/v1/jobs/"+id, nil, nil); code != http.StatusNotFound {
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/jobs/"+id, nil, nil); code != http.StatusNotFound {
 		t.Errorf("DELETE a deleted job: %d, want 404", code)
 	}
 }
@@ -201,8 +201,8 @@ func TestJobTTLIsCheckedAndAnExpiredJobAnswers404(t *testing.T) {
 	for _, ttl := range []int{59, -1, int(fleet.DefaultRetention/time.Second) + 1} {
 		body := demoJob(1)
 		body["ttl_s"] = ttl
-		var p problem
-		if code := call(t, http.MethodPost, base+"/v1/jobs", body, &p); code != http.StatusUnprocessableEntity || !p.at("body.ttl_s") {
+		var p fleettest.Problem
+		if code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &p); code != http.StatusUnprocessableEntity || !p.At("body.ttl_s") {
 			t.Errorf("ttl_s %d: %d %+v; want 422 at body.ttl_s", ttl, code, p)
 		}
 	}
@@ -211,7 +211,7 @@ func TestJobTTLIsCheckedAndAnExpiredJobAnswers404(t *testing.T) {
 	body := demoJob(1)
 	body["ttl_s"] = 1
 	var job api.Job
-	if code := call(t, http.MethodPost, short+"/v1/jobs", body, &job); code != http.StatusAccepted {
+	if code := fleettest.Call(t, http.MethodPost, short+"/v1/jobs", body, &job); code != http.StatusAccepted {
 		t.Fatalf("POST ttl_s 1: %d", code)
 	}
 	if job.ExpiresAt == nil || job.ExpiresAt.Sub(job.CreatedAt) < time.Second || job.ExpiresAt.Sub(job.CreatedAt) > 2*time.Second {
@@ -235,7 +235,7 @@ func TestJobTTLIsCheckedAndAnExpiredJobAnswers404(t *testing.T) {
 		t.Errorf("the expiry fired %s early", early)
 	}
 	// Not deleted (no janitor here), yet gone for the API.
-	if code := call(t, http.MethodGet, short+"/v1/jobs/"+job.ID, nil, nil); code != http.StatusNotFound {
+	if code := fleettest.Call(t, http.MethodGet, short+"/v1/jobs/"+job.ID, nil, nil); code != http.StatusNotFound {
 		t.Errorf("GET an expired job: %d, want 404", code)
 	}
 	if got, _ := listAs(t, "", short, ""); len(got) != 0 {
@@ -248,8 +248,8 @@ func TestQueuesAnswerWithADispatchersSummaryOr503(t *testing.T) {
 	natsURL, _ := fleetFor(t)
 	base := startIntake(t, natsURL, intake.Config{Templates: shipped})
 	start := time.Now()
-	var p problem
-	if code := call(t, http.MethodGet, base+"/v1/queues", nil, &p); code != http.StatusServiceUnavailable {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/queues", nil, &p); code != http.StatusServiceUnavailable {
 		t.Fatalf("GET /v1/queues with no dispatcher: %d, want 503", code)
 	}
 	if took := time.Since(start); took > 3*time.Second {
@@ -274,7 +274,7 @@ func TestQueuesAnswerWithADispatchersSummaryOr503(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
 	var got fleet.QueueSummary
-	if code := call(t, http.MethodGet, base+"/v1/queues", nil, &got); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/queues", nil, &got); code != http.StatusOK {
 		t.Fatalf("GET /v1/queues: %d", code)
 	}
 	if fmt.Sprint(got) != fmt.Sprint(summary) {

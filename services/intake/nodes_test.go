@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
@@ -100,7 +101,7 @@ func TestPutNodeCreatesThenReplacesKeepingDrainedAndExecutor(t *testing.T) {
 	f := startNodeFleet(t)
 	var n nodeView
 	body := map[string]any{"url": "http://10.0.0.5:8188/", "region": "eu-west", "labels": map[string]string{"rack": "r7", "gpu": "a100"}}
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/a100", body, &n); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/a100", body, &n); code != http.StatusCreated {
 		t.Fatalf("PUT a new node: %d %+v", code, n)
 	}
 	if n.ID != "a100" || n.URL != "http://10.0.0.5:8188" || strings.Join(n.Pools, ",") != "image" || n.Weight != 1 ||
@@ -118,13 +119,13 @@ func TestPutNodeCreatesThenReplacesKeepingDrainedAndExecutor(t *testing.T) {
 	cfg := config(t, f.registry, "a100")
 	cfg.Executor = "exec-1"
 	putJSON(t, f.registry, "a100", cfg)
-	if code := call(t, http.MethodPost, f.base+"/v1/nodes/a100/drain", nil, &n); code != http.StatusOK || !n.Drained {
+	if code := fleettest.Call(t, http.MethodPost, f.base+"/v1/nodes/a100/drain", nil, &n); code != http.StatusOK || !n.Drained {
 		t.Fatalf("drain: %d %+v", code, n)
 	}
 
 	body = map[string]any{"url": "https://gpu.example.com:8443", "pools": []string{"image", "video"}, "weight": 4}
 	n = nodeView{}
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/a100", body, &n); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/a100", body, &n); code != http.StatusOK {
 		t.Fatalf("PUT replacing the node: %d %+v", code, n)
 	}
 	if n.URL != "https://gpu.example.com:8443" || strings.Join(n.Pools, ",") != "image,video" || n.Weight != 4 || len(n.Labels) != 0 || n.Region != "" {
@@ -143,20 +144,20 @@ func TestPutNodeCreatesThenReplacesKeepingDrainedAndExecutor(t *testing.T) {
 func TestConcurrentPutsNeverUndoADrain(t *testing.T) {
 	t.Parallel()
 	f := startNodeFleet(t)
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/n1", map[string]any{"url": "http://10.0.0.7:8188"}, nil); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/n1", map[string]any{"url": "http://10.0.0.7:8188"}, nil); code != http.StatusCreated {
 		t.Fatalf("PUT: %d", code)
 	}
 	var wg sync.WaitGroup
 	for i := range 16 {
 		wg.Go(func() {
 			body := map[string]any{"url": "http://10.0.0.7:8188", "weight": i + 1}
-			if code := call(t, http.MethodPut, f.base+"/v1/nodes/n1", body, nil); code != http.StatusOK {
+			if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/n1", body, nil); code != http.StatusOK {
 				t.Errorf("concurrent PUT: %d", code)
 			}
 		})
 	}
 	wg.Go(func() {
-		if code := call(t, http.MethodPost, f.base+"/v1/nodes/n1/drain", nil, nil); code != http.StatusOK {
+		if code := fleettest.Call(t, http.MethodPost, f.base+"/v1/nodes/n1/drain", nil, nil); code != http.StatusOK {
 			t.Errorf("concurrent drain: %d", code)
 		}
 	})
@@ -198,20 +199,20 @@ func TestPutNodeNamesTheBadField(t *testing.T) {
 		"long id":           {strings.Repeat("n", 129), map[string]any{"url": "http://h:8188"}, "path.id"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			var p problem
-			if code := call(t, http.MethodPut, f.base+"/v1/nodes/"+tc.id, tc.body, &p); code != http.StatusUnprocessableEntity || p.Status != http.StatusUnprocessableEntity || !p.at(tc.location) {
+			var p fleettest.Problem
+			if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/"+tc.id, tc.body, &p); code != http.StatusUnprocessableEntity || p.Status != http.StatusUnprocessableEntity || !p.At(tc.location) {
 				t.Errorf("PUT: %d %+v, want 422 problem JSON at %s", code, p.Errors, tc.location)
 			}
 		})
 	}
 	ok := map[string]any{"url": "http://h:8188", "labels": map[string]string{strings.Repeat("k", 63): strings.Repeat("é", 256)}}
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/n2", ok, nil); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/n2", ok, nil); code != http.StatusCreated {
 		t.Errorf("PUT with labels at their limits: %d, want 201", code)
 	}
 	var list struct {
 		Nodes []nodeView `json:"nodes"`
 	}
-	if code := call(t, http.MethodGet, f.base+"/v1/nodes", nil, &list); code != http.StatusOK || len(list.Nodes) != 1 || list.Nodes[0].ID != "n2" {
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/v1/nodes", nil, &list); code != http.StatusOK || len(list.Nodes) != 1 || list.Nodes[0].ID != "n2" {
 		t.Errorf("GET /v1/nodes: %d %+v; want only n2, the refused nodes unstored", code, list.Nodes)
 	}
 }
@@ -219,26 +220,26 @@ func TestPutNodeNamesTheBadField(t *testing.T) {
 func TestDeleteNode(t *testing.T) {
 	t.Parallel()
 	f := startNodeFleet(t)
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/gone", map[string]any{"url": "http://10.0.0.8:8188"}, nil); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/gone", map[string]any{"url": "http://10.0.0.8:8188"}, nil); code != http.StatusCreated {
 		t.Fatalf("PUT: %d", code)
 	}
-	if code := call(t, http.MethodDelete, f.base+"/v1/nodes/gone", nil, nil); code != http.StatusNoContent {
+	if code := fleettest.Call(t, http.MethodDelete, f.base+"/v1/nodes/gone", nil, nil); code != http.StatusNoContent {
 		t.Fatalf("DELETE: %d, want 204", code)
 	}
-	var p problem
-	if code := call(t, http.MethodGet, f.base+"/v1/nodes/gone", nil, &p); code != http.StatusNotFound || p.Status != http.StatusNotFound {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/v1/nodes/gone", nil, &p); code != http.StatusNotFound || p.Status != http.StatusNotFound {
 		t.Errorf("GET a removed node: %d %+v, want 404 problem JSON", code, p)
 	}
 	if _, err := f.registry.Get(context.Background(), "gone"); err == nil {
 		t.Error("the registry still holds the removed node")
 	}
 	for _, path := range []string{"/v1/nodes/gone", "/v1/nodes/never", "/v1/nodes/bad.id"} {
-		if code := call(t, http.MethodDelete, f.base+path, nil, &p); code != http.StatusNotFound {
+		if code := fleettest.Call(t, http.MethodDelete, f.base+path, nil, &p); code != http.StatusNotFound {
 			t.Errorf("DELETE %s: %d, want 404", path, code)
 		}
 	}
 	// A removed node comes back with PUT.
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/gone", map[string]any{"url": "http://10.0.0.8:8188"}, nil); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/gone", map[string]any{"url": "http://10.0.0.8:8188"}, nil); code != http.StatusCreated {
 		t.Errorf("PUT a removed node again: %d, want 201", code)
 	}
 }
@@ -247,7 +248,7 @@ func TestDrainAndUndrain(t *testing.T) {
 	t.Parallel()
 	f := startNodeFleet(t)
 	for _, id := range []string{"busy1", "idle1"} {
-		if code := call(t, http.MethodPut, f.base+"/v1/nodes/"+id, map[string]any{"url": "http://10.0.0.9:8188"}, nil); code != http.StatusCreated {
+		if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/"+id, map[string]any{"url": "http://10.0.0.9:8188"}, nil); code != http.StatusCreated {
 			t.Fatalf("PUT %s: %d", id, code)
 		}
 	}
@@ -255,7 +256,7 @@ func TestDrainAndUndrain(t *testing.T) {
 	putJSON(t, f.nodes, "busy1", fleet.NodeStatus{ID: "busy1", Executor: "exec-1", State: fleet.NodeBusy, Scene: "j1.0", Holding: 2, Heartbeat: now})
 
 	var n nodeView
-	if code := call(t, http.MethodPost, f.base+"/v1/nodes/busy1/drain", nil, &n); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodPost, f.base+"/v1/nodes/busy1/drain", nil, &n); code != http.StatusOK {
 		t.Fatalf("drain: %d", code)
 	}
 	if !n.Drained || n.Health.Status != "draining" || n.Health.Holding != 2 {
@@ -264,15 +265,15 @@ func TestDrainAndUndrain(t *testing.T) {
 	if cfg := config(t, f.registry, "busy1"); !cfg.Drained || cfg.URL != "http://10.0.0.9:8188" {
 		t.Errorf("registry holds %+v after the drain", cfg)
 	}
-	if code := call(t, http.MethodPost, f.base+"/v1/nodes/busy1/drain", nil, &n); code != http.StatusOK || !n.Drained {
+	if code := fleettest.Call(t, http.MethodPost, f.base+"/v1/nodes/busy1/drain", nil, &n); code != http.StatusOK || !n.Drained {
 		t.Errorf("draining again: %d %+v", code, n)
 	}
 	// Idle and drained, the node still reports draining.
 	putJSON(t, f.nodes, "busy1", fleet.NodeStatus{ID: "busy1", Executor: "exec-1", State: fleet.NodeOnline, Heartbeat: now})
-	if code := call(t, http.MethodGet, f.base+"/v1/nodes/busy1", nil, &n); code != http.StatusOK || n.Health.Status != "draining" || n.Health.Holding != 0 {
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/v1/nodes/busy1", nil, &n); code != http.StatusOK || n.Health.Status != "draining" || n.Health.Holding != 0 {
 		t.Errorf("an idle drained node: %d %+v; want status draining, holding 0", code, n.Health)
 	}
-	if code := call(t, http.MethodPost, f.base+"/v1/nodes/busy1/undrain", nil, &n); code != http.StatusOK || n.Drained || n.Health.Status != "online" {
+	if code := fleettest.Call(t, http.MethodPost, f.base+"/v1/nodes/busy1/undrain", nil, &n); code != http.StatusOK || n.Drained || n.Health.Status != "online" {
 		t.Errorf("undrain: %d %+v; want not drained, online", code, n)
 	}
 	if cfg := config(t, f.registry, "busy1"); cfg.Drained {
@@ -280,12 +281,12 @@ func TestDrainAndUndrain(t *testing.T) {
 	}
 
 	// A node without a heartbeat is offline, drained or not.
-	if code := call(t, http.MethodPost, f.base+"/v1/nodes/idle1/drain", nil, &n); code != http.StatusOK || !n.Drained || n.Health.Status != "offline" {
+	if code := fleettest.Call(t, http.MethodPost, f.base+"/v1/nodes/idle1/drain", nil, &n); code != http.StatusOK || !n.Drained || n.Health.Status != "offline" {
 		t.Errorf("drain a node never seen: %d %+v; want drained and offline", code, n)
 	}
 	for _, path := range []string{"/v1/nodes/nope/drain", "/v1/nodes/nope/undrain", "/v1/nodes/bad.id/drain"} {
-		var p problem
-		if code := call(t, http.MethodPost, f.base+path, nil, &p); code != http.StatusNotFound || p.Status != http.StatusNotFound {
+		var p fleettest.Problem
+		if code := fleettest.Call(t, http.MethodPost, f.base+path, nil, &p); code != http.StatusNotFound || p.Status != http.StatusNotFound {
 			t.Errorf("POST %s: %d, want 404 problem JSON", path, code)
 		}
 	}
@@ -297,10 +298,10 @@ func TestDrainAndUndrain(t *testing.T) {
 func TestNodeHealthFromHeartbeats(t *testing.T) {
 	t.Parallel()
 	f := startNodeFleet(t)
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/a100", map[string]any{"url": "http://10.0.0.5:8188", "pools": []string{"image", "video"}, "weight": 4}, nil); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/a100", map[string]any{"url": "http://10.0.0.5:8188", "pools": []string{"image", "video"}, "weight": 4}, nil); code != http.StatusCreated {
 		t.Fatalf("PUT a100: %d", code)
 	}
-	if code := call(t, http.MethodPut, f.base+"/v1/nodes/rtx3060", map[string]any{"url": "http://10.0.0.6:8188"}, nil); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, f.base+"/v1/nodes/rtx3060", map[string]any{"url": "http://10.0.0.6:8188"}, nil); code != http.StatusCreated {
 		t.Fatalf("PUT rtx3060: %d", code)
 	}
 	seen := time.Date(2026, 11, 23, 10, 0, 0, 0, time.UTC)
@@ -315,7 +316,7 @@ func TestNodeHealthFromHeartbeats(t *testing.T) {
 		State: fleet.NodeOffline, Error: "connection refused", Heartbeat: seen})
 
 	var n nodeView
-	if code := call(t, http.MethodGet, f.base+"/v1/nodes/a100", nil, &n); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/v1/nodes/a100", nil, &n); code != http.StatusOK {
 		t.Fatalf("GET a100: %d", code)
 	}
 	h := n.Health
@@ -329,7 +330,7 @@ func TestNodeHealthFromHeartbeats(t *testing.T) {
 	var list struct {
 		Nodes []nodeView `json:"nodes"`
 	}
-	if code := call(t, http.MethodGet, f.base+"/v1/nodes", nil, &list); code != http.StatusOK || len(list.Nodes) != 3 {
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/v1/nodes", nil, &list); code != http.StatusOK || len(list.Nodes) != 3 {
 		t.Fatalf("GET /v1/nodes: %d %+v; want three nodes", code, list.Nodes)
 	}
 	a, r, s := list.Nodes[0], list.Nodes[1], list.Nodes[2]
@@ -343,22 +344,22 @@ func TestNodeHealthFromHeartbeats(t *testing.T) {
 		s.Health.Status != "offline" || s.Health.Error != "connection refused" {
 		t.Errorf("listed stray (heartbeat only) as %+v; want it unregistered, offline with its error", s)
 	}
-	if code := call(t, http.MethodGet, f.base+"/v1/nodes/stray", nil, &n); code != http.StatusOK || n.ID != "stray" || n.Registered {
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/v1/nodes/stray", nil, &n); code != http.StatusOK || n.ID != "stray" || n.Registered {
 		t.Errorf("GET stray: %d %+v", code, n)
 	}
-	var p problem
-	if code := call(t, http.MethodGet, f.base+"/v1/nodes/nope", nil, &p); code != http.StatusNotFound {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/v1/nodes/nope", nil, &p); code != http.StatusNotFound {
 		t.Errorf("GET an unknown node: %d, want 404", code)
 	}
 
 	// The seed-compatible view of a drained node knows no draining.
-	if code := call(t, http.MethodPost, f.base+"/v1/nodes/a100/drain", nil, &n); code != http.StatusOK || n.Health.Status != "draining" {
+	if code := fleettest.Call(t, http.MethodPost, f.base+"/v1/nodes/a100/drain", nil, &n); code != http.StatusOK || n.Health.Status != "draining" {
 		t.Fatalf("drain a100: %d %+v", code, n.Health)
 	}
 	var compat struct {
 		Status string `json:"status"`
 	}
-	if code := call(t, http.MethodGet, f.base+"/api/nodes/a100/health", nil, &compat); code != http.StatusOK || compat.Status != "busy" {
+	if code := fleettest.Call(t, http.MethodGet, f.base+"/api/nodes/a100/health", nil, &compat); code != http.StatusOK || compat.Status != "busy" {
 		t.Errorf("compat health of a drained node holding scenes: %d %q, want busy", code, compat.Status)
 	}
 }
@@ -381,7 +382,7 @@ func TestNodeAdministrationNeedsAnAdminKey(t *testing.T) {
 	read, submit, admin := key(tenancy.RoleRead), key(tenancy.RoleSubmit), key(tenancy.RoleAdmin)
 	node := map[string]any{"url": "http://10.0.0.5:8188"}
 
-	if code := callAs(t, admin, http.MethodPut, base+"/v1/nodes/a100", node, nil); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, base+"/v1/nodes/a100", node, nil, fleettest.Key(admin)); code != http.StatusCreated {
 		t.Fatalf("PUT with an admin key: %d, want 201", code)
 	}
 	for _, k := range []struct{ name, key string }{{"submit", submit}, {"read", read}} {
@@ -395,28 +396,28 @@ func TestNodeAdministrationNeedsAnAdminKey(t *testing.T) {
 			{http.MethodPost, "/v1/nodes/a100/drain", nil},
 			{http.MethodPost, "/v1/nodes/a100/undrain", nil},
 		} {
-			var p problem
-			if code := callAs(t, k.key, req.method, base+req.path, req.body, &p); code != http.StatusForbidden || p.Status != http.StatusForbidden {
+			var p fleettest.Problem
+			if code := fleettest.Call(t, req.method, base+req.path, req.body, &p, fleettest.Key(k.key)); code != http.StatusForbidden || p.Status != http.StatusForbidden {
 				t.Errorf("%s %s with a %s key: %d, want 403 problem JSON", req.method, req.path, k.name, code)
 			}
 		}
 	}
 	for _, path := range []string{"/v1/nodes", "/v1/nodes/a100"} {
-		if code := callAs(t, read, http.MethodGet, base+path, nil, nil); code != http.StatusOK {
+		if code := fleettest.Call(t, http.MethodGet, base+path, nil, nil, fleettest.Key(read)); code != http.StatusOK {
 			t.Errorf("GET %s with a read key: %d, want 200", path, code)
 		}
-		if code := callAs(t, "", http.MethodGet, base+path, nil, nil); code != http.StatusUnauthorized {
+		if code := fleettest.Call(t, http.MethodGet, base+path, nil, nil); code != http.StatusUnauthorized {
 			t.Errorf("GET %s without a key: %d, want 401", path, code)
 		}
 	}
 	var n nodeView
-	if code := callAs(t, read, http.MethodGet, base+"/v1/nodes/a100", nil, &n); n.Drained {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/nodes/a100", nil, &n, fleettest.Key(read)); n.Drained {
 		t.Errorf("a refused drain took effect: %d %+v", code, n)
 	}
-	if code := callAs(t, admin, http.MethodPost, base+"/v1/nodes/a100/drain", nil, nil); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodPost, base+"/v1/nodes/a100/drain", nil, nil, fleettest.Key(admin)); code != http.StatusOK {
 		t.Errorf("drain with an admin key: %d", code)
 	}
-	if code := callAs(t, admin, http.MethodDelete, base+"/v1/nodes/a100", nil, nil); code != http.StatusNoContent {
+	if code := fleettest.Call(t, http.MethodDelete, base+"/v1/nodes/a100", nil, nil, fleettest.Key(admin)); code != http.StatusNoContent {
 		t.Errorf("DELETE with an admin key: %d", code)
 	}
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
@@ -30,17 +31,8 @@ func submitKey(t *testing.T, js jetstream.JetStream) string {
 // status sends a bodiless request with key and returns the status and Retry-After.
 func status(t *testing.T, key, method, url string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+key)
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	return resp.StatusCode, resp.Header.Get("Retry-After")
+	a := fleettest.Do(t, method, url, nil, fleettest.Key(key))
+	return a.Status, a.Header.Get("Retry-After")
 }
 
 func TestReadsAndSubmissionsHaveBudgetsOfTheirOwn(t *testing.T) {

@@ -27,10 +27,10 @@ func TestJobRegionsAreCheckedAndRecorded(t *testing.T) {
 		return s
 	}
 	// No node anywhere yet: every required region is unknown.
-	var p problem
+	var p fleettest.Problem
 	body := map[string]any{"region": "shenzhen", "scenes": []any{demo(nil), demo(map[string]any{"region": "beijing"})}}
-	if code := call(t, http.MethodPost, base+"/v1/jobs", body, &p); code != http.StatusUnprocessableEntity ||
-		!p.at("body.region") || !p.at("body.scenes[1].region") {
+	if code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &p); code != http.StatusUnprocessableEntity ||
+		!p.At("body.region") || !p.At("body.scenes[1].region") {
 		t.Fatalf("POST requiring regions without nodes: %d %+v, want 422 at body.region and body.scenes[1].region", code, p.Errors)
 	}
 
@@ -38,9 +38,9 @@ func TestJobRegionsAreCheckedAndRecorded(t *testing.T) {
 	putJSON(t, registry, "sz-1", fleet.NodeConfig{ID: "sz-1", URL: "http://10.1.0.5:8188", Pools: []string{"image"}, Weight: 1, Region: "shenzhen"})
 	// The intake follows the registry: the node counts once it has seen it.
 	fleettest.Eventually(t, 10*time.Second, func() bool {
-		p = problem{}
-		code := call(t, http.MethodPost, base+"/v1/jobs", body, &p)
-		return code == http.StatusUnprocessableEntity && !p.at("body.region") && p.at("body.scenes[1].region") && len(p.Errors) == 1
+		p = fleettest.Problem{}
+		code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &p)
+		return code == http.StatusUnprocessableEntity && !p.At("body.region") && p.At("body.scenes[1].region") && len(p.Errors) == 1
 	}, "POST requiring shenzhen (a node) and beijing (none): %+v, want 422 at body.scenes[1].region only", p.Errors)
 	for name, tc := range map[string]struct {
 		body     map[string]any
@@ -52,8 +52,8 @@ func TestJobRegionsAreCheckedAndRecorded(t *testing.T) {
 		"prefer region too long": {map[string]any{"prefer_region": string(make([]byte, 65)), "scenes": []any{demo(nil)}}, "body.prefer_region"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			var p problem
-			if code := call(t, http.MethodPost, base+"/v1/jobs", tc.body, &p); code != http.StatusUnprocessableEntity || !p.at(tc.location) {
+			var p fleettest.Problem
+			if code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", tc.body, &p); code != http.StatusUnprocessableEntity || !p.At(tc.location) {
 				t.Errorf("POST: %d %+v, want 422 at %s", code, p.Errors, tc.location)
 			}
 		})
@@ -71,7 +71,7 @@ func TestJobRegionsAreCheckedAndRecorded(t *testing.T) {
 			PreferRegion string `json:"prefer_region"`
 		} `json:"scenes"`
 	}
-	if code := call(t, http.MethodPost, base+"/v1/jobs", body, &job); code != http.StatusAccepted {
+	if code := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &job); code != http.StatusAccepted {
 		t.Fatalf("POST requiring shenzhen: %d", code)
 	}
 	if len(job.Scenes) != 2 || job.Scenes[0].Region != "shenzhen" || job.Scenes[0].PreferRegion != "shanghai" ||

@@ -40,7 +40,7 @@ func TestEveryIntakeServesTheBucketsTemplates(t *testing.T) {
 			Params map[string]workflow.Param `json:"params"`
 		} `json:"workflows"`
 	}
-	if code := call(t, http.MethodGet, b+"/v1/workflows", nil, &list); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodGet, b+"/v1/workflows", nil, &list); code != http.StatusOK {
 		t.Fatalf("GET /v1/workflows: %d", code)
 	}
 	var names []string
@@ -52,7 +52,7 @@ func TestEveryIntakeServesTheBucketsTemplates(t *testing.T) {
 	}
 
 	var got workflow.Template
-	if code := call(t, http.MethodPut, a+"/v1/workflows/tiny", tinyTemplate("v1"), &got); code != http.StatusCreated {
+	if code := fleettest.Call(t, http.MethodPut, a+"/v1/workflows/tiny", tinyTemplate("v1"), &got); code != http.StatusCreated {
 		t.Fatalf("PUT new template: %d", code)
 	}
 	if got.Name != "tiny" || got.Pool != "image" {
@@ -60,7 +60,7 @@ func TestEveryIntakeServesTheBucketsTemplates(t *testing.T) {
 	}
 	description := func(base string) string {
 		var tpl workflow.Template
-		if call(t, http.MethodGet, base+"/v1/workflows/tiny", nil, &tpl) != http.StatusOK {
+		if fleettest.Call(t, http.MethodGet, base+"/v1/workflows/tiny", nil, &tpl) != http.StatusOK {
 			return ""
 		}
 		return tpl.Description
@@ -72,26 +72,26 @@ func TestEveryIntakeServesTheBucketsTemplates(t *testing.T) {
 
 	replaced := tinyTemplate("v2")
 	replaced["name"] = "tiny"
-	if code := call(t, http.MethodPut, b+"/v1/workflows/tiny", replaced, nil); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodPut, b+"/v1/workflows/tiny", replaced, nil); code != http.StatusOK {
 		t.Fatalf("PUT replacing template: %d", code)
 	}
 	fleettest.Eventually(t, 10*time.Second, func() bool { return description(a) == "v2" }, "the first intake never served tiny v2")
 
 	var tpl workflow.Template
-	call(t, http.MethodGet, a+"/v1/workflows/tiny", nil, &tpl)
+	fleettest.Call(t, http.MethodGet, a+"/v1/workflows/tiny", nil, &tpl)
 	if p := tpl.Params["size"]; p.Type != "integer" || *p.Maximum != 256 || p.MultipleOf != 8 || len(p.Bind) != 2 || p.Bind[0].Node != "Source" || tpl.Graph["2"] == nil {
 		t.Errorf("GET tiny = %+v; want its params with bounds and bindings, and its graph", tpl)
 	}
 	job := map[string]any{"scenes": []any{map[string]any{"workflow": "tiny", "params": map[string]any{"size": 64}}}}
-	if code := call(t, http.MethodPost, a+"/v1/jobs", job, nil); code != http.StatusAccepted {
+	if code := fleettest.Call(t, http.MethodPost, a+"/v1/jobs", job, nil); code != http.StatusAccepted {
 		t.Errorf("job with the new template: %d", code)
 	}
 	job = map[string]any{"scenes": []any{map[string]any{"workflow": "tiny", "params": map[string]any{"size": 260}}}}
-	var p problem
-	if code := call(t, http.MethodPost, b+"/v1/jobs", job, &p); code != http.StatusUnprocessableEntity || !p.at("body.scenes[0].params.size") {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodPost, b+"/v1/jobs", job, &p); code != http.StatusUnprocessableEntity || !p.At("body.scenes[0].params.size") {
 		t.Errorf("job with size 260: %d %+v, want 422 at body.scenes[0].params.size", code, p)
 	}
-	if code := call(t, http.MethodGet, a+"/v1/workflows/nope", nil, &p); code != http.StatusNotFound {
+	if code := fleettest.Call(t, http.MethodGet, a+"/v1/workflows/nope", nil, &p); code != http.StatusNotFound {
 		t.Errorf("GET unknown template: %d", code)
 	}
 }
@@ -110,10 +110,10 @@ func TestSeedingKeepsAnAdministratorsTemplate(t *testing.T) {
 	}
 	base := startIntake(t, natsURL, intake.Config{Templates: shipped})
 	var tpl workflow.Template
-	if code := call(t, http.MethodGet, base+"/v1/workflows/txt2img", nil, &tpl); code != http.StatusOK || tpl.Description != "the admin's" {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/workflows/txt2img", nil, &tpl); code != http.StatusOK || tpl.Description != "the admin's" {
 		t.Errorf("GET txt2img: %d %q; want the administrator's version", code, tpl.Description)
 	}
-	if code := call(t, http.MethodGet, base+"/v1/workflows/img2img", nil, &tpl); code != http.StatusOK {
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/workflows/img2img", nil, &tpl); code != http.StatusOK {
 		t.Errorf("GET img2img: %d; the missing shipped templates must be seeded", code)
 	}
 }
@@ -148,14 +148,14 @@ func TestPutWorkflowNamesTheBadField(t *testing.T) {
 		"no graph": {with(func(tpl map[string]any) { delete(tpl, "graph") }), "body"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			var p problem
-			if code := call(t, http.MethodPut, base+"/v1/workflows/tiny", tc.body, &p); code != http.StatusUnprocessableEntity || !p.at(tc.location) {
+			var p fleettest.Problem
+			if code := fleettest.Call(t, http.MethodPut, base+"/v1/workflows/tiny", tc.body, &p); code != http.StatusUnprocessableEntity || !p.At(tc.location) {
 				t.Errorf("PUT: %d %+v, want 422 at %s", code, p.Errors, tc.location)
 			}
 		})
 	}
-	var p problem
-	if code := call(t, http.MethodGet, base+"/v1/workflows/tiny", nil, &p); code != http.StatusNotFound {
+	var p fleettest.Problem
+	if code := fleettest.Call(t, http.MethodGet, base+"/v1/workflows/tiny", nil, &p); code != http.StatusNotFound {
 		t.Errorf("a rejected template was stored: GET %d", code)
 	}
 }

@@ -1,30 +1,20 @@
 package operator_test
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
-	"log/slog"
-	"net/http"
-	"net/netip"
 	"os"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
-	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
-	"github.com/comfyfleet/comfyfleet/services/executor"
-	"github.com/comfyfleet/comfyfleet/services/notifier"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 )
 
 var screenshot = flag.String("panel.screenshot", "", "write a screenshot of the panel with a running job to this PNG file (docs/panel.png)")
@@ -42,15 +32,9 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// client has a transport of its own: servers closing in parallel tests close the idle
-// connections of http.DefaultTransport.
-var client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone(), Timeout: 30 * time.Second}
-
 // testFleet is a whole fleet on random loopback ports.
 type testFleet struct {
-	API   string
-	JS    jetstream.JetStream
-	Stack *stack.Stack
+	*stacktest.Fleet
 	// Key is sent with every call of the test's own; "" on an open API.
 	Key string
 }
@@ -64,39 +48,7 @@ func sim(name string, step time.Duration) comfysim.Config {
 // serves the API without keys.
 func startFleet(t *testing.T, open bool, sims ...comfysim.Config) *testFleet {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	s, err := stack.Start(ctx, stack.Config{
-		DataDir:       t.TempDir(),
-		NATSPort:      -1,
-		HTTPAddr:      "127.0.0.1:0",
-		Open:          open,
-		CallbackAllow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
-		Sims:          sims,
-		Settings:      fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 100 * time.Millisecond, NodeTTL: 3 * time.Second},
-		Executor:      executor.Config{HeartbeatInterval: 200 * time.Millisecond},
-		Notifier:      notifier.Config{WebhookBackoff: 50 * time.Millisecond},
-		Logger:        slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		if err := s.Wait(); err != nil {
-			t.Errorf("fleet stopped with: %v", err)
-		}
-	})
-	nc, err := nats.Connect(s.NATS.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testFleet{API: s.APIURL, JS: js, Stack: s}
+	return &testFleet{Fleet: stacktest.Start(t, func(c *stack.Config) { c.Open, c.Sims = open, sims })}
 }
 
 // createKey stores an API key of tenant with role, and returns it.
@@ -115,41 +67,10 @@ func (f *testFleet) createKey(t *testing.T, tenant string, role tenancy.Role) st
 	return key
 }
 
-// call sends body (JSON-encoded unless nil) to the API and decodes a JSON answer
-// into out (when not nil); it returns the status.
+// call is fleettest.Call of path on the API, with the test's key.
 func (f *testFleet) call(t *testing.T, method, path string, body, out any) int {
 	t.Helper()
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, f.API+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	if f.Key != "" {
-		req.Header.Set("Authorization", "Bearer "+f.Key)
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if out != nil && resp.StatusCode < 300 {
-		if err := json.Unmarshal(raw, out); err != nil {
-			t.Fatalf("%s %s: %s: decode %s: %v", method, path, resp.Status, raw, err)
-		}
-	}
-	return resp.StatusCode
+	return fleettest.Call(t, method, f.APIURL+path, body, out, fleettest.Key(f.Key))
 }
 
 // seeds makes every scene of the test process differ, so that no simulated node
@@ -168,11 +89,5 @@ func (f *testFleet) submit(t *testing.T, n, steps int, callback string) string {
 	if callback != "" {
 		body["callback_url"] = callback
 	}
-	var job struct {
-		ID string `json:"id"`
-	}
-	if status := f.call(t, http.MethodPost, "/v1/jobs", body, &job); status != http.StatusAccepted {
-		t.Fatalf("POST /v1/jobs: %d", status)
-	}
-	return job.ID
+	return fleettest.SubmitJob(t, f.APIURL, body, fleettest.Key(f.Key)).ID
 }

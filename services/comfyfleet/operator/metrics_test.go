@@ -63,7 +63,7 @@ func TestMetricsQueueDepthRisesAndFalls(t *testing.T) {
 // scrape reads the fleet's /metrics.
 func scrape(t *testing.T, f *testFleet) map[string]*dto.MetricFamily {
 	t.Helper()
-	resp, err := client.Get(f.API + "/metrics")
+	resp, err := fleettest.HTTP.Get(f.APIURL + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

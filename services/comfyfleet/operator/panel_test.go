@@ -27,8 +27,8 @@ func TestPanelShowsTheFleetAndSteersIt(t *testing.T) {
 	t.Parallel()
 	// A 60-step scene takes 2.4 s: long enough to see its progress move.
 	f := startFleet(t, true, sim("sim-a", 40*time.Millisecond), sim("sim-b", 40*time.Millisecond))
-	b := startBrowser(t, f.API, 1280, 900)
-	b.do(t, chromedp.Navigate(f.API+"/"))
+	b := startBrowser(t, f.APIURL, 1280, 900)
+	b.do(t, chromedp.Navigate(f.APIURL+"/"))
 
 	waitFor[bool](t, b, 20*time.Second, "both nodes shown online",
 		`[...document.querySelectorAll("article.node")].filter((n) => n.dataset.status === "online").length === 2`)
@@ -92,11 +92,11 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 	t.Parallel()
 	f := startFleet(t, false, sim("sim-a", 40*time.Millisecond))
 	f.Key = f.createKey(t, "studio", tenancy.RoleAdmin)
-	b := startBrowser(t, f.API, 1024, 768)
+	b := startBrowser(t, f.APIURL, 1024, 768)
 	b.expected = func(u *url.URL, status int64) bool {
 		return status == 401 && strings.HasPrefix(u.Path, "/v1/")
 	}
-	b.do(t, chromedp.Navigate(f.API+"/"))
+	b.do(t, chromedp.Navigate(f.APIURL+"/"))
 	waitFor[bool](t, b, 10*time.Second, "the key dialog", `document.querySelector("#key-dialog").open`)
 	b.do(t,
 		chromedp.SendKeys(chromedp.CSS(`#key-dialog input[name="key"]`), f.Key),
@@ -126,13 +126,9 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 func TestPanelManagesNodesAndJobs(t *testing.T) {
 	t.Parallel()
 	f := startFleet(t, true, sim("sim-a", 10*time.Millisecond))
-	extra, err := comfysim.Start(comfysim.Config{Name: "sim-x", StepDuration: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = extra.Close() })
-	b := startBrowser(t, f.API, 1280, 900)
-	b.do(t, chromedp.Navigate(f.API+"/"))
+	extra := fleettest.Sim(t, comfysim.Config{Name: "sim-x", StepDuration: 10 * time.Millisecond})
+	b := startBrowser(t, f.APIURL, 1280, 900)
+	b.do(t, chromedp.Navigate(f.APIURL+"/"))
 	waitFor[bool](t, b, 20*time.Second, "sim-a shown", `document.querySelector('article.node[data-node="sim-a"]') !== null`)
 
 	// Add a node: the executor adopts it, and it reports in.
@@ -245,8 +241,8 @@ func TestPanelListsJobsAndShowsQueues(t *testing.T) {
 	}
 	waiting := f.submit(t, 3, 5, "")
 
-	b := startBrowser(t, f.API, 1280, 900)
-	b.do(t, chromedp.Navigate(f.API+"/"))
+	b := startBrowser(t, f.APIURL, 1280, 900)
+	b.do(t, chromedp.Navigate(f.APIURL+"/"))
 	card := func(id string) string { return fmt.Sprintf(`document.querySelector('article.job[data-job="%s"]')`, id) }
 	waitFor[bool](t, b, 20*time.Second, "the job that ended before the page opened listed, succeeded", card(done)+`?.dataset.status === "succeeded"`)
 	waitFor[bool](t, b, 20*time.Second, "the image pool's 3 waiting scenes shown",

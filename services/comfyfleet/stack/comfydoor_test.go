@@ -28,6 +28,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 	"github.com/comfyfleet/comfyfleet/services/intake/comfydoor"
 )
 
@@ -45,19 +46,14 @@ func publishObjectInfo(t *testing.T, s *stack.Stack, js jetstream.JetStream, doo
 		t.Fatal(err)
 	}
 	for i, sim := range s.Sims {
-		resp, err := client.Get(sim.URL() + "/object_info")
-		if err != nil {
-			t.Fatal(err)
-		}
-		raw, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
+		raw := fleettest.Do(t, http.MethodGet, sim.URL()+"/object_info", nil).Body
 		if _, err := store.PutBytes(ctx, s.Nodes[i].ID, raw); err != nil {
 			t.Fatal(err)
 		}
 	}
 	fleettest.Eventually(t, 30*time.Second, func() bool {
 		var info map[string]json.RawMessage
-		getJSON(t, door+"/object_info", &info)
+		fleettest.Get(t, door+"/object_info", &info)
 		return info["KSampler"] != nil && info["LoadImage"] != nil
 	}, "the door does not offer the nodes' classes")
 }
@@ -180,20 +176,14 @@ func newScriptClient(t *testing.T, base string) *scriptClient {
 // queuePrompt is queue_prompt: POST /prompt with the client's id.
 func (c *scriptClient) queuePrompt(graph map[string]any) string {
 	c.t.Helper()
-	status, body := postRaw(c.t, c.base+"/prompt", map[string]any{"prompt": graph, "client_id": c.clientID})
-	if status != http.StatusOK {
-		c.t.Fatalf("POST /prompt: %d %s", status, body)
-	}
+	a := fleettest.Do(c.t, http.MethodPost, c.base+"/prompt", map[string]any{"prompt": graph, "client_id": c.clientID}).Want(c.t, http.StatusOK)
 	var r struct {
 		PromptID   string          `json:"prompt_id"`
 		Number     json.Number     `json:"number"`
 		NodeErrors json.RawMessage `json:"node_errors"`
 	}
-	if err := json.Unmarshal(body, &r); err != nil {
-		c.t.Fatal(err)
-	}
-	if r.PromptID == "" || r.Number == "" || string(r.NodeErrors) != "{}" {
-		c.t.Fatalf("POST /prompt answered %s", body)
+	if a.Decode(c.t, &r); r.PromptID == "" || r.Number == "" || string(r.NodeErrors) != "{}" {
+		c.t.Fatalf("POST /prompt answered %s", a.Body)
 	}
 	return r.PromptID
 }
@@ -238,7 +228,7 @@ func (c *scriptClient) waitEnd(promptID string, within time.Duration) []frame {
 func (c *scriptClient) history(promptID string) historyEntry {
 	c.t.Helper()
 	var h map[string]historyEntry
-	getJSON(c.t, c.base+"/history/"+promptID, &h)
+	fleettest.Get(c.t, c.base+"/history/"+promptID, &h)
 	e, ok := h[promptID]
 	if !ok {
 		c.t.Fatalf("no history for prompt %s", promptID)
@@ -250,16 +240,7 @@ func (c *scriptClient) history(promptID string) historyEntry {
 func (c *scriptClient) view(f comfy.FileRef) []byte {
 	c.t.Helper()
 	q := url.Values{"filename": {f.Filename}, "subfolder": {f.Subfolder}, "type": {f.Type}}
-	resp, err := client.Get(c.base + "/view?" + q.Encode())
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		c.t.Fatalf("GET /view %s: %s", q.Encode(), resp.Status)
-	}
-	return b
+	return fleettest.Do(c.t, http.MethodGet, c.base+"/view?"+q.Encode(), nil).Want(c.t, http.StatusOK).Body
 }
 
 type historyEntry struct {
@@ -292,24 +273,6 @@ func (h historyEntry) messageTypes() []string {
 		out = append(out, typ)
 	}
 	return out
-}
-
-func postRaw(t *testing.T, url string, body any) (int, []byte) {
-	t.Helper()
-	var b []byte
-	switch v := body.(type) {
-	case []byte:
-		b = v
-	default:
-		b, _ = json.Marshal(v)
-	}
-	resp, err := client.Post(url, "application/json", bytes.NewReader(b))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	out, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, out
 }
 
 // stored returns an output file as the fleet stored it.
@@ -398,7 +361,7 @@ func postUpload(t *testing.T, base, name string, data []byte, overwrite bool) (i
 	mw.WriteField("type", "input")
 	mw.WriteField("overwrite", fmt.Sprint(overwrite))
 	mw.Close()
-	resp, err := client.Post(base+"/upload/image", mw.FormDataContentType(), &b)
+	resp, err := fleettest.HTTP.Post(base+"/upload/image", mw.FormDataContentType(), &b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,18 +371,18 @@ func postUpload(t *testing.T, base, name string, data []byte, overwrite bool) (i
 }
 
 func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
-	b := startStack(t, testSims(1, 1))
-	door := b.stack.APIURL + "/comfy"
+	b := stacktest.Start(t, stacktest.Nodes(1, 1))
+	door := b.APIURL + "/comfy"
 
 	// Before any node published its object_info, the fleet's own graph checks
 	// answer, in ComfyUI's words.
 	for _, name := range []string{"29_post_prompt_invalid_no_outputs.json", "32_post_prompt_invalid_missing_class_type.json"} {
 		body, status, want := recordedExchange(t, name)
-		if gotStatus, got := postRaw(t, door+"/prompt", body); gotStatus != status || string(got) != want {
-			t.Errorf("%s without object_info: %d %s\nwant %d %s", name, gotStatus, got, status, want)
+		if got := fleettest.Do(t, http.MethodPost, door+"/prompt", body); got.Status != status || string(got.Body) != want {
+			t.Errorf("%s without object_info: %d %s\nwant %d %s", name, got.Status, got.Body, status, want)
 		}
 	}
-	publishObjectInfo(t, b.stack, b.js, door)
+	publishObjectInfo(t, b.Stack, b.JS, door)
 
 	t.Run("websocket_api_example", func(t *testing.T) {
 		c := newScriptClient(t, door)
@@ -474,7 +437,7 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 			t.Fatalf("history outputs %+v, meta %s", h.Outputs, h.Meta)
 		}
 		got := c.view(files[0])
-		if want := stored(t, b.js, files[0]); !bytes.Equal(got, want) {
+		if want := stored(t, b.JS, files[0]); !bytes.Equal(got, want) {
 			t.Errorf("/view gave %d bytes, the fleet stored %d others", len(got), len(want))
 		}
 		if _, err := png.Decode(bytes.NewReader(got)); err != nil {
@@ -528,8 +491,8 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 
 		// A file neither uploaded nor on a node is refused as ComfyUI refuses it.
 		reqBody, _, want := recordedExchange(t, "60_post_prompt_invalid_load_image_missing_file.json")
-		if status, got := postRaw(t, door+"/prompt", reqBody); status != http.StatusBadRequest || string(got) != want {
-			t.Errorf("missing file: %d %s\nwant 400 %s", status, got, want)
+		if got := fleettest.Do(t, http.MethodPost, door+"/prompt", reqBody); got.Status != http.StatusBadRequest || string(got.Body) != want {
+			t.Errorf("missing file: %d %s\nwant 400 %s", got.Status, got.Body, want)
 		}
 	})
 
@@ -550,12 +513,12 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 			Running [][]json.RawMessage `json:"queue_running"`
 			Pending [][]json.RawMessage `json:"queue_pending"`
 		}
-		getJSON(t, door+"/queue", &q)
+		fleettest.Get(t, door+"/queue", &q)
 		if !slices.ContainsFunc(q.Running, func(it []json.RawMessage) bool { return string(it[1]) == `"`+id+`"` }) {
 			t.Errorf("GET /queue while it runs: %+v", q)
 		}
-		if status, body := postRaw(t, door+"/interrupt", map[string]any{"prompt_id": id}); status != http.StatusOK || len(body) != 0 {
-			t.Fatalf("POST /interrupt: %d %s", status, body)
+		if a := fleettest.Do(t, http.MethodPost, door+"/interrupt", map[string]any{"prompt_id": id}); a.Status != http.StatusOK || len(a.Body) != 0 {
+			t.Fatalf("POST /interrupt: %v", a)
 		}
 		frames = append(frames, c.waitEnd(id, 30*time.Second)...)
 		types := withoutNodeSteps(frames[1:])
@@ -570,11 +533,11 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		}
 		// The node stops too, long before the 3000 steps' 30 s.
 		fleettest.Eventually(t, 10*time.Second, func() bool {
-			for _, sim := range b.stack.Sims {
+			for _, sim := range b.Sims {
 				var q struct {
 					Running []json.RawMessage `json:"queue_running"`
 				}
-				getJSON(t, sim.URL()+"/queue", &q)
+				fleettest.Get(t, sim.URL()+"/queue", &q)
 				if len(q.Running) > 0 {
 					return false
 				}
@@ -586,7 +549,7 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 			!slices.Equal(h.messageTypes(), []string{"execution_start", "execution_cached", "execution_interrupted"}) {
 			t.Errorf("history of the interrupted prompt: %+v", h.Status)
 		}
-		getJSON(t, door+"/queue", &q)
+		fleettest.Get(t, door+"/queue", &q)
 		if len(q.Running)+len(q.Pending) != 0 {
 			t.Errorf("GET /queue after the interrupt: %+v", q)
 		}
@@ -594,13 +557,11 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 
 	t.Run("a socket that connects late", func(t *testing.T) {
 		clientID := uuid.NewString()
-		status, body := postRaw(t, door+"/prompt", map[string]any{"prompt": samplerGraph(7, 3000), "client_id": clientID})
 		var queued struct {
 			PromptID string `json:"prompt_id"`
 		}
-		if json.Unmarshal(body, &queued); status != http.StatusOK {
-			t.Fatalf("POST /prompt: %d %s", status, body)
-		}
+		fleettest.Do(t, http.MethodPost, door+"/prompt", map[string]any{"prompt": samplerGraph(7, 3000), "client_id": clientID}).
+			Want(t, http.StatusOK).Decode(t, &queued)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(door, "http")+"/ws?clientId="+clientID, nil)
@@ -627,7 +588,7 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		if !slices.Contains(seen, "feature_flags") {
 			t.Errorf("no answer to feature_flags among %v", seen)
 		}
-		if status, _ := postRaw(t, door+"/interrupt", map[string]any{"prompt_id": queued.PromptID}); status != http.StatusOK {
+		if status := fleettest.Do(t, http.MethodPost, door+"/interrupt", map[string]any{"prompt_id": queued.PromptID}).Status; status != http.StatusOK {
 			t.Fatalf("POST /interrupt: %d", status)
 		}
 		c.waitEnd(queued.PromptID, 30*time.Second)
@@ -642,9 +603,8 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 			"31_post_prompt_invalid_json.json", "32_post_prompt_invalid_missing_class_type.json",
 		} {
 			body, status, want := recordedExchange(t, name)
-			gotStatus, got := postRaw(t, door+"/prompt", body)
-			if gotStatus != status || string(got) != want {
-				t.Errorf("%s: %d %s\nwant %d %s", name, gotStatus, got, status, want)
+			if got := fleettest.Do(t, http.MethodPost, door+"/prompt", body); got.Status != status || string(got.Body) != want {
+				t.Errorf("%s: %d %s\nwant %d %s", name, got.Status, got.Body, status, want)
 			}
 		}
 	})
@@ -652,18 +612,18 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 	t.Run("prompt_id is idempotent", func(t *testing.T) {
 		id := uuid.NewString()
 		body := map[string]any{"prompt": samplerGraph(3, 2), "client_id": "idem", "prompt_id": id}
-		s1, a1 := postRaw(t, door+"/prompt", body)
-		s2, a2 := postRaw(t, door+"/prompt", body)
-		if s1 != http.StatusOK || s2 != http.StatusOK || !bytes.Equal(a1, a2) || !strings.Contains(string(a1), id) {
-			t.Errorf("the same prompt twice: %d %s, %d %s", s1, a1, s2, a2)
+		a1 := fleettest.Do(t, http.MethodPost, door+"/prompt", body)
+		a2 := fleettest.Do(t, http.MethodPost, door+"/prompt", body)
+		if a1.Status != http.StatusOK || a2.Status != http.StatusOK || !bytes.Equal(a1.Body, a2.Body) || !strings.Contains(string(a1.Body), id) {
+			t.Errorf("the same prompt twice: %d %s, %d %s", a1.Status, a1.Body, a2.Status, a2.Body)
 		}
 		body["prompt"] = samplerGraph(4, 2)
-		if s, a := postRaw(t, door+"/prompt", body); s != http.StatusConflict || !strings.Contains(string(a), `"duplicate_prompt_id"`) {
-			t.Errorf("another prompt with the same prompt_id: %d %s", s, a)
+		if a := fleettest.Do(t, http.MethodPost, door+"/prompt", body); a.Status != http.StatusConflict || !strings.Contains(string(a.Body), `"duplicate_prompt_id"`) {
+			t.Errorf("another prompt with the same prompt_id: %v", a)
 		}
 		fleettest.Eventually(t, 30*time.Second, func() bool {
 			var h map[string]json.RawMessage
-			getJSON(t, door+"/history/"+id, &h)
+			fleettest.Get(t, door+"/history/"+id, &h)
 			return len(h) == 1
 		}, "the prompt did not end")
 	})
@@ -679,64 +639,62 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		// Long prompts, as many as the nodes' slots.
 		var fillers []string
 		for i := range 2 * fleet.NodeSlots {
-			status, body := postRaw(t, door+"/prompt", map[string]any{"prompt": samplerGraph(100+i, 3000), "client_id": "filler"})
 			var r struct {
 				PromptID string `json:"prompt_id"`
 			}
-			if json.Unmarshal(body, &r); status != http.StatusOK {
-				t.Fatalf("POST /prompt: %d %s", status, body)
-			}
+			fleettest.Do(t, http.MethodPost, door+"/prompt", map[string]any{"prompt": samplerGraph(100+i, 3000), "client_id": "filler"}).
+				Want(t, http.StatusOK).Decode(t, &r)
 			fillers = append(fillers, r.PromptID)
 		}
 		fleettest.Eventually(t, 30*time.Second, func() bool {
-			getJSON(t, door+"/queue", &q)
+			fleettest.Get(t, door+"/queue", &q)
 			return len(q.Running) > 0
 		}, "no node runs the long prompts")
-		status, body := postRaw(t, door+"/prompt", map[string]any{"prompt": samplerGraph(6, 2), "client_id": "waiting", "front": true})
+		a := fleettest.Do(t, http.MethodPost, door+"/prompt", map[string]any{"prompt": samplerGraph(6, 2), "client_id": "waiting", "front": true})
 		var target struct {
 			PromptID string  `json:"prompt_id"`
 			Number   float64 `json:"number"`
 		}
-		if json.Unmarshal(body, &target); status != http.StatusOK || target.Number >= 0 {
-			t.Fatalf("POST /prompt with front: %d %s; want a negative number", status, body)
+		if json.Unmarshal(a.Body, &target); a.Status != http.StatusOK || target.Number >= 0 {
+			t.Fatalf("POST /prompt with front: %v; want a negative number", a)
 		}
-		getJSON(t, door+"/queue", &q)
+		fleettest.Get(t, door+"/queue", &q)
 		if !listed(q.Pending, target.PromptID) {
 			t.Fatalf("GET /queue: %s is not pending", target.PromptID)
 		}
-		if status, _ := postRaw(t, door+"/queue", map[string]any{"delete": []string{target.PromptID}}); status != http.StatusOK {
+		if status := fleettest.Do(t, http.MethodPost, door+"/queue", map[string]any{"delete": []string{target.PromptID}}).Status; status != http.StatusOK {
 			t.Fatalf("POST /queue delete: %d", status)
 		}
 		fleettest.Eventually(t, 10*time.Second, func() bool {
-			getJSON(t, door+"/queue", &q)
+			fleettest.Get(t, door+"/queue", &q)
 			return !listed(q.Pending, target.PromptID)
 		}, "the deleted prompt is still queued")
 		var h map[string]json.RawMessage
-		if getJSON(t, door+"/history/"+target.PromptID, &h); len(h) != 0 {
+		if fleettest.Get(t, door+"/history/"+target.PromptID, &h); len(h) != 0 {
 			t.Errorf("history of a prompt deleted before it started: %v", h)
 		}
-		if status, _ := postRaw(t, door+"/queue", map[string]any{"clear": true}); status != http.StatusOK {
+		if status := fleettest.Do(t, http.MethodPost, door+"/queue", map[string]any{"clear": true}).Status; status != http.StatusOK {
 			t.Fatalf("POST /queue clear: %d", status)
 		}
 		fleettest.Eventually(t, 10*time.Second, func() bool {
-			getJSON(t, door+"/queue", &q)
+			fleettest.Get(t, door+"/queue", &q)
 			return len(q.Pending) == 0
 		}, "clear left prompts waiting")
 		ran := len(q.Running)
 		if ran == 0 {
 			t.Fatal("clear stopped the running prompts too")
 		}
-		if status, _ := postRaw(t, door+"/interrupt", map[string]any{"client_id": "filler"}); status != http.StatusOK {
+		if status := fleettest.Do(t, http.MethodPost, door+"/interrupt", map[string]any{"client_id": "filler"}).Status; status != http.StatusOK {
 			t.Fatalf("POST /interrupt of a client: %d", status)
 		}
 		fleettest.Eventually(t, 10*time.Second, func() bool {
-			getJSON(t, door+"/queue", &q)
+			fleettest.Get(t, door+"/queue", &q)
 			return len(q.Pending)+len(q.Running) == 0
 		}, "the client's running prompts still run")
 		interrupted := 0
 		for _, id := range fillers {
 			var h map[string]historyEntry
-			getJSON(t, door+"/history/"+id, &h)
+			fleettest.Get(t, door+"/history/"+id, &h)
 			if e, ok := h[id]; ok && e.Status.StatusStr == "error" {
 				interrupted++
 			}
@@ -749,7 +707,7 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 	t.Run("pkg/comfy client", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
-		cc := comfy.New(door, comfy.WithHTTPClient(client))
+		cc := comfy.New(door, comfy.WithHTTPClient(fleettest.HTTP))
 		t.Cleanup(func() { cc.Close() })
 		var steps int
 		res, err := cc.Run(ctx, samplerGraph(5, 30), "", func(p comfy.Progress) {
@@ -769,7 +727,7 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		}
 		got, _ := io.ReadAll(body)
 		body.Close()
-		if want := stored(t, b.js, res.Outputs[0].File); contentType != "image/png" || !bytes.Equal(got, want) {
+		if want := stored(t, b.JS, res.Outputs[0].File); contentType != "image/png" || !bytes.Equal(got, want) {
 			t.Errorf("View: %s, %d bytes; the fleet stored %d", contentType, len(got), len(want))
 		}
 		h, err := cc.History(ctx, res.PromptID)
@@ -831,10 +789,10 @@ func recordedExchange(t *testing.T, name string) (request []byte, status int, bo
 
 func TestComfyUIDoorTakesTheKeyAsTokenAndKeepsTenantsApart(t *testing.T) {
 	b := startSecureStack(t, 0)
-	door := b.api + "/comfy"
+	door := b.APIURL + "/comfy"
 	studio, other := b.key(t, "studio", tenancy.RoleSubmit), b.key(t, "other", tenancy.RoleSubmit)
 
-	if status, _, _ := call(t, http.MethodGet, door+"/queue", "", nil); status != http.StatusUnauthorized {
+	if status := fleettest.Do(t, http.MethodGet, door+"/queue", nil).Status; status != http.StatusUnauthorized {
 		t.Errorf("GET /queue without a key: %d", status)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -852,14 +810,11 @@ func TestComfyUIDoorTakesTheKeyAsTokenAndKeepsTenantsApart(t *testing.T) {
 		"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"width": 32, "height": 32, "batch_size": 1, "color": 255}},
 		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "tenant"}},
 	}
-	status, _, body := call(t, http.MethodPost, door+"/prompt?token="+url.QueryEscape(studio), "", map[string]any{"prompt": graph, "client_id": "studio-1"})
-	if status != http.StatusOK {
-		t.Fatalf("POST /prompt with ?token=: %d %s", status, body)
-	}
 	var queued struct {
 		PromptID string `json:"prompt_id"`
 	}
-	json.Unmarshal(body, &queued)
+	fleettest.Do(t, http.MethodPost, door+"/prompt?token="+url.QueryEscape(studio), map[string]any{"prompt": graph, "client_id": "studio-1"}).
+		Want(t, http.StatusOK).Decode(t, &queued)
 	for {
 		typ, data, err := ws.Read(ctx)
 		if err != nil {
@@ -870,25 +825,25 @@ func TestComfyUIDoorTakesTheKeyAsTokenAndKeepsTenantsApart(t *testing.T) {
 			break
 		}
 	}
-	status, _, body = call(t, http.MethodGet, door+"/history/"+queued.PromptID, studio, nil)
+	a := fleettest.Do(t, http.MethodGet, door+"/history/"+queued.PromptID, nil, fleettest.Key(studio))
 	var h map[string]historyEntry
-	json.Unmarshal(body, &h)
+	json.Unmarshal(a.Body, &h)
 	files := h[queued.PromptID].files()
-	if status != http.StatusOK || len(files) != 1 {
-		t.Fatalf("GET /history: %d %s", status, body)
+	if a.Status != http.StatusOK || len(files) != 1 {
+		t.Fatalf("GET /history: %v", a)
 	}
 	view := door + "/view?" + url.Values{"filename": {files[0].Filename}, "subfolder": {files[0].Subfolder}, "type": {"output"}}.Encode()
-	if status, _, _ := call(t, http.MethodGet, view, studio, nil); status != http.StatusOK {
+	if status := fleettest.Do(t, http.MethodGet, view, nil, fleettest.Key(studio)).Status; status != http.StatusOK {
 		t.Errorf("GET /view by its tenant: %d", status)
 	}
-	if status, _, _ := call(t, http.MethodGet, view, other, nil); status != http.StatusNotFound {
+	if status := fleettest.Do(t, http.MethodGet, view, nil, fleettest.Key(other)).Status; status != http.StatusNotFound {
 		t.Errorf("GET /view by another tenant: %d; want 404", status)
 	}
-	if status, _, body := call(t, http.MethodGet, door+"/history/"+queued.PromptID, other, nil); status != http.StatusOK || string(body) != "{}" {
-		t.Errorf("GET /history by another tenant: %d %s; want {}", status, body)
+	if a := fleettest.Do(t, http.MethodGet, door+"/history/"+queued.PromptID, nil, fleettest.Key(other)); a.Status != http.StatusOK || string(a.Body) != "{}" {
+		t.Errorf("GET /history by another tenant: %v; want {}", a)
 	}
 	reader := b.key(t, "studio", tenancy.RoleRead)
-	if status, _, _ := call(t, http.MethodPost, door+"/prompt", reader, map[string]any{"prompt": graph}); status != http.StatusForbidden {
+	if status := fleettest.Do(t, http.MethodPost, door+"/prompt", map[string]any{"prompt": graph}, fleettest.Key(reader)).Status; status != http.StatusForbidden {
 		t.Errorf("POST /prompt with a read key: %d; want 403", status)
 	}
 }

@@ -12,13 +12,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 )
 
 // viewGate holds every output download of the executor that talks through it, so
@@ -47,7 +46,7 @@ func TestRedeliveredSceneWhosePromptFinishedIsNotRenderedAgain(t *testing.T) {
 	f := startPartsWith(t, simSpec{sim: comfysim.Config{StepDuration: 10 * time.Millisecond}, pools: []string{"image"}, transport: gate})
 	node, sim := f.nodes[0], f.sims[0]
 
-	job, _ := postJob(t, f.apiURL, sceneJob(f.hooks.URL, 1, 20))
+	job := fleettest.SubmitJob(t, f.APIURL, sceneJob(f.Hooks.URL, 1, 20))
 	select {
 	case <-gate.held:
 	case <-time.After(30 * time.Second):
@@ -62,7 +61,7 @@ func TestRedeliveredSceneWhosePromptFinishedIsNotRenderedAgain(t *testing.T) {
 	f.crashExecutorOf(node.ID)
 	f.startExecutor("successor", node, nil)
 
-	hook := f.hooks.wait(t, job.ID, 60*time.Second)
+	hook := f.Hooks.Wait(t, job.ID, 60*time.Second)
 	s := hook.Body.Job.Scenes[0]
 	if hook.Body.Job.Status != "succeeded" || s.Attempts != 2 || s.Node != node.ID || len(s.Outputs) == 0 {
 		t.Fatalf("job %s: scene %s on %s after %d attempts with %d outputs; want success at attempt 2 with outputs",
@@ -71,60 +70,34 @@ func TestRedeliveredSceneWhosePromptFinishedIsNotRenderedAgain(t *testing.T) {
 	if st := sim.Stats(); st.Prompts != 1 || len(st.Rendered) != 1 {
 		t.Errorf("node took %d prompts and rendered %v; want the one prompt, rendered once", st.Prompts, st.Rendered)
 	}
-	res, err := client.Get(s.Outputs[0].URL)
-	if err != nil {
-		t.Fatal(err)
+	if res := fleettest.Do(t, http.MethodGet, s.Outputs[0].URL, nil); res.Status != http.StatusOK || res.Header.Get("Content-Type") != "image/png" {
+		t.Errorf("%v (%s)", res, res.Header.Get("Content-Type"))
 	}
-	res.Body.Close()
-	if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != "image/png" {
-		t.Errorf("GET %s: %s %s", s.Outputs[0].URL, res.Status, res.Header.Get("Content-Type"))
-	}
-	if n := countSubject(t, f.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, 0, fleet.EventCompleted)); n != 1 {
+	if n := fleettest.Count(t, f.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, 0, fleet.EventCompleted)); n != 1 {
 		t.Errorf("%d completed events, want 1", n)
 	}
 }
 
-func postCancel(t *testing.T, apiURL, id string) (*http.Response, []byte) {
+// postCancel cancels job id through the API at apiURL.
+func postCancel(t *testing.T, apiURL, id string) fleettest.Answer {
 	t.Helper()
-	resp, err := client.Post(apiURL+"/v1/jobs/"+id+"/cancel", "application/json", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return resp, body
+	return fleettest.Do(t, http.MethodPost, apiURL+"/v1/jobs/"+id+"/cancel", nil)
 }
 
 func TestCancelInterruptsRunningScenesAndDropsQueuedOnes(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(0.5))
-	sim := b.stack.Sims[0]
-	progress := make(chan *nats.Msg, 64)
-	sub, err := b.nc.ChanSubscribe("fleet.evt.scene.*.*.progress", progress)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	b := stacktest.Start(t, stacktest.Nodes(0.5))
+	sim := b.Sims[0]
+	events := fleettest.SceneEvents(t, b.NC)
 
 	// One node: one scene runs for 3s while the other waits behind it.
-	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 2, 150))
-	var running fleet.SceneEvent
-	select {
-	case m := <-progress:
-		running, _ = fleet.DecodeSceneEvent(m.Data)
-	case <-time.After(30 * time.Second):
-		t.Fatal("no scene made progress")
-	}
+	job := fleettest.SubmitJob(t, b.APIURL, sceneJob(b.Hooks.URL, 2, 150))
+	running, _ := events.Next(t, 0, 30*time.Second, "progress of a scene", fleettest.OfType(fleet.EventProgress))
 
-	resp, body := postCancel(t, b.stack.APIURL, job.ID)
+	cancelled := postCancel(t, b.APIURL, job.ID)
 	answered := time.Now()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("cancel: %s: %s", resp.Status, body)
-	}
 	var shown api.Job
-	if err := json.Unmarshal(body, &shown); err != nil {
-		t.Fatal(err)
-	}
+	cancelled.Want(t, http.StatusAccepted).Decode(t, &shown)
 	if shown.Status != "cancelled" || shown.Scenes[0].Status != "cancelled" || shown.Scenes[1].Status != "cancelled" {
 		t.Errorf("cancel answered job %s with scenes %s, %s; want all cancelled", shown.Status, shown.Scenes[0].Status, shown.Scenes[1].Status)
 	}
@@ -132,7 +105,7 @@ func TestCancelInterruptsRunningScenesAndDropsQueuedOnes(t *testing.T) {
 		"the running prompt was not interrupted within a second of the cancel")
 	t.Logf("running prompt interrupted %s after the cancel was answered", time.Since(answered).Round(time.Millisecond))
 
-	hook := b.hooks.wait(t, job.ID, 30*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 30*time.Second)
 	if hook.Body.Type != "job.cancelled" || hook.Body.Job.Status != "cancelled" {
 		t.Fatalf("webhook %s with job %s; want job.cancelled", hook.Body.Type, hook.Body.Job.Status)
 	}
@@ -143,9 +116,9 @@ func TestCancelInterruptsRunningScenesAndDropsQueuedOnes(t *testing.T) {
 	}
 	queued := 1 - running.Index
 	fleettest.Eventually(t, 10*time.Second, func() bool {
-		return countSubject(t, b.js, fleet.StreamWork, fleet.WorkFilter) == 0 && settled(t, b.js)
+		return fleettest.Count(t, b.JS, fleet.StreamWork, fleet.WorkFilter) == 0 && settled(t, b.JS)
 	}, "work or webhooks still pending after the cancel")
-	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, queued, fleet.EventStarted)); n != 0 {
+	if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, queued, fleet.EventStarted)); n != 0 {
 		t.Errorf("the queued scene %d started %d times after the cancel", queued, n)
 	}
 	// The queued scene waited inside ComfyUI behind the running one; the cancel
@@ -154,14 +127,14 @@ func TestCancelInterruptsRunningScenesAndDropsQueuedOnes(t *testing.T) {
 		t.Errorf("node ran %d prompts and rendered %v; want only the interrupted one", len(st.Runs), st.Rendered)
 	}
 	for _, typ := range []fleet.EventType{fleet.EventCompleted, fleet.EventRetrying, fleet.EventFailed} {
-		if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, running.Index, typ)); n != 0 {
+		if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, running.Index, typ)); n != 0 {
 			t.Errorf("the interrupted scene has %d %s events", n, typ)
 		}
 	}
-	if n := b.hooks.count(job.ID); n != 1 {
+	if n := b.Hooks.Count(job.ID); n != 1 {
 		t.Errorf("webhook delivered %d times, want once", n)
 	}
-	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventCancelled)); n != 1 {
+	if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventCancelled)); n != 1 {
 		t.Errorf("%d job-cancelled events, want 1", n)
 	}
 
@@ -172,29 +145,29 @@ func TestCancelInterruptsRunningScenesAndDropsQueuedOnes(t *testing.T) {
 		"finished job": {job.ID, http.StatusConflict},
 		"unknown job":  {"no-such-job", http.StatusNotFound},
 	} {
-		resp, body := postCancel(t, b.stack.APIURL, tc.id)
-		if resp.StatusCode != tc.status || resp.Header.Get("Content-Type") != "application/problem+json" {
-			t.Errorf("cancel of %s: %s %s: %s; want %d problem JSON", name, resp.Status, resp.Header.Get("Content-Type"), body, tc.status)
+		a := postCancel(t, b.APIURL, tc.id)
+		if a.Status != tc.status || a.Header.Get("Content-Type") != "application/problem+json" {
+			t.Errorf("cancel of %s: %v (%s); want %d problem JSON", name, a, a.Header.Get("Content-Type"), tc.status)
 		}
 	}
 }
 
 func TestSceneThatKeepsTimingOutFailsWithTheTimeout(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(0.02))
-	job, _ := postJob(t, b.stack.APIURL, map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+	b := stacktest.Start(t, stacktest.Nodes(0.02))
+	job := fleettest.SubmitJob(t, b.APIURL, map[string]any{"callback_url": b.Hooks.URL, "scenes": []any{
 		map[string]any{"workflow": "txt2img", "params": map[string]any{"steps": 20, "width": 256, "height": 256}, "timeout_s": 1},
 	}})
 	if got := job.Scenes[0].TimeoutS; got != 1 {
 		t.Errorf("accepted scene has timeout_s %d, want 1", got)
 	}
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 60*time.Second)
 	s := hook.Body.Job.Scenes[0]
 	if hook.Body.Job.Status != "failed" || s.Error != "timed out after 1s" || s.Attempts != 3 || len(s.Failures) != 3 {
 		t.Fatalf("job %s: scene %q after %d attempts, failures %+v; want failed, timed out after 1s, three times",
 			hook.Body.Job.Status, s.Error, s.Attempts, s.Failures)
 	}
-	sim := b.stack.Sims[0]
+	sim := b.Sims[0]
 	fleettest.Eventually(t, 5*time.Second, func() bool { return sim.Stats().Interrupted == 3 },
 		"the node did not interrupt the three timed-out prompts")
 	if st := sim.Stats(); st.Prompts != 3 || len(st.Rendered) != 0 {
@@ -204,7 +177,7 @@ func TestSceneThatKeepsTimingOutFailsWithTheTimeout(t *testing.T) {
 
 func TestVideoSceneOutputsDownloadWithTheirContentTypes(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1))
+	b := stacktest.Start(t, stacktest.Nodes(1))
 	combine := func(prefix, format string) map[string]any {
 		return map[string]any{"class_type": "VHS_VideoCombine", "inputs": map[string]any{
 			"images": []any{"1", 0}, "frame_rate": 8, "loop_count": 0, "filename_prefix": prefix,
@@ -215,13 +188,13 @@ func TestVideoSceneOutputsDownloadWithTheirContentTypes(t *testing.T) {
 		"2": combine("clip", "video/h264-mp4"),
 		"3": combine("loop", "image/gif"),
 	}
-	job, _ := postJob(t, b.stack.APIURL, map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+	job := fleettest.SubmitJob(t, b.APIURL, map[string]any{"callback_url": b.Hooks.URL, "scenes": []any{
 		map[string]any{"graph": graph, "pool": "video"},
 	}})
 	if got := job.Scenes[0].TimeoutS; got != 3600 {
 		t.Errorf("video scene has timeout_s %d, want the video default 3600", got)
 	}
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 60*time.Second)
 	s := hook.Body.Job.Scenes[0]
 	if hook.Body.Job.Status != "succeeded" || len(s.Outputs) != 2 {
 		t.Fatalf("job %s: scene %s with outputs %+v (%s); want two outputs", hook.Body.Job.Status, s.Status, s.Outputs, s.Error)
@@ -239,14 +212,9 @@ func TestVideoSceneOutputsDownloadWithTheirContentTypes(t *testing.T) {
 			t.Errorf("output %s of kind %s as %s; want an mp4 and a gif from gifs", o.Name, o.Kind, o.ContentType)
 			continue
 		}
-		res, err := client.Get(o.URL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != w.contentType || !w.magic(body) || int64(len(body)) != o.Size {
-			t.Errorf("GET %s: %s %s, %d bytes starting %q; want %s of %d bytes", o.URL, res.Status, res.Header.Get("Content-Type"),
+		res := fleettest.Do(t, http.MethodGet, o.URL, nil)
+		if body := res.Body; res.Status != http.StatusOK || res.Header.Get("Content-Type") != w.contentType || !w.magic(body) || int64(len(body)) != o.Size {
+			t.Errorf("GET %s: %d %s, %d bytes starting %q; want %s of %d bytes", o.URL, res.Status, res.Header.Get("Content-Type"),
 				len(body), body[:min(len(body), 12)], w.contentType, o.Size)
 		}
 	}
@@ -268,7 +236,7 @@ func openEvents(ctx context.Context, t *testing.T, apiURL, job, lastID string) *
 	if lastID != "" {
 		req.Header.Set("Last-Event-ID", lastID)
 	}
-	resp, err := client.Do(req)
+	resp, err := fleettest.HTTP.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,11 +297,11 @@ func collect(t *testing.T, resp *http.Response) []sse {
 
 func TestJobEventsStreamLiveInOrderAndEnd(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1, 1))
-	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 2, 60))
+	b := stacktest.Start(t, stacktest.Nodes(1, 1))
+	job := fleettest.SubmitJob(t, b.APIURL, sceneJob(b.Hooks.URL, 2, 60))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	got := collect(t, openEvents(ctx, t, b.stack.APIURL, job.ID, ""))
+	got := collect(t, openEvents(ctx, t, b.APIURL, job.ID, ""))
 
 	if len(got) == 0 || got[len(got)-1].ID != fleet.JobEventID(job.ID, fleet.EventCompleted, 0) {
 		t.Fatalf("stream of %d events did not end with the job's completion: %+v", len(got), got)
@@ -384,34 +352,25 @@ func TestJobEventsStreamLiveInOrderAndEnd(t *testing.T) {
 	// A client that reconnects with Last-Event-ID gets the rest, and nothing after
 	// the job's last event.
 	mid := len(got) / 2
-	rest := collect(t, openEvents(ctx, t, b.stack.APIURL, job.ID, got[mid].ID))
+	rest := collect(t, openEvents(ctx, t, b.APIURL, job.ID, got[mid].ID))
 	if len(rest) != len(got)-mid-1 || (len(rest) > 0 && rest[0].ID != got[mid+1].ID) {
 		t.Errorf("resumed after %s: %d events, want the %d after it", got[mid].ID, len(rest), len(got)-mid-1)
 	}
-	if after := collect(t, openEvents(ctx, t, b.stack.APIURL, job.ID, got[len(got)-1].ID)); len(after) != 0 {
+	if after := collect(t, openEvents(ctx, t, b.APIURL, job.ID, got[len(got)-1].ID)); len(after) != 0 {
 		t.Errorf("resumed after the job's end: %d events, want none", len(after))
 	}
 }
 
 func TestJobEventsStreamStopsWhenTheClientLeaves(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(0.25))
-	started := make(chan *nats.Msg, 4)
-	sub, err := b.nc.ChanSubscribe("fleet.evt.scene.*.*.started", started)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 1, 150))
-	select {
-	case <-started:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the scene did not start")
-	}
+	b := stacktest.Start(t, stacktest.Nodes(0.25))
+	events := fleettest.SceneEvents(t, b.NC)
+	job := fleettest.SubmitJob(t, b.APIURL, sceneJob(b.Hooks.URL, 1, 150))
+	events.Next(t, 0, 30*time.Second, "start of the scene", fleettest.OfType(fleet.EventStarted))
 	consumers := func() int {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		s, err := b.js.Stream(ctx, fleet.StreamEvents)
+		s, err := b.JS.Stream(ctx, fleet.StreamEvents)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -420,7 +379,7 @@ func TestJobEventsStreamStopsWhenTheClientLeaves(t *testing.T) {
 	before := consumers()
 
 	ctx, leave := context.WithCancel(context.Background())
-	resp := openEvents(ctx, t, b.stack.APIURL, job.ID, "")
+	resp := openEvents(ctx, t, b.APIURL, job.ID, "")
 	ch := make(chan sse, 64)
 	go readEvents(resp.Body, ch)
 	select {
@@ -445,42 +404,29 @@ func TestJobEventsStreamStopsWhenTheClientLeaves(t *testing.T) {
 func TestCancelStopsARetriedScene(t *testing.T) {
 	t.Parallel()
 	f := startPartsWith(t, simSpec{sim: comfysim.Config{StepDuration: time.Millisecond, OOMRate: 1}, pools: []string{"cursed"}})
-	job, _ := postJob(t, f.apiURL, map[string]any{"callback_url": f.hooks.URL, "scenes": []any{
+	job := fleettest.SubmitJob(t, f.APIURL, map[string]any{"callback_url": f.Hooks.URL, "scenes": []any{
 		map[string]any{"workflow": "txt2img", "pool": "cursed", "params": map[string]any{"steps": 150}},
 	}})
-	if first := f.hooks.wait(t, job.ID, 60*time.Second); first.Body.Type != "job.failed" {
+	if first := f.Hooks.Wait(t, job.ID, 60*time.Second); first.Body.Type != "job.failed" {
 		t.Fatalf("first webhook %s, want job.failed", first.Body.Type)
 	}
 
 	// The pool gets a sound but slow node instead, and the scene runs again there.
 	f.stopExecutorOf(f.nodes[0].ID)
-	slow, err := comfysim.Start(comfysim.Config{Name: "slow", StepDuration: 10 * time.Millisecond, Speed: 0.5})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { slow.Close() })
+	slow := fleettest.Sim(t, comfysim.Config{Name: "slow", StepDuration: 10 * time.Millisecond, Speed: 0.5})
 	f.startExecutor("exec-slow", fleet.NodeConfig{ID: "slow", URL: slow.URL(), Pools: []string{"cursed"}, Weight: 1}, nil)
-	progress := make(chan *nats.Msg, 64)
-	sub, err := f.nc.ChanSubscribe(fleet.SceneEventSubject(job.ID, 0, fleet.EventProgress), progress)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	if status := postEmpty(t, f.apiURL+"/v1/jobs/"+job.ID+"/scenes/0/retry"); status != http.StatusAccepted {
+	events := fleettest.SceneEvents(t, f.NC)
+	if status := fleettest.Call(t, http.MethodPost, f.APIURL+"/v1/jobs/"+job.ID+"/scenes/0/retry", nil, nil); status != http.StatusAccepted {
 		t.Fatalf("retry: %d, want 202", status)
 	}
-	select {
-	case <-progress:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the retried scene made no progress")
-	}
+	events.Next(t, 0, 30*time.Second, "progress of the retried scene", func(ev fleet.SceneEvent) bool {
+		return ev.JobID == job.ID && ev.Index == 0 && ev.Type == fleet.EventProgress
+	})
 
-	if resp, body := postCancel(t, f.apiURL, job.ID); resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("cancel: %s: %s", resp.Status, body)
-	}
+	postCancel(t, f.APIURL, job.ID).Want(t, http.StatusAccepted)
 	fleettest.Eventually(t, time.Second, func() bool { return slow.Stats().Interrupted == 1 },
 		"the retried scene was not interrupted within a second of the cancel")
-	second := f.hooks.wait(t, job.ID, 30*time.Second)
+	second := f.Hooks.Wait(t, job.ID, 30*time.Second)
 	if s := second.Body.Job.Scenes[0]; second.Body.Type != "job.cancelled" || s.Status != "cancelled" {
 		t.Fatalf("second webhook %s with scene %s; want job.cancelled", second.Body.Type, s.Status)
 	}
@@ -489,7 +435,7 @@ func TestCancelStopsARetriedScene(t *testing.T) {
 	// second.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	got := collect(t, openEvents(ctx, t, f.apiURL, job.ID, ""))
+	got := collect(t, openEvents(ctx, t, f.APIURL, job.ID, ""))
 	ids := make([]string, len(got))
 	for i, ev := range got {
 		ids[i] = ev.ID

@@ -1,8 +1,6 @@
 package stack_test
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"net/http"
 	"testing"
@@ -10,6 +8,7 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 )
 
 // TestACommittedJobRunsThoughItsIntakeStopsBeforeRecordingIt stops the intake's
@@ -19,7 +18,7 @@ import (
 func TestACommittedJobRunsThoughItsIntakeStopsBeforeRecordingIt(t *testing.T) {
 	t.Parallel()
 	committed := make(chan string, 1)
-	b := startStackTuned(t, testSims(1, 1), func(c *stack.Config) {
+	b := stacktest.Start(t, stacktest.Nodes(1, 1), func(c *stack.Config) {
 		c.Intake.AfterCommit = func(job string) error {
 			committed <- job
 			return errors.New("the intake died here")
@@ -29,14 +28,8 @@ func TestACommittedJobRunsThoughItsIntakeStopsBeforeRecordingIt(t *testing.T) {
 	for i := range 6 {
 		scenes = append(scenes, map[string]any{"workflow": "demo", "params": map[string]any{"size": 64, "color": i}})
 	}
-	body, _ := json.Marshal(map[string]any{"scenes": scenes})
-	resp, err := client.Post(b.stack.APIURL+"/v1/jobs", "application/json", bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusServiceUnavailable {
-		t.Fatalf("POST /v1/jobs: %s, want the request to fail after the commit", resp.Status)
+	if a := fleettest.Do(t, http.MethodPost, b.APIURL+"/v1/jobs", map[string]any{"scenes": scenes}); a.Status != http.StatusServiceUnavailable {
+		t.Fatalf("%v, want the request to fail after the commit", a)
 	}
 	var id string
 	select {
@@ -46,18 +39,12 @@ func TestACommittedJobRunsThoughItsIntakeStopsBeforeRecordingIt(t *testing.T) {
 	}
 	// The job is not found until the router records it.
 	fleettest.Eventually(t, 30*time.Second, func() bool {
-		resp, err := client.Get(b.stack.APIURL + "/v1/jobs/" + id)
-		if err != nil {
-			t.Fatal(err)
-		}
 		var job struct {
 			Status string `json:"status"`
 		}
-		_ = json.NewDecoder(resp.Body).Decode(&job)
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK && job.Status == "succeeded"
+		return fleettest.Call(t, http.MethodGet, b.APIURL+"/v1/jobs/"+id, nil, &job) == http.StatusOK && job.Status == "succeeded"
 	}, "job %s never succeeded", id)
-	job := getJob(t, b.stack.APIURL, id)
+	job := fleettest.GetJob(t, b.APIURL, id)
 	for _, s := range job.Scenes {
 		if s.Status != "succeeded" || len(s.Outputs) != 1 {
 			t.Errorf("scene %d: %s with %d outputs, want succeeded with one", s.Index, s.Status, len(s.Outputs))

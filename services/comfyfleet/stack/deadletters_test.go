@@ -1,11 +1,8 @@
 package stack_test
 
 import (
-	"bytes"
 	"fmt"
-	"image"
-	"image/png"
-	"mime/multipart"
+	"image/color"
 	"net/http"
 	"strings"
 	"testing"
@@ -13,6 +10,7 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 )
 
 type deadLetters struct {
@@ -34,11 +32,11 @@ func TestTransientFailuresExhaustAttemptsWithoutBlockingOthers(t *testing.T) {
 		simSpec{sim: comfysim.Config{StepDuration: time.Millisecond, OOMRate: 1}, pools: []string{"cursed"}},
 		simSpec{sim: comfysim.Config{StepDuration: time.Millisecond}, pools: []string{"image"}},
 	)
-	job, _ := postJob(t, f.apiURL, map[string]any{"callback_url": f.hooks.URL, "scenes": []any{
+	job := fleettest.SubmitJob(t, f.APIURL, map[string]any{"callback_url": f.Hooks.URL, "scenes": []any{
 		map[string]any{"workflow": "txt2img", "pool": "cursed", "params": map[string]any{"steps": 2}},
 		map[string]any{"workflow": "txt2img", "params": map[string]any{"steps": 2}},
 	}})
-	hook := f.hooks.wait(t, job.ID, 60*time.Second)
+	hook := f.Hooks.Wait(t, job.ID, 60*time.Second)
 	bad, good := hook.Body.Job.Scenes[0], hook.Body.Job.Scenes[1]
 	if hook.Body.Job.Status != "failed" || good.Status != "succeeded" {
 		t.Fatalf("job %s, scenes %s and %s; want the cursed one failed and the other succeeded", hook.Body.Job.Status, bad.Status, good.Status)
@@ -52,7 +50,7 @@ func TestTransientFailuresExhaustAttemptsWithoutBlockingOthers(t *testing.T) {
 		}
 	}
 	var dl deadLetters
-	getJSON(t, f.apiURL+"/v1/deadletters", &dl)
+	fleettest.Get(t, f.APIURL+"/v1/deadletters", &dl)
 	if d := dl.find(job.ID, 0); d == nil || len(d.Failures) != 3 || d.Pool != "cursed" {
 		t.Errorf("dead letters %+v: want scene 0 with its 3 failures", dl)
 	}
@@ -65,31 +63,33 @@ func TestDeadLetterRetriedAfterItsCauseIsFixed(t *testing.T) {
 		"1": map[string]any{"class_type": "LoadImage", "inputs": map[string]any{"image": "storyboard_ref.png"}},
 		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "ref"}},
 	}
-	job, _ := postJob(t, f.apiURL, map[string]any{"callback_url": f.hooks.URL, "scenes": []any{
+	job := fleettest.SubmitJob(t, f.APIURL, map[string]any{"callback_url": f.Hooks.URL, "scenes": []any{
 		map[string]any{"graph": loadMissing},
 		map[string]any{"workflow": "demo"},
 	}})
-	first := f.hooks.wait(t, job.ID, 60*time.Second)
+	first := f.Hooks.Wait(t, job.ID, 60*time.Second)
 	if first.Body.Type != "job.failed" {
 		t.Fatalf("first webhook %s, want job.failed", first.Body.Type)
 	}
 	var dl deadLetters
-	getJSON(t, f.apiURL+"/v1/deadletters", &dl)
+	fleettest.Get(t, f.APIURL+"/v1/deadletters", &dl)
 	d := dl.find(job.ID, 0)
 	if d == nil || d.Attempts != 1 || !strings.Contains(d.Error, "storyboard_ref.png") {
 		t.Fatalf("dead letters %+v: want scene 0, rejected once for its missing image", dl)
 	}
 
 	// Retrying a scene that has not failed is refused.
-	if resp := postEmpty(t, fmt.Sprintf("%s/v1/jobs/%s/scenes/1/retry", f.apiURL, job.ID)); resp != http.StatusConflict {
+	if resp := fleettest.Call(t, http.MethodPost, fmt.Sprintf("%s/v1/jobs/%s/scenes/1/retry", f.APIURL, job.ID), nil, nil); resp != http.StatusConflict {
 		t.Errorf("retry of a succeeded scene: %d, want 409", resp)
 	}
-	uploadImage(t, f.sims[0].URL(), "storyboard_ref.png")
-	if resp := postEmpty(t, fmt.Sprintf("%s/v1/jobs/%s/scenes/0/retry", f.apiURL, job.ID)); resp != http.StatusAccepted {
+	if status, body := postUpload(t, f.sims[0].URL(), "storyboard_ref.png", pngOf(t, 8, 8, color.NRGBA{}), true); status != http.StatusOK {
+		t.Fatalf("upload: %d %s", status, body)
+	}
+	if resp := fleettest.Call(t, http.MethodPost, fmt.Sprintf("%s/v1/jobs/%s/scenes/0/retry", f.APIURL, job.ID), nil, nil); resp != http.StatusAccepted {
 		t.Fatalf("retry: %d, want 202", resp)
 	}
 
-	second := f.hooks.wait(t, job.ID, 60*time.Second)
+	second := f.Hooks.Wait(t, job.ID, 60*time.Second)
 	s := second.Body.Job.Scenes[0]
 	if second.Body.Type != "job.completed" || s.Status != "succeeded" || s.Attempts != 2 || len(s.Failures) != 1 {
 		t.Fatalf("after the retry: %s, scene %s after %d attempts with failures %+v", second.Body.Type, s.Status, s.Attempts, s.Failures)
@@ -97,42 +97,8 @@ func TestDeadLetterRetriedAfterItsCauseIsFixed(t *testing.T) {
 	if second.ID == first.ID {
 		t.Errorf("the second ending reused webhook-id %q", first.ID)
 	}
-	getJSON(t, f.apiURL+"/v1/deadletters", &dl)
+	fleettest.Get(t, f.APIURL+"/v1/deadletters", &dl)
 	if dl.find(job.ID, 0) != nil {
 		t.Errorf("the retried scene is still a dead letter")
-	}
-}
-
-func postEmpty(t *testing.T, url string) int {
-	t.Helper()
-	resp, err := client.Post(url, "application/json", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	return resp.StatusCode
-}
-
-// uploadImage puts a PNG on a ComfyUI node as its /upload/image does.
-func uploadImage(t *testing.T, nodeURL, name string) {
-	t.Helper()
-	var img bytes.Buffer
-	if err := png.Encode(&img, image.NewRGBA(image.Rect(0, 0, 8, 8))); err != nil {
-		t.Fatal(err)
-	}
-	var body bytes.Buffer
-	w := multipart.NewWriter(&body)
-	part, _ := w.CreateFormFile("image", name)
-	part.Write(img.Bytes())
-	w.WriteField("type", "input")
-	w.WriteField("overwrite", "true")
-	w.Close()
-	resp, err := client.Post(nodeURL+"/upload/image", w.FormDataContentType(), &body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("upload: %s", resp.Status)
 	}
 }

@@ -2,35 +2,37 @@ package stack_test
 
 import (
 	"bytes"
-	"encoding/json"
 	"image/png"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"go.opentelemetry.io/otel/attribute"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 )
 
 func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1, 1, 2))
+	b := stacktest.Start(t, stacktest.Nodes(1, 1, 2))
 
-	job, resp := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 6, 20))
-	if loc := resp.Header.Get("Location"); loc != b.stack.APIURL+"/v1/jobs/"+job.ID {
+	var job api.Job
+	accepted := fleettest.Do(t, http.MethodPost, b.APIURL+"/v1/jobs", sceneJob(b.Hooks.URL, 6, 20))
+	accepted.Want(t, http.StatusAccepted).Decode(t, &job)
+	if loc := accepted.Header.Get("Location"); loc != b.APIURL+"/v1/jobs/"+job.ID {
 		t.Errorf("Location = %q", loc)
 	}
 	if job.Status != "queued" || len(job.Scenes) != 6 {
 		t.Fatalf("accepted job = %+v", job)
 	}
 
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 60*time.Second)
 	if hook.Body.Type != "job.completed" || hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("webhook %s: job %s", hook.Body.Type, hook.Body.Job.Status)
 	}
@@ -44,32 +46,28 @@ func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 		}
 		nodes[s.Node]++
 		for _, o := range s.Outputs {
-			res, err := client.Get(o.URL)
-			if err != nil {
-				t.Fatal(err)
+			res := fleettest.Do(t, http.MethodGet, o.URL, nil)
+			if ct := res.Header.Get("Content-Type"); res.Status != http.StatusOK || ct != "image/png" {
+				t.Fatalf("%v (%s)", res, ct)
 			}
-			if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "image/png" {
-				t.Fatalf("GET %s: %s %s", o.URL, res.Status, ct)
-			}
-			if _, err := png.Decode(res.Body); err != nil {
+			if _, err := png.Decode(bytes.NewReader(res.Body)); err != nil {
 				t.Fatalf("output %s of scene %d is not a PNG: %v", o.Name, s.Index, err)
 			}
-			res.Body.Close()
 		}
 	}
 	if len(nodes) != 3 {
 		t.Errorf("scenes ran on %v, want all three nodes", nodes)
 	}
-	if got := getJob(t, b.stack.APIURL, job.ID); got.Status != "succeeded" || got.FinishedAt == nil {
+	if got := fleettest.GetJob(t, b.APIURL, job.ID); got.Status != "succeeded" || got.FinishedAt == nil {
 		t.Errorf("GET job after webhook: %s", got.Status)
 	}
 
 	// The completion event is in the events stream, once.
-	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventCompleted)); n != 1 {
+	if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventCompleted)); n != 1 {
 		t.Errorf("%d job-completed events, want 1", n)
 	}
-	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.js) }, "notifier still has deliveries pending")
-	if n := b.hooks.count(job.ID); n != 1 {
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.JS) }, "notifier still has deliveries pending")
+	if n := b.Hooks.Count(job.ID); n != 1 {
 		t.Errorf("webhook delivered %d times, want once", n)
 	}
 
@@ -84,7 +82,7 @@ func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 		} `json:"nodes"`
 	}
 	fleettest.Eventually(t, 10*time.Second, func() bool {
-		getJSON(t, b.stack.APIURL+"/v1/nodes", &listed)
+		fleettest.Get(t, b.APIURL+"/v1/nodes", &listed)
 		done := 0
 		for _, n := range listed.Nodes {
 			if n.Health.Status != "online" || n.Health.VRAMTotal == 0 {
@@ -132,28 +130,15 @@ func sceneTraces(ended []sdktrace.ReadOnlySpan, job string, index int) map[strin
 
 func TestSceneSurvivesItsNodeDyingMidScene(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1, 1, 1))
-	started := make(chan *nats.Msg, 16)
-	sub, err := b.nc.ChanSubscribe("fleet.evt.scene.*.*.started", started)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	b := stacktest.Start(t, stacktest.Nodes(1, 1, 1))
+	events := fleettest.SceneEvents(t, b.NC)
 
-	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 3, 100))
-	var victim fleet.SceneEvent
-	select {
-	case m := <-started:
-		if victim, err = fleet.DecodeSceneEvent(m.Data); err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("no scene started")
-	}
+	job := fleettest.SubmitJob(t, b.APIURL, sceneJob(b.Hooks.URL, 3, 100))
+	victim, _ := events.Next(t, 0, 30*time.Second, "start of a scene", fleettest.OfType(fleet.EventStarted))
 	killed := false
-	for i, n := range b.stack.Nodes {
+	for i, n := range b.Nodes {
 		if n.ID == victim.Node {
-			b.stack.Sims[i].Kill()
+			b.Sims[i].Kill()
 			killed = true
 		}
 	}
@@ -161,7 +146,7 @@ func TestSceneSurvivesItsNodeDyingMidScene(t *testing.T) {
 		t.Fatalf("no simulated node named %q", victim.Node)
 	}
 
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 60*time.Second)
 	if hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("job %s after its node died: %+v", hook.Body.Job.Status, hook.Body.Job.Scenes)
 	}
@@ -170,20 +155,20 @@ func TestSceneSurvivesItsNodeDyingMidScene(t *testing.T) {
 		t.Errorf("scene %d: node %s, attempts %d, failures %+v; want it finished elsewhere after failing on %s",
 			victim.Index, s.Node, s.Attempts, s.Failures, victim.Node)
 	}
-	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.js) }, "notifier still has deliveries pending")
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.JS) }, "notifier still has deliveries pending")
 	for i := range hook.Body.Job.Scenes {
-		if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, i, fleet.EventCompleted)); n != 1 {
+		if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, i, fleet.EventCompleted)); n != 1 {
 			t.Errorf("scene %d: %d completed events, want 1", i, n)
 		}
 	}
-	if n := b.hooks.count(job.ID); n != 1 {
+	if n := b.Hooks.Count(job.ID); n != 1 {
 		t.Errorf("webhook delivered %d times, want once", n)
 	}
 }
 
 func TestProblemDetailsNameTheField(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1))
+	b := stacktest.Start(t, stacktest.Nodes(1))
 	graph := func(g any) map[string]any { return map[string]any{"scenes": []any{map[string]any{"graph": g}}} }
 	for name, tc := range map[string]struct {
 		body     any
@@ -204,24 +189,11 @@ func TestProblemDetailsNameTheField(t *testing.T) {
 		"timeout over 24h":  {map[string]any{"scenes": []any{map[string]any{"workflow": "demo", "timeout_s": 86401}}}, "body.scenes[0].timeout_s"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			body, _ := json.Marshal(tc.body)
-			resp, err := client.Post(b.stack.APIURL+"/v1/jobs", "application/json", bytes.NewReader(body))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer resp.Body.Close()
-			var problem struct {
-				Status int `json:"status"`
-				Errors []struct {
-					Location string `json:"location"`
-					Message  string `json:"message"`
-				} `json:"errors"`
-			}
-			if err := json.NewDecoder(resp.Body).Decode(&problem); err != nil {
-				t.Fatal(err)
-			}
-			if resp.StatusCode != http.StatusUnprocessableEntity || resp.Header.Get("Content-Type") != "application/problem+json" {
-				t.Fatalf("%s %s, want 422 problem JSON", resp.Status, resp.Header.Get("Content-Type"))
+			a := fleettest.Do(t, http.MethodPost, b.APIURL+"/v1/jobs", tc.body)
+			var problem fleettest.Problem
+			a.Decode(t, &problem)
+			if a.Status != http.StatusUnprocessableEntity || a.Header.Get("Content-Type") != "application/problem+json" {
+				t.Fatalf("%v (%s), want 422 problem JSON", a, a.Header.Get("Content-Type"))
 			}
 			for _, e := range problem.Errors {
 				// A missing property is reported at its parent, with its name in the message.
@@ -237,47 +209,36 @@ func TestProblemDetailsNameTheField(t *testing.T) {
 func TestExecutorLostWithoutAckHandsSceneToAnother(t *testing.T) {
 	t.Parallel()
 	f := startParts(t, 2)
-	started := make(chan *nats.Msg, 16)
-	sub, err := f.nc.ChanSubscribe("fleet.evt.scene.*.*.started", started)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	events := fleettest.SceneEvents(t, f.NC)
 
-	job, _ := postJob(t, f.apiURL, sceneJob(f.hooks.URL, 1, 100))
-	var first fleet.SceneEvent
-	select {
-	case m := <-started:
-		first, _ = fleet.DecodeSceneEvent(m.Data)
-	case <-time.After(30 * time.Second):
-		t.Fatal("no scene started")
-	}
+	job := fleettest.SubmitJob(t, f.APIURL, sceneJob(f.Hooks.URL, 1, 100))
+	first, _ := events.Next(t, 0, 30*time.Second, "start of the scene", fleettest.OfType(fleet.EventStarted))
 	f.crashExecutorOf(first.Node)
 	lostAt := time.Now()
 
-	hook := f.hooks.wait(t, job.ID, 60*time.Second)
+	hook := f.Hooks.Wait(t, job.ID, 60*time.Second)
 	s := hook.Body.Job.Scenes[0]
 	if hook.Body.Job.Status != "succeeded" || s.Node == first.Node || s.Attempts != 2 {
 		t.Fatalf("job %s, scene on %s after %d attempts; want success on the other node after 2", hook.Body.Job.Status, s.Node, s.Attempts)
 	}
 	t.Logf("scene finished %.1fs after its executor was lost", time.Since(lostAt).Seconds())
-	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, f.js) }, "notifier still has deliveries pending")
-	if n := countSubject(t, f.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, 0, fleet.EventCompleted)); n != 1 {
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, f.JS) }, "notifier still has deliveries pending")
+	if n := fleettest.Count(t, f.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, 0, fleet.EventCompleted)); n != 1 {
 		t.Errorf("%d completed events, want 1", n)
 	}
-	if n := f.hooks.count(job.ID); n != 1 {
+	if n := f.Hooks.Count(job.ID); n != 1 {
 		t.Errorf("webhook delivered %d times, want once", n)
 	}
 }
 
 func TestWebhookIsRetriedUntilTheReceiverAcceptsIt(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1))
-	b.hooks.refuse = 2
-	job, _ := postJob(t, b.stack.APIURL, sceneJob(b.hooks.URL, 1, 5))
-	b.hooks.wait(t, job.ID, 60*time.Second)
-	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.js) }, "notifier still has deliveries pending")
-	got := b.hooks.deliveries(job.ID)
+	b := stacktest.Start(t, stacktest.Nodes(1))
+	b.Hooks.Refuse(2)
+	job := fleettest.SubmitJob(t, b.APIURL, sceneJob(b.Hooks.URL, 1, 5))
+	b.Hooks.Wait(t, job.ID, 60*time.Second)
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.JS) }, "notifier still has deliveries pending")
+	got := b.Hooks.Deliveries(job.ID)
 	if len(got) != 3 {
 		t.Fatalf("%d delivery attempts, want 2 refused and 1 accepted", len(got))
 	}
@@ -290,18 +251,18 @@ func TestWebhookIsRetriedUntilTheReceiverAcceptsIt(t *testing.T) {
 
 func TestGraphRejectedByComfyUIFailsOnceWithItsErrors(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1, 1))
+	b := stacktest.Start(t, stacktest.Nodes(1, 1))
 	// Every node has the graph's classes (a class none has is refused at submission):
 	// ComfyUI rejects it for an input it lacks.
-	body := map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+	body := map[string]any{"callback_url": b.Hooks.URL, "scenes": []any{
 		map[string]any{"graph": map[string]any{
 			"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"height": 64, "batch_size": 1, "color": 0}},
 			"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "x"}},
 		}},
 		map[string]any{"workflow": "demo"},
 	}}
-	job, _ := postJob(t, b.stack.APIURL, body)
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	job := fleettest.SubmitJob(t, b.APIURL, body)
+	hook := b.Hooks.Wait(t, job.ID, 60*time.Second)
 	if hook.Body.Type != "job.failed" || hook.Body.Job.Status != "failed" {
 		t.Fatalf("webhook %s, job %s; want job.failed", hook.Body.Type, hook.Body.Job.Status)
 	}
@@ -312,7 +273,7 @@ func TestGraphRejectedByComfyUIFailsOnceWithItsErrors(t *testing.T) {
 	if good.Status != "succeeded" {
 		t.Errorf("the other scene: %s; a failed scene must not block it", good.Status)
 	}
-	if n := countSubject(t, b.js, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventFailed)); n != 1 {
+	if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.JobEventSubject(job.ID, fleet.EventFailed)); n != 1 {
 		t.Errorf("%d job-failed events, want 1", n)
 	}
 }

@@ -1,11 +1,9 @@
 package stack_test
 
 import (
-	"bytes"
 	"encoding/base64"
 	"encoding/json"
-	"image"
-	"image/png"
+	"image/color"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -16,17 +14,8 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 )
-
-// testPNG encodes a small PNG.
-func testPNG(t *testing.T) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	if err := png.Encode(&buf, image.NewNRGBA(image.Rect(0, 0, 64, 48))); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
 
 // loadImageChoices returns the files a node's LoadImage offers: its input folder.
 func loadImageChoices(t *testing.T, simURL string) []string {
@@ -38,7 +27,7 @@ func loadImageChoices(t *testing.T, simURL string) []string {
 			} `json:"required"`
 		} `json:"input"`
 	}
-	getJSON(t, simURL+"/object_info/LoadImage", &info)
+	fleettest.Get(t, simURL+"/object_info/LoadImage", &info)
 	var files []string
 	if spec := info["LoadImage"].Input.Required.Image; len(spec) > 0 {
 		if err := json.Unmarshal(spec[0], &files); err != nil {
@@ -55,7 +44,7 @@ func loadedImages(t *testing.T, simURL string) []string {
 	var history map[string]struct {
 		Prompt []json.RawMessage `json:"prompt"`
 	}
-	getJSON(t, simURL+"/history", &history)
+	fleettest.Get(t, simURL+"/history", &history)
 	var out []string
 	for _, h := range history {
 		var graph map[string]struct {
@@ -76,29 +65,29 @@ func loadedImages(t *testing.T, simURL string) []string {
 
 func TestScenesWithInputImagesRunWithTheImagesUploaded(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1))
-	img := testPNG(t)
+	b := stacktest.Start(t, stacktest.Nodes(1))
+	img := pngOf(t, 64, 48, color.NRGBA{})
 	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "image/png")
 		w.Write(img)
 	}))
 	t.Cleanup(web.Close)
 
-	job, _ := postJob(t, b.stack.APIURL, map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+	job := fleettest.SubmitJob(t, b.APIURL, map[string]any{"callback_url": b.Hooks.URL, "scenes": []any{
 		map[string]any{"workflow": "img2video", "params": map[string]any{"steps": 3, "frames": 4, "width": 256, "height": 144},
 			"inputs": map[string]any{"image": map[string]any{"base64": base64.StdEncoding.EncodeToString(img)}}},
 		map[string]any{"workflow": "img2img", "params": map[string]any{"steps": 3, "denoise": 0.6},
 			"inputs": map[string]any{"image": map[string]any{"url": web.URL + "/start.png"}}},
 	}})
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 60*time.Second)
 	if hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("job %s: %+v", hook.Body.Job.Status, hook.Body.Job.Scenes)
 	}
 
 	// The node's input folder holds the uploads, and the prompts it ran loaded them
 	// (the simulator, like ComfyUI, rejects a LoadImage file it does not have).
-	files := loadImageChoices(t, b.stack.Sims[0].URL())
-	loaded := loadedImages(t, b.stack.Sims[0].URL())
+	files := loadImageChoices(t, b.Sims[0].URL())
+	loaded := loadedImages(t, b.Sims[0].URL())
 	for _, want := range []string{"comfyfleet_" + job.ID + "_0_image.png", "comfyfleet_" + job.ID + "_1_image.png"} {
 		if !slices.Contains(files, want) {
 			t.Errorf("node input folder %v lacks %s", files, want)
@@ -113,35 +102,30 @@ func TestScenesWithInputImagesRunWithTheImagesUploaded(t *testing.T) {
 		if len(s.Outputs) != 1 || s.Outputs[0].ContentType != want {
 			t.Fatalf("scene %d outputs %+v, want one %s", i, s.Outputs, want)
 		}
-		res, err := client.Get(s.Outputs[0].URL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != want || http.DetectContentType(body) != want {
-			t.Errorf("scene %d output: %s %s, %d bytes sniffed as %s; want %s", i, res.Status, res.Header.Get("Content-Type"),
+		res := fleettest.Do(t, http.MethodGet, s.Outputs[0].URL, nil)
+		if body := res.Body; res.Status != http.StatusOK || res.Header.Get("Content-Type") != want || http.DetectContentType(body) != want {
+			t.Errorf("scene %d output: %d %s, %d bytes sniffed as %s; want %s", i, res.Status, res.Header.Get("Content-Type"),
 				len(body), http.DetectContentType(body), want)
 		}
 	}
 
 	// The heartbeats feed the seed-compatible health: measured speed and VRAM in use.
-	node := b.stack.Nodes[0].ID
+	node := b.Nodes[0].ID
 	var h struct {
 		Status          string  `json:"status"`
 		MemoryUsage     float64 `json:"memory_usage"`
 		ProcessingSpeed float64 `json:"processing_speed"`
 	}
 	fleettest.Eventually(t, 10*time.Second, func() bool {
-		getJSON(t, b.stack.APIURL+"/api/nodes/"+node+"/health", &h)
+		fleettest.Get(t, b.APIURL+"/api/nodes/"+node+"/health", &h)
 		return h.Status == "online" && h.ProcessingSpeed > 0 && h.MemoryUsage > 0 && h.MemoryUsage < 1
 	}, "health of %s: %+v; want online with a measured speed and VRAM in use", node, &h)
 }
 
 func TestInputDownloadsRetryOnlyWhatCanSucceed(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1, 1))
-	img := testPNG(t)
+	b := stacktest.Start(t, stacktest.Nodes(1, 1))
+	img := pngOf(t, 64, 48, color.NRGBA{})
 	var flakyCalls atomic.Int32
 	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
@@ -162,9 +146,9 @@ func TestInputDownloadsRetryOnlyWhatCanSucceed(t *testing.T) {
 		return map[string]any{"workflow": "img2img", "params": map[string]any{"steps": 2},
 			"inputs": map[string]any{"image": map[string]any{"url": web.URL + path}}}
 	}
-	job, _ := postJob(t, b.stack.APIURL, map[string]any{"callback_url": b.hooks.URL,
+	job := fleettest.SubmitJob(t, b.APIURL, map[string]any{"callback_url": b.Hooks.URL,
 		"scenes": []any{scene("/flaky.png"), scene("/gone.png"), scene("/text.png")}})
-	hook := b.hooks.wait(t, job.ID, 60*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 60*time.Second)
 	flaky, gone, text := hook.Body.Job.Scenes[0], hook.Body.Job.Scenes[1], hook.Body.Job.Scenes[2]
 	if flaky.Status != "succeeded" || flaky.Attempts != 2 || len(flaky.Failures) != 1 || !strings.Contains(flaky.Failures[0].Error, "503") {
 		t.Errorf("flaky download: %s after %d attempts, failures %+v; want success on the second attempt", flaky.Status, flaky.Attempts, flaky.Failures)

@@ -17,6 +17,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/outputs/outputstest"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
 
@@ -24,34 +25,14 @@ import (
 // headers and the job answered.
 func postJobWaiting(t *testing.T, apiURL string, body any, seconds int) (int, http.Header, api.Job) {
 	t.Helper()
-	b, err := json.Marshal(body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req, err := http.NewRequest(http.MethodPost, apiURL+"/v1/jobs", bytes.NewReader(b))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Prefer", fmt.Sprintf("wait=%d", seconds))
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := fleettest.Do(t, http.MethodPost, apiURL+"/v1/jobs", body, fleettest.Header("Prefer", fmt.Sprintf("wait=%d", seconds)))
 	var job api.Job
-	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusAccepted {
-		if err := json.Unmarshal(raw, &job); err != nil {
-			t.Fatalf("POST /v1/jobs: %s: %v", raw, err)
-		}
+	if a.Status == http.StatusOK || a.Status == http.StatusAccepted {
+		a.Decode(t, &job)
 	} else {
-		t.Logf("POST /v1/jobs: %s: %s", resp.Status, raw)
+		t.Logf("%v", a)
 	}
-	return resp.StatusCode, resp.Header, job
+	return a.Status, a.Header, job
 }
 
 // nodeInventory returns node's inventory as GET /v1/nodes/{id} shows it, nil while
@@ -59,7 +40,7 @@ func postJobWaiting(t *testing.T, apiURL string, body any, seconds int) (int, ht
 func nodeInventory(t *testing.T, apiURL, node string) *intake.NodeInventory {
 	t.Helper()
 	var n intake.Node
-	getJSON(t, apiURL+"/v1/nodes/"+node, &n)
+	fleettest.Get(t, apiURL+"/v1/nodes/"+node, &n)
 	return n.Inventory
 }
 
@@ -97,15 +78,15 @@ func videoGraph(frames int) map[string]any {
 // that gains the checkpoint (read again on request) takes it.
 func TestScenesRunOnlyWhereTheyCan(t *testing.T) {
 	t.Parallel()
-	sims := testSims(1, 1, 1)
+	sims := stacktest.Sims(1, 1, 1)
 	sims[0].Models = map[string][]string{"ckpt_name": {sd15, sdxl}}
 	sims[1].Models = map[string][]string{"ckpt_name": {sd15}}
 	sims[1].WithoutClasses = []string{"VHS_VideoCombine"}
 	sims[2].Models = map[string][]string{"ckpt_name": {sd15}}
-	b := startStack(t, sims)
-	api := b.stack.APIURL
-	a, bee, c := b.stack.Sims[0], b.stack.Sims[1], b.stack.Sims[2]
-	for _, n := range b.stack.Nodes {
+	b := stacktest.Start(t, func(c *stack.Config) { c.Sims = sims })
+	api := b.APIURL
+	a, bee, c := b.Sims[0], b.Sims[1], b.Sims[2]
+	for _, n := range b.Nodes {
 		fleettest.Eventually(t, 20*time.Second, func() bool { return nodeInventory(t, api, n.ID) != nil }, "no inventory of node %s", n.ID)
 	}
 	if got := checkpointsOf(nodeInventory(t, api, "sim-a")); !slices.Equal(got, []string{sdxl, sd15}) {
@@ -134,29 +115,26 @@ func TestScenesRunOnlyWhereTheyCan(t *testing.T) {
 	}
 	for i, sim := range []*comfysim.Server{a, bee, c} {
 		if st := sim.Stats(); st.Failed > 0 {
-			t.Errorf("node %s failed %d prompts", b.stack.Nodes[i].ID, st.Failed)
+			t.Errorf("node %s failed %d prompts", b.Nodes[i].ID, st.Failed)
 		}
 	}
 
 	// No node has it: 422 at the parameter that names it.
-	st, _, raw := call(t, http.MethodPost, api+"/v1/jobs", "", map[string]any{"scenes": []any{
-		map[string]any{"workflow": "txt2img", "params": map[string]any{"checkpoint": "x.safetensors"}}}})
-	var problem struct {
-		Errors []struct{ Location, Message string } `json:"errors"`
-	}
-	_ = json.Unmarshal(raw, &problem)
+	var problem fleettest.Problem
+	st := fleettest.Call(t, http.MethodPost, api+"/v1/jobs", map[string]any{"scenes": []any{
+		map[string]any{"workflow": "txt2img", "params": map[string]any{"checkpoint": "x.safetensors"}}}}, &problem)
 	if st != http.StatusUnprocessableEntity || len(problem.Errors) != 1 || problem.Errors[0].Location != "body.scenes[0].params.checkpoint" ||
 		problem.Errors[0].Message != "no node in pool image has checkpoint x.safetensors" {
-		t.Errorf("a checkpoint no node has: %d %s", st, raw)
+		t.Errorf("a checkpoint no node has: %d %+v", st, problem)
 	}
 
 	// The only node with SDXL goes offline: an SDXL scene is accepted (sim-a is
 	// registered and has it), waits, and says why.
 	a.Kill()
-	fleettest.Eventually(t, 10*time.Second, func() bool { return observedState(t, b.js, "sim-a") == fleet.NodeOffline }, "sim-a not offline")
-	waiting, _ := postJob(t, api, map[string]any{"scenes": []any{
+	fleettest.Eventually(t, 10*time.Second, func() bool { return observedState(t, b.JS, "sim-a") == fleet.NodeOffline }, "sim-a not offline")
+	waiting := fleettest.SubmitJob(t, api, map[string]any{"scenes": []any{
 		map[string]any{"workflow": "txt2img", "params": map[string]any{"checkpoint": sdxl, "steps": 5, "width": 64, "height": 64}}}})
-	view := getJob(t, api, waiting.ID)
+	view := fleettest.GetJob(t, api, waiting.ID)
 	if s := view.Scenes[0]; s.Status != "queued" || s.WaitingFor != "no online node in pool image has checkpoint "+sdxl {
 		t.Errorf("SDXL scene while sim-a is offline: %s, waiting for %q", s.Status, s.WaitingFor)
 	}
@@ -165,22 +143,22 @@ func TestScenesRunOnlyWhereTheyCan(t *testing.T) {
 	if err := bee.AddModel("ckpt_name", sdxl); err != nil {
 		t.Fatal(err)
 	}
-	st, _, raw = call(t, http.MethodPost, api+"/v1/nodes/sim-b/refresh", "", nil)
 	var refreshed intake.Node
-	if err := json.Unmarshal(raw, &refreshed); err != nil || st != http.StatusOK || !slices.Contains(checkpointsOf(refreshed.Inventory), sdxl) {
-		t.Fatalf("POST /v1/nodes/sim-b/refresh: %d %s", st, raw)
+	if a := fleettest.Do(t, http.MethodPost, api+"/v1/nodes/sim-b/refresh", nil); json.Unmarshal(a.Body, &refreshed) != nil || a.Status != http.StatusOK ||
+		!slices.Contains(checkpointsOf(refreshed.Inventory), sdxl) {
+		t.Fatalf("POST /v1/nodes/sim-b/refresh: %v", a)
 	}
-	fleettest.Eventually(t, 30*time.Second, func() bool { return getJob(t, api, waiting.ID).Status == "succeeded" },
+	fleettest.Eventually(t, 30*time.Second, func() bool { return fleettest.GetJob(t, api, waiting.ID).Status == "succeeded" },
 		"the SDXL scene did not run once sim-b had the checkpoint")
-	if s := getJob(t, api, waiting.ID).Scenes[0]; s.Node != "sim-b" || s.WaitingFor != "" {
+	if s := fleettest.GetJob(t, api, waiting.ID).Scenes[0]; s.Node != "sim-b" || s.WaitingFor != "" {
 		t.Errorf("the SDXL scene ran on %s (waiting for %q), want sim-b", s.Node, s.WaitingFor)
 	}
 
 	// A refresh of a node whose ComfyUI is down says so; of an unknown node, 404.
-	if st, _, raw := call(t, http.MethodPost, api+"/v1/nodes/sim-a/refresh", "", nil); st != http.StatusBadGateway {
-		t.Errorf("refresh of a dead node: %d %s, want 502", st, raw)
+	if a := fleettest.Do(t, http.MethodPost, api+"/v1/nodes/sim-a/refresh", nil); a.Status != http.StatusBadGateway {
+		t.Errorf("refresh of a dead node: %v, want 502", a)
 	}
-	if st, _, _ := call(t, http.MethodPost, api+"/v1/nodes/nobody/refresh", "", nil); st != http.StatusNotFound {
+	if st := fleettest.Do(t, http.MethodPost, api+"/v1/nodes/nobody/refresh", nil).Status; st != http.StatusNotFound {
 		t.Errorf("refresh of an unknown node: %d, want 404", st)
 	}
 }
@@ -189,8 +167,8 @@ func TestScenesRunOnlyWhereTheyCan(t *testing.T) {
 // the wait comes back finished with 200; one that does not, 202 as without it.
 func TestPreferWaitAnswersTheFinishedJob(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1, 1))
-	api := b.stack.APIURL
+	b := stacktest.Start(t, stacktest.Nodes(1, 1))
+	api := b.APIURL
 	start := time.Now()
 	code, h, job := postJobWaiting(t, api, sceneJob("", 2, 5), 30)
 	if code != http.StatusOK || h.Get("Preference-Applied") != "wait=30" || job.Status != "succeeded" || h.Get("Location") == "" {
@@ -224,14 +202,14 @@ func TestPreferWaitAnswersTheFinishedJob(t *testing.T) {
 func TestOutputsGoToS3(t *testing.T) {
 	s3 := outputstest.Start(t, "renders")
 	s3.Env(t)
-	sims := testSims(1, 1)
+	sims := stacktest.Sims(1, 1)
 	for i := range sims {
 		// 20 frames of 1 MiB: a 20 MiB clip, two parts of 16 MiB.
 		sims[i].VideoFrameBytes = 1 << 20
 	}
-	b := startStackTuned(t, sims, func(c *stack.Config) { c.Outputs = "s3://renders/studio/2026" })
-	apiURL := b.stack.APIURL
-	body := map[string]any{"callback_url": b.hooks.URL, "scenes": []any{
+	b := stacktest.Start(t, func(c *stack.Config) { c.Sims, c.Outputs = sims, "s3://renders/studio/2026" })
+	apiURL := b.APIURL
+	body := map[string]any{"callback_url": b.Hooks.URL, "scenes": []any{
 		map[string]any{"workflow": "txt2img", "params": map[string]any{"seed": 7, "steps": 5, "width": 64, "height": 64}},
 		map[string]any{"graph": videoGraph(20)},
 	}}
@@ -239,7 +217,7 @@ func TestOutputsGoToS3(t *testing.T) {
 	if code != http.StatusOK || job.Status != "succeeded" {
 		t.Fatalf("job: %d %s", code, job.Status)
 	}
-	hook := b.hooks.wait(t, job.ID, 30*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 30*time.Second)
 
 	var video *api.Output
 	for si, s := range job.Scenes {
@@ -284,7 +262,7 @@ func TestOutputsGoToS3(t *testing.T) {
 	t.Logf("video of %d bytes in %d parts", video.Size, parts)
 
 	// The API's download link sends the client to the store.
-	noRedirect := &http.Client{Transport: client.Transport, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	noRedirect := &http.Client{Transport: fleettest.HTTP.Transport, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	res, err := noRedirect.Get(apiURL + api.OutputPath(job.ID, 1, video.Name))
 	if err != nil {
 		t.Fatal(err)
@@ -293,13 +271,7 @@ func TestOutputsGoToS3(t *testing.T) {
 	if loc := res.Header.Get("Location"); res.StatusCode != http.StatusTemporaryRedirect || !strings.HasPrefix(loc, s3.URL+"/renders/studio/2026/") {
 		t.Errorf("GET the API's output URL: %s to %q, want 307 to a presigned URL", res.Status, loc)
 	}
-	res, err = client.Get(apiURL + api.OutputPath(job.ID, 1, video.Name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	n, _ := io.Copy(io.Discard, res.Body)
-	res.Body.Close()
-	if res.StatusCode != http.StatusOK || n != video.Size {
-		t.Errorf("GET the API's output URL, following it: %s, %d bytes of %d", res.Status, n, video.Size)
+	if got := fleettest.Do(t, http.MethodGet, apiURL+api.OutputPath(job.ID, 1, video.Name), nil); got.Status != http.StatusOK || int64(len(got.Body)) != video.Size {
+		t.Errorf("GET the API's output URL, following it: %d, %d bytes of %d", got.Status, len(got.Body), video.Size)
 	}
 }

@@ -2,9 +2,9 @@ package stack_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"mime"
 	"net/http"
 	"net/url"
@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/tenancy"
 	"github.com/comfyfleet/comfyfleet/services/intake"
 )
@@ -151,34 +152,17 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 		t.Fatalf("Submit job node: %v; want a JSON POST to /v1/jobs", p)
 	}
 	body := evaluate(t, p["jsonBody"].(string), map[string]string{
-		"$execution.resumeUrl":         b.hooks.URL,
+		"$execution.resumeUrl":         b.Hooks.URL,
 		"JSON.stringify($json.scenes)": string(mustJSON(t, board)),
 	})
 	// The header that the README has the user add to Submit job and Download.
-	withKey := func(method, url string, body io.Reader) *http.Request {
-		req, err := http.NewRequest(method, url, body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		req.Header.Set("Authorization", "Bearer "+key)
-		return req
-	}
-	req := withKey("POST", b.api+target.Path, strings.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	withKey := fleettest.Key(key)
 	var job struct {
 		ID string `json:"id"`
 	}
-	err = json.NewDecoder(resp.Body).Decode(&job)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted || err != nil {
-		t.Fatalf("POST the example's body: %s (%v)", resp.Status, err)
-	}
+	fleettest.Do(t, "POST", b.APIURL+target.Path, []byte(body), withKey).Want(t, http.StatusAccepted).Decode(t, &job)
 
-	hook := b.hooks.wait(t, job.ID, 2*time.Minute)
+	hook := b.Hooks.Wait(t, job.ID, 2*time.Minute)
 	if hook.Body.Type != "job.completed" || len(hook.Body.Job.Scenes) != storyboardScenes {
 		t.Fatalf("callback %s with %d scenes", hook.Body.Type, len(hook.Body.Job.Scenes))
 	}
@@ -231,15 +215,13 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 		for i := start; i < min(start+batch, len(items)); i++ {
 			wg.Go(func() {
 				u := evaluate(t, download.Parameters["url"].(string), map[string]string{"$json.url": items[i].JSON.URL})
-				res, err := client.Do(withKey("GET", u, nil))
+				res, err := fleettest.Send(context.Background(), "GET", u, nil, withKey)
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				_, _ = io.Copy(io.Discard, res.Body)
-				res.Body.Close()
 				_, disp, _ := mime.ParseMediaType(res.Header.Get("Content-Disposition"))
-				results[i] = result{res.StatusCode, res.Header.Get("Content-Type"), disp["filename"]}
+				results[i] = result{res.Status, res.Header.Get("Content-Type"), disp["filename"]}
 			})
 		}
 		wg.Wait()

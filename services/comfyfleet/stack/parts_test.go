@@ -7,30 +7,25 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
 // parts is a fleet whose nodes each have an executor of their own, so that a test
 // can lose one executor alone.
 type parts struct {
-	apiURL string
-	nc     *nats.Conn
-	js     jetstream.JetStream
-	hooks  *hookReceiver
+	*stacktest.Fleet
 
 	sims      []*comfysim.Server
 	nodes     []fleet.NodeConfig
 	mu        sync.Mutex
 	executors map[string]*stack.Executor
 
-	t     *testing.T
-	stack *stack.Stack
+	t *testing.T
 }
 
 // simSpec is one simulated node of startPartsWith, driven by an executor of its own.
@@ -52,26 +47,21 @@ func startParts(t *testing.T, executors int) *parts {
 
 func startPartsWith(t *testing.T, specs ...simSpec) *parts {
 	t.Helper()
-	return startPartsSettings(t, testSettings(), specs...)
+	return startPartsSettings(t, stacktest.Settings(), specs...)
 }
 
 func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec) *parts {
 	t.Helper()
-	p := &parts{hooks: newHookReceiver(t), executors: map[string]*stack.Executor{}, t: t}
+	p := &parts{executors: map[string]*stack.Executor{}, t: t}
 	for i, spec := range specs {
 		spec.sim.Name = fmt.Sprintf("sim-%d", i)
-		sim, err := comfysim.Start(spec.sim)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { sim.Close() })
+		sim := fleettest.Sim(t, spec.sim)
 		p.sims = append(p.sims, sim)
 		p.nodes = append(p.nodes, fleet.NodeConfig{ID: spec.sim.Name, URL: sim.URL(), Pools: spec.pools, Weight: 1})
 	}
-	b := startStackTuned(t, nil, func(c *stack.Config) {
+	p.Fleet = stacktest.Start(t, func(c *stack.Config) {
 		c.Settings, c.Comfy, c.NoExecutor = settings, p.nodes, true
 	})
-	p.stack, p.apiURL, p.nc, p.js = b.stack, b.stack.APIURL, b.nc, b.js
 	for i, spec := range specs {
 		p.startExecutor(fmt.Sprintf("exec-%d", i), p.nodes[i], spec.transport)
 	}
@@ -82,11 +72,11 @@ func startPartsSettings(t *testing.T, settings fleet.Settings, specs ...simSpec)
 // transport if not nil; it becomes the one that stopExecutorOf and crashExecutorOf
 // stop.
 func (p *parts) startExecutor(name string, node fleet.NodeConfig, transport http.RoundTripper) {
-	cfg := executor.Config{Nodes: []fleet.NodeConfig{node}, HeartbeatInterval: 200 * time.Millisecond, Logger: testLogger(p.t)}
+	cfg := executor.Config{Nodes: []fleet.NodeConfig{node}, HeartbeatInterval: 200 * time.Millisecond, Logger: fleettest.Logger(p.t)}
 	if transport != nil {
 		cfg.HTTPClient = &http.Client{Transport: transport}
 	}
-	e, err := p.stack.AddExecutor(name, cfg)
+	e, err := p.AddExecutor(name, cfg)
 	if err != nil {
 		p.t.Fatal(err)
 	}

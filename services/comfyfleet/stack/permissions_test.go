@@ -6,7 +6,6 @@ import (
 	"errors"
 	"image"
 	"image/png"
-	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -25,6 +24,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/natsembed"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 	"github.com/comfyfleet/comfyfleet/services/intake/comfydoor"
 )
 
@@ -65,24 +65,16 @@ func permServer(t *testing.T) (*server.Server, map[string]string) {
 type userConn struct {
 	nc   *nats.Conn
 	js   jetstream.JetStream
-	mu   sync.Mutex
-	errs []error
-	got  chan error
+	errs *fleettest.Events[error]
 }
 
 func dialUser(t *testing.T, srv *server.Server, passwords map[string]string, user string) *userConn {
 	t.Helper()
-	u := &userConn{got: make(chan error, 100)}
+	u := &userConn{errs: fleettest.NewEvents[error]("asynchronous errors of "+user, nil)}
 	nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(user, passwords[user]), nats.CustomInboxPrefix("_INBOX_"+user),
 		nats.Name("test-"+user), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			t.Logf("%s: NATS error: %v", user, err)
-			u.mu.Lock()
-			u.errs = append(u.errs, err)
-			u.mu.Unlock()
-			select {
-			case u.got <- err:
-			default:
-			}
+			u.errs.Add(err)
 		}))
 	if err != nil {
 		t.Fatalf("connect as %s: %v", user, err)
@@ -94,48 +86,30 @@ func dialUser(t *testing.T, srv *server.Server, passwords map[string]string, use
 	return u
 }
 
+func isViolation(err error) bool { return errors.Is(err, nats.ErrPermissionViolation) }
+
 // violations returns the permission violations reported so far.
 func (u *userConn) violations() []error {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	var out []error
-	for _, err := range u.errs {
-		if errors.Is(err, nats.ErrPermissionViolation) {
-			out = append(out, err)
-		}
-	}
-	return out
+	return u.errs.All(isViolation)
 }
 
 // waitViolation waits for a permission violation that names subject.
 func (u *userConn) waitViolation(t *testing.T, subject string, within time.Duration) {
 	t.Helper()
-	deadline := time.After(within)
-	for {
-		select {
-		case err := <-u.got:
-			if errors.Is(err, nats.ErrPermissionViolation) && strings.Contains(err.Error(), subject) {
-				return
-			}
-		case <-deadline:
-			t.Fatalf("no permissions violation for %s within %s", subject, within)
-		}
-	}
+	u.errs.Next(t, 0, within, "permissions violation for "+subject, func(err error) bool {
+		return isViolation(err) && strings.Contains(err.Error(), subject)
+	})
 }
 
 func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	srv, passwords := permServer(t)
-	hooks := newHookReceiver(t)
-	sim, err := comfysim.Start(comfysim.Config{Name: "sim-0", StepDuration: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
+	hooks := fleettest.StartWebhooks(t)
+	sim := fleettest.Sim(t, comfysim.Config{Name: "sim-0", StepDuration: 10 * time.Millisecond})
 	node := fleet.NodeConfig{ID: "sim-0", URL: sim.URL(), Pools: []string{"image"}, Weight: 1}
 	// Every service connects as its own user; the stack creates the streams as admin.
 	var mu sync.Mutex
 	conns := map[string]*userConn{}
-	b := startStackTuned(t, nil, func(c *stack.Config) {
+	b := stacktest.Start(t, func(c *stack.Config) {
 		c.NATSURL, c.DataDir, c.Comfy, c.NoAdopt = srv.ClientURL(), "", []fleet.NodeConfig{node}, true
 		c.Executor.Name = "exec-0"
 		c.Intake.MinJobTTL = time.Second
@@ -151,11 +125,11 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 			return u.nc, nil
 		}
 	})
-	apiURL := b.stack.APIURL
+	apiURL := b.APIURL
 
 	// A job end to end, every service as its own user.
-	job, _ := postJob(t, apiURL, sceneJob(hooks.URL, 2, 10))
-	hook := hooks.wait(t, job.ID, 30*time.Second)
+	job := fleettest.SubmitJob(t, apiURL, sceneJob(hooks.URL, 2, 10))
+	hook := hooks.Wait(t, job.ID, 30*time.Second)
 	if hook.Body.Type != "job.completed" || hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("webhook %s: job %s", hook.Body.Type, hook.Body.Job.Status)
 	}
@@ -164,66 +138,48 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 			t.Fatalf("scene %d: %s with %d outputs (%s)", s.Index, s.Status, len(s.Outputs), s.Error)
 		}
 		for _, o := range s.Outputs {
-			res, err := client.Get(o.URL)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if res.StatusCode != http.StatusOK {
-				t.Fatalf("GET %s: %s", o.URL, res.Status)
-			}
-			if _, err := png.Decode(res.Body); err != nil {
+			out := fleettest.Do(t, http.MethodGet, o.URL, nil).Want(t, http.StatusOK)
+			if _, err := png.Decode(bytes.NewReader(out.Body)); err != nil {
 				t.Fatalf("output %s of scene %d is not a PNG: %v", o.Name, s.Index, err)
 			}
-			res.Body.Close()
 		}
 	}
-	if got := getJob(t, apiURL, job.ID); got.Status != "succeeded" {
+	if got := fleettest.GetJob(t, apiURL, job.ID); got.Status != "succeeded" {
 		t.Errorf("GET job after webhook: %s", got.Status)
 	}
 	// A job awaited (Prefer: wait), and a node's inventory read again on request.
 	if code, _, waited := postJobWaiting(t, apiURL, sceneJob("", 1, 5), 30); code != http.StatusOK || waited.Status != "succeeded" {
 		t.Errorf("POST /v1/jobs with Prefer: wait=30: %d, %s", code, waited.Status)
 	}
-	if st, _, raw := call(t, http.MethodPost, apiURL+"/v1/nodes/sim-0/refresh", "", nil); st != http.StatusOK || !strings.Contains(string(raw), `"inventory"`) {
-		t.Errorf("POST /v1/nodes/sim-0/refresh: %d %s", st, raw)
+	if a := fleettest.Do(t, http.MethodPost, apiURL+"/v1/nodes/sim-0/refresh", nil); a.Status != http.StatusOK || !strings.Contains(string(a.Body), `"inventory"`) {
+		t.Errorf("POST /v1/nodes/sim-0/refresh: %v", a)
 	}
-	comfyDoorAsItsUser(t, apiURL+"/comfy", sim, node.ID, b.js)
+	comfyDoorAsItsUser(t, apiURL+"/comfy", sim, node.ID, b.JS)
 	// The job list (a watch of the job states), the queues (a dispatcher answers the
 	// intake), a job deleted through the API, and one deleted by the notifier's
 	// janitor when its ttl has passed.
 	var page api.JobPage
-	getJSON(t, apiURL+"/v1/jobs?limit=1", &page)
+	fleettest.Get(t, apiURL+"/v1/jobs?limit=1", &page)
 	if len(page.Jobs) != 1 || page.Jobs[0].Status != "succeeded" {
 		t.Errorf("GET /v1/jobs?limit=1: %+v, want the last job, succeeded", page.Jobs)
 	}
 	var queues fleet.QueueSummary
-	getJSON(t, apiURL+"/v1/queues", &queues)
+	fleettest.Get(t, apiURL+"/v1/queues", &queues)
 	if !slices.ContainsFunc(queues.Pools, func(p fleet.PoolQueue) bool { return p.Pool == "image" && p.Depth == 0 }) {
 		t.Errorf("GET /v1/queues: %+v, want the node's pool, empty", queues)
 	}
-	req, err := http.NewRequest(http.MethodDelete, apiURL+"/v1/jobs/"+job.ID, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	res.Body.Close()
-	if res.StatusCode != http.StatusNoContent {
-		t.Fatalf("DELETE the job: %s", res.Status)
-	}
-	if gone, left := fleettest.Gone(fleettest.JobPieces(t, b.js, job.ID)); !gone {
+	fleettest.Do(t, http.MethodDelete, apiURL+"/v1/jobs/"+job.ID, nil).Want(t, http.StatusNoContent)
+	if gone, left := fleettest.Gone(fleettest.JobPieces(t, b.JS, job.ID)); !gone {
 		t.Errorf("after DELETE, the job's %v are left", left)
 	}
 	expiring := sceneJob(hooks.URL, 1, 5)
 	expiring["ttl_s"] = 2
-	short, _ := postJob(t, apiURL, expiring)
-	hooks.wait(t, short.ID, 30*time.Second)
+	short := fleettest.SubmitJob(t, apiURL, expiring)
+	hooks.Wait(t, short.ID, 30*time.Second)
 	var left []string
 	fleettest.Eventually(t, 20*time.Second, func() bool {
 		var gone bool
-		gone, left = fleettest.Gone(fleettest.JobPieces(t, b.js, short.ID))
+		gone, left = fleettest.Gone(fleettest.JobPieces(t, b.JS, short.ID))
 		return gone
 	}, "the janitor left the expired job's %v", &left)
 
@@ -265,7 +221,7 @@ func TestPermissionsOfTheDeployConfigRunAJobAndRefuseTheRest(t *testing.T) {
 	// The executor cannot read the API keys, even one that exists.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	keys, err := b.js.KeyValue(ctx, fleet.BucketAPIKeys)
+	keys, err := b.JS.KeyValue(ctx, fleet.BucketAPIKeys)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -328,16 +284,11 @@ func comfyDoorAsItsUser(t *testing.T, door string, sim *comfysim.Server, nodeID 
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := client.Get(sim.URL() + "/object_info")
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	info := fleettest.Do(t, http.MethodGet, sim.URL()+"/object_info", nil).Body
 	if _, err := store.PutBytes(ctx, nodeID, info); err != nil {
 		t.Fatal(err)
 	}
-	cc := comfy.New(door, comfy.WithHTTPClient(client))
+	cc := comfy.New(door, comfy.WithHTTPClient(fleettest.HTTP))
 	defer cc.Close()
 	fleettest.Eventually(t, 30*time.Second, func() bool {
 		classes, err := cc.ObjectInfo(ctx, "LoadImage")

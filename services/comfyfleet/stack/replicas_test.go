@@ -8,6 +8,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 	"github.com/comfyfleet/comfyfleet/services/executor"
 )
 
@@ -16,15 +17,15 @@ import (
 // completes once, whichever intake took the job and whichever executor ran it.
 func TestEveryServiceTwiceCompletesAndCallsBackEachJobOnce(t *testing.T) {
 	t.Parallel()
-	b := startStackTuned(t, testSims(1, 1, 1, 1), func(c *stack.Config) {
+	b := stacktest.Start(t, stacktest.Nodes(1, 1, 1, 1), func(c *stack.Config) {
 		c.Intakes, c.Dispatchers, c.Notifiers = 2, 2, 2
 		c.NoExecutor = true
 	})
-	if len(b.stack.APIURLs) != 2 {
-		t.Fatalf("%d intakes, want 2", len(b.stack.APIURLs))
+	if len(b.APIURLs) != 2 {
+		t.Fatalf("%d intakes, want 2", len(b.APIURLs))
 	}
-	for i, nodes := range [][]fleet.NodeConfig{b.stack.Nodes[:2], b.stack.Nodes[2:]} {
-		if _, err := b.stack.AddExecutor(fmt.Sprintf("executor-%d", i+1), executor.Config{Nodes: nodes, HeartbeatInterval: 200 * time.Millisecond}); err != nil {
+	for i, nodes := range [][]fleet.NodeConfig{b.Nodes[:2], b.Nodes[2:]} {
+		if _, err := b.AddExecutor(fmt.Sprintf("executor-%d", i+1), executor.Config{Nodes: nodes, HeartbeatInterval: 200 * time.Millisecond}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -32,34 +33,34 @@ func TestEveryServiceTwiceCompletesAndCallsBackEachJobOnce(t *testing.T) {
 	const jobs, scenes = 12, 5
 	ids := make([]string, jobs)
 	for j := range ids {
-		job, _ := postJob(t, b.stack.APIURLs[j%2], sceneJob(b.hooks.URL, scenes, 5))
+		job := fleettest.SubmitJob(t, b.APIURLs[j%2], sceneJob(b.Hooks.URL, scenes, 5))
 		ids[j] = job.ID
 	}
 	for _, id := range ids {
-		if hook := b.hooks.wait(t, id, 2*time.Minute); hook.Body.Job.Status != "succeeded" {
+		if hook := b.Hooks.Wait(t, id, 2*time.Minute); hook.Body.Job.Status != "succeeded" {
 			t.Fatalf("job %s: %s", id, hook.Body.Job.Status)
 		}
 	}
-	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.js) }, "notifiers still have deliveries pending")
+	fleettest.Eventually(t, 10*time.Second, func() bool { return settled(t, b.JS) }, "notifiers still have deliveries pending")
 	for _, id := range ids {
-		if n := b.hooks.count(id); n != 1 {
+		if n := b.Hooks.Count(id); n != 1 {
 			t.Errorf("job %s: webhook delivered %d times, want once", id, n)
 		}
-		if n := countSubject(t, b.js, fleet.StreamEvents, fleet.JobEventSubject(id, fleet.EventCompleted)); n != 1 {
+		if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.JobEventSubject(id, fleet.EventCompleted)); n != 1 {
 			t.Errorf("job %s: %d completion events, want 1", id, n)
 		}
-		if n := countSubject(t, b.js, fleet.StreamEvents, "fleet.evt.scene."+id+".*.completed"); n != scenes {
+		if n := fleettest.Count(t, b.JS, fleet.StreamEvents, "fleet.evt.scene."+id+".*.completed"); n != scenes {
 			t.Errorf("job %s: %d scene completions, want %d", id, n, scenes)
 		}
-		for _, api := range b.stack.APIURLs {
-			if got := getJob(t, api, id); got.Status != "succeeded" {
+		for _, api := range b.APIURLs {
+			if got := fleettest.GetJob(t, api, id); got.Status != "succeeded" {
 				t.Errorf("job %s at %s: %s", id, api, got.Status)
 			}
 		}
 	}
-	for i, sim := range b.stack.Sims {
+	for i, sim := range b.Sims {
 		if len(sim.Stats().Runs) == 0 {
-			t.Errorf("node %s ran no scene", b.stack.Nodes[i].ID)
+			t.Errorf("node %s ran no scene", b.Nodes[i].ID)
 		}
 	}
 }

@@ -12,88 +12,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
-	"github.com/comfyfleet/comfyfleet/services/dispatcher"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack"
+	"github.com/comfyfleet/comfyfleet/services/comfyfleet/stack/stacktest"
 )
-
-// sceneLog records every scene event published on the fleet, in the order received.
-type sceneLog struct {
-	mu      sync.Mutex
-	evs     []fleet.SceneEvent
-	changed chan struct{}
-}
-
-func followScenes(t *testing.T, nc *nats.Conn) *sceneLog {
-	t.Helper()
-	l := &sceneLog{changed: make(chan struct{})}
-	sub, err := nc.Subscribe("fleet.evt.scene.*.*.*", func(m *nats.Msg) {
-		ev, err := fleet.DecodeSceneEvent(m.Data)
-		if err != nil {
-			return
-		}
-		l.mu.Lock()
-		l.evs = append(l.evs, ev)
-		close(l.changed)
-		l.changed = make(chan struct{})
-		l.mu.Unlock()
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A thousand scenes' events must not overflow the subscription.
-	if err := sub.SetPendingLimits(-1, -1); err != nil {
-		t.Fatal(err)
-	}
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	return l
-}
-
-// next returns the first event at or after position from that matches, and the
-// position after it; it fails the test if none comes within the deadline.
-func (l *sceneLog) next(t *testing.T, from int, deadline time.Time, what string, match func(fleet.SceneEvent) bool) (fleet.SceneEvent, int) {
-	t.Helper()
-	timer := time.NewTimer(time.Until(deadline))
-	defer timer.Stop()
-	for {
-		l.mu.Lock()
-		for ; from < len(l.evs); from++ {
-			if match(l.evs[from]) {
-				ev := l.evs[from]
-				l.mu.Unlock()
-				return ev, from + 1
-			}
-		}
-		changed := l.changed
-		l.mu.Unlock()
-		select {
-		case <-changed:
-		case <-timer.C:
-			t.Fatalf("no %s by the deadline", what)
-		}
-	}
-}
-
-// all returns the events received so far that match.
-func (l *sceneLog) all(match func(fleet.SceneEvent) bool) []fleet.SceneEvent {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []fleet.SceneEvent
-	for _, ev := range l.evs {
-		if match(ev) {
-			out = append(out, ev)
-		}
-	}
-	return out
-}
 
 // schedJob is a job of n txt2img scenes of steps steps at priority, with seeds from
 // seed on so that no node serves a scene from its cache.
@@ -185,13 +112,15 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 		pmu    sync.Mutex
 		placed []placement
 	)
-	b := startStackWith(t, testSims(1), dispatcher.Config{OnPlaced: func(_ string, item fleet.Ticket) {
-		pmu.Lock()
-		placed = append(placed, placement{time.Now(), item})
-		pmu.Unlock()
-	}})
-	comfyUI := comfy.New(b.stack.Sims[0].URL(), comfy.WithHTTPClient(client))
-	log := followScenes(t, b.nc)
+	b := stacktest.Start(t, stacktest.Nodes(1), func(c *stack.Config) {
+		c.Dispatcher.OnPlaced = func(_ string, item fleet.Ticket) {
+			pmu.Lock()
+			placed = append(placed, placement{time.Now(), item})
+			pmu.Unlock()
+		}
+	})
+	comfyUI := comfy.New(b.Sims[0].URL(), comfy.WithHTTPClient(fleettest.HTTP))
+	log := fleettest.SceneEvents(t, b.NC)
 	deadline := time.Now().Add(60 * time.Second)
 
 	// Ten jobs of a hundred short scenes (8 steps of 10ms) at priority 1.
@@ -200,7 +129,7 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 	var lowIDs []string
 	submitted := time.Now()
 	for j := range jobs {
-		job, _ := postJob(t, b.stack.APIURL, schedJob("", 1, perJob, lowSteps, j*perJob))
+		job := fleettest.SubmitJob(t, b.APIURL, schedJob("", 1, perJob, lowSteps, j*perJob))
 		low[job.ID] = true
 		lowIDs = append(lowIDs, job.ID)
 	}
@@ -208,7 +137,7 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 	t.Cleanup(func() {
 		// Whatever happened, do not leave a thousand scenes to the stack's shutdown.
 		for _, id := range lowIDs {
-			postCancel(t, b.stack.APIURL, id)
+			postCancel(t, b.APIURL, id)
 		}
 	})
 
@@ -217,7 +146,7 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 	queued := map[string]bool{}
 	for pos := 0; len(queued) < jobs*perJob; {
 		var ev fleet.SceneEvent
-		ev, pos = log.next(t, pos, deadline, fmt.Sprintf("queued event of all %d low scenes (have %d)", jobs*perJob, len(queued)),
+		ev, pos = log.Next(t, pos, time.Until(deadline), fmt.Sprintf("queued event of all %d low scenes (have %d)", jobs*perJob, len(queued)),
 			func(ev fleet.SceneEvent) bool { return ev.Type == fleet.EventQueued && isLow(ev) })
 		queued[fleet.SceneKey(ev.JobID, ev.Index)] = true
 	}
@@ -233,13 +162,13 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 	}, "the node never held a running scene and a queued one")
 
 	before := time.Now()
-	urgent, _ := postJob(t, b.stack.APIURL, schedJob("", 10, 1, lowSteps, 1_000_000))
+	urgent := fleettest.SubmitJob(t, b.APIURL, schedJob("", 10, 1, lowSteps, 1_000_000))
 	isUrgent := func(ev fleet.SceneEvent) bool { return ev.JobID == urgent.ID }
-	start, _ := log.next(t, 0, time.Now().Add(10*time.Second), "started event of the priority-10 scene",
+	start, _ := log.Next(t, 0, 10*time.Second, "started event of the priority-10 scene",
 		func(ev fleet.SceneEvent) bool { return ev.Type == fleet.EventStarted && isUrgent(ev) })
 
 	// The low scenes that started between the urgent one's submission and its start.
-	overtook := log.all(func(ev fleet.SceneEvent) bool {
+	overtook := log.All(func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventStarted && isLow(ev) && !ev.Time.Before(before) && ev.Time.Before(start.Time)
 	})
 	var wasHeld, notHeld []string
@@ -280,13 +209,13 @@ func TestPriorityTenOvertakesAThousandQueuedPriorityOne(t *testing.T) {
 		t.Errorf("%d priority-1 scenes started between the priority-10 scene's submission and its start; want at most %d (the %d the node held, +%d)",
 			len(overtook), fleet.NodeSlots+slack, fleet.NodeSlots, slack)
 	}
-	log.next(t, 0, time.Now().Add(10*time.Second), "completed event of the priority-10 scene",
+	log.Next(t, 0, 10*time.Second, "completed event of the priority-10 scene",
 		func(ev fleet.SceneEvent) bool { return ev.Type == fleet.EventCompleted && isUrgent(ev) })
 
 	// The low jobs are cancelled so that the test ends.
 	for _, id := range lowIDs {
-		if resp, body := postCancel(t, b.stack.APIURL, id); resp.StatusCode != http.StatusAccepted {
-			t.Errorf("cancel %s: %s: %s", id, resp.Status, body)
+		if a := postCancel(t, b.APIURL, id); a.Status != http.StatusAccepted {
+			t.Errorf("cancel %s: %v", id, a)
 		}
 	}
 }
@@ -304,21 +233,21 @@ func sceneKeys(evs []fleet.SceneEvent) []string {
 // the other node; undrained, the node takes work again.
 func TestDrainedNodeFinishesItsSceneAndTakesNoNewOne(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1, 1))
-	a := b.stack.Nodes[0].ID
-	simA := b.stack.Sims[0]
-	log := followScenes(t, b.nc)
+	b := stacktest.Start(t, stacktest.Nodes(1, 1))
+	a := b.Nodes[0].ID
+	simA := b.Sims[0]
+	log := fleettest.SceneEvents(t, b.NC)
 	deadline := time.Now().Add(30 * time.Second)
 
 	// Eight scenes of 40 steps (about 400ms each).
-	job, _ := postJob(t, b.stack.APIURL, schedJob(b.hooks.URL, 5, 8, 40, 0))
-	running, _ := log.next(t, 0, deadline, "early progress of a scene on "+a, func(ev fleet.SceneEvent) bool {
+	job := fleettest.SubmitJob(t, b.APIURL, schedJob(b.Hooks.URL, 5, 8, 40, 0))
+	running, _ := log.Next(t, 0, time.Until(deadline), "early progress of a scene on "+a, func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventProgress && ev.JobID == job.ID && ev.Node == a && ev.Progress != nil && ev.Progress.Value*2 <= ev.Progress.Max
 	})
 	drainedAt := time.Now()
-	setDrained(t, b.js, a, true)
+	setDrained(t, b.JS, a, true)
 
-	hook := b.hooks.wait(t, job.ID, 20*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 20*time.Second)
 	if hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("job %s after draining %s: %+v", hook.Body.Job.Status, a, hook.Body.Job.Scenes)
 	}
@@ -326,20 +255,20 @@ func TestDrainedNodeFinishesItsSceneAndTakesNoNewOne(t *testing.T) {
 		if s.Status != "succeeded" {
 			t.Errorf("scene %d: %s", s.Index, s.Status)
 		}
-		if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, s.Index, fleet.EventCompleted)); n != 1 {
+		if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, s.Index, fleet.EventCompleted)); n != 1 {
 			t.Errorf("scene %d: %d completed events, want 1", s.Index, n)
 		}
 	}
 	if s := hook.Body.Job.Scenes[running.Index]; s.Node != a {
 		t.Errorf("scene %d, running on %s when it was drained, finished on %s", running.Index, a, s.Node)
 	}
-	completed := log.all(func(ev fleet.SceneEvent) bool {
+	completed := log.All(func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventCompleted && ev.JobID == job.ID && ev.Index == running.Index
 	})
 	if len(completed) == 0 || completed[0].Node != a {
 		t.Errorf("completed events of the running scene %d: %+v; want one from %s", running.Index, completed, a)
 	}
-	late := log.all(func(ev fleet.SceneEvent) bool {
+	late := log.All(func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventStarted && ev.Node == a && !ev.Time.Before(drainedAt)
 	})
 	if len(late) > 0 {
@@ -357,18 +286,18 @@ func TestDrainedNodeFinishesItsSceneAndTakesNoNewOne(t *testing.T) {
 		}
 	}
 	t.Logf("%d of 8 scenes ran on %s (drained %s into the job)", onA, a, drainedAt.Sub(hook.Body.Job.CreatedAt).Round(time.Millisecond))
-	fleettest.Eventually(t, 5*time.Second, func() bool { return observedState(t, b.js, a) == fleet.NodeDraining },
-		"%s's heartbeat state is %q, want draining", a, func() any { return observedState(t, b.js, a) })
+	fleettest.Eventually(t, 5*time.Second, func() bool { return observedState(t, b.JS, a) == fleet.NodeDraining },
+		"%s's heartbeat state is %q, want draining", a, func() any { return observedState(t, b.JS, a) })
 
 	// Undrained, the node takes work again.
-	setDrained(t, b.js, a, false)
-	fleettest.Eventually(t, 5*time.Second, func() bool { return observedState(t, b.js, a) == fleet.NodeOnline },
-		"%s's heartbeat state is %q after undraining, want online", a, func() any { return observedState(t, b.js, a) })
-	again, _ := postJob(t, b.stack.APIURL, schedJob(b.hooks.URL, 5, 4, 40, 100))
-	log.next(t, 0, time.Now().Add(10*time.Second), "completed scene on "+a+" after undraining", func(ev fleet.SceneEvent) bool {
+	setDrained(t, b.JS, a, false)
+	fleettest.Eventually(t, 5*time.Second, func() bool { return observedState(t, b.JS, a) == fleet.NodeOnline },
+		"%s's heartbeat state is %q after undraining, want online", a, func() any { return observedState(t, b.JS, a) })
+	again := fleettest.SubmitJob(t, b.APIURL, schedJob(b.Hooks.URL, 5, 4, 40, 100))
+	log.Next(t, 0, 10*time.Second, "completed scene on "+a+" after undraining", func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventCompleted && ev.JobID == again.ID && ev.Node == a
 	})
-	if hook := b.hooks.wait(t, again.ID, 10*time.Second); hook.Body.Job.Status != "succeeded" {
+	if hook := b.Hooks.Wait(t, again.ID, 10*time.Second); hook.Body.Job.Status != "succeeded" {
 		t.Errorf("job after undraining: %s", hook.Body.Job.Status)
 	}
 }
@@ -379,28 +308,24 @@ func TestDrainedNodeFinishesItsSceneAndTakesNoNewOne(t *testing.T) {
 func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 	t.Parallel()
 	// Started before the stack, so that it stops after the executor driving it.
-	simC, err := comfysim.Start(comfysim.Config{Name: "sim-new", StepDuration: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { simC.Close() })
-	b := startStack(t, testSims(1, 1))
-	a, simA := b.stack.Nodes[0].ID, b.stack.Sims[0]
+	simC := fleettest.Sim(t, comfysim.Config{Name: "sim-new", StepDuration: 10 * time.Millisecond})
+	b := stacktest.Start(t, stacktest.Nodes(1, 1))
+	a, simA := b.Nodes[0].ID, b.Sims[0]
 	const added = "sim-new"
-	log := followScenes(t, b.nc)
+	log := fleettest.SceneEvents(t, b.NC)
 	deadline := time.Now().Add(30 * time.Second)
 
 	// Scenes of 400 ms: longer than the executor may take, under -race on a busy
 	// machine, to hear of the removal.
 	const scenes = 20
-	job, _ := postJob(t, b.stack.APIURL, schedJob(b.hooks.URL, 5, scenes, 40, 0))
-	_, pos := log.next(t, 0, deadline, "completed scene on "+a, func(ev fleet.SceneEvent) bool {
+	job := fleettest.SubmitJob(t, b.APIURL, schedJob(b.Hooks.URL, 5, scenes, 40, 0))
+	_, pos := log.Next(t, 0, time.Until(deadline), "completed scene on "+a, func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventCompleted && ev.Node == a
 	})
-	running, _ := log.next(t, pos, deadline, "progress of a scene on "+a, func(ev fleet.SceneEvent) bool {
+	running, _ := log.Next(t, pos, time.Until(deadline), "progress of a scene on "+a, func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventProgress && ev.Node == a
 	})
-	kv := registryBucket(t, b.js)
+	kv := registryBucket(t, b.JS)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	removedAt := time.Now()
@@ -412,7 +337,7 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	hook := b.hooks.wait(t, job.ID, 20*time.Second)
+	hook := b.Hooks.Wait(t, job.ID, 20*time.Second)
 	if hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("job %s: %+v", hook.Body.Job.Status, hook.Body.Job.Scenes)
 	}
@@ -422,7 +347,7 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 		if s.Status != "succeeded" || len(s.Outputs) == 0 {
 			t.Errorf("scene %d: %s with %d outputs", s.Index, s.Status, len(s.Outputs))
 		}
-		if n := countSubject(t, b.js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, s.Index, fleet.EventCompleted)); n != 1 {
+		if n := fleettest.Count(t, b.JS, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, s.Index, fleet.EventCompleted)); n != 1 {
 			t.Errorf("scene %d: %d completed events, want 1", s.Index, n)
 		}
 	}
@@ -430,7 +355,7 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 		byNode, running.Index, a, hook.Body.Job.Scenes[running.Index].Node, hook.Body.Job.Scenes[running.Index].Attempts)
 	// At most what the node held when the executor saw the removal may complete
 	// there after it: the scene running, and one ComfyUI had just started behind it.
-	late := log.all(func(ev fleet.SceneEvent) bool {
+	late := log.All(func(ev fleet.SceneEvent) bool {
 		return ev.Type == fleet.EventCompleted && ev.Node == a && ev.Time.After(removedAt)
 	})
 	if len(late) > fleet.NodeSlots {
@@ -446,13 +371,13 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 	}
 	if byNode[added] == 0 {
 		var nodes any
-		getJSON(t, b.stack.APIURL+"/v1/nodes", &nodes)
+		fleettest.Get(t, b.APIURL+"/v1/nodes", &nodes)
 		t.Errorf("the added node %s completed no scene: %v; nodes now: %v", added, byNode, nodes)
 	}
 
 	// What the removed node did, relative to the removal.
 	rendered := 0
-	for _, s := range append(b.stack.Sims, simC) {
+	for _, s := range append(b.Sims, simC) {
 		rendered += len(s.Stats().Rendered)
 	}
 	var onA []string
@@ -469,7 +394,7 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 			r.Start.Sub(removedAt).Round(time.Millisecond), r.End.Sub(removedAt).Round(time.Millisecond)))
 	}
 	var completedOnA []string
-	for _, ev := range log.all(func(ev fleet.SceneEvent) bool { return ev.Type == fleet.EventCompleted && ev.Node == a }) {
+	for _, ev := range log.All(func(ev fleet.SceneEvent) bool { return ev.Type == fleet.EventCompleted && ev.Node == a }) {
 		completedOnA = append(completedOnA, fmt.Sprintf("scene %d at %s", ev.Index, ev.Time.Sub(removedAt).Round(time.Millisecond)))
 	}
 	t.Logf("%d prompts rendered for %d scenes; runs on %s relative to its removal: %v; completed there: %v",
@@ -481,13 +406,13 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 // next without waiting for the fleet.
 func TestBackloggedNodeIdleGapIsUnderFiveMilliseconds(t *testing.T) {
 	t.Parallel()
-	b := startStack(t, testSims(1))
-	sim := b.stack.Sims[0]
+	b := stacktest.Start(t, stacktest.Nodes(1))
+	sim := b.Sims[0]
 	// Scenes of ~400ms: the next one has that long to reach ComfyUI, even on a
 	// 2-core machine busy with the rest of the suite.
 	const scenes = 10
-	job, _ := postJob(t, b.stack.APIURL, schedJob(b.hooks.URL, 5, scenes, 20, 0))
-	if hook := b.hooks.wait(t, job.ID, 20*time.Second); hook.Body.Job.Status != "succeeded" {
+	job := fleettest.SubmitJob(t, b.APIURL, schedJob(b.Hooks.URL, 5, scenes, 20, 0))
+	if hook := b.Hooks.Wait(t, job.ID, 20*time.Second); hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("job %s", hook.Body.Job.Status)
 	}
 	var ok []comfysim.Run
