@@ -2,6 +2,7 @@ package executor_test
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
 	"os"
@@ -113,7 +114,8 @@ func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.Ticket 
 	return fleet.Ticket{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", SubmittedAt: now}
 }
 
-// awaitOnline waits until the dispatcher has recorded every node as online.
+// awaitOnline waits until every node is recorded online and the leading dispatcher
+// sees them so.
 func (r *rig) awaitOnline(ids ...string) {
 	r.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -131,6 +133,15 @@ func (r *rig) awaitOnline(ids ...string) {
 		}
 		return true
 	}, "nodes %v not online", ids)
+	// And the dispatcher has heard of them: a scene submitted now may go to any.
+	fleettest.Eventually(r.t, 10*time.Second, func() bool {
+		m, err := r.nc.Request(fleet.QueuesSubject, nil, time.Second)
+		if err != nil {
+			return false
+		}
+		var q fleet.QueueSummary
+		return json.Unmarshal(m.Data, &q) == nil && q.Leading && q.Nodes[string(fleet.NodeOnline)] >= len(ids)
+	}, "the dispatcher does not see nodes %v online", ids)
 }
 
 // await returns the first scene event of type typ after the one it returned last,
@@ -196,7 +207,7 @@ func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) 
 	sim, node := r.sim(comfysim.Config{Name: "gpu"})
 	cutter := &wsCutter{base: http.DefaultTransport.(*http.Transport).Clone()}
 	r.executor("exec", cutter, node)
-	item := r.submit("ws-drop", 60, 0)
+	item := r.submit("ws-drop", 150, 0)
 
 	for {
 		ev := r.await(fleet.EventProgress, 30*time.Second)
@@ -229,9 +240,11 @@ func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) 
 func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
-	// Two equal nodes: the first by id takes the first attempt.
+	// The node out of memory is thought the faster, by its weight, so that it takes the
+	// first attempt whatever the setup times measured.
 	oomSim, oom := r.sim(comfysim.Config{Name: "gpu-a", OOMRate: 1})
 	okSim, ok := r.sim(comfysim.Config{Name: "gpu-b"})
+	ok.Weight = 0.5
 	r.executor("exec-a", nil, oom)
 	r.executor("exec-b", nil, ok)
 	r.awaitOnline(oom.ID, ok.ID)
