@@ -89,6 +89,15 @@ func (r *rig) executor(name string, transport http.RoundTripper, nodes ...fleet.
 // as the intake does: the scene's payload, then the job; the dispatcher queues it.
 func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.Ticket {
 	r.t.Helper()
+	payload, commit, t := r.job(job, steps, timeout)
+	r.publish(payload, commit)
+	return t
+}
+
+// job returns the messages that submit a job of one txt2img scene of steps sampler
+// steps in the image pool, its scene's payload and its commit, and the scene's ticket.
+func (r *rig) job(job string, steps int, timeout time.Duration) (payload, commit fleet.Outgoing, t fleet.Ticket) {
+	r.t.Helper()
 	catalog, err := workflow.Load(os.DirFS("../../workflows"))
 	if err != nil {
 		r.t.Fatal(err)
@@ -98,20 +107,24 @@ func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.Ticket 
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	now := time.Now().UTC()
 	j := &fleet.Job{ID: job, Status: fleet.StatusQueued, Priority: 5, CreatedAt: now, UpdatedAt: now,
 		Scenes: []fleet.Scene{{Index: 0, Pool: "image", Spec: fleet.SceneSpec{Workflow: "txt2img"}, Model: fleet.Checkpoint(graph),
 			Status: fleet.StatusQueued, QueuedAt: now}}}
-	payload := fleet.ScenePayload{JobID: job, Index: 0, Graph: graph, Timeout: timeout}
-	if err := fleet.NewPublisher(r.js, "test").Batch(ctx, []fleet.Outgoing{
-		{Subject: fleet.ScenePayloadSubject(job, 0), MsgID: payload.MsgID(), Value: payload},
-		{Subject: fleet.SubmitJobSubject(job), MsgID: fleet.SubmitMsgID(job), Value: j},
-	}); err != nil {
+	p := fleet.ScenePayload{JobID: job, Index: 0, Graph: graph, Timeout: timeout}
+	return fleet.Outgoing{Subject: fleet.ScenePayloadSubject(job, 0), MsgID: p.MsgID(), Value: p},
+		fleet.Outgoing{Subject: fleet.SubmitJobSubject(job), MsgID: fleet.SubmitMsgID(job), Value: j},
+		fleet.Ticket{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", SubmittedAt: now}
+}
+
+// publish publishes msgs as one batch, as the intake does.
+func (r *rig) publish(msgs ...fleet.Outgoing) {
+	r.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := fleet.NewPublisher(r.js, "test").Batch(ctx, msgs); err != nil {
 		r.t.Fatal(err)
 	}
-	return fleet.Ticket{JobID: job, Index: 0, Priority: 5, Pool: "image", Workflow: "txt2img", SubmittedAt: now}
 }
 
 // awaitOnline waits until every node is recorded online and the leading dispatcher
@@ -266,6 +279,30 @@ func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
 	}
 	if st := okSim.Stats(); len(st.Rendered) != 1 {
 		t.Errorf("the other node rendered %v; want the retry", st.Rendered)
+	}
+}
+
+// A payload not found while its job lives is one a stream leader just elected has not
+// applied yet: the attempt is retried, and runs once the payload is there.
+func TestPayloadNotFoundForALivingJobIsRetried(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	sim, node := r.sim(comfysim.Config{Name: "gpu"})
+	r.executor("exec", nil, node)
+	payload, commit, item := r.job("late-payload", 5, 0)
+	r.publish(commit)
+
+	retry := r.await(fleet.EventRetrying, 30*time.Second)
+	if !strings.Contains(retry.Error, "payload is gone from the store, though its job lives") {
+		t.Errorf("retrying event: %q; want the payload not found for a living job", retry.Error)
+	}
+	r.publish(payload)
+	done := r.await(fleet.EventCompleted, 30*time.Second)
+	if done.Attempt != 2 || len(done.Outputs) == 0 {
+		t.Errorf("completed attempt %d with %d outputs; want the second attempt with its outputs", done.Attempt, len(done.Outputs))
+	}
+	if st := sim.Stats(); len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, "2") {
+		t.Errorf("node rendered %v; want the second attempt's prompt", st.Rendered)
 	}
 }
 

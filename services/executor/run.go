@@ -102,6 +102,10 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 	}
 	item, err := e.load(runCtx, t)
 	switch {
+	case errors.Is(err, errPayloadMissing) && e.jobLives(ctx, t.JobID):
+		// A stream leader just elected may answer before it has applied what its
+		// predecessor stored and acknowledged: the payload of a living job comes back.
+		return e.retryOrFail(ctx, n, t, attempt, delivered, fmt.Errorf("%w, though its job lives", err), log)
 	case errors.Is(err, errPayloadMissing):
 		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)
 	case err != nil && (ctx.Err() != nil || errors.Is(context.Cause(runCtx), errHandBack)):
@@ -180,16 +184,32 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 		return nil
 	}
 
-	permanent := isPermanent(err)
-	if !permanent {
+	if !isPermanent(err) {
 		e.probe(ctx, n)
 	}
-	if permanent || attempt-t.AttemptBase >= e.cfg.Settings.MaxAttempts {
+	return e.retryOrFail(ctx, n, t, attempt, delivered, err, log)
+}
+
+// jobLives reports whether job is neither finished nor gone, as its state says; a
+// state that cannot be read counts as living.
+func (e *executor) jobLives(ctx context.Context, job string) bool {
+	st, _, err := e.jobs.State(ctx, job)
+	if err != nil {
+		return !errors.Is(err, fleet.ErrJobNotFound)
+	}
+	return !st.Status.Terminal()
+}
+
+// retryOrFail ends a failed attempt: the scene fails for good on a permanent error
+// or once its attempts run out; otherwise it goes back to the queue after a back-off,
+// to be placed elsewhere than n if possible.
+func (e *executor) retryOrFail(ctx context.Context, n *node, t fleet.Ticket, attempt, delivered int, err error, log *slog.Logger) error {
+	if isPermanent(err) || attempt-t.AttemptBase >= e.cfg.Settings.MaxAttempts {
 		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)
 	}
 	failure := fleet.Attempt{Attempt: attempt, Node: n.cfg.ID, Error: err.Error(), At: time.Now().UTC()}
-	ev := event(fleet.EventRetrying)
-	ev.Error, ev.Failures = err.Error(), t.Failures
+	ev := fleet.SceneEvent{JobID: t.JobID, Index: t.Index, Retry: t.Retry, Type: fleet.EventRetrying, Attempt: attempt, Node: n.cfg.ID,
+		Error: err.Error(), Failures: t.Failures}
 	if err := e.pub.SceneEvent(ctx, ev); err != nil {
 		log.Warn("publish retrying event", "err", err)
 	}
