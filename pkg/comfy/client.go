@@ -40,6 +40,8 @@ type Client struct {
 	maxOutage time.Duration
 	// cleanupTimeout bounds the interrupt/delete calls made when Run is cancelled.
 	cleanupTimeout time.Duration
+	// submitTimeout bounds a POST /prompt, which a cancellation does not cut short.
+	submitTimeout time.Duration
 	// connectTimeout bounds the websocket handshake and the wait for the
 	// server's greeting.
 	connectTimeout time.Duration
@@ -127,6 +129,7 @@ func New(baseURL string, opts ...Option) *Client {
 		reconnectMax:     5 * time.Second,
 		maxOutage:        5 * time.Minute,
 		cleanupTimeout:   10 * time.Second,
+		submitTimeout:    time.Minute,
 		connectTimeout:   10 * time.Second,
 		idleTimeout:      time.Minute,
 		silenceTimeout:   2 * time.Second,

@@ -24,7 +24,8 @@ import (
 // fails in transit, Run follows the prompt if the server queued it anyway, and
 // otherwise returns the transport error. If ctx is cancelled once the prompt
 // may be queued, Run deletes it from the queue or interrupts it, using a short
-// context of its own, and returns ctx.Err().
+// context of its own, and returns ctx.Err(); a cancellation during POST /prompt
+// waits for the server's answer first (up to a minute).
 //
 // Errors: *RejectedError (invalid graph), *ExecutionError (a node failed),
 // ErrInterrupted, ErrPromptExists (promptID taken on newer servers: use Await),
@@ -40,12 +41,20 @@ func (c *Client) Run(ctx context.Context, g Graph, promptID string, onProgress f
 	}
 	defer w.release()
 	heard := w.s.mark()
-	sub, err := c.Submit(ctx, g, promptID)
+	if err := ctx.Err(); err != nil {
+		return Result{}, err
+	}
+	// A submission is not cut short by a cancellation: the server may have read the
+	// whole request and queue the prompt after abandon looked for it and found nothing,
+	// to run it unowned. Once the server has answered, abandon finds it.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.submitTimeout)
+	sub, err := c.Submit(sctx, g, promptID)
+	cancel()
 	switch {
-	case err == nil:
 	case ctx.Err() != nil:
 		c.abandon(ctx, promptID)
 		return Result{}, ctx.Err()
+	case err == nil:
 	case answered(err) || !c.landed(ctx, promptID):
 		return Result{}, err
 	default:

@@ -2,13 +2,16 @@ package comfy
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/google/uuid"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
@@ -195,5 +198,71 @@ func TestIdleSocketCloses(t *testing.T) {
 		if n, _ := connections(c); n != 0 {
 			t.Errorf("a retired stream is still the client's")
 		}
+	}
+}
+
+// lateSubmit is a transport whose POST /prompt cancels the Run that sends it, as a
+// drain or removal of the node would while the request is in flight. A request the
+// client gave up on still reaches the server, after the client's next look at the
+// queue: the server had read it whole and queues it late.
+type lateSubmit struct {
+	base      http.RoundTripper
+	cancelRun context.CancelFunc
+	wg        sync.WaitGroup
+	queueRead chan struct{}
+	once      sync.Once
+}
+
+func (l *lateSubmit) RoundTrip(req *http.Request) (*http.Response, error) {
+	switch {
+	case req.Method == http.MethodPost && req.URL.Path == "/prompt":
+		l.cancelRun()
+		if err := req.Context().Err(); err != nil {
+			late := req.Clone(context.Background())
+			l.wg.Go(func() {
+				select {
+				case <-l.queueRead:
+				case <-time.After(5 * time.Second):
+				}
+				if resp, err := l.base.RoundTrip(late); err == nil {
+					resp.Body.Close()
+				}
+			})
+			return nil, err
+		}
+	case req.Method == http.MethodGet && req.URL.Path == "/queue":
+		resp, err := l.base.RoundTrip(req)
+		l.once.Do(func() { close(l.queueRead) })
+		return resp, err
+	}
+	return l.base.RoundTrip(req)
+}
+
+// TestRunCancelledDuringSubmissionLeavesNothingRunning: a Run cancelled while its
+// POST /prompt is in flight waits for the answer, then removes the prompt, so that
+// ComfyUI does not render a prompt nobody follows.
+func TestRunCancelledDuringSubmissionLeavesNothingRunning(t *testing.T) {
+	t.Parallel()
+	sim, err := comfysim.Start(comfysim.Config{NodeDuration: 500 * time.Millisecond, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sim.Close() })
+	ctx, cancel := context.WithCancel(testContext(t))
+	defer cancel()
+	tr := &lateSubmit{base: http.DefaultTransport.(*http.Transport).Clone(), cancelRun: cancel, queueRead: make(chan struct{})}
+	t.Cleanup(tr.wg.Wait)
+	c := New(sim.URL(), WithLogger(testLogger(t)), WithHTTPClient(&http.Client{Transport: tr}))
+	t.Cleanup(func() { c.Close() })
+
+	if _, err := c.Run(ctx, tinyGraph(1), uuid.NewString(), nil); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run: %v, want context.Canceled", err)
+	}
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		q, err := c.Queue(testContext(t))
+		return err == nil && sim.Stats().Prompts == 1 && len(q.Running) == 0 && len(q.Pending) == 0
+	}, "the prompt never reached the simulator, or it still runs")
+	if st := sim.Stats(); len(st.Rendered) != 0 {
+		t.Errorf("the simulator rendered %v; want the prompt of the cancelled Run removed or interrupted", st.Rendered)
 	}
 }
