@@ -99,7 +99,7 @@ var pyFloatSpecial = regexp.MustCompile(`(?i)^[+-]?(inf|infinity|nan)$`)
 // does for the declared type, returning Python's exception message when
 // the conversion fails.
 func convertWidget(typ string, raw json.RawMessage) (widgetValue, string) {
-	kind := jsonKind(raw)
+	kind := pyjson.Kind(raw)
 	switch typ {
 	case "INT":
 		switch kind {

@@ -8,6 +8,8 @@ import (
 	"sort"
 	"strconv"
 	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // cacheEntry is a node's result, reused by the next prompt that contains
@@ -357,7 +359,7 @@ func (e *execution) signatures() map[string]string {
 		n := g.byID[id]
 		h := sha256.New()
 		fmt.Fprintf(h, "%s\x00", n.ClassType)
-		inputs := append([]member(nil), n.Inputs...)
+		inputs := append([]pyjson.Member(nil), n.Inputs...)
 		sort.Slice(inputs, func(a, b int) bool { return inputs[a].Key < inputs[b].Key })
 		for _, in := range inputs {
 			if l, ok := linkOf(in.Raw); ok && g.byID[l.From] != nil {
@@ -410,7 +412,7 @@ func (e *execution) storeCache() {
 // apart from numbers.
 func canonicalJSON(raw []byte) string {
 	s := pyStr(raw)
-	if jsonKind(raw) == '"' {
+	if pyjson.Kind(raw) == '"' {
 		return strconv.Quote(s)
 	}
 	return s

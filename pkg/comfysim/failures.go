@@ -8,6 +8,8 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // failurePlan is a simulated failure chosen when a prompt starts.
@@ -190,7 +192,7 @@ func (e *execution) currentInputs(n *promptNode) obj {
 // formatValue is execution.format_value: scalars as they are, anything
 // else as str().
 func formatValue(raw json.RawMessage) any {
-	switch jsonKind(raw) {
+	switch pyjson.Kind(raw) {
 	case '{', '[':
 		return pyReprJSON(raw)
 	}
@@ -199,16 +201,16 @@ func formatValue(raw json.RawMessage) any {
 
 // pyReprJSON renders JSON as Python's str() of the decoded value.
 func pyReprJSON(raw []byte) string {
-	switch jsonKind(raw) {
+	switch pyjson.Kind(raw) {
 	case '{':
-		ms, _ := parseObject(raw)
+		ms, _ := pyjson.ParseObject(raw)
 		parts := make([]string, len(ms))
 		for i, m := range ms {
 			parts[i] = pyRepr(m.Key) + ": " + pyReprJSON(m.Raw)
 		}
 		return "{" + strings.Join(parts, ", ") + "}"
 	case '[':
-		items, _ := parseArray(raw)
+		items, _ := pyjson.ParseArray(raw)
 		parts := make([]string, len(items))
 		for i, it := range items {
 			parts[i] = pyReprJSON(it)

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // promptNode is one node of a submitted prompt.
@@ -13,13 +15,13 @@ type promptNode struct {
 	ID        string
 	HasClass  bool
 	ClassType string
-	Inputs    []member
+	Inputs    []pyjson.Member
 	class     *nodeClass
 }
 
 // input returns the raw value given for an input.
 func (n *promptNode) input(name string) (json.RawMessage, bool) {
-	return lookup(n.Inputs, name)
+	return pyjson.Lookup(n.Inputs, name)
 }
 
 // graph is a prompt: nodes in the order the client sent them.
@@ -36,7 +38,7 @@ var errBadPrompt = errors.New("malformed prompt")
 // classes of the server. A prompt that is not an object of objects makes
 // the real server raise, hence errBadPrompt.
 func parseGraph(raw json.RawMessage, classes *classTable) (*graph, error) {
-	members, err := parseObject(raw)
+	members, err := pyjson.ParseObject(raw)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", errBadPrompt, err)
 	}
@@ -46,20 +48,20 @@ func parseGraph(raw json.RawMessage, classes *classTable) (*graph, error) {
 	}
 	g := &graph{raw: compact.Bytes(), byID: map[string]*promptNode{}}
 	for _, m := range members {
-		fields, err := parseObject(m.Raw)
+		fields, err := pyjson.ParseObject(m.Raw)
 		if err != nil {
 			return nil, fmt.Errorf("%w: node %s: %v", errBadPrompt, m.Key, err)
 		}
 		n := &promptNode{ID: m.Key}
-		if ct, ok := lookup(fields, "class_type"); ok {
+		if ct, ok := pyjson.Lookup(fields, "class_type"); ok {
 			n.HasClass = true
 			n.ClassType = pyStr(ct)
 			if _, isStr := jsonString(ct); isStr {
 				n.class = classes.byName[n.ClassType]
 			}
 		}
-		if in, ok := lookup(fields, "inputs"); ok {
-			inputs, err := parseObject(in)
+		if in, ok := pyjson.Lookup(fields, "inputs"); ok {
+			inputs, err := pyjson.ParseObject(in)
 			if err != nil {
 				return nil, fmt.Errorf("%w: node %s inputs: %v", errBadPrompt, m.Key, err)
 			}
@@ -79,7 +81,7 @@ type link struct {
 
 // linkOf reads a validated link value ["id", slot].
 func linkOf(raw json.RawMessage) (link, bool) {
-	parts, ok := parseArray(raw)
+	parts, ok := pyjson.ParseArray(raw)
 	if !ok || len(parts) != 2 {
 		return link{}, false
 	}

@@ -5,6 +5,8 @@ import (
 	"image/color"
 	"math/big"
 	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // nodeRun is the execution of one node.
@@ -141,7 +143,7 @@ func (r *nodeRun) step(value, max int, png []byte) {
 
 // widget returns a literal input, or the class default.
 func (r *nodeRun) widget(name string) (json.RawMessage, bool) {
-	if raw, ok := r.n.input(name); ok && jsonKind(raw) != '[' {
+	if raw, ok := r.n.input(name); ok && pyjson.Kind(raw) != '[' {
 		return raw, true
 	}
 	if in, ok := r.c.input(name); ok {
@@ -192,7 +194,7 @@ func (r *nodeRun) str(name string) string {
 
 func (r *nodeRun) bool(name string) bool {
 	raw, ok := r.widget(name)
-	return ok && pyTruthy(raw)
+	return ok && pyjson.Truthy(raw)
 }
 
 // seed is the sampler's seed, folded to 64 bits.

@@ -7,6 +7,8 @@ import (
 	"maps"
 	"slices"
 	"sort"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // objectInfoJSON is the /object_info table: the model-free classes are
@@ -26,7 +28,7 @@ type inputSpec struct {
 	Type string
 	// Choices lists a combo's options.
 	Choices []string
-	Options []member
+	Options []pyjson.Member
 }
 
 // isCombo reports whether the input takes one of a list of values.
@@ -34,13 +36,13 @@ func (in *inputSpec) isCombo() bool { return in.Type == "" }
 
 // option returns the raw value of an option such as "min" or "default".
 func (in *inputSpec) option(name string) (json.RawMessage, bool) {
-	return lookup(in.Options, name)
+	return pyjson.Lookup(in.Options, name)
 }
 
 // config is the spec as validation errors quote it: [type, options],
 // with {} when the class declares no options.
 func (in *inputSpec) config() []any {
-	parts, _ := parseArray(in.Raw)
+	parts, _ := pyjson.ParseArray(in.Raw)
 	if len(parts) >= 2 {
 		return []any{parts[0], parts[1]}
 	}
@@ -50,7 +52,7 @@ func (in *inputSpec) config() []any {
 // nodeClass is one entry of the object_info table.
 type nodeClass struct {
 	Name       string
-	info       []member
+	info       []pyjson.Member
 	Inputs     []inputSpec
 	Outputs    []string
 	OutputNode bool
@@ -71,14 +73,14 @@ func (c *nodeClass) input(name string) (*inputSpec, bool) {
 
 // hidden returns the hidden inputs the class declares, such as
 // {"prompt": "PROMPT"}.
-func (c *nodeClass) hidden() []member {
-	inputRaw, _ := lookup(c.info, "input")
-	cats, _ := parseObject(inputRaw)
-	raw, ok := lookup(cats, "hidden")
+func (c *nodeClass) hidden() []pyjson.Member {
+	inputRaw, _ := pyjson.Lookup(c.info, "input")
+	cats, _ := pyjson.ParseObject(inputRaw)
+	raw, ok := pyjson.Lookup(cats, "hidden")
 	if !ok {
 		return nil
 	}
-	ms, _ := parseObject(raw)
+	ms, _ := pyjson.ParseObject(raw)
 	return ms
 }
 
@@ -95,18 +97,18 @@ func (c *nodeClass) render(choices map[string][]string) obj {
 	if len(choices) == 0 {
 		return out
 	}
-	inputRaw, _ := lookup(c.info, "input")
-	cats, _ := parseObject(inputRaw)
+	inputRaw, _ := pyjson.Lookup(c.info, "input")
+	cats, _ := pyjson.ParseObject(inputRaw)
 	catObj := make(obj, 0, len(cats))
 	for _, cat := range cats {
-		inputs, _ := parseObject(cat.Raw)
+		inputs, _ := pyjson.ParseObject(cat.Raw)
 		inObj := membersObj(inputs)
 		for i, m := range inObj {
 			list, ok := choices[m.K]
 			if !ok {
 				continue
 			}
-			parts, _ := parseArray(m.V.(json.RawMessage))
+			parts, _ := pyjson.ParseArray(m.V.(json.RawMessage))
 			spec := []any{list}
 			for _, p := range parts[1:] {
 				spec = append(spec, p)
@@ -186,7 +188,7 @@ func (in inputSpec) offering(files []string) (inputSpec, error) {
 	if files == nil {
 		files = []string{}
 	}
-	parts, _ := parseArray(in.Raw)
+	parts, _ := pyjson.ParseArray(in.Raw)
 	spec := []any{files}
 	for _, p := range parts[1:] {
 		spec = append(spec, p)
@@ -212,7 +214,7 @@ func mustLoadClasses(raw []byte) *classTable {
 }
 
 func loadClasses(raw []byte) (*classTable, error) {
-	entries, err := parseObject(raw)
+	entries, err := pyjson.ParseObject(raw)
 	if err != nil {
 		return nil, fmt.Errorf("parse table: %w", err)
 	}
@@ -229,30 +231,30 @@ func loadClasses(raw []byte) (*classTable, error) {
 }
 
 func loadClass(name string, raw json.RawMessage) (*nodeClass, error) {
-	info, err := parseObject(raw)
+	info, err := pyjson.ParseObject(raw)
 	if err != nil {
 		return nil, err
 	}
 	c := &nodeClass{Name: name, info: info}
-	if v, ok := lookup(info, "output"); ok {
+	if v, ok := pyjson.Lookup(info, "output"); ok {
 		if err := json.Unmarshal(v, &c.Outputs); err != nil {
 			return nil, fmt.Errorf("output: %w", err)
 		}
 	}
-	if v, ok := lookup(info, "output_node"); ok {
-		c.OutputNode = pyTruthy(v)
+	if v, ok := pyjson.Lookup(info, "output_node"); ok {
+		c.OutputNode = pyjson.Truthy(v)
 	}
-	inputRaw, _ := lookup(info, "input")
-	cats, err := parseObject(inputRaw)
+	inputRaw, _ := pyjson.Lookup(info, "input")
+	cats, err := pyjson.ParseObject(inputRaw)
 	if err != nil {
 		return nil, fmt.Errorf("input: %w", err)
 	}
 	for _, cat := range []string{"required", "optional"} {
-		catRaw, ok := lookup(cats, cat)
+		catRaw, ok := pyjson.Lookup(cats, cat)
 		if !ok {
 			continue
 		}
-		inputs, err := parseObject(catRaw)
+		inputs, err := pyjson.ParseObject(catRaw)
 		if err != nil {
 			return nil, fmt.Errorf("input.%s: %w", cat, err)
 		}
@@ -267,9 +269,9 @@ func loadClass(name string, raw json.RawMessage) (*nodeClass, error) {
 	return c, nil
 }
 
-func loadInput(m member, required bool) (inputSpec, error) {
+func loadInput(m pyjson.Member, required bool) (inputSpec, error) {
 	spec := inputSpec{Name: m.Key, Required: required, Raw: m.Raw}
-	parts, ok := parseArray(m.Raw)
+	parts, ok := pyjson.ParseArray(m.Raw)
 	if !ok || len(parts) == 0 {
 		return spec, fmt.Errorf("spec is not a non-empty list")
 	}
@@ -279,7 +281,7 @@ func loadInput(m member, required bool) (inputSpec, error) {
 		return spec, fmt.Errorf("type: %w", err)
 	}
 	if len(parts) > 1 {
-		opts, err := parseObject(parts[1])
+		opts, err := pyjson.ParseObject(parts[1])
 		if err != nil {
 			return spec, fmt.Errorf("options: %w", err)
 		}

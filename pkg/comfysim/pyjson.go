@@ -3,7 +3,6 @@ package comfysim
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -28,43 +27,18 @@ type kv struct {
 type obj []kv
 
 // MarshalJSON writes the members in order; a nil obj is "{}".
-func (o obj) MarshalJSON() ([]byte, error) {
-	var b bytes.Buffer
-	b.WriteByte('{')
-	for i, m := range o {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		k, err := json.Marshal(m.K)
-		if err != nil {
-			return nil, fmt.Errorf("marshal key %q: %w", m.K, err)
-		}
-		b.Write(k)
-		b.WriteByte(':')
-		v, err := json.Marshal(m.V)
-		if err != nil {
-			return nil, fmt.Errorf("marshal value of %q: %w", m.K, err)
-		}
-		b.Write(v)
-	}
-	b.WriteByte('}')
-	return b.Bytes(), nil
-}
+func (o obj) MarshalJSON() ([]byte, error) { return o.fields().MarshalJSON() }
 
 // AppendPyJSON appends the members in order, as json.dumps writes a dict.
-func (o obj) AppendPyJSON(out []byte) ([]byte, error) {
-	var err error
-	out = append(out, '{')
+func (o obj) AppendPyJSON(out []byte) ([]byte, error) { return o.fields().AppendPyJSON(out) }
+
+// fields is o as pkg/pyjson's ordered object, which writes it.
+func (o obj) fields() pyjson.Object {
+	f := make(pyjson.Object, len(o))
 	for i, m := range o {
-		if i > 0 {
-			out = append(out, ", "...)
-		}
-		out = append(pyjson.AppendString(out, m.K), ": "...)
-		if out, err = pyjson.Append(out, m.V); err != nil {
-			return nil, err
-		}
+		f[i] = pyjson.Field(m)
 	}
-	return append(out, '}'), nil
+	return f
 }
 
 // get returns the value stored under key.
@@ -139,78 +113,8 @@ func pyRepr(s string) string {
 	return b.String()
 }
 
-// member is one key of a JSON object in the order the client sent it.
-type member struct {
-	Key string
-	Raw json.RawMessage
-}
-
-// errNotObject reports JSON that is valid but not an object.
-var errNotObject = errors.New("not a JSON object")
-
-// parseObject splits a JSON object into its members, keeping their order.
-// A repeated key keeps its first position and its last value, as
-// Python's json.loads does.
-func parseObject(raw []byte) ([]member, error) {
-	if jsonKind(raw) != '{' {
-		return nil, errNotObject
-	}
-	dec := json.NewDecoder(bytes.NewReader(raw))
-	if _, err := dec.Token(); err != nil {
-		return nil, fmt.Errorf("read object: %w", err)
-	}
-	var out []member
-	index := map[string]int{}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return nil, fmt.Errorf("read object key: %w", err)
-		}
-		key, ok := tok.(string)
-		if !ok {
-			return nil, fmt.Errorf("read object key: unexpected %v", tok)
-		}
-		var v json.RawMessage
-		if err := dec.Decode(&v); err != nil {
-			return nil, fmt.Errorf("read value of %q: %w", key, err)
-		}
-		if i, dup := index[key]; dup {
-			out[i].Raw = v
-			continue
-		}
-		index[key] = len(out)
-		out = append(out, member{key, v})
-	}
-	if _, err := dec.Token(); err != nil {
-		return nil, fmt.Errorf("read object end: %w", err)
-	}
-	return out, nil
-}
-
-// parseArray splits a JSON array into its elements.
-func parseArray(raw []byte) ([]json.RawMessage, bool) {
-	if jsonKind(raw) != '[' {
-		return nil, false
-	}
-	var out []json.RawMessage
-	if err := json.Unmarshal(raw, &out); err != nil {
-		return nil, false
-	}
-	return out, true
-}
-
-// lookup returns the raw value of key among members.
-func lookup(ms []member, key string) (json.RawMessage, bool) {
-	for _, m := range ms {
-		if m.Key == key {
-			return m.Raw, true
-		}
-	}
-	return nil, false
-}
-
-// membersObj turns members into an obj that marshals them unchanged.
-func membersObj(ms []member) obj {
+// membersObj turns parsed members into an obj that marshals them unchanged.
+func membersObj(ms []pyjson.Member) obj {
 	o := make(obj, 0, len(ms))
 	for _, m := range ms {
 		o = append(o, kv{m.Key, m.Raw})
@@ -218,24 +122,9 @@ func membersObj(ms []member) obj {
 	return o
 }
 
-// jsonKind classifies raw JSON by its first byte: '{', '[', '"', 't'/'f'
-// for booleans, 'n' for null, '0' for numbers, 0 for nothing.
-func jsonKind(raw []byte) byte {
-	raw = bytes.TrimLeft(raw, " \t\r\n")
-	if len(raw) == 0 {
-		return 0
-	}
-	switch c := raw[0]; c {
-	case '{', '[', '"', 't', 'f', 'n':
-		return c
-	default:
-		return '0'
-	}
-}
-
 // jsonString decodes raw as a string.
 func jsonString(raw []byte) (string, bool) {
-	if jsonKind(raw) != '"' {
+	if pyjson.Kind(raw) != '"' {
 		return "", false
 	}
 	var s string
@@ -245,31 +134,10 @@ func jsonString(raw []byte) (string, bool) {
 	return s, true
 }
 
-// pyTruthy reports whether raw is true in Python's sense.
-func pyTruthy(raw []byte) bool {
-	raw = bytes.TrimSpace(raw)
-	switch jsonKind(raw) {
-	case 't':
-		return true
-	case '0':
-		f, err := strconv.ParseFloat(string(raw), 64)
-		return err != nil || f != 0
-	case '"':
-		return string(raw) != `""`
-	case '[':
-		a, _ := parseArray(raw)
-		return len(a) > 0
-	case '{':
-		ms, _ := parseObject(raw)
-		return len(ms) > 0
-	}
-	return false
-}
-
 // pyStr renders raw JSON as Python's str() of the decoded value would.
 func pyStr(raw []byte) string {
 	raw = bytes.TrimSpace(raw)
-	switch jsonKind(raw) {
+	switch pyjson.Kind(raw) {
 	case '"':
 		s, _ := jsonString(raw)
 		return s
@@ -295,7 +163,7 @@ func pyStr(raw []byte) string {
 
 // pyTypeName names the Python type json.loads gives raw.
 func pyTypeName(raw []byte) string {
-	switch jsonKind(raw) {
+	switch pyjson.Kind(raw) {
 	case '{':
 		return "dict"
 	case '[':

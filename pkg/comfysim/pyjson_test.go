@@ -54,7 +54,7 @@ func TestPyRepr(t *testing.T) {
 }
 
 func TestParseObjectKeepsOrder(t *testing.T) {
-	ms, err := parseObject([]byte(`{"b": 1, "a": {"y": 2, "x": 3}, "b": 4}`))
+	ms, err := pyjson.ParseObject([]byte(`{"b": 1, "a": {"y": 2, "x": 3}, "b": 4}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,7 +65,7 @@ func TestParseObjectKeepsOrder(t *testing.T) {
 	if got := strings.Join(keys, " "); got != `b=4 a={"y": 2, "x": 3}` {
 		t.Errorf("members %s", got)
 	}
-	if _, err := parseObject([]byte(`[1]`)); err == nil {
+	if _, err := pyjson.ParseObject([]byte(`[1]`)); err == nil {
 		t.Errorf("a list parsed as an object")
 	}
 }

@@ -202,12 +202,12 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 
 // readJSONObject reads a JSON body that must be an object; anything else
 // is a 500, as the real handlers fail on it.
-func readJSONObject(w http.ResponseWriter, r *http.Request) ([]member, bool) {
+func readJSONObject(w http.ResponseWriter, r *http.Request) ([]pyjson.Member, bool) {
 	body, ok := readBody(w, r)
 	if !ok {
 		return nil, false
 	}
-	ms, err := parseObject(body)
+	ms, err := pyjson.ParseObject(body)
 	if err != nil || !json.Valid(body) {
 		writeServerError(w)
 		return nil, false
@@ -225,7 +225,7 @@ func (in *instance) postPrompt(w http.ResponseWriter, r *http.Request, _ string)
 		writeServerError(w)
 		return
 	}
-	switch jsonKind(body) {
+	switch pyjson.Kind(body) {
 	case '{':
 	case '[', '"':
 		in.q.bumpNumber()
@@ -235,14 +235,14 @@ func (in *instance) postPrompt(w http.ResponseWriter, r *http.Request, _ string)
 		writeServerError(w)
 		return
 	}
-	req, err := parseObject(body)
+	req, err := pyjson.ParseObject(body)
 	if err != nil {
 		writeServerError(w)
 		return
 	}
 
 	var number qnum
-	if raw, ok := lookup(req, "number"); ok {
+	if raw, ok := pyjson.Lookup(req, "number"); ok {
 		v, convErr := convertWidget("FLOAT", raw)
 		if convErr != "" {
 			writeServerError(w)
@@ -250,11 +250,11 @@ func (in *instance) postPrompt(w http.ResponseWriter, r *http.Request, _ string)
 		}
 		number = qnum{v: v.f, isFloat: true}
 	} else {
-		front, _ := lookup(req, "front")
-		number = in.q.nextNumber(pyTruthy(front))
+		front, _ := pyjson.Lookup(req, "front")
+		number = in.q.nextNumber(pyjson.Truthy(front))
 	}
 
-	promptRaw, ok := lookup(req, "prompt")
+	promptRaw, ok := pyjson.Lookup(req, "prompt")
 	if !ok {
 		writeJSON(w, http.StatusBadRequest, noPrompt)
 		return
@@ -266,20 +266,20 @@ func (in *instance) postPrompt(w http.ResponseWriter, r *http.Request, _ string)
 		return
 	}
 	id := ""
-	if raw, ok := lookup(req, "prompt_id"); ok {
+	if raw, ok := pyjson.Lookup(req, "prompt_id"); ok {
 		id = pyStr(raw)
 	} else {
 		id = in.s.newPromptID()
 	}
 	var targets []string
-	if raw, ok := lookup(req, "partial_execution_targets"); ok {
+	if raw, ok := pyjson.Lookup(req, "partial_execution_targets"); ok {
 		_ = json.Unmarshal(raw, &targets)
 	}
 	v := validatePrompt(g, targets, in.s.files.exists)
 
 	extra := obj{}
-	if raw, ok := lookup(req, "extra_data"); ok {
-		ms, err := parseObject(raw)
+	if raw, ok := pyjson.Lookup(req, "extra_data"); ok {
+		ms, err := pyjson.ParseObject(raw)
 		if err != nil {
 			writeServerError(w)
 			return
@@ -287,9 +287,9 @@ func (in *instance) postPrompt(w http.ResponseWriter, r *http.Request, _ string)
 		extra = membersObj(ms)
 	}
 	j := &job{number: number, id: id, g: g, outputs: v.outputs}
-	if raw, ok := lookup(req, "client_id"); ok {
+	if raw, ok := pyjson.Lookup(req, "client_id"); ok {
 		extra = extra.set("client_id", raw)
-		j.hasClient = jsonKind(raw) != 'n'
+		j.hasClient = pyjson.Kind(raw) != 'n'
 		j.clientID, _ = jsonString(raw)
 	}
 	if !v.ok {
@@ -324,7 +324,7 @@ func (in *instance) getQueue(w http.ResponseWriter, _ *http.Request, _ string) {
 
 // stringList reads a JSON list of ids; other values are skipped.
 func stringList(raw json.RawMessage) []string {
-	items, _ := parseArray(raw)
+	items, _ := pyjson.ParseArray(raw)
 	var out []string
 	for _, it := range items {
 		if s, ok := jsonString(it); ok {
@@ -339,10 +339,10 @@ func (in *instance) postQueue(w http.ResponseWriter, r *http.Request, _ string) 
 	if !ok {
 		return
 	}
-	if raw, ok := lookup(req, "clear"); ok && pyTruthy(raw) {
+	if raw, ok := pyjson.Lookup(req, "clear"); ok && pyjson.Truthy(raw) {
 		in.q.clearPending()
 	}
-	if raw, ok := lookup(req, "delete"); ok {
+	if raw, ok := pyjson.Lookup(req, "delete"); ok {
 		for _, id := range stringList(raw) {
 			in.q.deletePending(id)
 		}
@@ -391,10 +391,10 @@ func (in *instance) postHistory(w http.ResponseWriter, r *http.Request, _ string
 	if !ok {
 		return
 	}
-	if raw, ok := lookup(req, "clear"); ok && pyTruthy(raw) {
+	if raw, ok := pyjson.Lookup(req, "clear"); ok && pyjson.Truthy(raw) {
 		in.q.clearHistory()
 	}
-	if raw, ok := lookup(req, "delete"); ok {
+	if raw, ok := pyjson.Lookup(req, "delete"); ok {
 		for _, id := range stringList(raw) {
 			in.q.deleteHistory(id)
 		}
@@ -410,8 +410,8 @@ func (in *instance) postInterrupt(w http.ResponseWriter, r *http.Request, _ stri
 		return
 	}
 	target := ""
-	if ms, err := parseObject(body); err == nil {
-		if raw, ok := lookup(ms, "prompt_id"); ok && pyTruthy(raw) {
+	if ms, err := pyjson.ParseObject(body); err == nil {
+		if raw, ok := pyjson.Lookup(ms, "prompt_id"); ok && pyjson.Truthy(raw) {
 			target = pyStr(raw)
 		}
 	}
@@ -426,9 +426,9 @@ func (in *instance) postFree(w http.ResponseWriter, r *http.Request, _ string) {
 	if !ok {
 		return
 	}
-	unload, _ := lookup(req, "unload_models")
-	free, _ := lookup(req, "free_memory")
-	if pyTruthy(unload) || pyTruthy(free) {
+	unload, _ := pyjson.Lookup(req, "unload_models")
+	free, _ := pyjson.Lookup(req, "free_memory")
+	if pyjson.Truthy(unload) || pyjson.Truthy(free) {
 		in.gpu.unloadAll()
 	}
 	writeBare(w, http.StatusOK)

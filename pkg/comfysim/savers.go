@@ -24,7 +24,7 @@ func (r *nodeRun) pngTexts() []textChunk {
 	texts := []textChunk{{"prompt", string(prompt)}}
 	if raw, ok := r.e.j.extra.get("extra_pnginfo"); ok {
 		if b, ok := raw.(json.RawMessage); ok {
-			ms, _ := parseObject(b)
+			ms, _ := pyjson.ParseObject(b)
 			for _, m := range ms {
 				if v, err := pyjson.Format(m.Raw); err == nil {
 					texts = append(texts, textChunk{m.Key, string(v)})

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"strconv"
 	"strings"
+
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // This file mirrors ComfyUI's validate_prompt and validate_inputs,
@@ -178,7 +180,7 @@ func (v *validator) validate(id string) (vresult, *pyException) {
 			}
 			continue
 		}
-		if parts, isList := parseArray(raw); isList {
+		if parts, isList := pyjson.ParseArray(raw); isList {
 			e, exc, ok := v.validateLink(n, in, raw, parts)
 			if exc != nil {
 				return vresult{}, exc
@@ -196,7 +198,7 @@ func (v *validator) validate(id string) (vresult, *pyException) {
 		}
 	}
 	if c.Name == "LoadImage" {
-		if raw, ok := n.input("image"); ok && jsonKind(raw) != '[' {
+		if raw, ok := n.input("image"); ok && pyjson.Kind(raw) != '[' {
 			image := pyStr(raw)
 			if !v.exists(image) {
 				errs = append(errs, obj{
@@ -277,7 +279,7 @@ func (v *validator) validateLink(n *promptNode, in *inputSpec, raw json.RawMessa
 // outputType indexes RETURN_TYPES with a link's slot, as Python would.
 func outputType(c *nodeClass, slotRaw json.RawMessage) (string, *pyException) {
 	var slot int
-	switch jsonKind(slotRaw) {
+	switch pyjson.Kind(slotRaw) {
 	case 't':
 		slot = 1
 	case 'f':

@@ -358,8 +358,8 @@ func (in *instance) readWS(ctx context.Context, conn *websocket.Conn, c *wsClien
 		if msg.Type != "feature_flags" {
 			continue
 		}
-		flags, _ := parseObject(msg.Data)
-		if v, ok := lookup(flags, "supports_preview_metadata"); ok && pyTruthy(v) {
+		flags, _ := pyjson.ParseObject(msg.Data)
+		if v, ok := pyjson.Lookup(flags, "supports_preview_metadata"); ok && pyjson.Truthy(v) {
 			c.previewMetadata.Store(true)
 		}
 		in.hub.mu.Lock()

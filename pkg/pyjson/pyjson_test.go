@@ -1,6 +1,10 @@
 package pyjson
 
-import "testing"
+import (
+	"encoding/json"
+	"errors"
+	"testing"
+)
 
 func TestFormatFloat(t *testing.T) {
 	for f, want := range map[float64]string{
@@ -40,5 +44,34 @@ func TestMarshalKeepsStructOrder(t *testing.T) {
 	}{"progress", data{"p", 3, nil}})
 	if err != nil || string(b) != `{"type": "progress", "data": {"prompt_id": "p", "value": 3.0, "node": null}}` {
 		t.Errorf("Marshal = %s, %v", b, err)
+	}
+}
+
+func TestOrderedObjectsReadAndWriteAsPython(t *testing.T) {
+	ms, err := ParseObject([]byte(`{"b": 1, "a": {"x": "<&>"}, "b": [1.5, true]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) != 2 || ms[0].Key != "b" || string(ms[0].Raw) != "[1.5, true]" {
+		t.Fatalf("members %+v; want b (its first place, its last value), then a", ms)
+	}
+	if raw, ok := Lookup(ms, "a"); !ok || Kind(raw) != '{' || !Truthy(raw) {
+		t.Errorf("a: %s", raw)
+	}
+	o := Object{{K: "z", V: json.RawMessage(`{"x":"<&>"}`)}, {K: "é", V: Float(2)}}
+	got, err := Marshal(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `{"z": {"x": "<&>"}, "\u00e9": 2.0}`; string(got) != want {
+		t.Errorf("json.dumps style: %s, want %s", got, want)
+	}
+	if _, err := ParseObject([]byte(`[1]`)); !errors.Is(err, ErrNotObject) {
+		t.Errorf("an array parsed as an object: %v", err)
+	}
+	for raw, want := range map[string]bool{`0`: false, `0.0`: false, `""`: false, `[]`: false, `{}`: false, `null`: false, `false`: false, `1`: true, `"x"`: true, `[0]`: true} {
+		if Truthy([]byte(raw)) != want {
+			t.Errorf("Truthy(%s) = %v", raw, !want)
+		}
 	}
 }

@@ -24,7 +24,7 @@ func TestUniteOffersEveryClassAndEveryModelFileOfTheNodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	classes, err := parseObject(fi.body)
+	classes, err := pyjson.ParseObject(fi.body)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -166,14 +166,14 @@ func (c *catalog) get(ctx context.Context) (*fleetInfo, error) {
 func unite(answers [][]byte) (*fleetInfo, error) {
 	fi := &fleetInfo{classes: map[string][]byte{}, inputFiles: map[string]bool{}}
 	var order []string
-	defs := map[string][]member{}
+	defs := map[string][]pyjson.Member{}
 	for i, raw := range answers {
-		classes, err := parseObject(raw)
+		classes, err := pyjson.ParseObject(raw)
 		if err != nil {
 			return nil, fmt.Errorf("object_info answer %d: %w", i, err)
 		}
 		for _, c := range classes {
-			def, err := parseObject(c.Raw)
+			def, err := pyjson.ParseObject(c.Raw)
 			if err != nil {
 				return nil, fmt.Errorf("object_info class %s: %w", c.Key, err)
 			}
@@ -215,12 +215,12 @@ func unite(answers [][]byte) (*fleetInfo, error) {
 }
 
 // inputSpec returns the spec of a class's input called name, required or optional.
-func inputSpec(def []member, name string) json.RawMessage {
-	inputs, _ := lookup(def, "input")
-	cats, _ := parseObject(inputs)
+func inputSpec(def []pyjson.Member, name string) json.RawMessage {
+	inputs, _ := pyjson.Lookup(def, "input")
+	cats, _ := pyjson.ParseObject(inputs)
 	for _, cat := range cats {
-		specs, _ := parseObject(cat.Raw)
-		if spec, ok := lookup(specs, name); ok {
+		specs, _ := pyjson.ParseObject(cat.Raw)
+		if spec, ok := pyjson.Lookup(specs, name); ok {
 			return spec
 		}
 	}
@@ -230,18 +230,18 @@ func inputSpec(def []member, name string) json.RawMessage {
 // joinOptions returns def with the options of its combo inputs joined with those
 // other lists for the same inputs: a checkpoint one node has and another lacks is
 // offered.
-func joinOptions(def, other []member) []member {
-	inputs, ok := lookup(def, "input")
+func joinOptions(def, other []pyjson.Member) []pyjson.Member {
+	inputs, ok := pyjson.Lookup(def, "input")
 	if !ok {
 		return def
 	}
-	cats, err := parseObject(inputs)
+	cats, err := pyjson.ParseObject(inputs)
 	if err != nil {
 		return def
 	}
 	changed := false
 	for ci, cat := range cats {
-		specs, err := parseObject(cat.Raw)
+		specs, err := pyjson.ParseObject(cat.Raw)
 		if err != nil {
 			continue
 		}
@@ -326,7 +326,7 @@ func withOptions(spec json.RawMessage, form int, options []string) (json.RawMess
 	case comboList:
 		parts[0] = list
 	case comboTyped:
-		opts, err := parseObject(parts[1])
+		opts, err := pyjson.ParseObject(parts[1])
 		if err != nil {
 			return nil, err
 		}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 	"github.com/comfyfleet/comfyfleet/pkg/workflow"
 )
 
@@ -46,7 +47,7 @@ type promptRequest struct {
 	promptID string
 	front    bool
 	number   *float64
-	extra    []member
+	extra    []pyjson.Member
 }
 
 // postPrompt runs a prompt on the fleet: POST /prompt.
@@ -157,46 +158,46 @@ func readPromptRequest(body []byte) (req promptRequest, status int, refusal any)
 	if !json.Valid(body) {
 		return req, http.StatusInternalServerError, nil
 	}
-	switch kind(body) {
+	switch pyjson.Kind(body) {
 	case '{':
 	case '[', '"':
 		return req, http.StatusBadRequest, noPrompt
 	default:
 		return req, http.StatusInternalServerError, nil
 	}
-	ms, err := parseObject(body)
+	ms, err := pyjson.ParseObject(body)
 	if err != nil {
 		return req, http.StatusInternalServerError, nil
 	}
-	if raw, ok := lookup(ms, "number"); ok {
+	if raw, ok := pyjson.Lookup(ms, "number"); ok {
 		var n float64
 		if json.Unmarshal(raw, &n) != nil {
 			return req, http.StatusInternalServerError, nil
 		}
 		req.number = &n
 	}
-	if raw, ok := lookup(ms, "front"); ok {
-		req.front = truthy(raw)
+	if raw, ok := pyjson.Lookup(ms, "front"); ok {
+		req.front = pyjson.Truthy(raw)
 	}
-	prompt, ok := lookup(ms, "prompt")
+	prompt, ok := pyjson.Lookup(ms, "prompt")
 	if !ok {
 		return req, http.StatusBadRequest, noPrompt
 	}
 	req.prompt = prompt
-	if raw, ok := lookup(ms, "prompt_id"); ok && kind(raw) != 'n' {
+	if raw, ok := pyjson.Lookup(ms, "prompt_id"); ok && pyjson.Kind(raw) != 'n' {
 		req.promptID = pyStr(raw)
 	}
 	if req.promptID == "" {
 		req.promptID = uuid.NewString()
 	}
-	if raw, ok := lookup(ms, "extra_data"); ok {
-		if req.extra, err = parseObject(raw); err != nil {
+	if raw, ok := pyjson.Lookup(ms, "extra_data"); ok {
+		if req.extra, err = pyjson.ParseObject(raw); err != nil {
 			return req, http.StatusInternalServerError, nil
 		}
 	}
-	if raw, ok := lookup(ms, "client_id"); ok {
+	if raw, ok := pyjson.Lookup(ms, "client_id"); ok {
 		_ = json.Unmarshal(raw, &req.clientID)
-	} else if raw, ok := lookup(req.extra, "client_id"); ok {
+	} else if raw, ok := pyjson.Lookup(req.extra, "client_id"); ok {
 		// ComfyUI sends a prompt's messages to extra_data's client_id.
 		_ = json.Unmarshal(raw, &req.clientID)
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/pyjson"
 )
 
 // waiting is a prompt that has not ended, and where its job stands.
@@ -127,7 +128,7 @@ func (d *Door) postQueue(w http.ResponseWriter, r *http.Request, c Caller) {
 	}
 	ctx := r.Context()
 	var targets []*record
-	if truthy(body.Clear) {
+	if pyjson.Truthy(body.Clear) {
 		open, err := d.waitingPrompts(ctx, c.Tenant)
 		if err != nil {
 			d.unavailable(w, "read the queue", err)
