@@ -3,9 +3,11 @@ package fleet
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // attemptTimeout bounds one attempt of Retry: a request a NATS cluster does not
@@ -40,5 +42,32 @@ func Pause(ctx context.Context, d time.Duration) {
 	select {
 	case <-ctx.Done():
 	case <-t.C:
+	}
+}
+
+// FollowBucket watches every key of kv until ctx ends. It hands each watch's updates
+// to apply, which returns when the watch closes or ctx ends, and calls the live
+// function it is given once it has applied the watch's first snapshot (the entries
+// before the nil marker); ready is called the first time that happens. A watch that
+// cannot start, or closes (its connection lost), is started again after a second,
+// from a fresh snapshot, which also catches up on deletions missed meanwhile.
+func FollowBucket(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger, ready func(), apply func(updates <-chan jetstream.KeyValueEntry, live func())) {
+	var once sync.Once
+	live := func() { once.Do(ready) }
+	for ctx.Err() == nil {
+		w, err := kv.WatchAll(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				log.Warn("watch bucket; watching again", "bucket", kv.Bucket(), "err", err)
+				Pause(ctx, time.Second)
+			}
+			continue
+		}
+		apply(w.Updates(), live)
+		_ = w.Stop()
+		if ctx.Err() == nil {
+			log.Warn("bucket watch closed; watching again", "bucket", kv.Bucket())
+			Pause(ctx, time.Second)
+		}
 	}
 }

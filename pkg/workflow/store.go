@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"sync"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -80,34 +78,13 @@ func (s *Store) Put(ctx context.Context, t *Template) (rev uint64, created bool,
 // Follow keeps c equal to the bucket until ctx is done. It calls ready once, as soon
 // as c holds every template the bucket held when Follow began; after that it applies
 // each change as it happens. An entry that is not a valid template is logged and
-// skipped (a change to one leaves the version c had). Follow returns nil when ctx ends it, or the
-// error that stopped it.
+// skipped (a change to one leaves the version c had). A watch that closes is started
+// again (fleet.FollowBucket). Follow returns nil once ctx ends.
 func (s *Store) Follow(ctx context.Context, c *Catalog, log *slog.Logger, ready func()) error {
-	var once sync.Once
-	for {
-		w, err := s.kv.WatchAll(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("watch bucket %s: %w", fleet.BucketWorkflows, err)
-		}
-		mirror(ctx, w.Updates(), c, log, func() { once.Do(ready) })
-		_ = w.Stop()
-		if ctx.Err() != nil {
-			return nil
-		}
-		// The watch closes only with its connection; a new one starts from a fresh
-		// snapshot, which also catches up on deletions missed meanwhile.
-		log.Warn("workflow template watch closed; watching again")
-		t := time.NewTimer(time.Second)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil
-		case <-t.C:
-		}
-	}
+	fleet.FollowBucket(ctx, s.kv, log, ready, func(updates <-chan jetstream.KeyValueEntry, live func()) {
+		mirror(ctx, updates, c, log, live)
+	})
+	return nil
 }
 
 // mirror applies one watch's entries to c until the watch closes or ctx ends. The

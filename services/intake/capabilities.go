@@ -8,7 +8,6 @@ import (
 	"maps"
 	"slices"
 	"sync"
-	"time"
 
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/nats-io/nats.go/jetstream"
@@ -101,21 +100,9 @@ func (m *mirror[T]) all() map[string]T {
 // watch ends; ready is closed once m holds the bucket's content as it was when
 // follow began. Undecodable entries are logged and left out.
 func (m *mirror[T]) follow(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger, ready chan struct{}, decode func([]byte) (T, error)) {
-	var once sync.Once
-	for ctx.Err() == nil {
-		w, err := kv.WatchAll(ctx)
-		if err != nil {
-			log.Warn("watch bucket; watching again", "bucket", kv.Bucket(), "err", err)
-			fleet.Pause(ctx, time.Second)
-			continue
-		}
-		m.apply(ctx, w.Updates(), kv.Bucket(), log, func() { once.Do(func() { close(ready) }) }, decode)
-		_ = w.Stop()
-		if ctx.Err() == nil {
-			log.Warn("bucket watch closed; watching again", "bucket", kv.Bucket())
-			fleet.Pause(ctx, time.Second)
-		}
-	}
+	fleet.FollowBucket(ctx, kv, log, func() { close(ready) }, func(updates <-chan jetstream.KeyValueEntry, live func()) {
+		m.apply(ctx, updates, kv.Bucket(), log, live, decode)
+	})
 }
 
 // apply applies one watch's entries to m until the watch closes or ctx ends. The

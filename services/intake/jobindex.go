@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
-	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -200,33 +199,15 @@ const pruneEvery = time.Minute
 
 // follow keeps the index equal to the job state bucket until ctx ends; ready is
 // called once the index holds the bucket's content as of the start. A watch that
-// closes (its connection lost) is started again, from a fresh snapshot.
+// closes (its connection lost) is started again, from a fresh snapshot
+// (fleet.FollowBucket).
 func (x *jobIndex) follow(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger, ready func()) error {
-	var once sync.Once
 	prune := time.NewTicker(pruneEvery)
 	defer prune.Stop()
-	for {
-		w, err := kv.WatchAll(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("watch bucket %s: %w", fleet.BucketJobState, err)
-		}
-		x.mirror(ctx, w.Updates(), prune.C, log, func() { once.Do(ready) })
-		_ = w.Stop()
-		if ctx.Err() != nil {
-			return nil
-		}
-		log.Warn("job state watch closed; watching again")
-		t := time.NewTimer(time.Second)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil
-		case <-t.C:
-		}
-	}
+	fleet.FollowBucket(ctx, kv, log, ready, func(updates <-chan jetstream.KeyValueEntry, live func()) {
+		x.mirror(ctx, updates, prune.C, log, live)
+	})
+	return nil
 }
 
 // mirror applies one watch's entries until the watch closes or ctx ends. The entries
