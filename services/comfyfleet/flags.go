@@ -133,6 +133,9 @@ type service struct {
 	close    func()
 }
 
+// drainTimeout bounds the drain of a service's NATS connection when it stops.
+const drainTimeout = 10 * time.Second
+
 // start connects to NATS and sets up logging and telemetry for the named service.
 func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer) (*service, error) {
 	log, err := s.log.logger(stderr)
@@ -149,9 +152,17 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 	}
 	// Each service has an inbox prefix of its own, so that the NATS permissions of
 	// deploy/nats/comfyfleet.conf can keep one service from reading another's replies.
+	// The connection's handlers run on a goroutine of its own, until it has closed:
+	// close waits for that (closed), so that none logs after the service returned.
+	closed := make(chan struct{})
 	nc, err := nats.Connect(s.natsURL, nats.Name("comfyfleet-"+name), nats.CustomInboxPrefix("_INBOX_"+name),
 		nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
+		nats.DrainTimeout(drainTimeout), nats.ClosedHandler(func(*nats.Conn) { close(closed) }),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("NATS disconnected", "err", err)
+			}
+		}),
 		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "url", c.ConnectedUrlRedacted()) }),
 		// Permission violations and slow consumers arrive here, not as returned errors.
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
@@ -185,7 +196,14 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 	return &service{conn: nc, settings: settings, log: log, close: func() {
 		stopHealth()
 		stopProfiles()
-		_ = nc.Drain()
+		if err := nc.Drain(); err != nil {
+			nc.Close()
+		}
+		select {
+		case <-closed:
+		case <-time.After(drainTimeout + time.Second):
+			log.Warn("NATS connection not closed after its drain timeout")
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = shutdown(ctx)

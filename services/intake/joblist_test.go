@@ -273,6 +273,10 @@ func TestQueuesAnswerWithADispatchersSummaryOr503(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	// The server knows of the subscription before the intake asks.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	var got fleet.QueueSummary
 	if code := fleettest.Call(t, http.MethodGet, base+"/v1/queues", nil, &got); code != http.StatusOK {
 		t.Fatalf("GET /v1/queues: %d", code)
