@@ -306,7 +306,9 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		opts := loadNATSConfig(t, "hub.conf")
 		hubs = append(hubs, startNATSFromConfig(t, opts, port))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	// Longer than the waits below together: a region's executor that creates its
+	// streams in a cluster just formed, on a busy machine, takes a while to register.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	admin := connectAs(t, hubs[0], "admin", passwords["admin"])
 	adminJS, err := jetstream.New(admin)
