@@ -6,9 +6,13 @@
 package panel
 
 import (
+	"compress/gzip"
 	"embed"
+	"io"
 	"io/fs"
+	"mime"
 	"net/http"
+	"path"
 	"strings"
 )
 
@@ -64,6 +68,32 @@ func static(fsys fs.FS, cacheControl string) http.Handler {
 		}
 		w.Header().Set("Cache-Control", cacheControl)
 		w.Header().Set("X-Content-Type-Options", "nosniff")
+		name := strings.TrimPrefix(r.URL.Path, "/")
+		if gz, err := fsys.Open(name + ".gz"); err == nil {
+			defer gz.Close()
+			serveGzipped(w, r, name, gz)
+			return
+		}
 		files.ServeHTTP(w, r)
 	})
+}
+
+// serveGzipped serves the file name, kept gzipped in the binary (a vendored file of
+// megabytes, kept out of git in full): as it is to a client that accepts gzip, as
+// every browser does, and decompressed to one that does not.
+func serveGzipped(w http.ResponseWriter, r *http.Request, name string, gz io.Reader) {
+	h := w.Header()
+	h.Set("Content-Type", mime.TypeByExtension(path.Ext(name)))
+	h.Add("Vary", "Accept-Encoding")
+	if strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") {
+		h.Set("Content-Encoding", "gzip")
+		_, _ = io.Copy(w, gz)
+		return
+	}
+	plain, err := gzip.NewReader(gz)
+	if err != nil {
+		http.Error(w, "a vendored file is damaged", http.StatusInternalServerError)
+		return
+	}
+	_, _ = io.Copy(w, plain)
 }

@@ -1,6 +1,8 @@
 package panel_test
 
 import (
+	"bytes"
+	"compress/gzip"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -111,5 +113,52 @@ func TestNoDirectoryListingOrUnknownPage(t *testing.T) {
 		if resp, _ := get(t, srv.URL+path); resp.StatusCode != http.StatusNotFound {
 			t.Errorf("GET %s: %s, want 404", path, resp.Status)
 		}
+	}
+}
+
+// TestGzippedVendorFileIsServedEitherWay: a vendored file kept gzipped goes as it is,
+// with its type and encoding, to a client that accepts gzip, and decompressed to one
+// that does not; both are the same script.
+func TestGzippedVendorFileIsServedEitherWay(t *testing.T) {
+	srv := serve(t)
+	url := srv.URL + "/panel/vendor/elements-9.0.15/web-components.min.js"
+	fetch := func(acceptGzip bool) (*http.Response, []byte) {
+		req, err := http.NewRequest(http.MethodGet, url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if acceptGzip {
+			req.Header.Set("Accept-Encoding", "gzip")
+		}
+		resp, err := http.DefaultTransport.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/javascript") {
+			t.Fatalf("GET (gzip accepted: %v): %s, %s", acceptGzip, resp.Status, resp.Header.Get("Content-Type"))
+		}
+		return resp, body
+	}
+	resp, zipped := fetch(true)
+	if resp.Header.Get("Content-Encoding") != "gzip" {
+		t.Fatalf("Content-Encoding %q to a client that accepts gzip", resp.Header.Get("Content-Encoding"))
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(zipped))
+	if err != nil {
+		t.Fatal(err)
+	}
+	unzipped, err := io.ReadAll(zr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, plain := fetch(false)
+	if resp.Header.Get("Content-Encoding") != "" || !bytes.Equal(plain, unzipped) || len(plain) < 1<<20 {
+		t.Errorf("without gzip: encoding %q, %d bytes; want the script itself, %d bytes",
+			resp.Header.Get("Content-Encoding"), len(plain), len(unzipped))
 	}
 }
