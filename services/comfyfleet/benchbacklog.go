@@ -20,7 +20,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
@@ -120,10 +119,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	}
 
 	// The nodes arrive.
-	sims := make([]comfysim.Config, *nodes)
-	for i := range sims {
-		sims[i] = comfysim.Config{Name: fmt.Sprintf("gpu-%03d", i+1), NodeDuration: *sceneTime / 4, StepDuration: -1}
-	}
+	sims := fastSims(*nodes, *sceneTime)
 	arrived := time.Now()
 	if err := f.startNodes(sims, *executors); err != nil {
 		return err

@@ -8,7 +8,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
@@ -27,10 +26,7 @@ func runBenchBurst(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	sims := make([]comfysim.Config, *nodes)
-	for i := range sims {
-		sims[i] = comfysim.Config{Name: fmt.Sprintf("gpu-%03d", i+1), NodeDuration: *sceneTime / 4, StepDuration: -1}
-	}
+	sims := fastSims(*nodes, *sceneTime)
 	f, err := startBenchFleet(ctx, benchFleetOptions{Nodes: sims, Executors: 1, Dispatchers: 1, Notifiers: 1,
 		Settings: fleet.DefaultSettings(), Keep: *keep})
 	if err != nil {

@@ -41,6 +41,16 @@ type benchFleet struct {
 	opts       benchFleetOptions
 }
 
+// fastSims configures n simulated nodes, gpu-001 on, whose scenes of a few nodes and
+// no sampler steps take about sceneTime.
+func fastSims(n int, sceneTime time.Duration) []comfysim.Config {
+	sims := make([]comfysim.Config, n)
+	for i := range sims {
+		sims[i] = comfysim.Config{Name: fmt.Sprintf("gpu-%03d", i+1), NodeDuration: sceneTime / 4, StepDuration: -1}
+	}
+	return sims
+}
+
 // benchFleetOptions shape a benchFleet.
 type benchFleetOptions struct {
 	// Nodes are the simulated nodes, and Executors how many executor processes

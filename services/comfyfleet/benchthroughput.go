@@ -19,7 +19,6 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/comfyfleet/comfyfleet/pkg/comfy"
-	"github.com/comfyfleet/comfyfleet/pkg/comfysim"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
@@ -41,10 +40,7 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	sims := make([]comfysim.Config, *nodes)
-	for i := range sims {
-		sims[i] = comfysim.Config{Name: fmt.Sprintf("gpu-%03d", i+1), NodeDuration: *sceneTime / 4, StepDuration: -1}
-	}
+	sims := fastSims(*nodes, *sceneTime)
 	f, err := startBenchFleet(ctx, benchFleetOptions{Nodes: sims, Executors: *executors, Dispatchers: *dispatchers,
 		Notifiers: *notifiers, Settings: fleet.DefaultSettings(), Profile: *profile != "", Keep: *keep})
 	if err != nil {
