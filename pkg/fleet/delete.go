@@ -70,7 +70,7 @@ func (s *Jobs) Delete(ctx context.Context, id string, outputs FileRemover, cance
 	if err := s.purgeAll(ctx, []subjects{
 		{"KV_" + BucketDeadLetters, []string{DeadLettersFilter(id)}},
 		{StreamEvents, JobEventsFilter(id)},
-		{"KV_" + BucketJobs, []string{"$KV." + BucketJobs + "." + id}},
+		{"KV_" + BucketJobs, []string{kvSubject(BucketJobs, id)}},
 	}); err != nil {
 		return fmt.Errorf("delete job %s: %w", id, err)
 	}

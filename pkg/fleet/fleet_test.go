@@ -2,6 +2,7 @@ package fleet_test
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"strings"
 	"sync"
@@ -58,6 +59,46 @@ func TestJobStateConcurrentEndsKeepEveryChange(t *testing.T) {
 	}
 	if succeeded, _, _ := st.Counts(); st.Status != fleet.StatusSucceeded || succeeded != n {
 		t.Fatalf("job state %s with %d succeeded, want succeeded with %d; outcomes %q", st.Status, succeeded, n, st.Outcomes)
+	}
+}
+
+func TestCreateRecordsAJobOnceAndKeepsAStateWrittenFirst(t *testing.T) {
+	t.Parallel()
+	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	ctx := context.Background()
+	jobs, err := fleet.OpenJobs(ctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	job := &fleet.Job{ID: "j1", Status: fleet.StatusQueued, Scenes: []fleet.Scene{{Status: fleet.StatusQueued}, {Index: 1, Status: fleet.StatusQueued}}}
+	// The tracker got to a scene's start first.
+	if _, _, err := jobs.UpdateStateFrom(ctx, "j1", fleet.NewJobState(job), 0, func(st *fleet.JobState) error {
+		st.Start(time.Now())
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := jobs.Create(ctx, job); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if err := jobs.Create(ctx, job); !errors.Is(err, jetstream.ErrKeyExists) {
+		t.Fatalf("second create: %v, want ErrKeyExists", err)
+	}
+	st, _, err := jobs.State(ctx, "j1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Status != fleet.StatusRunning {
+		t.Fatalf("state %s after the job was created, want the tracker's running", st.Status)
+	}
+	// In a batch with other messages, a record there already is no error.
+	msgs, err := jobs.CreateMessages(job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := fleet.NewPublisher(js, "test")
+	if err := pub.Batch(ctx, append(msgs, fleet.Outgoing{Subject: fleet.SubmitJobSubject("j2"), MsgID: "m", Value: job})); err != nil {
+		t.Fatalf("batch with the job's creation: %v", err)
 	}
 }
 

@@ -32,6 +32,7 @@ type Jobs struct {
 	apiPfx  string
 	records jetstream.KeyValue
 	states  jetstream.KeyValue
+	pub     *Publisher
 }
 
 // OpenJobs binds to the job buckets, which Ensure must have created.
@@ -44,29 +45,39 @@ func OpenJobs(ctx context.Context, js jetstream.JetStream) (*Jobs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s: %w", BucketJobState, err)
 	}
-	return &Jobs{js: js, nc: js.Conn(), apiPfx: apiPrefix(js), records: records, states: states}, nil
+	return &Jobs{js: js, nc: js.Conn(), apiPfx: apiPrefix(js), records: records, states: states, pub: NewPublisher(js, "")}, nil
 }
 
-// Create stores the record of a new job, then its state as submitted, so that job
-// lists show it at once; it fails with jetstream.ErrKeyExists if the record exists
-// (and leaves the state to whoever recorded the job).
+// Create stores the record of a new job and its state as submitted, together, so
+// that job lists show it at once; it fails with jetstream.ErrKeyExists if the record
+// exists. A state there already (the tracker may write it first, from a scene's
+// start) is left as it is.
 func (s *Jobs) Create(ctx context.Context, j *Job) error {
-	b, err := json.Marshal(j)
+	msgs, err := s.CreateMessages(j)
 	if err != nil {
-		return fmt.Errorf("encode job %s: %w", j.ID, err)
+		return err
 	}
-	if _, err := s.records.Create(ctx, j.ID, b); err != nil {
+	acks, err := s.pub.BatchAcks(ctx, msgs)
+	if err != nil {
 		return fmt.Errorf("create job %s: %w", j.ID, err)
 	}
-	st, err := json.Marshal(NewJobState(j))
-	if err != nil {
-		return fmt.Errorf("encode state of job %s: %w", j.ID, err)
-	}
-	// The tracker may have written the state first, from a scene's start.
-	if _, err := s.states.Create(ctx, j.ID, st); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-		return fmt.Errorf("create state of job %s: %w", j.ID, err)
+	if acks[0] == nil {
+		return fmt.Errorf("create job %s: %w", j.ID, jetstream.ErrKeyExists)
 	}
 	return nil
+}
+
+// CreateMessages are the messages that create the record of j and its state as
+// submitted, each only if absent, for a Batch that sends them with others.
+func (s *Jobs) CreateMessages(j *Job) ([]Outgoing, error) {
+	st, err := json.Marshal(NewJobState(j))
+	if err != nil {
+		return nil, fmt.Errorf("encode state of job %s: %w", j.ID, err)
+	}
+	return []Outgoing{
+		{Subject: kvSubject(BucketJobs, j.ID), Value: j, IfAbsent: true},
+		{Subject: kvSubject(BucketJobState, j.ID), Value: json.RawMessage(st), IfAbsent: true},
+	}, nil
 }
 
 // Record returns the job as it was submitted: every scene queued.
@@ -163,9 +174,13 @@ func (s *Jobs) UpdateStateFrom(ctx context.Context, id string, known *JobState, 
 	}
 }
 
-func isWrongLastSequence(err error) bool {
+// WrongLastSequence reports whether err is the server's refusal of a message whose
+// expected last sequence did not hold: a compare-and-set lost, or a key created
+// already. A replicated stream answers with a code of its own.
+func WrongLastSequence(err error) bool {
 	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
 // Get returns the job with the state of every scene: its record, its state, and

@@ -74,7 +74,7 @@ func kvGet(ctx context.Context, nc *nats.Conn, apiPfx string, kv jetstream.KeyVa
 	if !errors.Is(err, jetstream.ErrKeyNotFound) {
 		return kvValue{}, err
 	}
-	msg, err := leaderLastMsg(ctx, nc, apiPfx, "KV_"+bucket, "$KV."+bucket+"."+key)
+	msg, err := leaderLastMsg(ctx, nc, apiPfx, "KV_"+bucket, kvSubject(bucket, key))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return kvValue{}, jetstream.ErrKeyNotFound
 	}

@@ -49,6 +49,9 @@ type Outgoing struct {
 	Header map[string]string
 	// Opts are further publish options, e.g. an expected last sequence.
 	Opts []jetstream.PublishOpt
+	// IfAbsent stores the message only if its subject holds none (a key created in
+	// a bucket); one there already is no error, and the message's ack is nil.
+	IfAbsent bool
 }
 
 // Batch publishes msgs asynchronously, each as JSON with its message id and the
@@ -72,7 +75,11 @@ func (p *Publisher) BatchAcks(ctx context.Context, msgs []Outgoing) ([]*jetstrea
 		for k, v := range m.Header {
 			msg.Header.Set(k, v)
 		}
-		f, err := p.js.PublishMsgAsync(msg, append([]jetstream.PublishOpt{jetstream.WithMsgID(m.MsgID)}, m.Opts...)...)
+		opts := append([]jetstream.PublishOpt{jetstream.WithMsgID(m.MsgID)}, m.Opts...)
+		if m.IfAbsent {
+			opts = append(opts, jetstream.WithExpectLastSequencePerSubject(0))
+		}
+		f, err := p.js.PublishMsgAsync(msg, opts...)
 		if err != nil {
 			return nil, fmt.Errorf("publish %s: %w", m.Subject, err)
 		}
@@ -84,6 +91,9 @@ func (p *Publisher) BatchAcks(ctx context.Context, msgs []Outgoing) ([]*jetstrea
 		case ack := <-f.Ok():
 			acks[i] = ack
 		case err := <-f.Err():
+			if msgs[i].IfAbsent && WrongLastSequence(err) {
+				continue
+			}
 			return nil, fmt.Errorf("publish %s: %w", f.Msg().Subject, err)
 		case <-ctx.Done():
 			return nil, ctx.Err()
@@ -94,6 +104,16 @@ func (p *Publisher) BatchAcks(ctx context.Context, msgs []Outgoing) ([]*jetstrea
 
 // SceneEvents publishes scene events as CloudEvents, as one Batch.
 func (p *Publisher) SceneEvents(ctx context.Context, events []SceneEvent) error {
+	msgs, err := p.SceneEventMessages(events)
+	if err != nil {
+		return err
+	}
+	return p.Batch(ctx, msgs)
+}
+
+// SceneEventMessages are the messages of scene events as CloudEvents, for a Batch
+// that sends them with others.
+func (p *Publisher) SceneEventMessages(events []SceneEvent) ([]Outgoing, error) {
 	msgs := make([]Outgoing, 0, len(events))
 	now := time.Now().UTC()
 	for _, e := range events {
@@ -102,11 +122,11 @@ func (p *Publisher) SceneEvents(ctx context.Context, events []SceneEvent) error 
 		}
 		ev, err := e.Envelope(p.source)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		msgs = append(msgs, Outgoing{Subject: SceneEventSubject(e.JobID, e.Index, e.Type), MsgID: ev.ID, Value: ev})
 	}
-	return p.Batch(ctx, msgs)
+	return msgs, nil
 }
 
 // Requeue puts t back in the queue, as Ticket.Requeue made it: after a failed

@@ -142,5 +142,5 @@ func (r *Registry) Watch(ctx context.Context) (jetstream.KeyWatcher, error) {
 
 // casConflict reports whether a compare-and-set write lost to another writer.
 func casConflict(err error) bool {
-	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) || isWrongLastSequence(err)
+	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) || WrongLastSequence(err)
 }

@@ -186,9 +186,12 @@ const ExpiryDueFilter = expiryPrefix + ".due.*"
 // ExpiryMsgID is the de-duplication id of job's expiry schedule.
 func ExpiryMsgID(job string) string { return "expiry." + job }
 
+// kvSubject is the subject of key in bucket.
+func kvSubject(bucket, key string) string { return "$KV." + bucket + "." + key }
+
 // DeadLettersFilter matches the dead letters of every scene of job in the subjects
 // of BucketDeadLetters' stream.
-func DeadLettersFilter(job string) string { return "$KV." + BucketDeadLetters + "." + job + ".>" }
+func DeadLettersFilter(job string) string { return kvSubject(BucketDeadLetters, job+".>") }
 
 // OutputKey is the object store name of output name of scene index of job.
 func OutputKey(job string, index int, name string) string {

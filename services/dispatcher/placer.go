@@ -3,7 +3,6 @@ package dispatcher
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"strconv"
 	"sync"
 	"time"
@@ -147,8 +146,7 @@ func (p *placer) settleTombstones(ctx context.Context) {
 			// A ticket replaced since (the scene came back to the queue) is right to
 			// keep; anything else leaves a stale entry that a later placement drops as
 			// a duplicate.
-			var apiErr *jetstream.APIError
-			if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
+			if !fleet.WrongLastSequence(err) {
 				p.s.log.Warn("replace a queue entry with its tombstone", "scene", pm.w.t.RunKey(), "err", err)
 			}
 		case <-ctx.Done():

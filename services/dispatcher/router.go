@@ -42,26 +42,31 @@ func (r *router) route(ctx context.Context, msg jetstream.Msg) error {
 	return fleet.Permanent(fmt.Errorf("unknown command subject %s", msg.Subject()))
 }
 
-// queueJob records j and queues its scenes: queued events first, then tickets, so
+// queueJob records j (if its intake did not) and queues its scenes: the record, the
+// state, the queued events and the tickets go out as one batch, in that order, so
 // that the events stream shows each scene queued before it starts.
 func (r *router) queueJob(ctx context.Context, j *fleet.Job) error {
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", j.ID), attribute.Int("comfyfleet.scenes", len(j.Scenes)))
-	if err := r.jobs.Create(ctx, j); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+	msgs, err := r.jobs.CreateMessages(j)
+	if err != nil {
 		return err
 	}
 	events := make([]fleet.SceneEvent, len(j.Scenes))
-	tickets := make([]fleet.Outgoing, len(j.Scenes))
 	for i, s := range j.Scenes {
 		events[i] = fleet.SceneEvent{JobID: j.ID, Index: i, Type: fleet.EventQueued, Pool: s.Pool, Time: j.CreatedAt}
+	}
+	queued, err := r.pub.SceneEventMessages(events)
+	if err != nil {
+		return err
+	}
+	msgs = append(msgs, queued...)
+	for i, s := range j.Scenes {
 		t := sceneTicket(j, i)
 		t.SubmittedAt = j.CreatedAt
-		tickets[i] = fleet.Outgoing{Subject: fleet.QueueSubject(s.Pool, j.ID, i), MsgID: t.PlacementID(), Value: t,
-			Header: map[string]string{headerBurstLeft: strconv.Itoa(len(j.Scenes) - 1 - i)}}
+		msgs = append(msgs, fleet.Outgoing{Subject: fleet.QueueSubject(s.Pool, j.ID, i), MsgID: t.PlacementID(), Value: t,
+			Header: map[string]string{headerBurstLeft: strconv.Itoa(len(j.Scenes) - 1 - i)}})
 	}
-	if err := r.pub.SceneEvents(ctx, events); err != nil {
-		return fmt.Errorf("queue job %s: %w", j.ID, err)
-	}
-	if err := r.pub.Batch(ctx, tickets); err != nil {
+	if err := r.pub.Batch(ctx, msgs); err != nil {
 		return fmt.Errorf("queue job %s: %w", j.ID, err)
 	}
 	return nil
