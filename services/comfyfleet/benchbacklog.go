@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -155,6 +156,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	fmt.Fprintf(tw, "dispatcher peak RSS with %d scenes queued\t%d MiB (%.0f bytes a scene)\t\n", total, held.rssMax>>20, float64(held.rssMax)/float64(total))
 	fmt.Fprintf(tw, "placement decisions (plans placing a scene)\t%.0f\t\n", decisions.count)
 	fmt.Fprintf(tw, "placement decision p50 / p99 (upper bucket bounds)\t%s / %s\t\n", decisions.quantile(0.5), decisions.quantile(0.99))
+	fmt.Fprintf(tw, "placement decisions within 1 ms / 10 ms\t%.2f%% / %.2f%%\t\n", 100*decisions.within(0.001), 100*decisions.within(0.01))
 	fmt.Fprintf(tw, "time to drain once %d nodes arrived\t%.1f s (%.0f scenes a second)\t\n", *nodes, drained.Seconds(), float64(total)/drained.Seconds())
 	fmt.Fprintf(tw, "jobs ended / of them not succeeded\t%d / %d\t\n", ended.Load(), unsuccessful.Load())
 	for _, name := range []string{"nats", "intake", "dispatcher-1", "notifier-1"} {
@@ -198,6 +200,15 @@ func (b buckets) quantile(q float64) string {
 		}
 	}
 	return "n/a"
+}
+
+// within is the share of observations at most bound, a bucket's upper bound.
+func (b buckets) within(bound float64) float64 {
+	i := slices.Index(b.bounds, bound)
+	if i < 0 || b.count == 0 {
+		return math.NaN()
+	}
+	return b.counts[i] / b.count
 }
 
 // histogram reads histogram name from the Prometheus metrics at addr.

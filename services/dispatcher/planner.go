@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"container/heap"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -86,6 +87,11 @@ type nodeView struct {
 	setup  time.Duration
 	// inv is what the node can run; nil while not known.
 	inv *inventory.Inventory
+	// runs remembers whether inv runs runsNeeds: the last requirements asked of
+	// this inventory, as a node fits the same class of scenes plan after plan.
+	runsInv   *inventory.Inventory
+	runsNeeds *inventory.Requirements
+	runs      bool
 }
 
 func (n *nodeView) serves(pool string) bool { return slices.Contains(n.pools, pool) }
@@ -96,7 +102,13 @@ func (n *nodeView) fits(w *waiting) bool {
 	if w.t.Region != "" && n.region != w.t.Region {
 		return false
 	}
-	return w.t.Needs == nil || n.inv == nil || n.inv.Runs(w.t.Needs)
+	if w.t.Needs == nil || n.inv == nil {
+		return true
+	}
+	if n.runsInv != n.inv || n.runsNeeds != w.t.Needs {
+		n.runsInv, n.runsNeeds, n.runs = n.inv, w.t.Needs, n.inv.Runs(w.t.Needs)
+	}
+	return n.runs
 }
 
 // placement is the planner's decision to release a waiting scene to a node.
@@ -117,6 +129,15 @@ type planner struct {
 	regionPenalty time.Duration
 	// turn is round-robin's position in each pool.
 	turn map[string]int
+	// scratch is what a plan builds and the next reuses, so that plans do not
+	// allocate.
+	scratch struct {
+		held     map[string]int
+		futures  []future
+		cands    []*future
+		resident map[string]bool
+		heap     classHeap
+	}
 }
 
 // horizon bounds how many scenes of a pool one plan considers, as a multiple of the
@@ -126,10 +147,12 @@ const horizonPerSlot = 4
 // plan returns the placements to make now. nodes are sorted by id; holding counts
 // the scenes each tenant holds on nodes.
 func (p *planner) plan(now time.Time, q *queue, nodes []*nodeView, holding map[string]int) []placement {
-	held := make(map[string]int, len(holding))
-	for t, n := range holding {
-		held[t] = n
+	if p.scratch.held == nil {
+		p.scratch.held = map[string]int{}
 	}
+	held := p.scratch.held
+	clear(held)
+	maps.Copy(held, holding)
 	if p.policy == FastestFinish {
 		return p.fastestFinish(now, q, nodes, held)
 	}
@@ -205,9 +228,13 @@ type future struct {
 // that a later scene does not take its place. A pool is planned until its nodes have
 // no free slot left, or a horizon of scenes has been considered.
 func (p *planner) fastestFinish(now time.Time, q *queue, nodes []*nodeView, held map[string]int) []placement {
-	fut := make(map[*nodeView]*future, len(nodes))
-	for _, n := range nodes {
-		f := &future{node: n, free: fleet.NodeSlots - len(n.held), until: now, model: n.model}
+	if cap(p.scratch.futures) < len(nodes) {
+		p.scratch.futures = make([]future, len(nodes))
+	}
+	fut := p.scratch.futures[:len(nodes)]
+	for i, n := range nodes {
+		f := &fut[i]
+		*f = future{node: n, free: fleet.NodeSlots - len(n.held), until: now, model: n.model}
 		for _, h := range n.held {
 			d := p.duration(n, f.model, h.t.Workflow, h.t.Model)
 			if !h.startedAt.IsZero() {
@@ -218,22 +245,26 @@ func (p *planner) fastestFinish(now time.Time, q *queue, nodes []*nodeView, held
 				f.model = h.t.Model
 			}
 		}
-		fut[n] = f
+	}
+	if p.scratch.resident == nil {
+		p.scratch.resident = map[string]bool{}
 	}
 	var out []placement
 	for _, pool := range q.poolNames() {
-		var cands []*future
+		cands := p.scratch.cands[:0]
 		free := 0
-		for _, n := range nodes {
+		for i, n := range nodes {
 			if n.usable && n.serves(pool) {
-				cands = append(cands, fut[n])
-				free += max(fut[n].free, 0)
+				cands = append(cands, &fut[i])
+				free += max(fut[i].free, 0)
 			}
 		}
+		p.scratch.cands = cands
 		if free == 0 {
 			continue
 		}
-		resident := map[string]bool{}
+		resident := p.scratch.resident
+		clear(resident)
 		for _, f := range cands {
 			resident[f.model] = true
 		}
@@ -281,8 +312,11 @@ func (h *classHeap) of(w *waiting) bool {
 		c.Region == w.t.Region && c.PreferRegion == w.t.PreferRegion
 }
 
+// newClassHeap returns the heap of w's class among cands. It is the planner's one
+// heap, emptied first: a plan builds a class's heap when the class changes.
 func (p *planner) newClassHeap(w *waiting, cands []*future) *classHeap {
-	h := &classHeap{p: p, class: w}
+	h := &p.scratch.heap
+	h.p, h.class, h.nodes = p, w, h.nodes[:0]
 	for _, f := range cands {
 		if f.node.fits(w) {
 			f.pos = len(h.nodes)

@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"cmp"
+	"maps"
 	"slices"
 	"time"
 
@@ -28,6 +29,11 @@ type fleetState struct {
 	// gone holds, for each executor whose liveness requests meet no responders, since
 	// when: its connection is gone.
 	gone map[string]time.Time
+	// byID lists the nodes sorted by id, and viewList their views, for views; nil
+	// once a node is added. tenants is views' count of scenes held by tenant.
+	byID     []*nodeState
+	viewList []*nodeView
+	tenants  map[string]int
 }
 
 // livenessGrace is how long an executor's liveness requests must meet no responders,
@@ -37,6 +43,7 @@ const livenessGrace = time.Second
 
 // nodeState is what the dispatcher knows of a node.
 type nodeState struct {
+	id         string
 	cfg        *fleet.NodeConfig // nil: not registered
 	status     *fleet.NodeStatus // nil: no heartbeat yet
 	heartbeat  time.Time
@@ -48,6 +55,8 @@ type nodeState struct {
 	speed *speedModel
 	// inv is what the node can run; nil until its executor has read it.
 	inv *inventory.Inventory
+	// view is the planner's picture of the node, refreshed by views.
+	view nodeView
 }
 
 func newFleetState(settings fleet.Settings) *fleetState {
@@ -99,8 +108,9 @@ func (s *fleetState) executorGone(n *nodeState, now time.Time) bool {
 func (s *fleetState) node(id string) *nodeState {
 	n := s.nodes[id]
 	if n == nil {
-		n = &nodeState{held: map[string]*held{}, speed: newSpeedModel(&s.speeds, 1)}
+		n = &nodeState{id: id, held: map[string]*held{}, speed: newSpeedModel(&s.speeds, 1)}
 		s.nodes[id] = n
+		s.byID, s.viewList = nil, nil
 	}
 	return n
 }
@@ -289,33 +299,44 @@ func (s *fleetState) silent(n *nodeState, now time.Time) bool {
 }
 
 // views returns the planner's picture of the nodes, sorted by id, and how many
-// scenes each tenant holds.
+// scenes each tenant holds. Both are the fleet state's own, refreshed in place, and
+// valid until the next call.
 func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
-	views := make([]*nodeView, 0, len(s.nodes))
-	tenants := map[string]int{}
-	for id, n := range s.nodes {
-		v := &nodeView{id: id, speed: n.speed, usable: s.usable(n, now), model: n.model, inv: n.inv}
+	if s.byID == nil {
+		s.byID = slices.SortedFunc(maps.Values(s.nodes), func(a, b *nodeState) int { return cmp.Compare(a.id, b.id) })
+		s.viewList = make([]*nodeView, len(s.byID))
+		for i, n := range s.byID {
+			s.viewList[i] = &n.view
+		}
+	}
+	if s.tenants == nil {
+		s.tenants = map[string]int{}
+	}
+	clear(s.tenants)
+	for _, n := range s.byID {
+		v := &n.view
+		v.id, v.speed, v.usable, v.model, v.inv = n.id, n.speed, s.usable(n, now), n.model, n.inv
+		v.pools, v.weight, v.region, v.setup = nil, 1, "", 0
 		if n.cfg != nil {
-			v.pools, v.weight, v.region = n.cfg.Pools, n.cfg.Weight, n.cfg.Region
+			v.pools, v.region = n.cfg.Pools, n.cfg.Region
+			if n.cfg.Weight > 0 {
+				v.weight = n.cfg.Weight
+			}
 		}
 		if n.status != nil {
 			v.setup = time.Duration(n.status.SetupSeconds * float64(time.Second))
 		}
-		if v.weight <= 0 {
-			v.weight = 1
-		}
+		v.held = v.held[:0]
 		for _, h := range n.held {
 			v.held = append(v.held, h)
-			tenants[h.t.Tenant]++
+			s.tenants[h.t.Tenant]++
 		}
 		slices.SortFunc(v.held, func(a, b *held) int {
 			// Running first, then waiting, each in placement order.
 			return cmp.Or(cmp.Compare(boolInt(a.startedAt.IsZero()), boolInt(b.startedAt.IsZero())), cmp.Compare(a.seq, b.seq))
 		})
-		views = append(views, v)
 	}
-	slices.SortFunc(views, func(a, b *nodeView) int { return cmp.Compare(a.id, b.id) })
-	return views, tenants
+	return s.viewList, s.tenants
 }
 
 // lostNode is a node whose placed scenes must go back to the queue: all of them

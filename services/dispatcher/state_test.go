@@ -81,3 +81,32 @@ func TestOnlyAStoredEndMakesATicketStale(t *testing.T) {
 		t.Error("a ticket of a run whose end is stored was queued")
 	}
 }
+
+func TestViewsFollowTheFleetBetweenCalls(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	nodes, tenants := s.views(t0)
+	if len(nodes) != 1 || !nodes[0].usable || len(nodes[0].held) != 1 || tenants[""] != 1 {
+		t.Fatalf("first views: %d nodes, usable %v, %d held, tenants %v", len(nodes), nodes[0].usable, len(nodes[0].held), tenants)
+	}
+	// A node added, the first drained and its scene ended, another tenant's scene
+	// placed: the next views show all of it.
+	s.registryChanged("a-gpu", &fleet.NodeConfig{ID: "a-gpu", Pools: []string{"video"}, Weight: 2})
+	s.heartbeat(fleet.NodeStatus{ID: "a-gpu", Executor: "ex", State: fleet.NodeOnline}, t0)
+	s.registryChanged("gpu", &fleet.NodeConfig{ID: "gpu", Pools: []string{"image"}, Weight: 1, Drained: true})
+	s.ended(fleet.SceneEvent{JobID: "j", Index: 0, Type: fleet.EventCompleted, Node: "gpu"}, t0)
+	s.hold("a-gpu", fleet.Ticket{JobID: "k", Index: 0, Pool: "video", Tenant: "t2"}, 2, t0)
+	nodes, tenants = s.views(t0)
+	if len(nodes) != 2 || nodes[0].id != "a-gpu" || nodes[1].id != "gpu" {
+		t.Fatalf("views after a node was added: %v, want a-gpu then gpu", nodes)
+	}
+	if !nodes[0].usable || nodes[0].weight != 2 || !nodes[0].serves("video") || len(nodes[0].held) != 1 {
+		t.Errorf("new node's view: usable %v, weight %v, pools %v, %d held", nodes[0].usable, nodes[0].weight, nodes[0].pools, len(nodes[0].held))
+	}
+	if nodes[1].usable || len(nodes[1].held) != 0 {
+		t.Errorf("drained node's view: usable %v, %d held; want unusable, none", nodes[1].usable, len(nodes[1].held))
+	}
+	if len(tenants) != 1 || tenants["t2"] != 1 {
+		t.Errorf("tenants holding scenes %v, want t2: 1", tenants)
+	}
+}
