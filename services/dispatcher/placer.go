@@ -80,7 +80,7 @@ func (p *placer) place(st *fleetState, w *waiting, node string, now time.Time) {
 // unplace takes back a placement the server did not store.
 func (p *placer) unplace(st *fleetState, w *waiting, node string) {
 	if n := st.nodes[node]; n != nil {
-		delete(n.held, w.t.RunKey())
+		st.release(n, w.t.RunKey())
 	}
 	st.enqueue(w, time.Now())
 }

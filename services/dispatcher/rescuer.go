@@ -71,13 +71,13 @@ func (r *rescuer) rescue(ctx context.Context, st *fleetState, lost lostNode) {
 		if err := work.DeleteMsg(ctx, f.seq); err != nil && !fleet.NoMessage(err) {
 			r.log.Warn("remove a given-back scene", "node", lost.id, "scene", t.RunKey(), "err", err)
 		}
-		delete(n.held, f.t.RunKey())
+		st.release(n, f.t.RunKey())
 		r.log.Info("scene given back to the queue", "node", lost.id, "scene", t.RunKey())
 	}
 	if lost.undeliveredOnly {
 		return
 	}
-	n.held = map[string]*held{}
+	st.replaceHeld(n, nil)
 	if lost.removed {
 		// A removed node's executor has stopped serving it; its consumer goes too.
 		if err := r.js.DeleteConsumer(ctx, fleet.StreamWork, fleet.WorkConsumerName(lost.id)); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {

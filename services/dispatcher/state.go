@@ -29,6 +29,10 @@ type fleetState struct {
 	// gone holds, for each executor whose liveness requests meet no responders, since
 	// when: its connection is gone.
 	gone map[string]time.Time
+	// holders lists, for each run held on a node, the nodes holding it: one, or two
+	// for a moment while a scene moves. It keeps the end of a run from visiting
+	// every node.
+	holders map[string][]*nodeState
 	// byID lists the nodes sorted by id, and viewList their views, for views; nil
 	// once a node is added. tenants is views' count of scenes held by tenant.
 	byID     []*nodeState
@@ -67,6 +71,48 @@ func newFleetState(settings fleet.Settings) *fleetState {
 		speeds:   fleetSpeeds{reference: map[string]float64{}},
 		finished: map[string]time.Time{},
 		gone:     map[string]time.Time{},
+		holders:  map[string][]*nodeState{},
+	}
+}
+
+// keep records that n holds run key as h, unless it holds it already.
+func (s *fleetState) keep(n *nodeState, key string, h *held) {
+	if _, ok := n.held[key]; ok {
+		return
+	}
+	n.held[key] = h
+	s.holders[key] = append(s.holders[key], n)
+}
+
+// release records that n no longer holds run key.
+func (s *fleetState) release(n *nodeState, key string) {
+	if _, ok := n.held[key]; !ok {
+		return
+	}
+	delete(n.held, key)
+	rest := slices.DeleteFunc(s.holders[key], func(o *nodeState) bool { return o == n })
+	if len(rest) == 0 {
+		delete(s.holders, key)
+	} else {
+		s.holders[key] = rest
+	}
+}
+
+// releaseEverywhere records that no node holds run key.
+func (s *fleetState) releaseEverywhere(key string) {
+	for _, n := range s.holders[key] {
+		delete(n.held, key)
+	}
+	delete(s.holders, key)
+}
+
+// replaceHeld makes held (nil: nothing) what n holds.
+func (s *fleetState) replaceHeld(n *nodeState, held map[string]*held) {
+	for key := range n.held {
+		s.release(n, key)
+	}
+	for key, h := range held {
+		s.keep(n, key, h)
 	}
 }
 
@@ -123,9 +169,7 @@ func (s *fleetState) enqueue(w *waiting, now time.Time) bool {
 		return false
 	}
 	// A scene back in the queue is no longer held anywhere.
-	for _, n := range s.nodes {
-		delete(n.held, key)
-	}
+	s.releaseEverywhere(key)
 	s.queue.add(w, now)
 	return true
 }
@@ -150,10 +194,7 @@ func (s *fleetState) hold(node string, t fleet.Ticket, seq uint64, now time.Time
 	if _, ended := s.finished[key]; ended {
 		return
 	}
-	n := s.node(node)
-	if _, ok := n.held[key]; !ok {
-		n.held[key] = &held{t: t, seq: seq, placedAt: now}
-	}
+	s.keep(s.node(node), key, &held{t: t, seq: seq, placedAt: now})
 }
 
 // registryChanged follows a node's desired configuration; cfg is nil for a node
@@ -204,15 +245,13 @@ func (s *fleetState) sceneEvent(ev fleet.SceneEvent) {
 		}
 	case fleet.EventRetrying:
 		if n := s.nodes[ev.Node]; n != nil {
-			delete(n.held, key)
+			s.release(n, key)
 		}
 	case fleet.EventCompleted, fleet.EventFailed, fleet.EventCancelled:
 		if n := s.nodes[ev.Node]; n != nil && ev.Type == fleet.EventCompleted && ev.Duration > 0 {
 			n.speed.observe(workflowKey(ev.Workflow), ev.Duration, ev.ModelLoaded)
 		}
-		for _, n := range s.nodes {
-			delete(n.held, key)
-		}
+		s.releaseEverywhere(key)
 		if n := s.nodes[ev.Node]; n != nil && ev.Model != "" {
 			n.model = ev.Model
 		}
@@ -224,9 +263,7 @@ func (s *fleetState) sceneEvent(ev fleet.SceneEvent) {
 // of a scene that ended while it waited, which the leader removes from the stream.
 func (s *fleetState) ended(ev fleet.SceneEvent, now time.Time) *waiting {
 	key := fleet.Ticket{JobID: ev.JobID, Index: ev.Index, Retry: ev.Retry}.RunKey()
-	for _, n := range s.nodes {
-		delete(n.held, key)
-	}
+	s.releaseEverywhere(key)
 	s.finished[key] = now
 	k := sceneKey{ev.JobID, ev.Index}
 	if w := s.queue.get(k); w != nil && w.t.Retry <= ev.Retry {
@@ -272,14 +309,11 @@ func (s *fleetState) scanned(found []placedMsg, now time.Time) {
 		byNode[f.node][key] = h
 	}
 	for id, n := range s.nodes {
-		n.held = byNode[id]
-		if n.held == nil {
-			n.held = map[string]*held{}
-		}
+		s.replaceHeld(n, byNode[id])
 		delete(byNode, id)
 	}
 	for id, held := range byNode {
-		s.node(id).held = held
+		s.replaceHeld(s.node(id), held)
 	}
 }
 

@@ -110,3 +110,25 @@ func TestViewsFollowTheFleetBetweenCalls(t *testing.T) {
 		t.Errorf("tenants holding scenes %v, want t2: 1", tenants)
 	}
 }
+
+func TestTheEndOfARunFreesEveryNodeHoldingIt(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	moving := fleet.Ticket{JobID: "m", Index: 0, Pool: "image"}
+	other := fleet.Ticket{JobID: "o", Index: 0, Pool: "image"}
+	// The work stream holds the moving scene twice: on the node it leaves, not yet
+	// acknowledged, and on the node it went to.
+	s.scanned([]placedMsg{{node: "gpu", seq: 1, t: moving}, {node: "gpu2", seq: 2, t: moving}, {node: "gpu2", seq: 3, t: other}}, t0)
+	if len(s.nodes["gpu"].held) != 1 || len(s.nodes["gpu2"].held) != 2 {
+		t.Fatalf("after the scan gpu holds %d, gpu2 %d; want 1 and 2", len(s.nodes["gpu"].held), len(s.nodes["gpu2"].held))
+	}
+	s.ended(fleet.SceneEvent{JobID: "m", Index: 0, Type: fleet.EventCompleted, Node: "gpu2"}, t0)
+	if len(s.nodes["gpu"].held) != 0 || len(s.nodes["gpu2"].held) != 1 || s.nodes["gpu2"].held[other.RunKey()] == nil {
+		t.Fatalf("after the end gpu holds %d, gpu2 %v; want nothing, and only the other scene", len(s.nodes["gpu"].held), s.nodes["gpu2"].held)
+	}
+	// Back in the queue, a scene is held nowhere.
+	s.enqueue(&waiting{seq: 9, t: other}, t0)
+	if len(s.nodes["gpu2"].held) != 0 || len(s.holders) != 0 {
+		t.Fatalf("a requeued scene is still held: gpu2 %v, holders %v", s.nodes["gpu2"].held, s.holders)
+	}
+}
