@@ -183,16 +183,22 @@ func WrongLastSequence(err error) bool {
 		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
-// Get returns the job with the state of every scene: its record, its state, and
-// the last event of each type of each scene folded in.
+// Get returns the job with the state of every scene: its record and its state,
+// read at once, and the last event of each type of each scene folded in.
 func (s *Jobs) Get(ctx context.Context, id string) (*Job, error) {
+	var (
+		st      *JobState
+		stateOf error
+		read    sync.WaitGroup
+	)
+	read.Go(func() { st, _, stateOf = s.State(ctx, id) })
 	j, err := s.Record(ctx, id)
+	read.Wait()
 	if err != nil {
 		return nil, err
 	}
-	st, _, err := s.State(ctx, id)
-	if err != nil {
-		return nil, err
+	if stateOf != nil {
+		return nil, stateOf
 	}
 	j.Round = st.Round
 	j.UpdatedAt = st.UpdatedAt
