@@ -35,12 +35,14 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		sceneTime = fs.Duration("scene-time", time.Millisecond, "time a simulated node takes for one scene")
 		profile   = fs.String("profile", "", "directory to write the dispatcher's heap profile with the backlog queued and a CPU profile of every service (30 s of the drain)")
 		keep      = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
+		memLimit  = fs.String("dispatcher-memory-limit", "900MiB", "the dispatcher's GOMEMLIMIT, as deploy/k8s/dispatcher.yaml sets it (empty: none)")
 	)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	jobs := *scenes / *perJob
-	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Profile: *profile != "", Keep: *keep})
+	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Profile: *profile != "", Keep: *keep,
+		DispatcherMemoryLimit: *memLimit})
 	if err != nil {
 		return err
 	}

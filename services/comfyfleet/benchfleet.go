@@ -66,6 +66,9 @@ type benchFleetOptions struct {
 	// Metrics serves Prometheus metrics from the dispatchers, executors and
 	// notifiers, on ports it reports.
 	Metrics bool
+	// DispatcherMemoryLimit, if set, is the GOMEMLIMIT of the dispatchers (e.g.
+	// "900MiB").
+	DispatcherMemoryLimit string
 	// Keep leaves the fleet's directory (its NATS store and every process's log)
 	// when it stops.
 	Keep bool
@@ -75,6 +78,7 @@ type benchFleetOptions struct {
 type benchProc struct {
 	name  string
 	args  []string
+	env   []string
 	cmd   *exec.Cmd
 	pprof string
 	// metrics is where the process serves its Prometheus metrics, if it does.
@@ -186,17 +190,25 @@ func (f *benchFleet) executorNames() []string {
 // start starts a process of this binary with args, its output in a file of the
 // fleet's directory.
 func (f *benchFleet) start(name string, args ...string) (*benchProc, error) {
+	return f.startWith(name, nil, args...)
+}
+
+// startWith is start with env added to the process's environment.
+func (f *benchFleet) startWith(name string, env []string, args ...string) (*benchProc, error) {
 	out, err := os.OpenFile(filepath.Join(f.dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
 	cmd := exec.Command(f.bin, args...)
 	cmd.Stdout, cmd.Stderr = out, out
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	if err := cmd.Start(); err != nil {
 		out.Close()
 		return nil, fmt.Errorf("bench: start %s: %w", name, err)
 	}
-	p := &benchProc{name: name, args: args, cmd: cmd, exited: make(chan struct{})}
+	p := &benchProc{name: name, args: args, env: env, cmd: cmd, exited: make(chan struct{})}
 	f.procs = append(f.procs, p)
 	go func() {
 		defer close(p.exited)
@@ -224,7 +236,11 @@ func (f *benchFleet) startService(name string, profile bool, args ...string) (*b
 		metricsAddr = fmt.Sprintf("127.0.0.1:%d", port)
 		args = append(args, "--metrics", metricsAddr)
 	}
-	p, err := f.start(name, args...)
+	var env []string
+	if args[0] == "dispatcher" && f.opts.DispatcherMemoryLimit != "" {
+		env = []string{"GOMEMLIMIT=" + f.opts.DispatcherMemoryLimit}
+	}
+	p, err := f.startWith(name, env, args...)
 	if p != nil {
 		p.pprof, p.metrics = pprofAddr, metricsAddr
 	}
@@ -413,7 +429,7 @@ func (p *benchProc) kill() {
 
 // restart starts p again with the same arguments, in its place in the fleet.
 func (f *benchFleet) restart(p *benchProc) (*benchProc, error) {
-	next, err := f.start(p.name, p.args...)
+	next, err := f.startWith(p.name, p.env, p.args...)
 	if err != nil {
 		return nil, err
 	}
