@@ -86,12 +86,8 @@ func storedJob(t *testing.T, js jetstream.JetStream, jobs *fleet.Jobs, id string
 
 func TestDeleteRemovesEveryPieceOfAJob(t *testing.T) {
 	t.Parallel()
-	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	_, js, jobs := jobsFleet(t)
 	ctx := context.Background()
-	jobs, err := fleet.OpenJobs(ctx, js)
-	if err != nil {
-		t.Fatal(err)
-	}
 	storedJob(t, js, jobs, "gone")
 	storedJob(t, js, jobs, "kept")
 	before := fleettest.JobPieces(t, js, "gone")
@@ -119,12 +115,8 @@ func TestDeleteRemovesEveryPieceOfAJob(t *testing.T) {
 
 func TestDeleteOfARunningJobCancelsItOrRefuses(t *testing.T) {
 	t.Parallel()
-	_, nc, js := fleettest.Fleet(t, fleet.Settings{})
+	nc, js, jobs := jobsFleet(t)
 	ctx := context.Background()
-	jobs, err := fleet.OpenJobs(ctx, js)
-	if err != nil {
-		t.Fatal(err)
-	}
 	storedJob(t, js, jobs, "open", 1)
 	if err := jobs.Delete(ctx, "open", nil, nil); !errors.Is(err, fleet.ErrJobRunning) {
 		t.Fatalf("delete a running job without cancel: %v, want ErrJobRunning", err)
@@ -156,12 +148,8 @@ func TestDeleteOfARunningJobCancelsItOrRefuses(t *testing.T) {
 //
 //	go test ./pkg/fleet -run '^$' -bench Delete -benchtime 5x
 func BenchmarkDelete(b *testing.B) {
-	_, _, js := fleettest.Fleet(b, fleet.Settings{})
+	_, js, jobs := jobsFleet(b)
 	ctx := context.Background()
-	jobs, err := fleet.OpenJobs(ctx, js)
-	if err != nil {
-		b.Fatal(err)
-	}
 	outputs, err := js.ObjectStore(ctx, fleet.ObjectOutputs)
 	if err != nil {
 		b.Fatal(err)

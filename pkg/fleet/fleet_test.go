@@ -9,11 +9,23 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 )
+
+// jobsFleet starts a fleet of its own for tb and opens its jobs.
+func jobsFleet(tb testing.TB) (*nats.Conn, jetstream.JetStream, *fleet.Jobs) {
+	tb.Helper()
+	_, nc, js := fleettest.Fleet(tb, fleet.Settings{})
+	jobs, err := fleet.OpenJobs(context.Background(), js)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return nc, js, jobs
+}
 
 func TestEnsureIsIdempotent(t *testing.T) {
 	t.Parallel()
@@ -25,12 +37,8 @@ func TestEnsureIsIdempotent(t *testing.T) {
 
 func TestJobStateConcurrentEndsKeepEveryChange(t *testing.T) {
 	t.Parallel()
-	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	_, _, jobs := jobsFleet(t)
 	ctx := context.Background()
-	jobs, err := fleet.OpenJobs(ctx, js)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const n = 16
 	job := &fleet.Job{ID: "j1", Status: fleet.StatusQueued, Scenes: make([]fleet.Scene, n)}
 	for i := range job.Scenes {
@@ -64,12 +72,8 @@ func TestJobStateConcurrentEndsKeepEveryChange(t *testing.T) {
 
 func TestCreateRecordsAJobOnceAndKeepsAStateWrittenFirst(t *testing.T) {
 	t.Parallel()
-	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	_, js, jobs := jobsFleet(t)
 	ctx := context.Background()
-	jobs, err := fleet.OpenJobs(ctx, js)
-	if err != nil {
-		t.Fatal(err)
-	}
 	job := &fleet.Job{ID: "j1", Status: fleet.StatusQueued, Scenes: []fleet.Scene{{Status: fleet.StatusQueued}, {Index: 1, Status: fleet.StatusQueued}}}
 	// The tracker got to a scene's start first.
 	if _, _, err := jobs.UpdateStateFrom(ctx, "j1", fleet.NewJobState(job), 0, func(st *fleet.JobState) error {
@@ -127,12 +131,8 @@ func TestJobStateIgnoresEndsOfEarlierRuns(t *testing.T) {
 
 func TestGetFoldsTheEventsOfEveryScene(t *testing.T) {
 	t.Parallel()
-	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	_, js, jobs := jobsFleet(t)
 	ctx := context.Background()
-	jobs, err := fleet.OpenJobs(ctx, js)
-	if err != nil {
-		t.Fatal(err)
-	}
 	// More scenes than one batched read of their events covers.
 	const n = 230
 	created := time.Now().UTC().Truncate(time.Millisecond)
