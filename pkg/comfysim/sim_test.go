@@ -650,3 +650,23 @@ func TestRoutes(t *testing.T) {
 		}
 	}
 }
+
+// A client that sends feature_flags at once still gets status first, as from
+// ComfyUI, which greets before it reads. Many clients at once: the answer used to
+// overtake the greeting only when the server was busy.
+func TestGreetingComesBeforeTheAnswerToFeatureFlags(t *testing.T) {
+	t.Parallel()
+	sim := startSim(t, comfysim.Config{})
+	for g := range 16 {
+		t.Run(fmt.Sprint(g), func(t *testing.T) {
+			t.Parallel()
+			for i := range 20 {
+				ws := dialWS(t, sim.URL(), fmt.Sprintf("client-%d-%d", g, i), true)
+				ws.waitType(0, "feature_flags", "")
+				if frames := ws.since(0); frames[0].typ != "status" || frames[1].typ != "feature_flags" {
+					t.Fatalf("socket %d: first frames %s, %s; want status, feature_flags", i, frames[0].typ, frames[1].typ)
+				}
+			}
+		})
+	}
+}

@@ -274,6 +274,10 @@ func (in *instance) serveWS(w http.ResponseWriter, r *http.Request) {
 // runWS serves one websocket until the client leaves or the server stops.
 func (in *instance) runWS(conn *websocket.Conn, sid string) {
 	c := newWSClient(sid)
+	// The greeting is queued before anything the client sends is read: ComfyUI
+	// sends status before it reads a message, so its answer to feature_flags
+	// comes second.
+	attached := in.hub.attach(c, int(in.q.remaining.Load()))
 	readCtx, stopReading := context.WithCancel(context.Background())
 	defer stopReading()
 	readDone := make(chan struct{})
@@ -282,7 +286,7 @@ func (in *instance) runWS(conn *websocket.Conn, sid string) {
 		in.readWS(readCtx, conn, c)
 	})
 
-	if in.hub.attach(c, int(in.q.remaining.Load())) {
+	if attached {
 		in.writeWS(conn, c)
 	}
 	in.hub.detach(c)
