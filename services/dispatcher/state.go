@@ -72,6 +72,7 @@ func newFleetState(settings fleet.Settings) *fleetState {
 		finished: map[string]time.Time{},
 		gone:     map[string]time.Time{},
 		holders:  map[string][]*nodeState{},
+		tenants:  map[string]int{},
 	}
 }
 
@@ -342,9 +343,6 @@ func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
 		for i, n := range s.byID {
 			s.viewList[i] = &n.view
 		}
-	}
-	if s.tenants == nil {
-		s.tenants = map[string]int{}
 	}
 	clear(s.tenants)
 	for _, n := range s.byID {
