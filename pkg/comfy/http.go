@@ -298,19 +298,29 @@ func (c *Client) Free(ctx context.Context) error {
 	return c.call(ctx, "free memory", http.MethodPost, "/free", nil, map[string]bool{"unload_models": true, "free_memory": true}, nil)
 }
 
-// View downloads a file (GET /view). The caller closes body. A missing file is
-// an *HTTPError with status 404, a bad type one with status 400.
-func (c *Client) View(ctx context.Context, f FileRef) (body io.ReadCloser, contentType string, err error) {
+// Download is a file the server sends.
+type Download struct {
+	// Body is the file's content; the caller closes it.
+	Body io.ReadCloser
+	// ContentType is the server's Content-Type, if it gave one.
+	ContentType string
+	// Size is the file's length in bytes, or -1 when the server did not say.
+	Size int64
+}
+
+// View downloads a file (GET /view). A missing file is an *HTTPError with status
+// 404, a bad type one with status 400.
+func (c *Client) View(ctx context.Context, f FileRef) (Download, error) {
 	return c.view(ctx, f, "")
 }
 
 // ViewPreview downloads a re-encoded preview of an image, preview being the
 // server's "format;quality" parameter, e.g. "webp;50".
-func (c *Client) ViewPreview(ctx context.Context, f FileRef, preview string) (body io.ReadCloser, contentType string, err error) {
+func (c *Client) ViewPreview(ctx context.Context, f FileRef, preview string) (Download, error) {
 	return c.view(ctx, f, preview)
 }
 
-func (c *Client) view(ctx context.Context, f FileRef, preview string) (io.ReadCloser, string, error) {
+func (c *Client) view(ctx context.Context, f FileRef, preview string) (Download, error) {
 	const op = "view"
 	q := url.Values{"filename": {f.Filename}, "subfolder": {f.Subfolder}, "type": {f.Type}}
 	if preview != "" {
@@ -318,13 +328,13 @@ func (c *Client) view(ctx context.Context, f FileRef, preview string) (io.ReadCl
 	}
 	resp, err := c.send(ctx, op, http.MethodGet, "/view", q, nil, "")
 	if err != nil {
-		return nil, "", err
+		return Download{}, err
 	}
 	if !ok(resp) {
 		defer closeBody(resp)
-		return nil, "", statusError(op+" "+f.Filename, resp)
+		return Download{}, statusError(op+" "+f.Filename, resp)
 	}
-	return resp.Body, resp.Header.Get("Content-Type"), nil
+	return Download{Body: resp.Body, ContentType: resp.Header.Get("Content-Type"), Size: resp.ContentLength}, nil
 }
 
 // SystemStats returns the server's version, memory and devices.

@@ -256,9 +256,9 @@ func view(preview string, status int, contentType string) httpCase {
 			t.Fatal(err)
 		}
 		f := FileRef{Filename: vals.Get("filename"), Subfolder: vals.Get("subfolder"), Type: vals.Get("type")}
-		body, ct, err := c.ViewPreview(ctx, f, preview)
+		d, err := c.ViewPreview(ctx, f, preview)
 		if status != 200 {
-			if !isHTTPStatus(err, status) || !IsPermanent(err) || body != nil {
+			if !isHTTPStatus(err, status) || !IsPermanent(err) || d.Body != nil {
 				t.Fatalf("View error %v, want permanent HTTP %d", err, status)
 			}
 			return
@@ -266,10 +266,13 @@ func view(preview string, status int, contentType string) httpCase {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer body.Close()
-		b, _ := io.ReadAll(body)
-		if ct != contentType || len(b) != e.Response.BodyLen || !bytes.Equal(b, e.responseBody(t)) {
-			t.Errorf("View: %s, %d bytes; want %s, %d bytes", ct, len(b), contentType, e.Response.BodyLen)
+		defer d.Body.Close()
+		b, _ := io.ReadAll(d.Body)
+		if d.ContentType != contentType || len(b) != e.Response.BodyLen || !bytes.Equal(b, e.responseBody(t)) {
+			t.Errorf("View: %s, %d bytes; want %s, %d bytes", d.ContentType, len(b), contentType, e.Response.BodyLen)
+		}
+		if d.Size >= 0 && d.Size != int64(len(b)) {
+			t.Errorf("View: size %d, read %d bytes", d.Size, len(b))
 		}
 	}
 }

@@ -14,6 +14,9 @@ import (
 // contentTypeKey is the object metadata entry that holds a file's content type.
 const contentTypeKey = "content-type"
 
+// chunkSize is the object store's default chunk size.
+const chunkSize = 128 * 1024
+
 // JetStream keeps outputs in a JetStream object store.
 type JetStream struct {
 	os jetstream.ObjectStore
@@ -22,9 +25,16 @@ type JetStream struct {
 // NewJetStream returns the store backed by os.
 func NewJetStream(os jetstream.ObjectStore) *JetStream { return &JetStream{os: os} }
 
-// Put stores r under key, with its content type in the object's metadata.
-func (s *JetStream) Put(ctx context.Context, key, contentType string, _ int64, r io.Reader) (Object, error) {
-	info, err := s.os.Put(ctx, jetstream.ObjectMeta{Name: key, Metadata: map[string]string{contentTypeKey: contentType}}, r)
+// Put stores r under key, with its content type in the object's metadata. A file
+// whose size is known and smaller than a chunk is read into a buffer of its size:
+// the object store otherwise allocates and clears a whole chunk (128 KiB) for
+// every file, however small.
+func (s *JetStream) Put(ctx context.Context, key, contentType string, size int64, r io.Reader) (Object, error) {
+	meta := jetstream.ObjectMeta{Name: key, Metadata: map[string]string{contentTypeKey: contentType}}
+	if size > 0 && size < chunkSize {
+		meta.Opts = &jetstream.ObjectMetaOptions{ChunkSize: uint32(size)}
+	}
+	info, err := s.os.Put(ctx, meta, r)
 	if err != nil {
 		return Object{}, fmt.Errorf("outputs: put %s: %w", key, err)
 	}

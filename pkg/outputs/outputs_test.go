@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -60,6 +61,14 @@ func exercise(t *testing.T, s outputs.Store) {
 	video := bytes.Repeat([]byte("frame "), 1000)
 	if obj, err := s.Put(ctx, fleet.OutputKey("job1", 1, "clip.mp4"), "video/mp4", -1, io.MultiReader(bytes.NewReader(video))); err != nil || obj.Size != int64(len(video)) {
 		t.Errorf("Put of unknown size = %+v, %v", obj, err)
+	}
+	// A size known in advance, the body read a byte at a time.
+	mask := fleet.OutputKey("job1", 2, "mask.png")
+	if _, err := s.Put(ctx, mask, "image/png", int64(len(image)), iotest.OneByteReader(bytes.NewReader(image))); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := read(t, s, mask); !bytes.Equal(got, image) {
+		t.Errorf("Open of a file read a byte at a time = %q, want %q", got, image)
 	}
 	other := fleet.OutputKey("job10", 0, "other.png")
 	if _, err := s.Put(ctx, other, "image/png", 3, strings.NewReader("abc")); err != nil {

@@ -319,17 +319,18 @@ func (e *executor) store(ctx context.Context, n *node, item scene, outs []comfy.
 			continue
 		}
 		name := names.next(o.NodeID, o.File.Filename)
-		body, contentType, err := n.client.View(ctx, o.File)
+		file, err := n.client.View(ctx, o.File)
 		if err != nil {
 			return nil, &fileError{err: fmt.Errorf("fetch output %s from node %s: %w", o.File.Filename, n.cfg.ID, err)}
 		}
+		contentType := file.ContentType
 		if contentType == "" || contentType == "application/octet-stream" {
 			if t := mime.TypeByExtension(path.Ext(name)); t != "" {
 				contentType = t
 			}
 		}
-		obj, err := e.outputs.Put(ctx, fleet.OutputKey(item.JobID, item.Index, name), contentType, -1, body)
-		body.Close()
+		obj, err := e.outputs.Put(ctx, fleet.OutputKey(item.JobID, item.Index, name), contentType, file.Size, file.Body)
+		file.Body.Close()
 		if err != nil {
 			return nil, fmt.Errorf("store output %s: %w", name, err)
 		}

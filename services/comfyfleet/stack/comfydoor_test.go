@@ -721,14 +721,14 @@ func TestComfyUIClientsRunTheirPromptsOnTheFleet(t *testing.T) {
 		if len(res.Outputs) != 1 || res.Outputs[0].NodeID != "9" || res.Cached {
 			t.Fatalf("result %+v", res)
 		}
-		body, contentType, err := cc.View(ctx, res.Outputs[0].File)
+		d, err := cc.View(ctx, res.Outputs[0].File)
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, _ := io.ReadAll(body)
-		body.Close()
-		if want := stored(t, b.JS, res.Outputs[0].File); contentType != "image/png" || !bytes.Equal(got, want) {
-			t.Errorf("View: %s, %d bytes; the fleet stored %d", contentType, len(got), len(want))
+		got, _ := io.ReadAll(d.Body)
+		d.Body.Close()
+		if want := stored(t, b.JS, res.Outputs[0].File); d.ContentType != "image/png" || !bytes.Equal(got, want) {
+			t.Errorf("View: %s, %d bytes; the fleet stored %d", d.ContentType, len(got), len(want))
 		}
 		h, err := cc.History(ctx, res.PromptID)
 		if err != nil || h == nil || h.Err() != nil || h.ClientID != cc.ClientID() {

@@ -309,11 +309,11 @@ func comfyDoorAsItsUser(t *testing.T, door string, sim *comfysim.Server, nodeID 
 	if err != nil {
 		t.Fatalf("a prompt through the door: %v", err)
 	}
-	body, _, err := cc.View(ctx, res.Outputs[0].File)
+	d, err := cc.View(ctx, res.Outputs[0].File)
 	if err != nil {
 		t.Fatal(err)
 	}
-	body.Close()
+	d.Body.Close()
 	if _, err := cc.RecentHistory(ctx, 5); err != nil {
 		t.Error(err)
 	}
