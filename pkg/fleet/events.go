@@ -139,15 +139,19 @@ func (e JobEvent) Envelope(source string) (Event, error) {
 	}, nil
 }
 
-// DecodeSceneEvent reads a scene event from a CloudEvent's JSON.
+// DecodeSceneEvent reads a scene event from a CloudEvent's JSON, in one pass: every
+// service reads every scene event, so decoding the envelope and then its data
+// again would cost each of them a second scan of every event.
 func DecodeSceneEvent(b []byte) (SceneEvent, error) {
-	var ev Event
-	if err := json.Unmarshal(b, &ev); err != nil {
-		return SceneEvent{}, fmt.Errorf("decode cloudevent: %w", err)
+	var ev struct {
+		ID   string      `json:"id"`
+		Data *SceneEvent `json:"data"`
 	}
-	var se SceneEvent
-	if err := json.Unmarshal(ev.Data, &se); err != nil {
+	if err := json.Unmarshal(b, &ev); err != nil {
 		return SceneEvent{}, fmt.Errorf("decode scene event %s: %w", ev.ID, err)
 	}
-	return se, nil
+	if ev.Data == nil {
+		return SceneEvent{}, fmt.Errorf("decode scene event %s: no data", ev.ID)
+	}
+	return *ev.Data, nil
 }
