@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -247,5 +248,135 @@ func TestSocketCloseWhileOpen(t *testing.T) {
 	}
 	if len(rp.recorded("GET", "/ws")[0].Header.Values("Origin")) != 0 {
 		t.Error("websocket handshake sent an Origin header")
+	}
+}
+
+// parseTextByDecoding is how parseText read frames before it picked members out of
+// them: the frame decoded, then its data.
+func parseTextByDecoding(b []byte) (Event, bool) {
+	var m struct {
+		Type string          `json:"type"`
+		Data json.RawMessage `json:"data"`
+	}
+	if json.Unmarshal(b, &m) != nil || m.Type == "" {
+		return Event{}, false
+	}
+	ev := Event{Type: m.Type, Data: m.Data}
+	var d struct {
+		PromptID json.RawMessage `json:"prompt_id"`
+		Node     json.RawMessage `json:"node"`
+		NodeID   json.RawMessage `json:"node_id"`
+		Value    json.RawMessage `json:"value"`
+		Max      json.RawMessage `json:"max"`
+	}
+	if json.Unmarshal(m.Data, &d) == nil {
+		ev.PromptID = jsonString(d.PromptID)
+		ev.Node = jsonString(d.Node)
+		if ev.Node == "" {
+			ev.Node = jsonString(d.NodeID)
+		}
+		ev.Value = jsonInt(d.Value)
+		ev.Max = jsonInt(d.Max)
+	}
+	return ev, true
+}
+
+// sameKeysAsWritten reports whether the members parseText looks for are written in
+// b, if at all, as plain lower-case keys: encoding/json also matches keys in another
+// case or with escaped letters, which ComfyUI never sends.
+func sameKeysAsWritten(b []byte) bool {
+	names := []string{"type", "data", "prompt_id", "node", "node_id", "value", "max"}
+	plain := func(obj json.RawMessage) bool {
+		var m map[string]json.RawMessage
+		if json.Unmarshal(obj, &m) != nil {
+			return true
+		}
+		for k := range m {
+			for _, name := range names {
+				if strings.EqualFold(k, name) && (k != name || !bytes.Contains(b, []byte(`"`+name+`"`))) {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	var top map[string]json.RawMessage
+	if json.Unmarshal(b, &top) != nil {
+		return true
+	}
+	if !plain(b) {
+		return false
+	}
+	for k, v := range top {
+		if strings.EqualFold(k, "data") && !plain(v) {
+			return false
+		}
+	}
+	return true
+}
+
+func FuzzParseTextAsDecoding(f *testing.F) {
+	files, _ := filepath.Glob(filepath.Join(transcripts, "ws_*.jsonl"))
+	for _, path := range files {
+		for _, r := range loadWS(f, filepath.Base(path)) {
+			if r.Kind == "text" {
+				f.Add([]byte(r.Raw))
+			}
+		}
+	}
+	for _, s := range []string{
+		`{"type":"executing","data":{"node":null,"prompt_id":"p"}}`,
+		`{ "type" : "progress" , "data" : { "value" : 1.0 , "max" : 4e0 , "node" : 7 } }`,
+		`{"data":{"node":"a\"}{[","prompt_id":"x\\"},"type":"executed"}`,
+		`{"type":"t","data":{"nodes":{"1":{"value":[1,{"a":"}"}],"node_id":"1"}},"node_id":"2"}}`,
+		`{"type":"t","type":"u","data":{"max":1},"data":{"max":2}}`,
+		`{"type":"executing","data":{"node":"","node_id":"9"}}`,
+		`{"type":1,"data":{}}`,
+		`{"type":"","data":{}}`,
+		`[{"type":"t"}]`,
+		`{"type":"t","data":"s"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		got, ok := parseText(b)
+		if !json.Valid(b) {
+			if ok {
+				t.Fatalf("parseText(%q) accepted invalid JSON", b)
+			}
+			return
+		}
+		if !sameKeysAsWritten(b) {
+			return
+		}
+		want, wantOK := parseTextByDecoding(b)
+		if ok != wantOK || got.Type != want.Type || got.PromptID != want.PromptID || got.Node != want.Node ||
+			got.Value != want.Value || got.Max != want.Max || !bytes.Equal(got.Data, want.Data) {
+			t.Fatalf("parseText(%q) = %+v, %v;\ndecoding gives %+v, %v", b, got, ok, want, wantOK)
+		}
+	})
+}
+
+// BenchmarkParseText reads every text frame of the transcripts, with parseText and
+// by decoding as it did before.
+func BenchmarkParseText(b *testing.B) {
+	var frames [][]byte
+	files, _ := filepath.Glob(filepath.Join(transcripts, "ws_*.jsonl"))
+	for _, path := range files {
+		for _, r := range loadWS(b, filepath.Base(path)) {
+			if r.Kind == "text" {
+				frames = append(frames, []byte(r.Raw))
+			}
+		}
+	}
+	for name, parse := range map[string]func([]byte) (Event, bool){"members": parseText, "decoding": parseTextByDecoding} {
+		b.Run(name, func(b *testing.B) {
+			for b.Loop() {
+				for _, f := range frames {
+					parse(f)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(frames)), "ns/frame")
+		})
 	}
 }
