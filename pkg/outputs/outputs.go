@@ -54,11 +54,7 @@ func Open(ctx context.Context, spec string, js jetstream.JetStream) (Store, erro
 		if js == nil {
 			return nil, errors.New("outputs: the JetStream object store needs a JetStream connection")
 		}
-		os, err := js.ObjectStore(ctx, fleet.ObjectOutputs)
-		if err != nil {
-			return nil, fmt.Errorf("outputs: open object store %s: %w", fleet.ObjectOutputs, err)
-		}
-		return NewJetStream(os), nil
+		return NewJetStream(ctx, js, fleet.ObjectOutputs)
 	case strings.HasPrefix(spec, "s3://"):
 		cfg, err := ParseS3(spec)
 		if err != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/pkg/outputs/outputstest"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -224,5 +225,93 @@ func TestS3RefusesWrongCredentialsAndBadSpecs(t *testing.T) {
 	}
 	if _, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "b", PartSize: 1 << 20, AWS: srv.AWSConfig(outputstest.SecretKey)}); err == nil {
 		t.Errorf("NewS3 accepted parts of 1 MiB")
+	}
+}
+
+// TestJetStreamSmallFilesAreObjectsAsTheStoreWritesThem checks the objects the store
+// writes itself, the outputs that fit one chunk, against the object store's own.
+func TestJetStreamSmallFilesAreObjectsAsTheStoreWritesThem(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	s, err := outputs.Open(ctx, "", js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os, err := js.ObjectStore(ctx, fleet.ObjectOutputs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunks := func() int {
+		t.Helper()
+		stream, err := js.Stream(ctx, "OBJ_"+fleet.ObjectOutputs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := stream.Info(ctx, jetstream.WithSubjectFilter("$O."+fleet.ObjectOutputs+".C.>"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(info.State.Subjects)
+	}
+
+	image := bytes.Repeat([]byte("\x89PNG pixels "), 100)
+	key := fleet.OutputKey("job1", 0, "fox_00001_.png")
+	if _, err := s.Put(ctx, key, "image/png", int64(len(image)), bytes.NewReader(image)); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := os.PutBytes(ctx, "reference", image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := os.GetInfo(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Size != ref.Size || info.Chunks != 1 || info.Digest != ref.Digest || info.Metadata["content-type"] != "image/png" {
+		t.Errorf("info %+v; the object store writes %+v", info, ref)
+	}
+	// The object store's reader checks the digest at the end.
+	if got, err := os.GetBytes(ctx, key); err != nil || !bytes.Equal(got, image) {
+		t.Errorf("object store's GetBytes = %d bytes, %v; want the file", len(got), err)
+	}
+	if n := chunks(); n != 2 {
+		t.Errorf("%d chunk subjects, want 2 (the file's and the reference's)", n)
+	}
+
+	// Written again: the new content, and the old chunk purged.
+	again := []byte("second render")
+	if _, err := s.Put(ctx, key, "image/png", int64(len(again)), bytes.NewReader(again)); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := read(t, s, key); !bytes.Equal(got, again) {
+		t.Errorf("after a second Put: %q, want %q", got, again)
+	}
+	if n := chunks(); n != 2 {
+		t.Errorf("%d chunk subjects after the file was written again, want 2", n)
+	}
+
+	// A file longer or shorter than it announced is stored as it is.
+	for _, announced := range []int64{3, 1000} {
+		k := fleet.OutputKey("job1", 1, "mask.png")
+		if obj, err := s.Put(ctx, k, "image/png", announced, bytes.NewReader(image[:10])); err != nil || obj.Size != 10 {
+			t.Errorf("Put of 10 bytes announced as %d = %+v, %v", announced, obj, err)
+		}
+		if got, _ := read(t, s, k); !bytes.Equal(got, image[:10]) {
+			t.Errorf("10 bytes announced as %d read back as %q", announced, got)
+		}
+	}
+
+	if err := s.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Delete(ctx, "reference"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(ctx, fleet.OutputKey("job1", 1, "mask.png")); err != nil {
+		t.Fatal(err)
+	}
+	if n := chunks(); n != 0 {
+		t.Errorf("%d chunk subjects after every file was deleted, want 0", n)
 	}
 }
