@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -203,6 +204,17 @@ func TestGetFoldsTheEventsOfEveryScene(t *testing.T) {
 	}
 	if gotJob.Status != fleet.StatusSucceeded || gotJob.FinishedAt == nil {
 		t.Fatalf("job %s finished %v, want succeeded", gotJob.Status, gotJob.FinishedAt)
+	}
+	// Read with its events at once, as the notifier does once it ended; a wrong
+	// number of scenes reads them again.
+	for _, scenes := range []int{n, 1, n + 150} {
+		ended, err := jobs.GetEnded(ctx, "big", scenes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(ended, gotJob) {
+			t.Errorf("GetEnded(%d scenes) differs from Get", scenes)
+		}
 	}
 	if ended, err := jobs.SceneEnded(ctx, "big", 7, 1); err != nil || !ended {
 		t.Fatalf("SceneEnded(7, run 1) = %v, %v", ended, err)

@@ -186,12 +186,24 @@ func WrongLastSequence(err error) bool {
 // Get returns the job with the state of every scene: its record and its state,
 // read at once, and the last event of each type of each scene folded in.
 func (s *Jobs) Get(ctx context.Context, id string) (*Job, error) {
+	return s.GetEnded(ctx, id, 0)
+}
+
+// GetEnded is Get for a job known to have the given number of scenes (a DoneMsg
+// says): their events are read together with the record and the state, not after
+// them. The events of a job whose scenes have all ended are all stored before its
+// state says so; a wrong count costs a second read.
+func (s *Jobs) GetEnded(ctx context.Context, id string, scenes int) (*Job, error) {
 	var (
-		st      *JobState
-		stateOf error
-		read    sync.WaitGroup
+		st              *JobState
+		events          [][]SceneEvent
+		stateOf, readOf error
+		read            sync.WaitGroup
 	)
 	read.Go(func() { st, _, stateOf = s.State(ctx, id) })
+	if scenes > 0 {
+		read.Go(func() { events, readOf = s.sceneEvents(ctx, id, scenes) })
+	}
 	j, err := s.Record(ctx, id)
 	read.Wait()
 	if err != nil {
@@ -200,11 +212,14 @@ func (s *Jobs) Get(ctx context.Context, id string) (*Job, error) {
 	if stateOf != nil {
 		return nil, stateOf
 	}
+	if scenes != len(j.Scenes) || readOf != nil {
+		if events, err = s.sceneEvents(ctx, id, len(j.Scenes)); err != nil {
+			return nil, err
+		}
+	}
 	j.Round = st.Round
 	j.UpdatedAt = st.UpdatedAt
-	if err := s.fold(ctx, j); err != nil {
-		return nil, err
-	}
+	j.fold(events)
 	return j, nil
 }
 
@@ -212,25 +227,25 @@ func (s *Jobs) Get(ctx context.Context, id string) (*Job, error) {
 // seven event subjects, and the server answers at most 1024 in one read.
 const foldChunk = 100
 
-// fold applies to j the last event of every type of each of its scenes.
-func (s *Jobs) fold(ctx context.Context, j *Job) error {
+// sceneEvents reads the last event of every type of each of the first scenes of
+// job, in batches of foldChunk scenes read at once.
+func (s *Jobs) sceneEvents(ctx context.Context, job string, scenes int) ([][]SceneEvent, error) {
 	var (
-		mu     sync.Mutex
-		events = make([][]SceneEvent, (len(j.Scenes)+foldChunk-1)/foldChunk)
+		events = make([][]SceneEvent, (scenes+foldChunk-1)/foldChunk)
 		wg     sync.WaitGroup
 		errs   = make([]error, len(events))
 	)
 	for c := range events {
 		wg.Go(func() {
 			from := c * foldChunk
-			to := min(from+foldChunk, len(j.Scenes))
+			to := min(from+foldChunk, scenes)
 			filters := make([]string, 0, to-from)
 			for i := from; i < to; i++ {
-				filters = append(filters, fmt.Sprintf("%s.scene.%s.%d.*", eventPrefix, j.ID, i))
+				filters = append(filters, fmt.Sprintf("%s.scene.%s.%d.*", eventPrefix, job, i))
 			}
 			msgs, err := lastMessages(ctx, s.nc, s.apiPfx, StreamEvents, filters)
 			if err != nil {
-				errs[c] = fmt.Errorf("read events of job %s: %w", j.ID, err)
+				errs[c] = fmt.Errorf("read events of job %s: %w", job, err)
 				return
 			}
 			evs := make([]SceneEvent, 0, len(msgs))
@@ -239,15 +254,18 @@ func (s *Jobs) fold(ctx context.Context, j *Job) error {
 					evs = append(evs, ev)
 				}
 			}
-			mu.Lock()
 			events[c] = evs
-			mu.Unlock()
 		})
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
-		return err
+		return nil, err
 	}
+	return events, nil
+}
+
+// fold applies to j the events of its scenes (see sceneEvents).
+func (j *Job) fold(events [][]SceneEvent) {
 	for _, evs := range events {
 		for _, ev := range evs {
 			j.Apply(ev)
@@ -259,7 +277,6 @@ func (s *Jobs) fold(ctx context.Context, j *Job) error {
 	} else {
 		j.settle(j.UpdatedAt)
 	}
-	return nil
 }
 
 // lastFinish is when the scene that ended last ended, nil if none has.

@@ -295,6 +295,9 @@ type DoneMsg struct {
 	JobID string `json:"job_id"`
 	// Round counts how often the job was reopened by a scene retry before it ended.
 	Round int `json:"round,omitempty"`
+	// Scenes is how many scenes the job has, so that its reader can read their
+	// events together with the job (see Jobs.GetEnded); 0 if not known.
+	Scenes int `json:"scenes,omitempty"`
 }
 
 // MsgID is the de-duplication id of the done message: one per job and round.

@@ -248,7 +248,7 @@ func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
 	}
 	n.running.remove(ev.JobID)
 	n.states.drop(ev.JobID)
-	done := fleet.DoneMsg{JobID: st.ID, Round: st.Round}
+	done := fleet.DoneMsg{JobID: st.ID, Round: st.Round, Scenes: st.Scenes()}
 	return n.pub.JSON(ctx, fleet.DoneSubject(st.ID), done.MsgID(), done)
 }
 
@@ -392,7 +392,7 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 	retry := func(err error) error {
 		return fleet.RetryAfter(fleet.ExponentialDelay(n.cfg.WebhookBackoff, n.cfg.WebhookMaxBackoff, attempt), err)
 	}
-	job, err := n.jobs.Get(ctx, done.JobID)
+	job, err := n.jobs.GetEnded(ctx, done.JobID, done.Scenes)
 	if errors.Is(err, fleet.ErrJobNotFound) {
 		return fleet.UnknownJob(msg, done.JobID)
 	}
