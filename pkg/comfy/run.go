@@ -118,8 +118,13 @@ type follower struct {
 	// is where the socket stood before the prompt was submitted: a queued
 	// prompt makes the server broadcast a status message to every socket it
 	// has registered, so a socket that heard nothing since is deaf.
-	listen      *earmark
-	up          bool
+	listen *earmark
+	up     bool
+	// reconnected is set once the websocket came back while the prompt ran: the
+	// prompt is then also followed by polling. ComfyUI forgets a client's new
+	// socket when the old one's close reaches it after the new one registered,
+	// and the new one, open but deaf, would leave the prompt to the watchdog.
+	reconnected bool
 	checkNow    bool
 	successSeen bool
 	node        string
@@ -139,7 +144,7 @@ type outcome struct {
 
 func (f *follower) interval() time.Duration {
 	switch {
-	case !f.up || !f.trustWS || f.successSeen || f.lost > 0 || !f.outageSince.IsZero():
+	case !f.up || !f.trustWS || f.successSeen || f.lost > 0 || !f.outageSince.IsZero() || f.reconnected:
 		return f.c.pollInterval
 	case f.listen != nil:
 		return f.c.silenceTimeout
@@ -167,7 +172,7 @@ func (f *follower) run(ctx context.Context) (Result, error) {
 					f.up, f.listen = false, nil
 					timer.Reset(f.interval())
 				case linkUp:
-					f.up, f.listen = true, nil
+					f.up, f.listen, f.reconnected = true, nil, true
 					timer.Reset(0)
 				default:
 					step = f.handle(ctx, it.ev)

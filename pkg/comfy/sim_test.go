@@ -2,6 +2,7 @@ package comfy
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -165,6 +166,91 @@ func TestDeafSocketIsRedialled(t *testing.T) {
 		}
 	}
 	t.Error("no Run heard its prompt after the socket went deaf")
+}
+
+// TestPromptOutlivesADeafReconnection: the websocket drops while a prompt renders
+// and comes back, and the server then forgets it, as ComfyUI does when the dropped
+// socket's end reaches it after the new one registered. The Run follows its prompt
+// to the end by polling, not by the watchdog.
+func TestPromptOutlivesADeafReconnection(t *testing.T) {
+	t.Parallel()
+	sim, err := comfysim.Start(comfysim.Config{StepDuration: 20 * time.Millisecond, NodeDuration: time.Millisecond, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sim.Close() })
+	c := New(sim.URL(), WithLogger(testLogger(t)), WithClientID("flaky"), WithPollInterval(20*time.Millisecond))
+	t.Cleanup(func() { c.Close() })
+	c.watchdogInterval = time.Hour
+	c.reconnectMin = time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	var g Graph
+	if err := json.Unmarshal([]byte(`{
+  "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 40, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+  "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+  "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+  "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+  "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text", "clip": ["4", 1]}},
+  "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+  "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "deaf", "images": ["8", 0]}}
+}`), &g); err != nil {
+		t.Fatal(err)
+	}
+	sampling := make(chan struct{})
+	var once sync.Once
+	type result struct {
+		res Result
+		err error
+	}
+	ran := make(chan result, 1)
+	go func() {
+		res, err := c.Run(ctx, g, "", func(p Progress) {
+			if p.Max > 0 {
+				once.Do(func() { close(sampling) })
+			}
+		})
+		ran <- result{res, err}
+	}()
+	select {
+	case <-sampling:
+	case r := <-ran:
+		t.Fatalf("Run ended before sampling: %+v, %v", r.res, r.err)
+	}
+
+	// Another socket takes the client's id; the client's socket drops and comes
+	// back; then the other socket ends, and the server forgets the client's.
+	intruder, _, err := websocket.Dial(ctx, strings.Replace(sim.URL(), "http", "ws", 1)+"/ws?clientId=flaky", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := intruder.Read(ctx); err != nil { // the greeting: it is registered
+		t.Fatal(err)
+	}
+	before, _ := connections(c)
+	c.streamMu.Lock()
+	c.stream.redial(before)
+	c.streamMu.Unlock()
+	for {
+		if n, up := connections(c); n > before && up {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("the websocket did not come back")
+		case <-time.After(time.Millisecond):
+		}
+	}
+	intruder.CloseNow()
+
+	r := <-ran
+	if r.err != nil {
+		t.Fatalf("Run after a deaf reconnection: %v", r.err)
+	}
+	if len(r.res.Outputs) != 1 {
+		t.Errorf("outputs %+v, want the saved image", r.res.Outputs)
+	}
 }
 
 // TestIdleSocketCloses: the socket outlives a Run by the idle timeout, then
