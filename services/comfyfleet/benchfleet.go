@@ -29,13 +29,15 @@ import (
 type benchFleet struct {
 	bin, dir string
 	natsURL  string
-	apiURL   string
-	key      string
-	common   []string
-	procs    []*benchProc
-	sims     []*comfysim.Server
-	nodes    []fleet.NodeConfig
-	keep     bool
+	// natsMonitor is the NATS server's monitoring URL (/varz).
+	natsMonitor string
+	apiURL      string
+	key         string
+	common      []string
+	procs       []*benchProc
+	sims        []*comfysim.Server
+	nodes       []fleet.NodeConfig
+	keep        bool
 	// executorOf names the executor process driving each node.
 	executorOf map[string]string
 	opts       benchFleetOptions
@@ -106,8 +108,14 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 	if err != nil {
 		return nil, err
 	}
+	monitorPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
 	f.natsURL = fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
-	if _, err := f.startService("nats", o.Profile, "nats", "--port", strconv.Itoa(natsPort), "--store", filepath.Join(dir, "nats")); err != nil {
+	f.natsMonitor = fmt.Sprintf("http://127.0.0.1:%d", monitorPort)
+	if _, err := f.startService("nats", o.Profile, "nats", "--port", strconv.Itoa(natsPort), "--http-port", strconv.Itoa(monitorPort),
+		"--store", filepath.Join(dir, "nats")); err != nil {
 		return nil, err
 	}
 	f.common = []string{"--nats", f.natsURL, "--log-format", "json", "--log-level", "warn",
@@ -340,9 +348,17 @@ type procUsage struct {
 	rssMax int64
 }
 
-// usage reads each running process's CPU time and peak RSS from /proc.
+// benchSelf names this process in usage: the simulated nodes, the clients and
+// the event recorder.
+const benchSelf = "bench (simulated nodes, clients)"
+
+// usage reads each running process's CPU time and peak RSS from /proc, this one's
+// included.
 func (f *benchFleet) usage() map[string]procUsage {
 	out := map[string]procUsage{}
+	if u, err := readUsage(os.Getpid()); err == nil {
+		out[benchSelf] = u
+	}
 	for _, p := range f.procs {
 		if p.cmd.Process == nil {
 			continue
@@ -382,6 +398,37 @@ func readUsage(pid int) (procUsage, error) {
 		}
 	}
 	return u, nil
+}
+
+// natsTraffic is how many messages the NATS server took in and sent out.
+type natsTraffic struct {
+	In  int64 `json:"in_msgs"`
+	Out int64 `json:"out_msgs"`
+}
+
+// traffic reads the NATS server's message counts from its /varz.
+func (f *benchFleet) traffic(ctx context.Context) (natsTraffic, error) {
+	var t natsTraffic
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.natsMonitor+"/varz", nil)
+	if err != nil {
+		return t, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return t, fmt.Errorf("bench: NATS /varz: %w", err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&t); err != nil {
+		return t, fmt.Errorf("bench: NATS /varz: %w", err)
+	}
+	return t, nil
+}
+
+// trafficOrZero is traffic, or nothing if the server does not answer: the counts are
+// then left out of the results.
+func (f *benchFleet) trafficOrZero(ctx context.Context) natsTraffic {
+	t, _ := f.traffic(ctx)
+	return t
 }
 
 // proc returns the first process whose name starts with prefix.

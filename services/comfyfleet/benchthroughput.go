@@ -75,12 +75,12 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 			}
 		}
 	}
-	before := f.usage()
+	before, trafficBefore := f.usage(), f.trafficOrZero(ctx)
 	res, err := runLoad(ctx, f, rec, *jobs, *scenes, *clients, 0)
 	if err != nil {
 		return err
 	}
-	after := f.usage()
+	after, trafficAfter := f.usage(), f.trafficOrZero(ctx)
 	if *profile != "" {
 		profiles.Wait()
 		for _, p := range f.procs {
@@ -102,6 +102,10 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 	fmt.Fprintf(tw, "scenes lost / completed twice\t%d / %d\t\n", res.lost, res.twice)
 	if len(latency) > 0 {
 		fmt.Fprintf(tw, "idle fleet: submit -> ComfyUI runs the prompt p50 / p99 (%d jobs)\t%s / %s\t\n", len(latency), ms(pct(latency, 50)), ms(pct(latency, 99)))
+	}
+	if trafficAfter.In > 0 {
+		fmt.Fprintf(tw, "NATS messages per scene, in / out (out: the recorder's too)\t%.1f / %.1f\t\n",
+			float64(trafficAfter.In-trafficBefore.In)/float64(total), float64(trafficAfter.Out-trafficBefore.Out)/float64(total))
 	}
 	names := make([]string, 0, len(after))
 	for name := range after {
