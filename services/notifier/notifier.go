@@ -17,7 +17,6 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -73,7 +72,8 @@ type Config struct {
 	// to 1h.
 	OutputURLTTL time.Duration
 	// TrackerWorkers is how many scene events the tracker handles at once; the
-	// events of one job are handled in order, one at a time. Defaults to 32.
+	// ends of one job's scenes handled together are folded into its state in one
+	// write. Defaults to 32.
 	TrackerWorkers int
 	// Logger defaults to slog.Default.
 	Logger *slog.Logger
@@ -130,6 +130,7 @@ type notifier struct {
 	webhooks metric.Int64Counter
 	running  runningJobs
 	states   stateCache
+	ends     endGroups
 }
 
 // Run runs the notifier until ctx is done.
@@ -171,7 +172,7 @@ func run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	errs := make(chan error, 3)
 	wg.Go(func() {
-		errs <- fleet.Consume(ctx, js, fleet.StreamEvents, fleet.TrackerConsumer(), n.log, n.track, fleet.Service("notifier"), fleet.Workers(cfg.TrackerWorkers, jobOfEvent))
+		errs <- fleet.Consume(ctx, js, fleet.StreamEvents, fleet.TrackerConsumer(), n.log, n.track, fleet.Service("notifier"), fleet.Workers(cfg.TrackerWorkers, nil))
 	})
 	wg.Go(func() {
 		errs <- fleet.Consume(ctx, js, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts), n.log, n.complete, fleet.Service("notifier"), fleet.Workers(8, nil))
@@ -186,15 +187,6 @@ func run(ctx context.Context, cfg Config) error {
 		all = append(all, err)
 	}
 	return errors.Join(all...)
-}
-
-// jobOfEvent is the job a scene event's subject names: fleet.evt.scene.<job>.….
-func jobOfEvent(msg jetstream.Msg) string {
-	parts := strings.SplitN(msg.Subject(), ".", 5)
-	if len(parts) < 4 {
-		return msg.Subject()
-	}
-	return parts[3]
 }
 
 // track folds a scene's start or end into its job's state, and announces the job
@@ -222,16 +214,7 @@ func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
 		n.running.add(ev.JobID)
 		return nil
 	}
-	known, rev := n.states.get(ev.JobID)
-	st, rev, err := n.jobs.UpdateStateFrom(ctx, ev.JobID, known, rev, func(st *fleet.JobState) error {
-		if !st.End(ev.Index, ev.Retry, ev.Type, ev.Time) {
-			return fleet.ErrNoChange
-		}
-		return nil
-	})
-	if err == nil {
-		n.states.put(ev.JobID, st, rev)
-	}
+	st, wrote, err := n.ends.fold(ctx, ev, n.writeEnds)
 	if errors.Is(err, fleet.ErrJobNotFound) {
 		return fleet.UnknownJob(msg, ev.JobID)
 	}
@@ -243,13 +226,93 @@ func (n *notifier) track(ctx context.Context, msg jetstream.Msg) error {
 			return err
 		}
 	}
-	if !st.Ended() {
+	if !st.Ended() || !wrote {
 		return nil
 	}
 	n.running.remove(ev.JobID)
 	n.states.drop(ev.JobID)
 	done := fleet.DoneMsg{JobID: st.ID, Round: st.Round, Scenes: st.Scenes()}
 	return n.pub.JSON(ctx, fleet.DoneSubject(st.ID), done.MsgID(), done)
+}
+
+// writeEnds folds the ends evs of scenes of one job into its state.
+func (n *notifier) writeEnds(ctx context.Context, evs []fleet.SceneEvent) (*fleet.JobState, error) {
+	job := evs[0].JobID
+	known, rev := n.states.get(job)
+	st, rev, err := n.jobs.UpdateStateFrom(ctx, job, known, rev, func(st *fleet.JobState) error {
+		changed := false
+		for _, ev := range evs {
+			changed = st.End(ev.Index, ev.Retry, ev.Type, ev.Time) || changed
+		}
+		if !changed {
+			return fleet.ErrNoChange
+		}
+		return nil
+	})
+	if err == nil {
+		n.states.put(job, st, rev)
+	}
+	return st, err
+}
+
+// endGroups folds the ends of a job's scenes into its state in groups: while the
+// state of a job is being written, the ends of its other scenes that come gather, and
+// the next write folds them all, one compare-and-set. Under load the state of a job
+// is written a few times for many scenes, not once for each.
+type endGroups struct {
+	mu   sync.Mutex
+	cond *sync.Cond
+	// open are the groups still taking ends, by job; writing the jobs whose
+	// state is being written.
+	open    map[string]*endGroup
+	writing map[string]bool
+}
+
+// endGroup is ends of scenes of one job folded in one write, and what it wrote.
+type endGroup struct {
+	evs  []fleet.SceneEvent
+	done chan struct{}
+	st   *fleet.JobState
+	err  error
+}
+
+// fold adds the end ev to its job's open group, and returns the state once the
+// group is written. The first end of a group writes it, by write with its ctx, once
+// the job's previous group is written; wrote reports whether this end did (so that
+// what follows from the state, as announcing the job's end, is done once).
+func (g *endGroups) fold(ctx context.Context, ev fleet.SceneEvent, write func(context.Context, []fleet.SceneEvent) (*fleet.JobState, error)) (st *fleet.JobState, wrote bool, err error) {
+	g.mu.Lock()
+	if g.cond == nil {
+		g.cond = sync.NewCond(&g.mu)
+		g.open, g.writing = map[string]*endGroup{}, map[string]bool{}
+	}
+	grp := g.open[ev.JobID]
+	lead := grp == nil
+	if lead {
+		grp = &endGroup{done: make(chan struct{})}
+		g.open[ev.JobID] = grp
+	}
+	grp.evs = append(grp.evs, ev)
+	if !lead {
+		g.mu.Unlock()
+		<-grp.done
+		return grp.st, false, grp.err
+	}
+	for g.writing[ev.JobID] {
+		g.cond.Wait()
+	}
+	g.writing[ev.JobID] = true
+	delete(g.open, ev.JobID)
+	g.mu.Unlock()
+
+	grp.st, grp.err = write(ctx, grp.evs)
+	close(grp.done)
+
+	g.mu.Lock()
+	delete(g.writing, ev.JobID)
+	g.cond.Broadcast()
+	g.mu.Unlock()
+	return grp.st, true, grp.err
 }
 
 // staleReadDelay is how long the notifier waits before it reads again a job that
