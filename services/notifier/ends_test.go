@@ -118,3 +118,26 @@ func TestAFailedWriteFailsEveryEndOfItsGroup(t *testing.T) {
 		t.Fatalf("second fold = %+v, %v", st, err)
 	}
 }
+
+// TestAWriteThatPanicsFailsItsGroupAndFreesTheJob: the panic reaches the end that
+// wrote (its handler's recovery), the others of its group fail, and the job's next
+// ends are written.
+func TestAWriteThatPanicsFailsItsGroupAndFreesTheJob(t *testing.T) {
+	var g endGroups
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("the panic of the write did not reach the end that wrote")
+			}
+		}()
+		_, _, _ = g.fold(t.Context(), fleet.SceneEvent{JobID: "j"}, func(context.Context, []fleet.SceneEvent) (*fleet.JobState, error) {
+			panic("bug")
+		})
+	}()
+	st, wrote, err := g.fold(t.Context(), fleet.SceneEvent{JobID: "j", Index: 1}, func(context.Context, []fleet.SceneEvent) (*fleet.JobState, error) {
+		return &fleet.JobState{ID: "j"}, nil
+	})
+	if err != nil || st == nil || !wrote {
+		t.Fatalf("the next fold of the job = %+v, %v, %v", st, wrote, err)
+	}
+}

@@ -305,13 +305,20 @@ func (g *endGroups) fold(ctx context.Context, ev fleet.SceneEvent, write func(co
 	delete(g.open, ev.JobID)
 	g.mu.Unlock()
 
+	// Even if write panics, the group's other ends learn it failed, and the job's
+	// next group is written.
+	defer func() {
+		if r := recover(); r != nil {
+			grp.st, grp.err = nil, fmt.Errorf("fold the ends of job %s: %v", ev.JobID, r)
+			defer panic(r)
+		}
+		close(grp.done)
+		g.mu.Lock()
+		delete(g.writing, ev.JobID)
+		g.cond.Broadcast()
+		g.mu.Unlock()
+	}()
 	grp.st, grp.err = write(ctx, grp.evs)
-	close(grp.done)
-
-	g.mu.Lock()
-	delete(g.writing, ev.JobID)
-	g.cond.Broadcast()
-	g.mu.Unlock()
 	return grp.st, true, grp.err
 }
 
