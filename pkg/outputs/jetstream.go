@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
@@ -68,9 +69,9 @@ func (s *JetStream) Put(ctx context.Context, key, contentType string, size int64
 // ObjectInfo rolled up on $O.<bucket>.M.<name in base64url>, and the chunks of the
 // object it replaces purged. The object store's own Put does the same, but makes a
 // JetStream context, a reply subscription and a seeded random source for every
-// object, and a buffer of a whole chunk (128 KiB): for the small outputs of fast
-// scenes, a tenth of the NATS server's CPU (the subscriptions) and most of the
-// executor's garbage.
+// object, a buffer of a whole chunk (128 KiB), and reads the name's info first: for
+// the small outputs of fast scenes, a tenth of the NATS server's CPU (the
+// subscriptions) and most of the executor's garbage.
 func (s *JetStream) putChunk(ctx context.Context, meta jetstream.ObjectMeta, size int64, r io.Reader) (*jetstream.ObjectInfo, error) {
 	data := make([]byte, size+1)
 	n, err := io.ReadFull(r, data)
@@ -86,16 +87,15 @@ func (s *JetStream) putChunk(ctx context.Context, meta jetstream.ObjectMeta, siz
 	if len(data) == 0 {
 		return s.os.Put(ctx, meta, bytes.NewReader(data))
 	}
-	old, err := s.os.GetInfo(ctx, meta.Name, jetstream.GetObjectInfoShowDeleted())
-	if err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
-		return nil, err
-	}
 	digest := sha256.Sum256(data)
 	meta.Opts = &jetstream.ObjectMetaOptions{ChunkSize: chunkSize}
 	info := &jetstream.ObjectInfo{ObjectMeta: meta, Bucket: s.bucket, NUID: nuid.Next(), Size: uint64(len(data)), Chunks: 1,
 		Digest: "SHA-256=" + base64.URLEncoding.EncodeToString(digest[:])}
 	metaMsg := nats.NewMsg("$O." + s.bucket + ".M." + base64.URLEncoding.EncodeToString([]byte(meta.Name)))
 	metaMsg.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	// Only if the name is new: most are, and the info of one that is not must be
+	// read first (replace).
+	metaMsg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
 	if metaMsg.Data, err = json.Marshal(info); err != nil {
 		return nil, err
 	}
@@ -107,17 +107,35 @@ func (s *JetStream) putChunk(ctx context.Context, meta jetstream.ObjectMeta, siz
 	}
 	metaAck, err := s.js.PublishMsgAsync(metaMsg)
 	if err == nil {
-		err = errors.Join(stored(ctx, chunkAck), stored(ctx, metaAck))
+		chunkErr, metaErr := stored(ctx, chunkAck), stored(ctx, metaAck)
+		if chunkErr == nil && fleet.WrongLastSequence(metaErr) {
+			metaErr = s.replace(ctx, meta.Name, metaMsg)
+		}
+		err = errors.Join(chunkErr, metaErr)
 	}
 	if err != nil {
 		_ = s.stream.Purge(context.WithoutCancel(ctx), jetstream.WithPurgeSubject(chunkSubject))
 		return nil, fmt.Errorf("store the object: %w", err)
 	}
 	info.ModTime = time.Now().UTC()
+	return info, nil
+}
+
+// replace writes the info metaMsg of an object whose name was written before (a
+// scene run again), and purges the content of the object it replaces.
+func (s *JetStream) replace(ctx context.Context, name string, metaMsg *nats.Msg) error {
+	old, err := s.os.GetInfo(ctx, name, jetstream.GetObjectInfoShowDeleted())
+	if err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return err
+	}
+	metaMsg.Header.Del(jetstream.ExpectedLastSubjSeqHeader)
+	if _, err := s.js.PublishMsg(ctx, metaMsg); err != nil {
+		return err
+	}
 	if old != nil && !old.Deleted {
 		_ = s.stream.Purge(ctx, jetstream.WithPurgeSubject("$O."+s.bucket+".C."+old.NUID))
 	}
-	return info, nil
+	return nil
 }
 
 // stored waits until the server has stored the message of ack.

@@ -18,6 +18,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/pkg/outputs"
 	"github.com/comfyfleet/comfyfleet/pkg/outputs/outputstest"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -233,9 +234,19 @@ func TestS3RefusesWrongCredentialsAndBadSpecs(t *testing.T) {
 func TestJetStreamSmallFilesAreObjectsAsTheStoreWritesThem(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
-	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	_, nc, js := fleettest.Fleet(t, fleet.Settings{})
 	s, err := outputs.Open(ctx, "", js)
 	if err != nil {
+		t.Fatal(err)
+	}
+	// Reads of an object's info, which a new name does not need.
+	reads := make(chan *nats.Msg, 16)
+	sub, err := nc.ChanSubscribe("$JS.API.DIRECT.GET.OBJ_"+fleet.ObjectOutputs+".>", reads)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
 	os, err := js.ObjectStore(ctx, fleet.ObjectOutputs)
@@ -259,6 +270,12 @@ func TestJetStreamSmallFilesAreObjectsAsTheStoreWritesThem(t *testing.T) {
 	key := fleet.OutputKey("job1", 0, "fox_00001_.png")
 	if _, err := s.Put(ctx, key, "image/png", int64(len(image)), bytes.NewReader(image)); err != nil {
 		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(reads); n != 0 {
+		t.Errorf("a new name was written after %d reads of its info, want none", n)
 	}
 	ref, err := os.PutBytes(ctx, "reference", image)
 	if err != nil {
