@@ -232,16 +232,10 @@ func TestPromptOutlivesADeafReconnection(t *testing.T) {
 	c.streamMu.Lock()
 	c.stream.redial(before)
 	c.streamMu.Unlock()
-	for {
-		if n, up := connections(c); n > before && up {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("the websocket did not come back")
-		case <-time.After(time.Millisecond):
-		}
-	}
+	fleettest.Eventually(t, 10*time.Second, func() bool {
+		n, up := connections(c)
+		return n > before && up
+	}, "the websocket did not come back")
 	intruder.CloseNow()
 
 	r := <-ran
