@@ -3,11 +3,12 @@ package notifier
 import (
 	"context"
 	"errors"
-	"runtime"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 )
 
 // TestEndsThatComeTogetherAreWrittenTogether: while a job's state is written, the
@@ -48,15 +49,11 @@ func TestEndsThatComeTogetherAreWrittenTogether(t *testing.T) {
 		st, wrote, err := g.fold(t.Context(), fleet.SceneEvent{JobID: "j", Index: 0, Type: fleet.EventCompleted}, write)
 		results[0] = result{st, wrote, err}
 	})
-	for {
+	fleettest.Eventually(t, 10*time.Second, func() bool {
 		mu.Lock()
-		started := len(writes) == 1
-		mu.Unlock()
-		if started {
-			break
-		}
-		runtime.Gosched()
-	}
+		defer mu.Unlock()
+		return len(writes) == 1
+	}, "the first write did not start")
 	for i := 1; i < scenes; i++ {
 		wg.Go(func() {
 			st, wrote, err := g.fold(t.Context(), fleet.SceneEvent{JobID: "j", Index: i, Type: fleet.EventCompleted}, write)
@@ -64,15 +61,11 @@ func TestEndsThatComeTogetherAreWrittenTogether(t *testing.T) {
 		})
 	}
 	// Every other end has joined the second group before the first write ends.
-	for {
+	fleettest.Eventually(t, 10*time.Second, func() bool {
 		g.mu.Lock()
-		joined := g.open["j"] != nil && len(g.open["j"].evs) == scenes-1
-		g.mu.Unlock()
-		if joined {
-			break
-		}
-		runtime.Gosched()
-	}
+		defer g.mu.Unlock()
+		return g.open["j"] != nil && len(g.open["j"].evs) == scenes-1
+	}, "the other ends did not join the next group")
 	close(release)
 	wg.Wait()
 
