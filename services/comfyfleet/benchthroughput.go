@@ -75,12 +75,12 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 			}
 		}
 	}
-	before, trafficBefore := f.usage(), f.trafficOrZero(ctx)
+	before, trafficBefore := f.usage(), f.traffic(ctx)
 	res, err := runLoad(ctx, f, rec, *jobs, *scenes, *clients, 0)
 	if err != nil {
 		return err
 	}
-	after, trafficAfter := f.usage(), f.trafficOrZero(ctx)
+	after, trafficAfter := f.usage(), f.traffic(ctx)
 	if *profile != "" {
 		profiles.Wait()
 		for _, p := range f.procs {
