@@ -171,6 +171,13 @@ func truncate(s string, n int) string {
 	return s[:n]
 }
 
+// PublishAckTimeout bounds every service's wait for the acknowledgement of an
+// asynchronous publish (jetstream.WithPublishAsyncTimeout): nats.go waits for ever
+// by default, and the answer of a NATS server killed after it took the message
+// never comes. The publisher then fails and tries again, as after any error; the
+// message id makes a second copy harmless.
+var PublishAckTimeout = jetstream.WithPublishAsyncTimeout(10 * time.Second)
+
 // PullExpiry and PullHeartbeat bound every pull of the fleet's consumers: a pull
 // request lost with the NATS server that led its consumer is noticed within a few
 // seconds, and sent again to the consumer's new leader, instead of after nats.go's

@@ -92,7 +92,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	log := cfg.Logger.With("service", "dispatcher", "dispatcher", cfg.Name)
-	js, err := jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(placerWindow))
+	js, err := jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(placerWindow), fleet.PublishAckTimeout)
 	if err != nil {
 		return fmt.Errorf("dispatcher: jetstream: %w", err)
 	}

@@ -175,7 +175,7 @@ func run(ctx context.Context, cfg Config) error {
 	if err := cfg.fill(); err != nil {
 		return err
 	}
-	js, err := jetstream.New(cfg.Conn)
+	js, err := jetstream.New(cfg.Conn, fleet.PublishAckTimeout)
 	if err != nil {
 		return fmt.Errorf("executor: jetstream: %w", err)
 	}

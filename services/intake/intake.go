@@ -266,7 +266,7 @@ func spanName(_ string, r *http.Request) string {
 func open(ctx context.Context, cfg Config) (*intake, error) {
 	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn}
 	var err error
-	if in.js, err = jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(publishWindow)); err != nil {
+	if in.js, err = jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(publishWindow), fleet.PublishAckTimeout); err != nil {
 		return nil, fmt.Errorf("intake: jetstream: %w", err)
 	}
 	if err := fleet.Ensure(ctx, in.js, cfg.Settings); err != nil {
