@@ -35,6 +35,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		sceneTime = fs.Duration("scene-time", time.Millisecond, "time a simulated node takes for one scene")
 		profile   = fs.String("profile", "", "directory to write the dispatcher's heap profile with the backlog queued and a CPU profile of every service (30 s of the drain)")
 		keep      = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
+		nodesNice = fs.Int("nodes-nice", 0, "nice value this process takes once the nodes arrive (1-19; Linux): its simulated nodes and clients then yield the cores to the services, as GPUs on machines of their own would (0: unchanged)")
 		memLimit  = fs.String("dispatcher-memory-limit", "900MiB", "the dispatcher's GOMEMLIMIT, as deploy/k8s/dispatcher.yaml sets it (empty: none)")
 	)
 	if err := parse(fs, args); err != nil {
@@ -127,6 +128,11 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	if err := f.startNodes(sims, *executors); err != nil {
 		return err
 	}
+	if *nodesNice != 0 {
+		if err := lowerPriority(*nodesNice); err != nil {
+			return fmt.Errorf("bench: --nodes-nice: %w", err)
+		}
+	}
 	var profiles sync.WaitGroup
 	if *profile != "" {
 		for _, p := range f.procs {
@@ -151,6 +157,10 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	if err != nil {
 		return err
 	}
+	onCPU, err := histogram(f.proc("dispatcher-1").metrics, "comfyfleet_placement_decision_cpu_seconds")
+	if err != nil {
+		return err
+	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "measure\tvalue\t")
 	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())
@@ -159,6 +169,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	fmt.Fprintf(tw, "placement decisions (plans placing a scene)\t%.0f\t\n", decisions.count)
 	fmt.Fprintf(tw, "placement decision p50 / p99 (upper bucket bounds)\t%s / %s\t\n", decisions.quantile(0.5), decisions.quantile(0.99))
 	fmt.Fprintf(tw, "placement decisions within 1 ms / 10 ms\t%.2f%% / %.2f%%\t\n", 100*decisions.within(0.001), 100*decisions.within(0.01))
+	fmt.Fprintf(tw, "their CPU time p50 / p99; within 1 ms\t%s / %s; %.2f%%\t\n", onCPU.quantile(0.5), onCPU.quantile(0.99), 100*onCPU.within(0.001))
 	fmt.Fprintf(tw, "time to drain once %d nodes arrived\t%.1f s (%.0f scenes a second)\t\n", *nodes, drained.Seconds(), float64(total)/drained.Seconds())
 	fmt.Fprintf(tw, "jobs ended / of them not succeeded\t%d / %d\t\n", ended.Load(), unsuccessful.Load())
 	for _, name := range []string{"nats", "intake", "dispatcher-1", "notifier-1"} {

@@ -22,7 +22,10 @@ import (
 type metrics struct {
 	wait     metric.Float64Histogram
 	decision metric.Float64Histogram
-	dead     metric.Int64Counter
+	// decisionCPU is the CPU time of the same plans: where decision is far above
+	// it, the plan waited for a core.
+	decisionCPU metric.Float64Histogram
+	dead        metric.Int64Counter
 
 	mu      sync.Mutex
 	summary fleet.QueueSummary
@@ -50,7 +53,12 @@ func newMetrics(name string) (*metrics, error) {
 	}
 	if m.decision, err = meter.Float64Histogram("comfyfleet.placement.decision", metric.WithUnit("s"),
 		metric.WithDescription("Time one plan took that placed at least one scene."),
-		metric.WithExplicitBucketBoundaries(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)); err != nil {
+		metric.WithExplicitBucketBoundaries(decisionBuckets...)); err != nil {
+		return nil, fmt.Errorf("dispatcher metrics: %w", err)
+	}
+	if m.decisionCPU, err = meter.Float64Histogram("comfyfleet.placement.decision.cpu", metric.WithUnit("s"),
+		metric.WithDescription("CPU time of the thread running one plan that placed at least one scene; far below comfyfleet.placement.decision when the dispatcher waits for a core."),
+		metric.WithExplicitBucketBoundaries(decisionBuckets...)); err != nil {
 		return nil, fmt.Errorf("dispatcher metrics: %w", err)
 	}
 	if m.dead, err = meter.Int64Counter("comfyfleet.scene.dead_letters",
@@ -88,10 +96,18 @@ func newMetrics(name string) (*metrics, error) {
 	return m, nil
 }
 
-// decided records a plan's duration, if it placed anything.
-func (m *metrics) decided(d time.Duration, placed int) {
-	if placed > 0 {
-		m.decision.Record(context.Background(), d.Seconds())
+// decisionBuckets bound the decision histograms, in seconds: 5 µs to 50 ms.
+var decisionBuckets = []float64{0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05}
+
+// decided records a plan's duration and, if known, its CPU time, if it placed
+// anything.
+func (m *metrics) decided(d, cpu time.Duration, cpuKnown bool, placed int) {
+	if placed == 0 {
+		return
+	}
+	m.decision.Record(context.Background(), d.Seconds())
+	if cpuKnown {
+		m.decisionCPU.Record(context.Background(), cpu.Seconds())
 	}
 }
 

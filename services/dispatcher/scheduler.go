@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -469,9 +470,14 @@ func (s *scheduler) place(l *loop, p *placer, now time.Time) {
 		return
 	}
 	nodes, tenants := l.state.views(now)
+	// The plan stays on one thread, so that the thread's CPU clock is the plan's.
+	runtime.LockOSThread()
 	began := time.Now()
+	cpuBegan, cpuKnown := threadCPU()
 	placements := s.planner.plan(now, l.state.queue, nodes, tenants)
-	s.metrics.decided(time.Since(began), len(placements))
+	cpuEnded, _ := threadCPU()
+	s.metrics.decided(time.Since(began), cpuEnded-cpuBegan, cpuKnown, len(placements))
+	runtime.UnlockOSThread()
 	for _, pl := range placements {
 		p.place(l.state, pl.w, pl.node.id, now)
 		if s.onPlaced != nil {

@@ -36,8 +36,26 @@ func TestMetricsCountScenesAndWebhooks(t *testing.T) {
 		return grew("comfyfleet_scenes_accepted_total", map[string]string{"pool": "image"}, 3) &&
 			grew("comfyfleet_scene_attempts_total", map[string]string{"outcome": "completed", "node": "sim-a"}, 3) &&
 			grew("comfyfleet_scene_duration_seconds", nil, 3) &&
-			grew("comfyfleet_webhook_attempts_total", nil, 1)
-	}, "the job's scenes, attempts, durations and webhook are not all counted in /metrics:\n%v", names(scrape(t, f)))
+			grew("comfyfleet_webhook_attempts_total", nil, 1) &&
+			grew("comfyfleet_placement_decision_seconds", nil, 1) &&
+			grew("comfyfleet_placement_decision_cpu_seconds", nil, 1)
+	}, "the job's scenes, attempts, durations, placements and webhook are not all counted in /metrics:\n%v", names(scrape(t, f)))
+
+	// A plan's CPU time is within its wall-clock time.
+	after := scrape(t, f)
+	wall, cpu := sampleSum(after, "comfyfleet_placement_decision_seconds"), sampleSum(after, "comfyfleet_placement_decision_cpu_seconds")
+	if cpu <= 0 || cpu > wall+1e-6 {
+		t.Errorf("plans took %g s of CPU in %g s", cpu, wall)
+	}
+}
+
+// sampleSum is the sum of the observations of histogram name.
+func sampleSum(families map[string]*dto.MetricFamily, name string) float64 {
+	var total float64
+	for _, m := range families[name].GetMetric() {
+		total += m.GetHistogram().GetSampleSum()
+	}
+	return total
 }
 
 // TestMetricsQueueDepthRisesAndFalls scrapes /metrics while a job waits for the one
