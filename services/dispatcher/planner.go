@@ -209,16 +209,20 @@ func candidates(w *waiting, nodes []*nodeView) []*nodeView {
 	return all
 }
 
-// future is a node's state at the end of what the plan gave it so far.
+// future is a node's state at the end of what the plan gave it so far. Its times
+// are from the plan's now.
 type future struct {
 	node  *nodeView
 	free  int
-	until time.Time
+	until time.Duration
 	model string
 	// end is when the node would finish the scene being placed; pos its place in
 	// the class heap.
-	end time.Time
+	end time.Duration
 	pos int
+	// scene is the time a scene of the heap's class takes on the node, from its
+	// delivery, when its checkpoint is resident; load the time to load another.
+	scene, load time.Duration
 }
 
 // fastestFinish plans the waiting scenes of each pool in order (see queue.each) on
@@ -234,13 +238,13 @@ func (p *planner) fastestFinish(now time.Time, q *queue, nodes []*nodeView, held
 	fut := p.scratch.futures[:len(nodes)]
 	for i, n := range nodes {
 		f := &fut[i]
-		*f = future{node: n, free: fleet.NodeSlots - len(n.held), until: now, model: n.model}
+		*f = future{node: n, free: fleet.NodeSlots - len(n.held), model: n.model}
 		for _, h := range n.held {
 			d := p.duration(n, f.model, h.t.Workflow, h.t.Model)
 			if !h.startedAt.IsZero() {
 				d -= now.Sub(h.startedAt)
 			}
-			f.until = f.until.Add(max(d, 0))
+			f.until += max(d, 0)
 			if h.t.Model != "" {
 				f.model = h.t.Model
 			}
@@ -300,7 +304,6 @@ func (p *planner) fastestFinish(now time.Time, q *queue, nodes []*nodeView, held
 // checkpoint, set of requirements and region) by when each would finish a scene of
 // it: the earliest first; among equals a node with a free slot, then the first by id.
 type classHeap struct {
-	p     *planner
 	class *waiting
 	nodes []*future
 }
@@ -316,11 +319,16 @@ func (h *classHeap) of(w *waiting) bool {
 // heap, emptied first: a plan builds a class's heap when the class changes.
 func (p *planner) newClassHeap(w *waiting, cands []*future) *classHeap {
 	h := &p.scratch.heap
-	h.p, h.class, h.nodes = p, w, h.nodes[:0]
+	h.class, h.nodes = w, h.nodes[:0]
 	for _, f := range cands {
 		if f.node.fits(w) {
 			f.pos = len(h.nodes)
 			h.nodes = append(h.nodes, f)
+			f.scene = f.node.speed.estimate(workflowKey(w.t.Workflow)) + f.node.setup
+			if w.t.PreferRegion != "" && f.node.region != w.t.PreferRegion {
+				f.scene += p.regionPenalty
+			}
+			f.load = f.node.speed.loadTime(p.loadPenalty)
 			f.end = h.endOf(f)
 		}
 	}
@@ -328,13 +336,9 @@ func (p *planner) newClassHeap(w *waiting, cands []*future) *classHeap {
 	return h
 }
 
-func (h *classHeap) endOf(f *future) time.Time {
-	t := h.class.t
-	d := h.p.duration(f.node, f.model, t.Workflow, t.Model) + f.node.setup
-	if t.PreferRegion != "" && f.node.region != t.PreferRegion {
-		d += h.p.regionPenalty
-	}
-	return f.until.Add(d)
+// endOf is when f's node would finish a scene of the class after what it holds.
+func (h *classHeap) endOf(f *future) time.Duration {
+	return f.until + afterLoad(f.scene, f.load, f.model, h.class.t.Model)
 }
 
 // best is the node that finishes the scene first, other than avoid if another can
@@ -359,8 +363,8 @@ func (h *classHeap) update(f *future) {
 func (h *classHeap) Len() int { return len(h.nodes) }
 func (h *classHeap) Less(i, j int) bool {
 	a, b := h.nodes[i], h.nodes[j]
-	if !a.end.Equal(b.end) {
-		return a.end.Before(b.end)
+	if a.end != b.end {
+		return a.end < b.end
 	}
 	if af, bf := a.free > 0, b.free > 0; af != bf {
 		return af
@@ -385,9 +389,14 @@ func (h *classHeap) Pop() any {
 // duration predicts how long a scene of workflow needing model takes on n after a
 // scene that left resident on it.
 func (p *planner) duration(n *nodeView, resident, workflow, model string) time.Duration {
-	d := n.speed.estimate(workflowKey(workflow))
+	return afterLoad(n.speed.estimate(workflowKey(workflow)), n.speed.loadTime(p.loadPenalty), resident, model)
+}
+
+// afterLoad is a scene's time d, and load more if it needs a checkpoint other than
+// resident.
+func afterLoad(d, load time.Duration, resident, model string) time.Duration {
 	if model != "" && model != resident {
-		d += n.speed.loadTime(p.loadPenalty)
+		d += load
 	}
 	return d
 }

@@ -137,6 +137,28 @@ func TestPriorityFirstThenTenantsInTurn(t *testing.T) {
 	}
 }
 
+// TestQueueOrderCrossesReadAheadRuns walks buckets longer than a cursor's run: every
+// scene comes once, each tenant's oldest first, the tenants in turn.
+func TestQueueOrderCrossesReadAheadRuns(t *testing.T) {
+	now := time.Now()
+	const n = 3*cursorRun + 5
+	ws := append(scenes(n, 1, "a", now), scenes(n, 1, "b", now)...)
+	for i, w := range ws {
+		w.t.SubmittedAt = now.Add(time.Duration(i%n) * time.Millisecond)
+	}
+	got := order(queueOf(ws...), map[string]int{})
+	if len(got) != 2*n {
+		t.Fatalf("%d scenes yielded, want %d", len(got), 2*n)
+	}
+	next := map[string]int{}
+	for i, w := range got {
+		if want := []string{"a", "b"}[i%2]; w.t.Tenant != want || w.t.Index != next[want] {
+			t.Fatalf("scene %d of the order is %s/%d, want %s/%d", i, w.t.Tenant, w.t.Index, want, next[want])
+		}
+		next[w.t.Tenant]++
+	}
+}
+
 func TestBaselinePoliciesCommitEveryScene(t *testing.T) {
 	now := time.Now()
 	for policy, want := range map[Policy]map[string]int{

@@ -5,6 +5,7 @@ import (
 	"container/heap"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 	"unique"
 
@@ -226,47 +227,83 @@ func (q *queue) each(pool string, resident func(model string) bool, held map[str
 	}
 }
 
-// cursor walks one bucket in order.
+// cursor walks one bucket in order. It reads the bucket a run of scenes at a time,
+// not one descent of the tree per scene: a plan does not change the queue, so what
+// it read ahead stays valid.
 type cursor struct {
 	b    *bucket
 	head *waiting
+	// held counts the scenes its tenant holds, during a merge.
+	held *int
+	// ahead are the scenes after head, read ahead; done is set once the bucket has
+	// none after them.
+	ahead []*waiting
+	done  bool
+	run   [cursorRun]*waiting
 }
+
+// cursorRun is how many scenes a cursor reads at a time.
+const cursorRun = 32
 
 // next moves the cursor to the scene after its head and reports whether there is one.
 func (c *cursor) next() bool {
-	var found *waiting
+	if len(c.ahead) == 0 && !c.done {
+		c.readAhead()
+	}
+	if len(c.ahead) == 0 {
+		c.head = nil
+		return false
+	}
+	c.head, c.ahead = c.ahead[0], c.ahead[1:]
+	return true
+}
+
+// readAhead reads the scenes after head, up to a run of them.
+func (c *cursor) readAhead() {
+	run := c.run[:0]
 	after := c.head
 	visit := func(w *waiting) bool {
-		if after != nil && w == after {
-			return true
+		if w != after {
+			run = append(run, w)
 		}
-		found = w
-		return false
+		return len(run) < cursorRun
 	}
 	if after == nil {
 		c.b.items.Ascend(visit)
 	} else {
 		c.b.items.AscendGreaterOrEqual(after, visit)
 	}
-	c.head = found
-	return found != nil
+	c.ahead, c.done = run, len(run) < cursorRun
 }
 
 // merge yields the scenes of cursors, picking each time the head of the tenant with
-// the fewest scenes held, the oldest among equals.
+// the fewest scenes held, the oldest among equals. The cursors of one tenant count
+// in one counter, read from held and written back to it at the end.
 func merge(cursors []*cursor, held map[string]int, yield func(*waiting) bool) bool {
+	slices.SortFunc(cursors, func(a, b *cursor) int { return strings.Compare(a.b.tenant, b.b.tenant) })
+	counts, tenants := make([]int, 0, len(cursors)), make([]string, 0, len(cursors))
+	for _, c := range cursors {
+		if t := c.b.tenant; len(tenants) == 0 || t != tenants[len(tenants)-1] {
+			counts, tenants = append(counts, held[t]), append(tenants, t)
+		}
+		c.held = &counts[len(counts)-1]
+	}
+	defer func() {
+		for i, t := range tenants {
+			held[t] = counts[i]
+		}
+	}()
 	for len(cursors) > 0 {
 		best := 0
 		for i := 1; i < len(cursors); i++ {
-			a, b := cursors[i].head, cursors[best].head
-			if c := cmp.Compare(held[a.t.Tenant], held[b.t.Tenant]); c < 0 || c == 0 && older(a, b) {
+			a, b := cursors[i], cursors[best]
+			if c := cmp.Compare(*a.held, *b.held); c < 0 || c == 0 && older(a.head, b.head) {
 				best = i
 			}
 		}
 		c := cursors[best]
-		w := c.head
-		held[w.t.Tenant]++
-		if !yield(w) {
+		*c.held++
+		if !yield(c.head) {
 			return false
 		}
 		if !c.next() {
