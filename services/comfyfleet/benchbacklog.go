@@ -41,6 +41,9 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	if *nodesNice < 0 || *nodesNice > 19 {
+		return fmt.Errorf("bench backlog: --nodes-nice %d: want 0 (unchanged) to 19", *nodesNice)
+	}
 	jobs := *scenes / *perJob
 	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Profile: *profile != "", Keep: *keep,
 		DispatcherMemoryLimit: *memLimit})
