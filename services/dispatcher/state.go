@@ -323,6 +323,9 @@ func (s *fleetState) usable(n *nodeState, now time.Time) bool {
 	if n.cfg == nil || n.cfg.Drained || n.status == nil || n.offlineFor > 0 || s.silent(n, now) {
 		return false
 	}
+	if len(s.gone) == 0 {
+		return true
+	}
 	_, unreachable := s.gone[n.status.Executor]
 	return !unreachable
 }
@@ -345,6 +348,9 @@ func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
 		}
 	}
 	clear(s.tenants)
+	// Held scenes are counted by runs of one tenant, most often all of them: one
+	// map update a run, not one a scene.
+	tenant, run := "", 0
 	for _, n := range s.byID {
 		v := &n.view
 		v.id, v.speed, v.usable, v.model, v.inv = n.id, n.speed, s.usable(n, now), n.model, n.inv
@@ -361,12 +367,21 @@ func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
 		v.held = v.held[:0]
 		for _, h := range n.held {
 			v.held = append(v.held, h)
-			s.tenants[h.t.Tenant]++
+			if h.t.Tenant != tenant {
+				if run > 0 {
+					s.tenants[tenant] += run
+				}
+				tenant, run = h.t.Tenant, 0
+			}
+			run++
 		}
 		slices.SortFunc(v.held, func(a, b *held) int {
 			// Running first, then waiting, each in placement order.
 			return cmp.Or(cmp.Compare(boolInt(a.startedAt.IsZero()), boolInt(b.startedAt.IsZero())), cmp.Compare(a.seq, b.seq))
 		})
+	}
+	if run > 0 {
+		s.tenants[tenant] += run
 	}
 	return s.viewList, s.tenants
 }

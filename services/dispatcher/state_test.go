@@ -1,6 +1,7 @@
 package dispatcher
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -111,6 +112,22 @@ func TestViewsFollowTheFleetBetweenCalls(t *testing.T) {
 	}
 }
 
+// TestViewsCountEachTenantsScenes counts what nodes hold by tenant, whatever the
+// order of the tenants from node to node.
+func TestViewsCountEachTenantsScenes(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	s.hold("gpu", fleet.Ticket{JobID: "a1", Pool: "image", Tenant: "a"}, 2, t0)
+	for i, tenant := range []string{"b", "a", "a", "b"} {
+		id := fmt.Sprintf("gpu%d", i)
+		s.registryChanged(id, &fleet.NodeConfig{ID: id, Pools: []string{"image"}, Weight: 1})
+		s.hold(id, fleet.Ticket{JobID: fmt.Sprintf("%s%d", tenant, i), Pool: "image", Tenant: tenant}, uint64(3+i), t0)
+	}
+	if _, tenants := s.views(t0); len(tenants) != 3 || tenants[""] != 1 || tenants["a"] != 3 || tenants["b"] != 2 {
+		t.Errorf("tenants holding scenes %v, want \"\": 1, a: 3, b: 2", tenants)
+	}
+}
+
 func TestTheEndOfARunFreesEveryNodeHoldingIt(t *testing.T) {
 	t0 := time.Now()
 	s := stateWithNode(t0, "ex")
@@ -130,5 +147,27 @@ func TestTheEndOfARunFreesEveryNodeHoldingIt(t *testing.T) {
 	s.enqueue(&waiting{seq: 9, t: other}, t0)
 	if len(s.nodes["gpu2"].held) != 0 || len(s.holders) != 0 {
 		t.Fatalf("a requeued scene is still held: gpu2 %v, holders %v", s.nodes["gpu2"].held, s.holders)
+	}
+}
+
+// BenchmarkViews refreshes the views of 500 busy nodes, as before every plan of a
+// backlog's drain.
+func BenchmarkViews(b *testing.B) {
+	t0 := time.Now()
+	s := newFleetState(fleet.Settings{AckWait: 4 * time.Second, NodeTTL: 10 * time.Second})
+	s.registryReady = true
+	for i := range 500 {
+		id := fmt.Sprintf("n%03d", i)
+		s.registryChanged(id, &fleet.NodeConfig{ID: id, Pools: []string{"image"}, Weight: 1})
+		s.heartbeat(fleet.NodeStatus{ID: id, Executor: fmt.Sprintf("ex%d", i%2), State: fleet.NodeBusy}, t0)
+		for j := range fleet.NodeSlots {
+			s.hold(id, fleet.Ticket{JobID: id, Index: j, Pool: "image", Tenant: "studio"}, uint64(2*i+j+1), t0)
+		}
+	}
+	b.ResetTimer()
+	for range b.N {
+		if nodes, tenants := s.views(t0); len(nodes) != 500 || tenants["studio"] != 500*fleet.NodeSlots {
+			b.Fatalf("%d nodes, %v", len(nodes), tenants)
+		}
 	}
 }
