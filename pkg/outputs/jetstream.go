@@ -12,10 +12,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
 // contentTypeKey is the object metadata entry that holds a file's content type.
