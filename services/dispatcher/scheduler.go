@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -130,8 +131,9 @@ func (s *scheduler) run(ctx context.Context) error {
 		return fmt.Errorf("open queue stream: %w", err)
 	}
 	// Scene events straight from their subjects: a slot frees the moment its scene
-	// ends. One missed is corrected by the next scan.
-	events, err := s.nc.Subscribe(fleet.SceneEventsFilter, func(m *nats.Msg) {
+	// ends. One missed is corrected by the next scan. Only the types that change a
+	// node's load: the queued and progress events, most of them, never reach us.
+	onEvent := func(m *nats.Msg) {
 		if ev, err := fleet.DecodeSceneEvent(m.Data); err == nil {
 			s.post(func(l *loop) { l.sceneEvent(ev) })
 			switch ev.Type {
@@ -141,11 +143,14 @@ func (s *scheduler) run(ctx context.Context) error {
 				s.metrics.count(time.Now(), 0, 0, 1)
 			}
 		}
-	})
-	if err != nil {
-		return fmt.Errorf("follow scene events: %w", err)
 	}
-	defer events.Unsubscribe()
+	for _, typ := range loadEvents {
+		events, err := s.nc.Subscribe(fleet.SceneEventFilter(typ), onEvent)
+		if err != nil {
+			return fmt.Errorf("follow scene events: %w", err)
+		}
+		defer events.Unsubscribe()
+	}
 	// The ends of runs as stored: only a stored end makes a ticket stale. A run's end
 	// seen as published but lost with a stream's leader would otherwise drop the
 	// ticket that runs the scene again.
@@ -386,10 +391,12 @@ func queueKey(subject string) (sceneKey, bool) {
 	return sceneKey{job: rest[j+1:], index: index}, true
 }
 
+// loadEvents are the scene events that change what a node holds or how fast it is.
+var loadEvents = []fleet.EventType{fleet.EventStarted, fleet.EventRetrying, fleet.EventCompleted, fleet.EventFailed, fleet.EventCancelled}
+
+// sceneEvent follows a scene event as published.
 func (l *loop) sceneEvent(ev fleet.SceneEvent) {
-	switch ev.Type {
-	case fleet.EventStarted, fleet.EventRetrying, fleet.EventCompleted, fleet.EventFailed, fleet.EventCancelled:
-	default:
+	if !slices.Contains(loadEvents, ev.Type) {
 		return
 	}
 	l.state.sceneEvent(ev)
