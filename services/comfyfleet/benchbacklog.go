@@ -33,7 +33,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		nodes     = fs.Int("nodes", 500, "simulated ComfyUI nodes that arrive once the backlog is queued")
 		executors = fs.Int("executors", 2, "executor processes driving the nodes")
 		sceneTime = fs.Duration("scene-time", time.Millisecond, "time a simulated node takes for one scene")
-		profile   = fs.String("profile", "", "directory to write the dispatcher's heap profile with the backlog queued and a CPU profile of every service (30 s of the drain)")
+		profile   = fs.String("profile", "", "directory to write the dispatcher's heap profile with the backlog queued and a CPU profile of every service (10 s of the queueing, 30 s of the drain)")
 		keep      = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
 		nodesNice = fs.Int("nodes-nice", 0, "nice value this process takes once the nodes arrive (1-19; Linux): its simulated nodes and clients then yield the cores to the services, as GPUs on machines of their own would (0: unchanged)")
 		memLimit  = fs.String("dispatcher-memory-limit", "900MiB", "the dispatcher's GOMEMLIMIT, as deploy/k8s/dispatcher.yaml sets it (empty: none)")
@@ -74,6 +74,24 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		jobs**perJob, *perJob, *nodes, *sceneTime, *executors)
 
 	// Queue the backlog.
+	if *profile != "" {
+		if err := os.MkdirAll(*profile, 0o755); err != nil {
+			return err
+		}
+	}
+	var profiles sync.WaitGroup
+	defer profiles.Wait()
+	fetchProfiles := func(path, suffix string) {
+		for _, p := range f.procs {
+			if p.pprof != "" {
+				profiles.Go(func() { fetchProfile(p, path, filepath.Join(*profile, p.name+suffix)) })
+			}
+		}
+	}
+	if *profile != "" {
+		fetchProfiles("profile?seconds=10", ".accept.cpu.pprof")
+	}
+	beforeAccept := f.usage()
 	start := time.Now()
 	work := make(chan int, jobs)
 	for j := range jobs {
@@ -103,6 +121,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	}
 	accepted := time.Since(start)
 	total := jobs * *perJob
+	afterAccept := f.usage()
 	var summary fleet.QueueSummary
 	for {
 		if err := queueSummary(nc, &summary); err == nil && depth(summary) >= total {
@@ -119,9 +138,6 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	queuedIn := time.Since(start)
 	held := f.usage()["dispatcher-1"]
 	if *profile != "" {
-		if err := os.MkdirAll(*profile, 0o755); err != nil {
-			return err
-		}
 		fetchProfile(f.proc("dispatcher-1"), "heap", filepath.Join(*profile, "dispatcher-1.queued.heap.pprof"))
 	}
 
@@ -136,15 +152,9 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 			return fmt.Errorf("bench: --nodes-nice: %w", err)
 		}
 	}
-	var profiles sync.WaitGroup
 	if *profile != "" {
-		for _, p := range f.procs {
-			if p.pprof != "" {
-				profiles.Go(func() { fetchProfile(p, "profile?seconds=30", filepath.Join(*profile, p.name+".drain.cpu.pprof")) })
-			}
-		}
+		fetchProfiles("profile?seconds=30", ".drain.cpu.pprof")
 	}
-	defer profiles.Wait()
 	for ended.Load() < int64(jobs) {
 		if time.Since(arrived) > 3*time.Hour {
 			return fmt.Errorf("bench: %d of %d jobs ended after 3 hours", ended.Load(), jobs)
@@ -168,6 +178,10 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	fmt.Fprintln(tw, "measure\tvalue\t")
 	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())
 	fmt.Fprintf(tw, "every scene queued after\t%.1f s\t\n", queuedIn.Seconds())
+	for _, name := range []string{benchSelf, "nats", "intake", "dispatcher-1", "notifier-1"} {
+		cpu := afterAccept[name].cpu - beforeAccept[name].cpu
+		fmt.Fprintf(tw, "%s: CPU per scene accepted\t%.3f ms\t\n", name, float64(cpu.Microseconds())/1000/float64(total))
+	}
 	fmt.Fprintf(tw, "dispatcher peak RSS with %d scenes queued\t%d MiB (%.0f bytes a scene)\t\n", total, held.rssMax>>20, float64(held.rssMax)/float64(total))
 	fmt.Fprintf(tw, "placement decisions (plans placing a scene)\t%.0f\t\n", decisions.count)
 	fmt.Fprintf(tw, "placement decision p50 / p99 (upper bucket bounds)\t%s / %s\t\n", decisions.quantile(0.5), decisions.quantile(0.99))
