@@ -15,7 +15,11 @@ import (
 // it joins the client's websocket before POST /prompt, once the server has
 // greeted (and so registered) the socket, so that no message is missed,
 // reports progress messages and node changes through onProgress (called on
-// Run's goroutine; may be nil), and on success reads /history for the outputs.
+// Run's goroutine; may be nil). On success it takes the outputs from the
+// executed messages when the socket heard the whole run, from execution_start
+// to the end marker, on one connection (the server sends every output node's UI
+// output there, cached ones too, as it records them in history); otherwise it
+// reads /history.
 //
 // If the websocket drops, Run reconnects with back-off and meanwhile polls
 // /queue and /history; likewise if the socket heard nothing at all, not even
@@ -127,6 +131,12 @@ type follower struct {
 	reconnected bool
 	checkNow    bool
 	successSeen bool
+	// heardStart is set by execution_start and cleared when the connection
+	// drops or comes back: with it, the socket heard every message of the run.
+	heardStart bool
+	// ran is set once a node of the prompt executed (a run wholly from the
+	// cache executes none).
+	ran         bool
 	node        string
 	hints       map[string]map[string]json.RawMessage
 	lost        int
@@ -169,10 +179,10 @@ func (f *follower) run(ctx context.Context) (Result, error) {
 				var step outcome
 				switch it.link {
 				case linkDown:
-					f.up, f.listen = false, nil
+					f.up, f.listen, f.heardStart = false, nil, false
 					timer.Reset(f.interval())
 				case linkUp:
-					f.up, f.listen, f.reconnected = true, nil, true
+					f.up, f.listen, f.reconnected, f.heardStart = true, nil, true, false
 					timer.Reset(0)
 				default:
 					step = f.handle(ctx, it.ev)
@@ -214,10 +224,16 @@ func (f *follower) report(p Progress) {
 
 func (f *follower) handle(ctx context.Context, ev Event) outcome {
 	switch ev.Type {
+	case "execution_start":
+		f.heardStart = true
 	case "executing":
 		if ev.Node == "" {
+			if f.heardStart && f.successSeen {
+				return outcome{done: true, res: Result{PromptID: f.id, Outputs: flattenOutputs(f.hints), Cached: !f.ran}}
+			}
 			return f.fromHistory(ctx)
 		}
+		f.ran = true
 		if ev.Node != f.node {
 			f.node = ev.Node
 			f.report(Progress{PromptID: f.id, Node: ev.Node})

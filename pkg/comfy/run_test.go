@@ -2,6 +2,7 @@ package comfy
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"reflect"
@@ -217,6 +218,24 @@ func TestRunTranscripts(t *testing.T) {
 			}
 			tc.check(t, res, err, &p)
 			checkOneSubmission(t, rp, id, clientID)
+			// The socket heard each run whole: the outcome comes from it, and it is
+			// what the recorded history says.
+			if n := len(rp.recorded("GET", "/history/"+id)); n != 0 {
+				t.Errorf("%d history requests, want none", n)
+			}
+			if err == nil && tc.history != "" {
+				var m map[string]json.RawMessage
+				if err := json.Unmarshal(derivedHistory(t, tc.history, tc.derived...).body, &m); err != nil {
+					t.Fatal(err)
+				}
+				h, err := parseHistoryEntry(id, m[id])
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !reflect.DeepEqual(res.Outputs, h.Outputs) || res.Cached != h.AllCached() {
+					t.Errorf("Result %+v; history has outputs %+v, all cached %v", res, h.Outputs, h.AllCached())
+				}
+			}
 			checkStopped(t, c)
 			if n := len(rp.recorded("POST", "/interrupt")); n != 0 {
 				t.Errorf("%d interrupts sent", n)
@@ -251,6 +270,45 @@ func TestRunReconnectsAfterDrop(t *testing.T) {
 	}
 	if n := len(rp.recorded("GET", "/ws")); n != 2 {
 		t.Errorf("%d websocket connections, want 2", n)
+	}
+	checkOneSubmission(t, rp, id, testClientID)
+	checkStopped(t, c)
+}
+
+// TestRunReadsHistoryAfterAGap drops the websocket after the prompt started; the
+// new socket hears the rest of the run but not the output node's executed
+// message, sent while it was down. The outputs come from history.
+func TestRunReadsHistoryAfterAGap(t *testing.T) {
+	post := loadExchange(t, "10")
+	id := promptIDOf(t, post)
+	rp := newReplay(t)
+	rp.serve(post)
+	running := loadExchange(t, "11").responder(t)
+	rp.on("GET", "/queue", running, running, running, running, running)
+	rp.on("GET", "/history/"+id, derivedHistory(t, "12"))
+	steps, rest := connectSteps(t, loadWS(t, "ws_1_good.jsonl"))
+	const dropAt, executedAt = 8, 15
+	if typ, _ := rest[executedAt].msg(); typ != "executed" {
+		t.Fatalf("frame %d of ws_1_good is %s, want executed", executedAt, typ)
+	}
+	after := steps
+	for i, r := range rest[dropAt:] {
+		if dropAt+i != executedAt {
+			after = append(after, r.step(t))
+		}
+	}
+	rp.script(promptScript(t, "ws_1_good.jsonl", dropAt), after)
+	c := newTestClient(t, rp)
+
+	res, err := c.Run(testContext(t), graphOf(t, post), id, nil)
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if want := []Output{image("4", "acceptance_00001_.png", "output")}; !reflect.DeepEqual(res.Outputs, want) {
+		t.Errorf("outputs %+v, want %+v from history", res.Outputs, want)
+	}
+	if n := len(rp.recorded("GET", "/history/"+id)); n == 0 {
+		t.Error("history never read")
 	}
 	checkOneSubmission(t, rp, id, testClientID)
 	checkStopped(t, c)
