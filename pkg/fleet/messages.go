@@ -254,6 +254,11 @@ type NodeStatus struct {
 	Workflows map[string]float64 `json:"workflows,omitempty"`
 	// Model is the checkpoint the node loaded last.
 	Model string `json:"model,omitempty"`
+	// Inventory is the version of the node's inventory that its executor
+	// published last (BucketInventory); empty while none could be read. A
+	// dispatcher that has not read that version yet places no scene that needs
+	// anything on the node.
+	Inventory string `json:"inventory,omitempty"`
 	// Region is where the node is.
 	Region string `json:"region,omitempty"`
 	// SetupSeconds is the moving average of the time from a scene's delivery to its

@@ -85,8 +85,11 @@ type nodeView struct {
 	// to its prompt being on the node.
 	region string
 	setup  time.Duration
-	// inv is what the node can run; nil while not known.
-	inv *inventory.Inventory
+	// inv is what the node can run; nil while not known. invBehind is set while
+	// the node's heartbeat names an inventory version other than inv's: the
+	// version published last is on its way.
+	inv       *inventory.Inventory
+	invBehind bool
 	// runs remembers whether inv runs runsNeeds: the last requirements asked of
 	// this inventory, as a node fits the same class of scenes plan after plan.
 	runsInv   *inventory.Inventory
@@ -97,12 +100,19 @@ type nodeView struct {
 func (n *nodeView) serves(pool string) bool { return slices.Contains(n.pools, pool) }
 
 // fits reports whether n may run w: in the region w requires, if any, with every node
-// class and model file w needs (a node whose inventory is not known yet may).
+// class and model file w needs (a node whose executor could not read its inventory
+// may; one whose inventory is on its way may not).
 func (n *nodeView) fits(w *waiting) bool {
 	if w.t.Region != "" && n.region != w.t.Region {
 		return false
 	}
-	if w.t.Needs == nil || n.inv == nil {
+	if w.t.Needs == nil {
+		return true
+	}
+	if n.invBehind {
+		return false
+	}
+	if n.inv == nil {
 		return true
 	}
 	if n.runsInv != n.inv || n.runsNeeds != w.t.Needs {

@@ -361,8 +361,10 @@ func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
 				v.weight = n.cfg.Weight
 			}
 		}
+		v.invBehind = false
 		if n.status != nil {
 			v.setup = time.Duration(n.status.SetupSeconds * float64(time.Second))
+			v.invBehind = n.status.Inventory != "" && (n.inv == nil || n.inv.Version != n.status.Inventory)
 		}
 		v.held = v.held[:0]
 		for _, h := range n.held {

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/inventory"
 )
 
 // stateWithNode is a fleet state with one registered node driven by executor ex,
@@ -169,5 +170,38 @@ func BenchmarkViews(b *testing.B) {
 		if nodes, tenants := s.views(t0); len(nodes) != 500 || tenants["studio"] != 500*fleet.NodeSlots {
 			b.Fatalf("%d nodes, %v", len(nodes), tenants)
 		}
+	}
+}
+
+// TestANodeWhoseInventoryIsOnItsWayTakesNoSceneThatNeedsAnything: its heartbeat,
+// straight from the executor, may come before the inventory it names, through the
+// inventory bucket. Until that version is read the node may lack what a scene needs.
+func TestANodeWhoseInventoryIsOnItsWayTakesNoSceneThatNeedsAnything(t *testing.T) {
+	t0 := time.Now()
+	s := stateWithNode(t0, "ex")
+	video := &waiting{t: fleet.Ticket{JobID: "v", Pool: "image", Needs: &inventory.Requirements{Key: "vhs", Classes: map[string][]string{"VHS_VideoCombine": {"2"}}}}}
+	plain := &waiting{t: fleet.Ticket{JobID: "p", Pool: "image"}}
+	fits := func() (bool, bool) {
+		nodes, _ := s.views(t0)
+		return nodes[0].fits(video), nodes[0].fits(plain)
+	}
+	if v, p := fits(); !v || !p {
+		t.Errorf("no inventory read and none announced: fits the video scene %v, the plain one %v; want both", v, p)
+	}
+	s.heartbeat(fleet.NodeStatus{ID: "gpu", Executor: "ex", State: fleet.NodeOnline, Inventory: "v1"}, t0)
+	if v, p := fits(); v || !p {
+		t.Errorf("inventory v1 announced, not read: fits the video scene %v, the plain one %v; want only the plain one", v, p)
+	}
+	s.inventoryChanged("gpu", &inventory.Inventory{Version: "v1", Classes: []string{"EmptyImage", "VHS_VideoCombine"}})
+	if v, p := fits(); !v || !p {
+		t.Errorf("inventory v1 read: fits the video scene %v, the plain one %v; want both", v, p)
+	}
+	s.heartbeat(fleet.NodeStatus{ID: "gpu", Executor: "ex", State: fleet.NodeOnline, Inventory: "v2"}, t0)
+	if v, _ := fits(); v {
+		t.Error("inventory v2 announced, v1 read: the video scene fits by the old inventory")
+	}
+	s.inventoryChanged("gpu", &inventory.Inventory{Version: "v2", Classes: []string{"EmptyImage"}})
+	if v, p := fits(); v || !p {
+		t.Errorf("inventory v2, without the video node, read: fits the video scene %v, the plain one %v", v, p)
 	}
 }

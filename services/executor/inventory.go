@@ -64,6 +64,7 @@ func (e *executor) readInventory(ctx context.Context, n *node) (fleet.NodeRefres
 		}
 	}
 	if inv.Version == n.inv.version {
+		n.reportInventory(inv.Version)
 		return fleet.NodeRefreshReply{Version: inv.Version}, nil
 	}
 	raw, err := json.Marshal(info)
@@ -83,7 +84,15 @@ func (e *executor) readInventory(ctx context.Context, n *node) (fleet.NodeRefres
 	e.log.Info("node inventory published", "node", id, "version", inv.Version, "classes", len(inv.Classes),
 		"model_lists", len(inv.Models), "object_info_bytes", len(raw), "inventory_bytes", len(compact))
 	n.inv.version = inv.Version
+	n.reportInventory(inv.Version)
 	return fleet.NodeRefreshReply{Version: inv.Version, Changed: true}, nil
+}
+
+// reportInventory names the inventory version published in n's heartbeats.
+func (n *node) reportInventory(version string) {
+	n.mu.Lock()
+	n.status.Inventory = version
+	n.mu.Unlock()
 }
 
 // followInventory reads n's inventory again every InventoryInterval while n is

@@ -148,6 +148,15 @@ func TestInventoryPublishedBeforeOnlineOnRequestAndOnSchedule(t *testing.T) {
 	if raw := r.rawInventory("asked"); raw.Version != inv.Version {
 		t.Errorf("object_info stored whole has version %s, the bucket %s", raw.Version, inv.Version)
 	}
+	// Its heartbeats name that version, for a dispatcher to wait for it.
+	e, err := states.Get(r.ctx, "asked")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st fleet.NodeStatus
+	if err := json.Unmarshal(e.Value(), &st); err != nil || st.Inventory != inv.Version {
+		t.Errorf("heartbeat names inventory %q, want %q (%v)", st.Inventory, inv.Version, err)
+	}
 
 	// Asked again with nothing changed: the same version, nothing published.
 	reply, err := r.refresh("asked")
