@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"sort"
 	"strings"
@@ -74,6 +75,7 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 				profiles.Go(func() { fetchProfile(p, "profile?seconds=10", filepath.Join(*profile, p.name+".cpu.pprof")) })
 			}
 		}
+		profiles.Go(func() { profileSelf(ctx, 10*time.Second, filepath.Join(*profile, "bench.cpu.pprof")) })
 	}
 	before, trafficBefore := f.usage(), f.traffic(ctx)
 	res, err := runLoad(ctx, f, rec, *jobs, *scenes, *clients, 0)
@@ -362,6 +364,21 @@ func fetchProfile(p *benchProc, path, file string) {
 	}
 	defer out.Close()
 	_, _ = io.Copy(out, resp.Body)
+}
+
+// profileSelf writes a CPU profile of this process, its simulated nodes and
+// clients, for d.
+func profileSelf(ctx context.Context, d time.Duration, file string) {
+	out, err := os.Create(file)
+	if err != nil {
+		return
+	}
+	defer out.Close()
+	if pprof.StartCPUProfile(out) != nil {
+		return
+	}
+	fleet.Pause(ctx, d)
+	pprof.StopCPUProfile()
 }
 
 // pct is the p-th percentile of ds.
