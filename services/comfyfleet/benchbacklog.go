@@ -33,7 +33,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		nodes     = fs.Int("nodes", 500, "simulated ComfyUI nodes that arrive once the backlog is queued")
 		executors = fs.Int("executors", 2, "executor processes driving the nodes")
 		sceneTime = fs.Duration("scene-time", time.Millisecond, "time a simulated node takes for one scene")
-		profile   = fs.String("profile", "", "directory to write the dispatcher's heap profile with the backlog queued and a CPU profile of every service (10 s of the queueing, 30 s of the drain)")
+		profile   = fs.String("profile", "", "directory to write a heap profile of every service with the backlog queued and a CPU profile of every service (10 s of the queueing, 30 s of the drain)")
 		keep      = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
 		nodesNice = fs.Int("nodes-nice", 0, "nice value this process takes once the nodes arrive (1-19; Linux): its simulated nodes and clients then yield the cores to the services, as GPUs on machines of their own would (0: unchanged)")
 		memLimit  = fs.String("dispatcher-memory-limit", "900MiB", "the dispatcher's GOMEMLIMIT, as deploy/k8s/dispatcher.yaml sets it (empty: none)")
@@ -138,7 +138,11 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	queuedIn := time.Since(start)
 	held := f.usage()["dispatcher-1"]
 	if *profile != "" {
-		fetchProfile(f.proc("dispatcher-1"), "heap", filepath.Join(*profile, "dispatcher-1.queued.heap.pprof"))
+		for _, p := range f.procs {
+			if p.pprof != "" {
+				fetchProfile(p, "heap", filepath.Join(*profile, p.name+".queued.heap.pprof"))
+			}
+		}
 	}
 
 	// The nodes arrive.
