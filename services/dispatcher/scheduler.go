@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -394,11 +393,8 @@ func queueKey(subject string) (sceneKey, bool) {
 // loadEvents are the scene events that change what a node holds or how fast it is.
 var loadEvents = []fleet.EventType{fleet.EventStarted, fleet.EventRetrying, fleet.EventCompleted, fleet.EventFailed, fleet.EventCancelled}
 
-// sceneEvent follows a scene event as published.
+// sceneEvent follows a scene event of loadEvents as published.
 func (l *loop) sceneEvent(ev fleet.SceneEvent) {
-	if !slices.Contains(loadEvents, ev.Type) {
-		return
-	}
 	l.state.sceneEvent(ev)
 	l.dirty = l.dirty || ev.Type != fleet.EventStarted
 }

@@ -354,6 +354,7 @@ func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
 	for _, n := range s.byID {
 		v := &n.view
 		v.id, v.speed, v.usable, v.model, v.inv = n.id, n.speed, s.usable(n, now), n.model, n.inv
+		v.invBehind = n.status != nil && n.status.Inventory != "" && (n.inv == nil || n.inv.Version != n.status.Inventory)
 		v.pools, v.weight, v.region, v.setup = nil, 1, "", 0
 		if n.cfg != nil {
 			v.pools, v.region = n.cfg.Pools, n.cfg.Region
@@ -361,10 +362,8 @@ func (s *fleetState) views(now time.Time) ([]*nodeView, map[string]int) {
 				v.weight = n.cfg.Weight
 			}
 		}
-		v.invBehind = false
 		if n.status != nil {
 			v.setup = time.Duration(n.status.SetupSeconds * float64(time.Second))
-			v.invBehind = n.status.Inventory != "" && (n.inv == nil || n.inv.Version != n.status.Inventory)
 		}
 		v.held = v.held[:0]
 		for _, h := range n.held {
