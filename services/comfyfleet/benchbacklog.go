@@ -37,6 +37,8 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		keep      = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
 		nodesNice = fs.Int("nodes-nice", 0, "nice value this process takes once the nodes arrive (1-19; Linux): its simulated nodes and clients then yield the cores to the services, as GPUs on machines of their own would (0: unchanged)")
 		memLimit  = fs.String("dispatcher-memory-limit", "900MiB", "the dispatcher's GOMEMLIMIT, as deploy/k8s/dispatcher.yaml sets it (empty: none)")
+		natsLimit = fs.String("nats-memory-limit", "3GiB", "each NATS server's GOMEMLIMIT, as deploy/k8s/nats.yaml sets it (empty: none)")
+		servers   = fs.Int("nats-servers", 1, "NATS servers; more than one form a cluster whose streams keep a copy on each, as deploy/k8s/nats.yaml's three do")
 	)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -44,9 +46,14 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	if *nodesNice < 0 || *nodesNice > 19 {
 		return fmt.Errorf("bench backlog: --nodes-nice %d: want 0 (unchanged) to 19", *nodesNice)
 	}
+	if *servers < 1 {
+		return fmt.Errorf("bench backlog: --nats-servers %d: want at least 1", *servers)
+	}
 	jobs := *scenes / *perJob
-	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Profile: *profile != "", Keep: *keep,
-		DispatcherMemoryLimit: *memLimit})
+	settings := fleet.DefaultSettings()
+	settings.Replicas = *servers
+	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: settings, Metrics: true, Profile: *profile != "", Keep: *keep,
+		DispatcherMemoryLimit: *memLimit, NATSServers: *servers, NATSMemoryLimit: *natsLimit})
 	if err != nil {
 		return err
 	}
@@ -182,7 +189,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	fmt.Fprintln(tw, "measure\tvalue\t")
 	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())
 	fmt.Fprintf(tw, "every scene queued after\t%.1f s\t\n", queuedIn.Seconds())
-	for _, name := range []string{benchSelf, "nats", "intake", "dispatcher-1", "notifier-1"} {
+	for _, name := range append(append([]string{benchSelf}, f.natsNames()...), "intake", "dispatcher-1", "notifier-1") {
 		cpu := afterAccept[name].cpu - beforeAccept[name].cpu
 		fmt.Fprintf(tw, "%s: CPU per scene accepted\t%.3f ms\t\n", name, float64(cpu.Microseconds())/1000/float64(total))
 	}
@@ -193,7 +200,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	fmt.Fprintf(tw, "their CPU time p50 / p99; within 1 ms\t%s / %s; %.2f%%\t\n", onCPU.quantile(0.5), onCPU.quantile(0.99), 100*onCPU.within(0.001))
 	fmt.Fprintf(tw, "time to drain once %d nodes arrived\t%.1f s (%.0f scenes a second)\t\n", *nodes, drained.Seconds(), float64(total)/drained.Seconds())
 	fmt.Fprintf(tw, "jobs ended / of them not succeeded\t%d / %d\t\n", ended.Load(), unsuccessful.Load())
-	for _, name := range []string{"nats", "intake", "dispatcher-1", "notifier-1"} {
+	for _, name := range append(f.natsNames(), "intake", "dispatcher-1", "notifier-1") {
 		fmt.Fprintf(tw, "%s: peak RSS\t%d MiB\t\n", name, after[name].rssMax>>20)
 	}
 	return tw.Flush()

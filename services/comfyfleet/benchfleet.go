@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -29,7 +30,7 @@ import (
 type benchFleet struct {
 	bin, dir string
 	natsURL  string
-	// natsMonitor is the NATS server's monitoring URL (/varz).
+	// natsMonitor is the (first) NATS server's monitoring URL (/varz).
 	natsMonitor string
 	apiURL      string
 	key         string
@@ -71,6 +72,11 @@ type benchFleetOptions struct {
 	// DispatcherMemoryLimit, if set, is the GOMEMLIMIT of the dispatchers (e.g.
 	// "900MiB").
 	DispatcherMemoryLimit string
+	// NATSServers is how many NATS servers run, routed into one cluster when more
+	// than one (Settings.Replicas then says how many copies a stream keeps).
+	NATSServers int
+	// NATSMemoryLimit, if set, is the GOMEMLIMIT of each NATS server (e.g. "3GiB").
+	NATSMemoryLimit string
 	// Keep leaves the fleet's directory (its NATS store and every process's log)
 	// when it stops.
 	Keep bool
@@ -104,23 +110,12 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 			f.stop()
 		}
 	}()
-	natsPort, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	monitorPort, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	f.natsURL = fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
-	f.natsMonitor = fmt.Sprintf("http://127.0.0.1:%d", monitorPort)
-	if _, err := f.startService("nats", o.Profile, "nats", "--port", strconv.Itoa(natsPort), "--http-port", strconv.Itoa(monitorPort),
-		"--store", filepath.Join(dir, "nats")); err != nil {
+	if err := f.startNATS(max(o.NATSServers, 1)); err != nil {
 		return nil, err
 	}
 	f.common = []string{"--nats", f.natsURL, "--log-format", "json", "--log-level", "warn",
 		"--ack-wait", o.Settings.AckWait.String(), "--max-attempts", strconv.Itoa(o.Settings.MaxAttempts),
-		"--retry-backoff", o.Settings.RetryBackoff.String()}
+		"--retry-backoff", o.Settings.RetryBackoff.String(), "--replicas", strconv.Itoa(max(o.Settings.Replicas, 1))}
 	if f.key, err = f.apiKey(ctx); err != nil {
 		return nil, err
 	}
@@ -150,6 +145,53 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 		return nil, err
 	}
 	return f, nil
+}
+
+// startNATS starts the fleet's NATS server, named nats, or a cluster of n routed
+// servers, named nats-1 on.
+func (f *benchFleet) startNATS(n int) error {
+	ports := make([]int, 3*n)
+	for i := range ports {
+		port, err := freePort()
+		if err != nil {
+			return err
+		}
+		ports[i] = port
+	}
+	var urls, routes []string
+	for i := range n {
+		urls = append(urls, fmt.Sprintf("nats://127.0.0.1:%d", ports[3*i]))
+		routes = append(routes, fmt.Sprintf("nats://127.0.0.1:%d", ports[3*i+2]))
+	}
+	f.natsURL = strings.Join(urls, ",")
+	f.natsMonitor = fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	for i := range n {
+		name := "nats"
+		if n > 1 {
+			name = fmt.Sprintf("nats-%d", i+1)
+		}
+		args := []string{"nats", "--port", strconv.Itoa(ports[3*i]), "--http-port", strconv.Itoa(ports[3*i+1]),
+			"--store", filepath.Join(f.dir, name)}
+		if n > 1 {
+			args = append(args, "--name", name, "--cluster", fmt.Sprintf("127.0.0.1:%d", ports[3*i+2]),
+				"--routes", strings.Join(slices.Delete(slices.Clone(routes), i, i+1), ","))
+		}
+		if _, err := f.startService(name, f.opts.Profile, args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// natsNames are the names of the fleet's NATS servers.
+func (f *benchFleet) natsNames() []string {
+	var out []string
+	for _, p := range f.procs {
+		if p.name == "nats" || strings.HasPrefix(p.name, "nats-") {
+			out = append(out, p.name)
+		}
+	}
+	return out
 }
 
 // startNodes starts simulated nodes in this process and executor processes to drive
@@ -245,8 +287,8 @@ func (f *benchFleet) startService(name string, profile bool, args ...string) (*b
 		args = append(args, "--metrics", metricsAddr)
 	}
 	var env []string
-	if args[0] == "dispatcher" && f.opts.DispatcherMemoryLimit != "" {
-		env = []string{"GOMEMLIMIT=" + f.opts.DispatcherMemoryLimit}
+	if limit := map[string]string{"dispatcher": f.opts.DispatcherMemoryLimit, "nats": f.opts.NATSMemoryLimit}[args[0]]; limit != "" {
+		env = []string{"GOMEMLIMIT=" + limit}
 	}
 	p, err := f.startWith(name, env, args...)
 	if p != nil {
