@@ -60,6 +60,9 @@ func startBrowser(t *testing.T, base string, width, height int) *browser {
 		chromedp.NoSandbox,
 		chromedp.DisableGPU,
 		chromedp.UserDataDir(t.TempDir()),
+		// Chromium makes its singleton socket's directory in TMPDIR and leaves it
+		// there when it is killed.
+		chromedp.Env("TMPDIR="+t.TempDir()),
 		chromedp.WindowSize(width, height),
 		chromedp.Flag("disable-component-update", true),
 		chromedp.Flag("disable-quic", true),
