@@ -30,7 +30,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		scenes    = fs.Int("scenes", 1_000_000, "scenes queued before any node arrives")
 		perJob    = fs.Int("scenes-per-job", 1000, "scenes per job")
 		clients   = fs.Int("clients", 8, "concurrent clients submitting")
-		nodes     = fs.Int("nodes", 500, "simulated ComfyUI nodes that arrive once the backlog is queued")
+		nodes     = fs.Int("nodes", 500, "simulated ComfyUI nodes that arrive once the backlog is queued (0: stop once it is queued)")
 		executors = fs.Int("executors", 2, "executor processes driving the nodes")
 		sceneTime = fs.Duration("scene-time", time.Millisecond, "time a simulated node takes for one scene")
 		profile   = fs.String("profile", "", "directory to write a heap profile of every service with the backlog queued and a CPU profile of every service (10 s of the queueing, 30 s of the drain)")
@@ -45,6 +45,9 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	}
 	if *nodesNice < 0 || *nodesNice > 19 {
 		return fmt.Errorf("bench backlog: --nodes-nice %d: want 0 (unchanged) to 19", *nodesNice)
+	}
+	if *nodes < 0 {
+		return fmt.Errorf("bench backlog: --nodes %d: want 0 (none) or more", *nodes)
 	}
 	if *servers < 1 {
 		return fmt.Errorf("bench backlog: --nats-servers %d: want at least 1", *servers)
@@ -77,8 +80,16 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		return fmt.Errorf("bench: %w", err)
 	}
 	defer sub.Unsubscribe()
-	fmt.Fprintf(stdout, "backlog: %d scenes in jobs of %d queued with no node, then %d simulated nodes of %s scenes arrive, driven by %d executors; every service its own process\n\n",
-		jobs**perJob, *perJob, *nodes, *sceneTime, *executors)
+	then := fmt.Sprintf("then %d simulated nodes of %s scenes arrive, driven by %d executors", *nodes, *sceneTime, *executors)
+	if *nodes == 0 {
+		then = "and no node arrives"
+	}
+	store := "one NATS server"
+	if *servers > 1 {
+		store = fmt.Sprintf("a cluster of %d NATS servers, each holding a copy of every stream", *servers)
+	}
+	fmt.Fprintf(stdout, "backlog: %d scenes in jobs of %d queued with no node, %s; every service its own process, on %s\n\n",
+		jobs**perJob, *perJob, then, store)
 
 	// Queue the backlog.
 	if *profile != "" {
@@ -143,13 +154,30 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		}
 	}
 	queuedIn := time.Since(start)
-	held := f.usage()["dispatcher-1"]
+	queued := f.usage()
 	if *profile != "" {
 		for _, p := range f.procs {
 			if p.pprof != "" {
 				fetchProfile(p, "heap", filepath.Join(*profile, p.name+".queued.heap.pprof"))
 			}
 		}
+	}
+	services := append(f.natsNames(), "intake", "dispatcher-1", "notifier-1")
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "measure\tvalue\t")
+	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())
+	fmt.Fprintf(tw, "every scene queued after\t%.1f s\t\n", queuedIn.Seconds())
+	for _, name := range append([]string{benchSelf}, services...) {
+		cpu := afterAccept[name].cpu - beforeAccept[name].cpu
+		fmt.Fprintf(tw, "%s: CPU per scene accepted\t%.3f ms\t\n", name, float64(cpu.Microseconds())/1000/float64(total))
+	}
+	held := queued["dispatcher-1"]
+	fmt.Fprintf(tw, "dispatcher peak RSS with %d scenes queued\t%d MiB (%.0f bytes a scene)\t\n", total, held.rssMax>>20, float64(held.rssMax)/float64(total))
+	if *nodes == 0 {
+		for _, name := range services {
+			fmt.Fprintf(tw, "%s: peak RSS once queued\t%d MiB\t\n", name, queued[name].rssMax>>20)
+		}
+		return tw.Flush()
 	}
 
 	// The nodes arrive.
@@ -185,23 +213,14 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	if err != nil {
 		return err
 	}
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "measure\tvalue\t")
-	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())
-	fmt.Fprintf(tw, "every scene queued after\t%.1f s\t\n", queuedIn.Seconds())
-	for _, name := range append(append([]string{benchSelf}, f.natsNames()...), "intake", "dispatcher-1", "notifier-1") {
-		cpu := afterAccept[name].cpu - beforeAccept[name].cpu
-		fmt.Fprintf(tw, "%s: CPU per scene accepted\t%.3f ms\t\n", name, float64(cpu.Microseconds())/1000/float64(total))
-	}
-	fmt.Fprintf(tw, "dispatcher peak RSS with %d scenes queued\t%d MiB (%.0f bytes a scene)\t\n", total, held.rssMax>>20, float64(held.rssMax)/float64(total))
 	fmt.Fprintf(tw, "placement decisions (plans placing a scene)\t%.0f\t\n", decisions.count)
 	fmt.Fprintf(tw, "placement decision p50 / p99 (upper bucket bounds)\t%s / %s\t\n", decisions.quantile(0.5), decisions.quantile(0.99))
 	fmt.Fprintf(tw, "placement decisions within 1 ms / 10 ms\t%.2f%% / %.2f%%\t\n", 100*decisions.within(0.001), 100*decisions.within(0.01))
 	fmt.Fprintf(tw, "their CPU time p50 / p99; within 1 ms\t%s / %s; %.2f%%\t\n", onCPU.quantile(0.5), onCPU.quantile(0.99), 100*onCPU.within(0.001))
 	fmt.Fprintf(tw, "time to drain once %d nodes arrived\t%.1f s (%.0f scenes a second)\t\n", *nodes, drained.Seconds(), float64(total)/drained.Seconds())
 	fmt.Fprintf(tw, "jobs ended / of them not succeeded\t%d / %d\t\n", ended.Load(), unsuccessful.Load())
-	for _, name := range append(f.natsNames(), "intake", "dispatcher-1", "notifier-1") {
-		fmt.Fprintf(tw, "%s: peak RSS\t%d MiB\t\n", name, after[name].rssMax>>20)
+	for _, name := range services {
+		fmt.Fprintf(tw, "%s: peak RSS once queued / at the end\t%d / %d MiB\t\n", name, queued[name].rssMax>>20, after[name].rssMax>>20)
 	}
 	return tw.Flush()
 }
