@@ -21,6 +21,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/comfyfleet/comfyfleet/pkg/api"
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
@@ -66,7 +67,11 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		return fmt.Errorf("bench: %w", err)
 	}
 	defer nc.Close()
-	var ended, unsuccessful atomic.Int64
+	var (
+		ended, unsuccessful atomic.Int64
+		mu                  sync.Mutex
+		failedJobs          []string
+	)
 	sub, err := nc.Subscribe("fleet.evt.job.*.*", func(m *nats.Msg) {
 		typ := fleet.EventType(m.Subject[strings.LastIndexByte(m.Subject, '.')+1:])
 		if typ.Terminal() {
@@ -74,6 +79,9 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		}
 		if typ == fleet.EventFailed || typ == fleet.EventCancelled {
 			unsuccessful.Add(1)
+			mu.Lock()
+			failedJobs = append(failedJobs, strings.Split(m.Subject, ".")[3])
+			mu.Unlock()
 		}
 	})
 	if err != nil {
@@ -222,7 +230,41 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	for _, name := range services {
 		fmt.Fprintf(tw, "%s: peak RSS once queued / at the end\t%d / %d MiB\t\n", name, queued[name].rssMax>>20, after[name].rssMax>>20)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	mu.Lock()
+	notSucceeded := slices.Clone(failedJobs)
+	mu.Unlock()
+	f.explainFailures(ctx, stdout, notSucceeded)
+	return nil
+}
+
+// explainFailures prints why the scenes of the first few of jobs that did not succeed
+// ended as they did: each failed attempt's node and error, as the API gives them.
+func (f *benchFleet) explainFailures(ctx context.Context, w io.Writer, jobs []string) {
+	const most = 5
+	for i, id := range jobs {
+		if i == most {
+			fmt.Fprintf(w, "… and %d more jobs that did not succeed\n", len(jobs)-most)
+			return
+		}
+		var job api.Job
+		if err := f.get(ctx, api.JobPath(id), &job); err != nil {
+			fmt.Fprintf(w, "job %s did not succeed; reading it: %v\n", id, err)
+			continue
+		}
+		fmt.Fprintf(w, "job %s: %s\n", id, job.Status)
+		for _, sc := range job.Scenes {
+			if sc.Status == "succeeded" {
+				continue
+			}
+			fmt.Fprintf(w, "  scene %d: %s after %d attempts: %s\n", sc.Index, sc.Status, sc.Attempts, sc.Error)
+			for _, a := range sc.Failures {
+				fmt.Fprintf(w, "    attempt %d on %s at %s: %s\n", a.Attempt, a.Node, a.At.Format(time.RFC3339Nano), a.Error)
+			}
+		}
+	}
 }
 
 // queueSummary asks a dispatcher what its queue holds.
