@@ -9,8 +9,13 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+	"github.com/comfyfleet/comfyfleet/pkg/telemetry"
 )
 
 // placer makes the leader's placements without holding up the scheduler's loop: it
@@ -32,6 +37,42 @@ type pendingMsg struct {
 	w      *waiting
 	node   string
 	future jetstream.PubAckFuture
+	// span is the placement's span, ended with the answer; nil when the scene's
+	// trace is not recorded.
+	span trace.Span
+}
+
+// placeTracer makes the spans of placements.
+var placeTracer = otel.Tracer("comfyfleet/dispatcher")
+
+// traceWork starts the span of w's placement on node, a child of the trace context
+// its ticket carried and the parent of the work message h is for, which it writes
+// into h. It returns nil when the ticket carried none.
+func traceWork(h nats.Header, w *waiting, node string, now time.Time) trace.Span {
+	if w.trace == "" {
+		return nil
+	}
+	h.Set(traceparentField, w.trace)
+	attrs := append(telemetry.SceneAttrs(w.t.JobID, w.t.Index), attribute.String("comfyfleet.node", node), attribute.Int("comfyfleet.priority", w.t.Priority))
+	if w.t.Moves == 0 && w.t.Retry == 0 {
+		attrs = append(attrs, attribute.Float64("comfyfleet.queue_wait_s", now.Sub(w.t.SubmittedAt).Seconds()))
+	}
+	ctx, span := placeTracer.Start(telemetry.Extract(context.Background(), h), "place",
+		trace.WithTimestamp(now), trace.WithAttributes(attrs...))
+	telemetry.Inject(ctx, h)
+	return span
+}
+
+// endSpan ends span, if any, with err as its error, if any.
+func endSpan(span trace.Span, err error) {
+	if span == nil {
+		return
+	}
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
 }
 
 // placerWindow bounds the placements and tombstones in flight.
@@ -62,16 +103,15 @@ func (p *placer) place(st *fleetState, w *waiting, node string, now time.Time) {
 	data, err := json.Marshal(t)
 	if err == nil {
 		msg := &nats.Msg{Subject: fleet.WorkSubject(node), Data: data, Header: nats.Header{}}
-		if w.trace != "" {
-			msg.Header.Set(traceparentField, w.trace)
-		}
+		span := traceWork(msg.Header, w, node, now)
 		msg.Header.Set(HeaderPlacedBy, p.s.name)
 		var f jetstream.PubAckFuture
 		if f, err = p.s.js.PublishMsgAsync(msg, jetstream.WithMsgID(t.PlacementID())); err == nil {
 			p.s.metrics.placed(w, now)
-			p.pending <- pendingMsg{w: w, node: node, future: f}
+			p.pending <- pendingMsg{w: w, node: node, future: f, span: span}
 			return
 		}
+		endSpan(span, err)
 	}
 	p.s.log.Warn("place scene", "scene", t.RunKey(), "node", node, "err", err)
 	p.unplace(st, w, node)
@@ -110,6 +150,7 @@ func (p *placer) settlePlacements(ctx context.Context) {
 	for pm := range p.pending {
 		select {
 		case ack := <-pm.future.Ok():
+			endSpan(pm.span, nil)
 			if ack.Duplicate {
 				p.s.post(func(l *loop) { l.scan = true })
 			} else {
@@ -124,6 +165,7 @@ func (p *placer) settlePlacements(ctx context.Context) {
 			}
 			p.tombstone(pm.w, pm.node, ack.Sequence)
 		case err := <-pm.future.Err():
+			endSpan(pm.span, err)
 			p.s.log.Warn("place scene: the server did not store it; it goes back to the queue", "scene", pm.w.t.RunKey(), "node", pm.node, "err", err)
 			w, node := pm.w, pm.node
 			p.s.post(func(l *loop) {
@@ -131,7 +173,9 @@ func (p *placer) settlePlacements(ctx context.Context) {
 				l.dirty = true
 			})
 		case <-ctx.Done():
-			for range p.pending {
+			endSpan(pm.span, ctx.Err())
+			for pm := range p.pending {
+				endSpan(pm.span, ctx.Err())
 			}
 			return
 		}

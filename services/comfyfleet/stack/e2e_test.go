@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"image/png"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -105,6 +106,51 @@ func TestJobOfSixScenesRunsOnThreeNodesAndCallsBackOnce(t *testing.T) {
 			t.Errorf("%s span of scene 0 is in trace %s, intake's in %s", scope, id, want)
 		}
 	}
+
+	// The dispatcher's placement of scene 0 is a span of that trace, and the parent
+	// of the executor's run of the scene, on the node it names.
+	var place, run sdktrace.ReadOnlySpan
+	for _, s := range sceneSpans(spans.Ended(), job.ID, 0) {
+		switch {
+		case s.Name() == "place":
+			place = s
+		case s.InstrumentationScope().Name == "comfyfleet/executor" && spanAttr(s, "comfyfleet.node") != "":
+			run = s
+		}
+	}
+	if place == nil || run == nil {
+		t.Fatalf("spans of scene 0: placement %v, run %v; want both", place, run)
+	}
+	if place.SpanContext().TraceID() != want {
+		t.Errorf("placement span in trace %s, intake's in %s", place.SpanContext().TraceID(), want)
+	}
+	if run.Parent().SpanID() != place.SpanContext().SpanID() {
+		t.Errorf("the executor's span of scene 0 has parent %s, want the placement span %s", run.Parent().SpanID(), place.SpanContext().SpanID())
+	}
+	if got, ran := spanAttr(place, "comfyfleet.node"), spanAttr(run, "comfyfleet.node"); got != ran {
+		t.Errorf("placement span names node %q, the scene ran on %q", got, ran)
+	}
+}
+
+// sceneSpans are the spans of scene index of job.
+func sceneSpans(ended []sdktrace.ReadOnlySpan, job string, index int) []sdktrace.ReadOnlySpan {
+	var out []sdktrace.ReadOnlySpan
+	for _, s := range ended {
+		if spanAttr(s, "comfyfleet.job") == job && spanAttr(s, "comfyfleet.scene") == strconv.Itoa(index) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// spanAttr is the value of s's attribute key, "" if it has none.
+func spanAttr(s sdktrace.ReadOnlySpan, key string) string {
+	for _, kv := range s.Attributes() {
+		if string(kv.Key) == key {
+			return kv.Value.Emit()
+		}
+	}
+	return ""
 }
 
 // sceneTraces maps each service's tracer to the trace id of its spans of scene index
