@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"runtime/debug"
 	"strings"
@@ -193,7 +192,6 @@ type ConsumeOption func(*consumeOptions)
 type consumeOptions struct {
 	service string
 	workers int
-	key     func(jetstream.Msg) string
 }
 
 // Service names the service that consumes, for its spans and metrics.
@@ -201,10 +199,10 @@ func Service(name string) ConsumeOption {
 	return func(o *consumeOptions) { o.service = name }
 }
 
-// Workers handles up to n messages at once. Messages for which key returns the same
-// string are handled one after another, in the order they came; key may be nil.
-func Workers(n int, key func(jetstream.Msg) string) ConsumeOption {
-	return func(o *consumeOptions) { o.workers, o.key = max(n, 1), key }
+// Workers handles up to n messages at once, each by the first worker free: a slow
+// message holds up no other.
+func Workers(n int) ConsumeOption {
+	return func(o *consumeOptions) { o.workers = max(n, 1) }
 }
 
 // Consume feeds the messages of the durable consumer cfg on stream to handle until
@@ -245,24 +243,17 @@ func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 	defer it.Stop()
-	lanes := make([]chan jetstream.Msg, o.workers)
+	work := make(chan jetstream.Msg)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	for i := range lanes {
-		lanes[i] = make(chan jetstream.Msg, 1)
-		lane := lanes[i]
+	for range o.workers {
 		wg.Go(func() {
-			for msg := range lane {
+			for msg := range work {
 				proc.Process(ctx, msg)
 			}
 		})
 	}
-	defer func() {
-		for _, lane := range lanes {
-			close(lane)
-		}
-	}()
-	next := 0
+	defer close(work)
 	for {
 		msg, err := it.Next()
 		if ctx.Err() != nil {
@@ -275,15 +266,7 @@ func consumeUntilStopped(ctx context.Context, cons jetstream.Consumer, log *slog
 			log.Warn("fetch message", "consumer", cons.CachedInfo().Name, "err", err)
 			continue
 		}
-		lane := next
-		if o.key != nil {
-			h := fnv.New32a()
-			_, _ = h.Write([]byte(o.key(msg)))
-			lane = int(h.Sum32() % uint32(len(lanes)))
-		} else {
-			next = (next + 1) % len(lanes)
-		}
-		lanes[lane] <- msg
+		work <- msg
 	}
 }
 

@@ -283,6 +283,58 @@ func TestApplyCancelsWhicheverAttemptRuns(t *testing.T) {
 	}
 }
 
+func TestASlowMessageHoldsUpNoOther(t *testing.T) {
+	t.Parallel()
+	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	release := make(chan struct{})
+	handled := make(chan string, 8)
+	cfg := jetstream.ConsumerConfig{Durable: "slow", AckPolicy: jetstream.AckExplicitPolicy, AckWait: time.Minute}
+	done := make(chan error, 1)
+	go func() {
+		done <- fleet.Consume(ctx, js, fleet.StreamDone, cfg, slog.New(slog.DiscardHandler), func(ctx context.Context, msg jetstream.Msg) error {
+			if msg.Subject() == fleet.DoneSubject("j0") {
+				select {
+				case <-release:
+				case <-ctx.Done():
+				}
+			}
+			handled <- msg.Subject()
+			return nil
+		}, fleet.Workers(2))
+	}()
+	for _, job := range []string{"j0", "j1", "j2", "j3"} {
+		if _, err := js.Publish(ctx, fleet.DoneSubject(job), []byte(`{}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// One worker is held by j0; the other takes every later message.
+	for range 3 {
+		select {
+		case subj := <-handled:
+			if subj == fleet.DoneSubject("j0") {
+				t.Fatal("the held message was handled before it was released")
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a message waited behind the one being handled, with a worker free")
+		}
+	}
+	close(release)
+	select {
+	case subj := <-handled:
+		if subj != fleet.DoneSubject("j0") {
+			t.Fatalf("handled %s, want the released j0", subj)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the released message was not handled")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestAPanickingHandlerIsLoggedAndItsMessageRetried(t *testing.T) {
 	t.Parallel()
 	_, _, js := fleettest.Fleet(t, fleet.Settings{})

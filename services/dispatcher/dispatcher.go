@@ -133,7 +133,7 @@ func Run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	errs := make(chan error, 3)
 	wg.Go(func() {
-		errs <- fleet.Consume(ctx, js, fleet.StreamSubmit, fleet.RouterConsumer(), log, rt.route, fleet.Service("dispatcher"), fleet.Workers(cfg.RouterWorkers, nil))
+		errs <- fleet.Consume(ctx, js, fleet.StreamSubmit, fleet.RouterConsumer(), log, rt.route, fleet.Service("dispatcher"), fleet.Workers(cfg.RouterWorkers))
 	})
 	wg.Go(func() {
 		errs <- fleet.Consume(ctx, js, fleet.StreamDeadLetters, fleet.DeadLetterConsumer(), log, dl.handle, fleet.Service("dispatcher"))

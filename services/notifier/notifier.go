@@ -172,13 +172,13 @@ func run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	errs := make(chan error, 3)
 	wg.Go(func() {
-		errs <- fleet.Consume(ctx, js, fleet.StreamEvents, fleet.TrackerConsumer(), n.log, n.track, fleet.Service("notifier"), fleet.Workers(cfg.TrackerWorkers, nil))
+		errs <- fleet.Consume(ctx, js, fleet.StreamEvents, fleet.TrackerConsumer(), n.log, n.track, fleet.Service("notifier"), fleet.Workers(cfg.TrackerWorkers))
 	})
 	wg.Go(func() {
-		errs <- fleet.Consume(ctx, js, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts), n.log, n.complete, fleet.Service("notifier"), fleet.Workers(8, nil))
+		errs <- fleet.Consume(ctx, js, fleet.StreamDone, fleet.DoneConsumer(cfg.WebhookAttempts), n.log, n.complete, fleet.Service("notifier"), fleet.Workers(8))
 	})
 	wg.Go(func() {
-		errs <- fleet.Consume(ctx, js, fleet.StreamExpiry, fleet.JanitorConsumer(), n.log, n.expire, fleet.Service("notifier"), fleet.Workers(4, nil))
+		errs <- fleet.Consume(ctx, js, fleet.StreamExpiry, fleet.JanitorConsumer(), n.log, n.expire, fleet.Service("notifier"), fleet.Workers(4))
 	})
 	wg.Wait()
 	close(errs)
