@@ -37,13 +37,19 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 		idle        = fs.Int("idle", 200, "one-scene jobs submitted one at a time on the idle fleet first, for the latency to ComfyUI")
 		profile     = fs.String("profile", "", "directory to write a CPU profile (10 s under load) and a heap profile of every service")
 		keep        = fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
+		servers     = fs.Int("nats-servers", 1, "NATS servers; more than one form a cluster whose streams keep a copy on each, as deploy/k8s/nats.yaml's three do")
 	)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	if *servers < 1 {
+		return fmt.Errorf("bench throughput: --nats-servers %d: want at least 1", *servers)
+	}
 	sims := fastSims(*nodes, *sceneTime)
+	settings := fleet.DefaultSettings()
+	settings.Replicas = *servers
 	f, err := startBenchFleet(ctx, benchFleetOptions{Nodes: sims, Executors: *executors, Dispatchers: *dispatchers,
-		Notifiers: *notifiers, Settings: fleet.DefaultSettings(), Profile: *profile != "", Keep: *keep})
+		Notifiers: *notifiers, Settings: settings, Profile: *profile != "", Keep: *keep, NATSServers: *servers})
 	if err != nil {
 		return err
 	}
@@ -54,8 +60,8 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 	}
 	defer rec.close()
 
-	fmt.Fprintf(stdout, "throughput: %d jobs of %d scenes from %d clients; %d simulated nodes of %s scenes driven by %d executor(s); %d dispatcher(s), %d notifier(s); every service its own process\n\n",
-		*jobs, *scenes, *clients, *nodes, *sceneTime, *executors, *dispatchers, *notifiers)
+	fmt.Fprintf(stdout, "throughput: %d jobs of %d scenes from %d clients; %d simulated nodes of %s scenes driven by %d executor(s); %d dispatcher(s), %d notifier(s), %d NATS server(s); every service its own process\n\n",
+		*jobs, *scenes, *clients, *nodes, *sceneTime, *executors, *dispatchers, *notifiers, *servers)
 
 	latency, err := idleLatency(ctx, f, rec, *idle)
 	if err != nil {
@@ -105,7 +111,7 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 	if len(latency) > 0 {
 		fmt.Fprintf(tw, "idle fleet: submit -> ComfyUI runs the prompt p50 / p99 (%d jobs)\t%s / %s\t\n", len(latency), ms(pct(latency, 50)), ms(pct(latency, 99)))
 	}
-	if trafficAfter.In > 0 {
+	if trafficAfter.In > 0 && *servers == 1 {
 		fmt.Fprintf(tw, "NATS messages per scene, in / out (out: the recorder's too)\t%.1f / %.1f\t\n",
 			float64(trafficAfter.In-trafficBefore.In)/float64(total), float64(trafficAfter.Out-trafficBefore.Out)/float64(total))
 	}
