@@ -170,7 +170,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 			}
 		}
 	}
-	services := append(f.natsNames(), "intake", "dispatcher-1", "notifier-1")
+	services := append(f.procNames("nats"), "intake", "dispatcher-1", "notifier-1")
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "measure\tvalue\t")
 	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())

@@ -183,17 +183,6 @@ func (f *benchFleet) startNATS(n int) error {
 	return nil
 }
 
-// natsNames are the names of the fleet's NATS servers.
-func (f *benchFleet) natsNames() []string {
-	var out []string
-	for _, p := range f.procs {
-		if p.name == "nats" || strings.HasPrefix(p.name, "nats-") {
-			out = append(out, p.name)
-		}
-	}
-	return out
-}
-
 // startNodes starts simulated nodes in this process and executor processes to drive
 // them, the nodes shared out among them in turn.
 func (f *benchFleet) startNodes(nodes []comfysim.Config, executors int) error {
@@ -202,7 +191,7 @@ func (f *benchFleet) startNodes(nodes []comfysim.Config, executors int) error {
 	}
 	quiet := slog.New(slog.DiscardHandler)
 	args := make([][]string, max(executors, 1))
-	first := len(f.executorNames())
+	first := len(f.procNames("executor"))
 	for i, sc := range nodes {
 		sc.Logger = quiet
 		sim, err := comfysim.Start(sc)
@@ -226,11 +215,12 @@ func (f *benchFleet) startNodes(nodes []comfysim.Config, executors int) error {
 	return nil
 }
 
-// executorNames are the executor processes started so far.
-func (f *benchFleet) executorNames() []string {
+// procNames are the names of the processes of kind ("nats", "executor") started so
+// far: the kind alone, or followed by "-" and a number.
+func (f *benchFleet) procNames(kind string) []string {
 	var out []string
 	for _, p := range f.procs {
-		if strings.HasPrefix(p.name, "executor-") {
+		if p.name == kind || strings.HasPrefix(p.name, kind+"-") {
 			out = append(out, p.name)
 		}
 	}
