@@ -54,9 +54,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 		return fmt.Errorf("bench backlog: --nats-servers %d: want at least 1", *servers)
 	}
 	jobs := *scenes / *perJob
-	settings := fleet.DefaultSettings()
-	settings.Replicas = *servers
-	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: settings, Metrics: true, Profile: *profile != "", Keep: *keep,
+	f, err := startBenchFleet(ctx, benchFleetOptions{Dispatchers: 1, Notifiers: 1, Settings: fleet.DefaultSettings(), Metrics: true, Profile: *profile != "", Keep: *keep,
 		DispatcherMemoryLimit: *memLimit, NATSServers: *servers, NATSMemoryLimit: *natsLimit})
 	if err != nil {
 		return err

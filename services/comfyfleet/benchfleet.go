@@ -72,8 +72,8 @@ type benchFleetOptions struct {
 	// DispatcherMemoryLimit, if set, is the GOMEMLIMIT of the dispatchers (e.g.
 	// "900MiB").
 	DispatcherMemoryLimit string
-	// NATSServers is how many NATS servers run, routed into one cluster when more
-	// than one (Settings.Replicas then says how many copies a stream keeps).
+	// NATSServers is how many NATS servers run (0: one), routed into one cluster
+	// when more than one, every stream then keeping a copy on each.
 	NATSServers int
 	// NATSMemoryLimit, if set, is the GOMEMLIMIT of each NATS server (e.g. "3GiB").
 	NATSMemoryLimit string
@@ -115,7 +115,7 @@ func startBenchFleet(ctx context.Context, o benchFleetOptions) (_ *benchFleet, e
 	}
 	f.common = []string{"--nats", f.natsURL, "--log-format", "json", "--log-level", "warn",
 		"--ack-wait", o.Settings.AckWait.String(), "--max-attempts", strconv.Itoa(o.Settings.MaxAttempts),
-		"--retry-backoff", o.Settings.RetryBackoff.String(), "--replicas", strconv.Itoa(max(o.Settings.Replicas, 1))}
+		"--retry-backoff", o.Settings.RetryBackoff.String(), "--replicas", strconv.Itoa(max(o.NATSServers, 1))}
 	if f.key, err = f.apiKey(ctx); err != nil {
 		return nil, err
 	}

@@ -46,10 +46,8 @@ func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) er
 		return fmt.Errorf("bench throughput: --nats-servers %d: want at least 1", *servers)
 	}
 	sims := fastSims(*nodes, *sceneTime)
-	settings := fleet.DefaultSettings()
-	settings.Replicas = *servers
 	f, err := startBenchFleet(ctx, benchFleetOptions{Nodes: sims, Executors: *executors, Dispatchers: *dispatchers,
-		Notifiers: *notifiers, Settings: settings, Profile: *profile != "", Keep: *keep, NATSServers: *servers})
+		Notifiers: *notifiers, Settings: fleet.DefaultSettings(), Profile: *profile != "", Keep: *keep, NATSServers: *servers})
 	if err != nil {
 		return err
 	}

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"go.opentelemetry.io/otel/attribute"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
 
@@ -158,16 +157,7 @@ func spanAttr(s sdktrace.ReadOnlySpan, key string) string {
 func sceneTraces(ended []sdktrace.ReadOnlySpan, job string, index int) map[string]trace.TraceID {
 	out := map[string]trace.TraceID{}
 	for _, s := range ended {
-		var isJob, otherScene bool
-		for _, kv := range s.Attributes() {
-			switch kv.Key {
-			case attribute.Key("comfyfleet.job"):
-				isJob = kv.Value.AsString() == job
-			case attribute.Key("comfyfleet.scene"):
-				otherScene = int(kv.Value.AsInt64()) != index
-			}
-		}
-		if isJob && !otherScene {
+		if scene := spanAttr(s, "comfyfleet.scene"); spanAttr(s, "comfyfleet.job") == job && (scene == "" || scene == strconv.Itoa(index)) {
 			out[s.InstrumentationScope().Name] = s.SpanContext().TraceID()
 		}
 	}
