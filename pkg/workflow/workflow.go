@@ -182,11 +182,13 @@ func (t *Template) Validate() error {
 	return nil
 }
 
-// Render returns a copy of the template's graph with params bound, and the defaults
-// of the parameters that params leaves out. Unknown parameters and values of the
-// wrong type or out of bounds are *ParamError.
+// Render returns the template's graph with params bound, and the defaults of the
+// parameters that params leaves out. Unknown parameters and values of the wrong type
+// or out of bounds are *ParamError. The nodes that a parameter sets are copies; the
+// others are the template's own, so the graph is to be read, not changed.
 func (t *Template) Render(params map[string]any) (fleet.Graph, error) {
-	g := deepCopy(t.Graph).(map[string]any)
+	g := maps.Clone(t.Graph)
+	copied := map[string]bool{}
 	for _, name := range slices.Sorted(maps.Keys(params)) {
 		if _, ok := t.Params[name]; !ok {
 			return nil, &ParamError{Param: name, Value: params[name], Message: fmt.Sprintf("unknown; %s takes %s", t.Name, strings.Join(t.ParamNames(), ", "))}
@@ -208,10 +210,15 @@ func (t *Template) Render(params map[string]any) (fleet.Graph, error) {
 		for _, b := range t.Bindings(name) {
 			node := g[b.Node].(map[string]any)
 			inputs, _ := node["inputs"].(map[string]any)
+			if !copied[b.Node] {
+				copied[b.Node] = true
+				node, inputs = maps.Clone(node), maps.Clone(inputs)
+				g[b.Node] = node
+			}
 			if inputs == nil {
 				inputs = map[string]any{}
-				node["inputs"] = inputs
 			}
+			node["inputs"] = inputs
 			inputs[b.Input] = v
 		}
 	}
@@ -354,24 +361,6 @@ func toFloat(v any) (float64, bool) {
 		return f, err == nil
 	}
 	return 0, false
-}
-
-func deepCopy(v any) any {
-	switch x := v.(type) {
-	case map[string]any:
-		m := make(map[string]any, len(x))
-		for k, e := range x {
-			m[k] = deepCopy(e)
-		}
-		return m
-	case []any:
-		s := make([]any, len(x))
-		for i, e := range x {
-			s[i] = deepCopy(e)
-		}
-		return s
-	}
-	return v
 }
 
 // ValidateGraph checks g with CheckGraph against StockClasses.
