@@ -51,9 +51,9 @@ func OpenJobs(ctx context.Context, js jetstream.JetStream) (*Jobs, error) {
 // Create stores the record of a new job and its state as submitted, together, so
 // that job lists show it at once; it fails with jetstream.ErrKeyExists if the record
 // exists. A state there already (the tracker may write it first, from a scene's
-// start) is left as it is.
-func (s *Jobs) Create(ctx context.Context, j *Job) error {
-	msgs, err := s.CreateMessages(j)
+// start) is left as it is. encoded is j as JSON if the caller has it, else nil.
+func (s *Jobs) Create(ctx context.Context, j *Job, encoded []byte) error {
+	msgs, err := s.CreateMessages(j, encoded)
 	if err != nil {
 		return err
 	}
@@ -68,15 +68,16 @@ func (s *Jobs) Create(ctx context.Context, j *Job) error {
 }
 
 // CreateMessages are the messages that create the record of j and its state as
-// submitted, each only if absent, for a Batch that sends them with others.
-func (s *Jobs) CreateMessages(j *Job) ([]Outgoing, error) {
+// submitted, each only if absent, for a Batch that sends them with others. encoded
+// is j as JSON if the caller has it (the job's commit carries it), else nil.
+func (s *Jobs) CreateMessages(j *Job, encoded []byte) ([]Outgoing, error) {
 	st, err := json.Marshal(NewJobState(j))
 	if err != nil {
 		return nil, fmt.Errorf("encode state of job %s: %w", j.ID, err)
 	}
 	return []Outgoing{
-		{Subject: kvSubject(BucketJobs, j.ID), Value: j, IfAbsent: true},
-		{Subject: kvSubject(BucketJobState, j.ID), Value: json.RawMessage(st), IfAbsent: true},
+		{Subject: kvSubject(BucketJobs, j.ID), Value: j, Data: encoded, IfAbsent: true},
+		{Subject: kvSubject(BucketJobState, j.ID), Data: st, IfAbsent: true},
 	}, nil
 }
 

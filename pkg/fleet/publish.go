@@ -45,6 +45,8 @@ type Outgoing struct {
 	Subject string
 	MsgID   string
 	Value   any
+	// Data, if not nil, is the message's body as it is, in place of Value as JSON.
+	Data []byte
 	// Header holds further headers.
 	Header map[string]string
 	// Opts are further publish options, e.g. an expected last sequence.
@@ -66,9 +68,12 @@ func (p *Publisher) Batch(ctx context.Context, msgs []Outgoing) error {
 func (p *Publisher) BatchAcks(ctx context.Context, msgs []Outgoing) ([]*jetstream.PubAck, error) {
 	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
 	for _, m := range msgs {
-		data, err := json.Marshal(m.Value)
-		if err != nil {
-			return nil, fmt.Errorf("encode message for %s: %w", m.Subject, err)
+		data := m.Data
+		if data == nil {
+			var err error
+			if data, err = json.Marshal(m.Value); err != nil {
+				return nil, fmt.Errorf("encode message for %s: %w", m.Subject, err)
+			}
 		}
 		msg := &nats.Msg{Subject: m.Subject, Data: data, Header: nats.Header{}}
 		telemetry.Inject(ctx, msg.Header)

@@ -31,7 +31,7 @@ func (r *router) route(ctx context.Context, msg jetstream.Msg) error {
 		if err := json.Unmarshal(msg.Data(), &j); err != nil || !fleet.ValidToken(j.ID) {
 			return fleet.Permanent(fmt.Errorf("undecodable job: %v", err))
 		}
-		return r.queueJob(ctx, &j)
+		return r.queueJob(ctx, &j, msg.Data())
 	case fleet.SubmitRetry:
 		var cmd fleet.SceneRetry
 		if err := json.Unmarshal(msg.Data(), &cmd); err != nil {
@@ -44,10 +44,11 @@ func (r *router) route(ctx context.Context, msg jetstream.Msg) error {
 
 // queueJob records j (if its intake did not) and queues its scenes: the record, the
 // state, the queued events and the tickets go out as one batch, in that order, so
-// that the events stream shows each scene queued before it starts.
-func (r *router) queueJob(ctx context.Context, j *fleet.Job) error {
+// that the events stream shows each scene queued before it starts. encoded is j as
+// its commit carried it: the record as the intake wrote it.
+func (r *router) queueJob(ctx context.Context, j *fleet.Job, encoded []byte) error {
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", j.ID), attribute.Int("comfyfleet.scenes", len(j.Scenes)))
-	msgs, err := r.jobs.CreateMessages(j)
+	msgs, err := r.jobs.CreateMessages(j, encoded)
 	if err != nil {
 		return err
 	}

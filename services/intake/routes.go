@@ -283,9 +283,12 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	if err != nil {
 		return nil, false, err
 	}
-	hash, err := requestHash(*body)
-	if err != nil {
-		return nil, false, err
+	var hash string
+	if idempotencyKey != "" {
+		// Only a replayed key is compared with the request that made the job.
+		if hash, err = requestHash(*body); err != nil {
+			return nil, false, err
+		}
 	}
 	ctx, span := tracer.Start(ctx, "create job", trace.WithAttributes(
 		attribute.String("comfyfleet.job", id), attribute.Int("comfyfleet.scenes", len(scenes))))
@@ -332,7 +335,7 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 			if time.Since(job.CreatedAt) <= in.cfg.Settings.DuplicateWindow {
 				// The first request may have stopped before its commit; the
 				// message ids make this a no-op otherwise.
-				if _, err := in.commit(ctx, job, scenes, refs); err != nil {
+				if _, _, err := in.commit(ctx, job, scenes, refs); err != nil {
 					return nil, false, err
 				}
 			}
@@ -347,7 +350,7 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	if _, err := in.storeInputs(ctx, job.ID, scenes); err != nil {
 		return nil, false, huma.Error503ServiceUnavailable("cannot store the input images now; retry", err)
 	}
-	first, err := in.commit(ctx, job, scenes, refs)
+	first, encoded, err := in.commit(ctx, job, scenes, refs)
 	if err != nil {
 		in.removeInputs(context.WithoutCancel(ctx), job.ID, refs)
 		return nil, false, err
@@ -364,7 +367,7 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	}
 	// Recorded here too, so that the job can be read as soon as it is accepted; the
 	// router records it if this fails or the router was first.
-	switch err := in.jobs.Create(ctx, job); {
+	switch err := in.jobs.Create(ctx, job, encoded); {
 	case err == nil:
 		// Listed at once here; the watch of the job states brings it to the others.
 		in.index.put(fleet.NewJobState(job), 0)
@@ -381,8 +384,13 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 // commit stores the payloads of the job's scenes and the job's commit, together, and
 // reports whether this was the job's first commit: of concurrent requests with one
 // Idempotency-Key, the server stores one commit and drops the others as duplicates.
-func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved, refs [][]fleet.Input) (first bool, err error) {
-	msgs := make([]fleet.Outgoing, 0, len(scenes)+1)
+// encoded is the job as the commit carries it, for its record.
+func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved, refs [][]fleet.Input) (first bool, encoded []byte, err error) {
+	encoded, err = json.Marshal(job)
+	if err != nil {
+		return false, nil, fmt.Errorf("encode job %s: %w", job.ID, err)
+	}
+	msgs := make([]fleet.Outgoing, 0, len(scenes)+2)
 	for i, s := range scenes {
 		p := fleet.ScenePayload{JobID: job.ID, Index: i, Graph: s.graph, Timeout: s.spec.Timeout(), Inputs: refs[i]}
 		msgs = append(msgs, fleet.Outgoing{Subject: fleet.ScenePayloadSubject(job.ID, i), MsgID: p.MsgID(), Value: p})
@@ -391,12 +399,12 @@ func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved,
 		// Sooner than JetStream's age limits remove the job: the janitor deletes it.
 		msgs = append(msgs, fleet.ExpirySchedule(job))
 	}
-	msgs = append(msgs, fleet.Outgoing{Subject: fleet.SubmitJobSubject(job.ID), MsgID: fleet.SubmitMsgID(job.ID), Value: job})
+	msgs = append(msgs, fleet.Outgoing{Subject: fleet.SubmitJobSubject(job.ID), MsgID: fleet.SubmitMsgID(job.ID), Data: encoded})
 	acks, err := in.pub.BatchAcks(ctx, msgs)
 	if err != nil {
-		return false, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
+		return false, nil, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
 	}
-	return !acks[len(acks)-1].Duplicate, nil
+	return !acks[len(acks)-1].Duplicate, encoded, nil
 }
 
 // replayCommitted answers a request whose Idempotency-Key another request committed
