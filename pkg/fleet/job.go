@@ -90,6 +90,14 @@ type Job struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 }
 
+// Ticket is the ticket of scene index of j, as it first enters the queue.
+func (j *Job) Ticket(index int) Ticket {
+	s := j.Scenes[index]
+	return Ticket{JobID: j.ID, Index: index, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool,
+		Workflow: s.Spec.Workflow, Model: s.Model, Needs: j.Needs[s.NeedsKey], Region: s.Region, PreferRegion: s.PreferRegion,
+		SubmittedAt: j.CreatedAt}
+}
+
 // Expiry is when a job created at created is deleted: at expiresAt, if the job has
 // one, or after the retention, whichever comes first. An expired job is gone, though
 // pieces of it may still wait for JetStream or the janitor to remove them.

@@ -81,6 +81,57 @@ func (s *Jobs) CreateMessages(j *Job, encoded []byte) ([]Outgoing, error) {
 	}, nil
 }
 
+// QueueMessages are the messages that queue the first run of every scene of j: the
+// scenes' queued events, published by p, then their tickets, so that the events
+// stream shows each scene queued before it starts. Each has its message id: the
+// intake and the router may both send them.
+func QueueMessages(p *Publisher, j *Job) ([]Outgoing, error) {
+	events := make([]SceneEvent, len(j.Scenes))
+	for i, sc := range j.Scenes {
+		events[i] = SceneEvent{JobID: j.ID, Index: i, Type: EventQueued, Pool: sc.Pool, Time: j.CreatedAt}
+	}
+	msgs, err := p.SceneEventMessages(events)
+	if err != nil {
+		return nil, err
+	}
+	for i, sc := range j.Scenes {
+		t := j.Ticket(i)
+		msgs = append(msgs, Outgoing{Subject: QueueSubject(sc.Pool, j.ID, i), MsgID: t.PlacementID(), Value: t,
+			Header: map[string]string{HeaderBurstLeft: strconv.Itoa(len(j.Scenes) - 1 - i)}})
+	}
+	return msgs, nil
+}
+
+// DropCommit asks the server to remove the schedule of a job's commit (JobCommit),
+// stored at sequence seq of the submit stream, once the job is queued: the router
+// then never sees the commit. It does not wait: the server answers on the subject
+// reply, and CommitDropFailed reads its answer.
+func (s *Jobs) DropCommit(seq uint64, reply string) error {
+	req := fmt.Appendf(nil, `{"seq":%d,"no_erase":true}`, seq)
+	if err := s.nc.PublishRequest(s.apiPfx+"STREAM.MSG.DELETE."+StreamSubmit, reply, req); err != nil {
+		return fmt.Errorf("drop commit schedule %d: %w", seq, err)
+	}
+	return nil
+}
+
+// CommitDropFailed reads the server's answer to DropCommit: why it failed, or nil. A
+// schedule already gone (it fired) is no failure.
+func CommitDropFailed(answer []byte) error {
+	var resp struct {
+		Error *struct {
+			Code        int    `json:"code"`
+			Description string `json:"description"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(answer, &resp); err != nil {
+		return fmt.Errorf("drop commit schedule: undecodable answer: %w", err)
+	}
+	if resp.Error != nil && resp.Error.Code != 404 {
+		return fmt.Errorf("drop commit schedule: %s (%d)", resp.Error.Description, resp.Error.Code)
+	}
+	return nil
+}
+
 // Record returns the job as it was submitted: every scene queued.
 func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {
 	if !ValidToken(id) {

@@ -280,6 +280,27 @@ type NodeRefreshReply struct {
 // SubmitMsgID is the de-duplication id of job's commit on the submit stream.
 func SubmitMsgID(job string) string { return "submit." + job }
 
+// CommitGrace is how long a job's intake has to queue the job it committed before the
+// commit fires for the router, which queues it then.
+const CommitGrace = 3 * time.Second
+
+// JobCommit is the message that commits j, encoded as JSON: a schedule that fires it
+// on SubmitJobSubject CommitGrace from now (at the next whole second), for the router,
+// unless the intake removes it once it has queued the job (DropCommit).
+func JobCommit(j *Job, encoded []byte) Outgoing {
+	at := time.Now().Add(CommitGrace).Truncate(time.Second).Add(time.Second)
+	return Outgoing{
+		Subject: SubmitScheduleSubject(j.ID),
+		MsgID:   SubmitMsgID(j.ID),
+		Data:    encoded,
+		Opts:    []jetstream.PublishOpt{jetstream.WithScheduleAt(at), jetstream.WithScheduleTarget(SubmitJobSubject(j.ID))},
+	}
+}
+
+// HeaderBurstLeft tells, on a ticket, how many tickets of its job follow it in the
+// same batch, so that the scheduler can wait for them a moment and plan them together.
+const HeaderBurstLeft = "Comfyfleet-Burst-Left"
+
 // SceneRetry asks the dispatcher's router to run scene Index of job JobID again after
 // it failed: run Retry, its attempts counting on from AttemptBase.
 type SceneRetry struct {

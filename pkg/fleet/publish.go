@@ -66,6 +66,16 @@ func (p *Publisher) Batch(ctx context.Context, msgs []Outgoing) error {
 
 // BatchAcks is Batch, returning the server's acknowledgement of each message.
 func (p *Publisher) BatchAcks(ctx context.Context, msgs []Outgoing) ([]*jetstream.PubAck, error) {
+	futures, err := p.Send(ctx, msgs)
+	if err != nil {
+		return nil, err
+	}
+	return Await(ctx, msgs, futures)
+}
+
+// Send publishes msgs as Batch does, without waiting for the server's answers: Await
+// waits for them.
+func (p *Publisher) Send(ctx context.Context, msgs []Outgoing) ([]jetstream.PubAckFuture, error) {
 	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
 	for _, m := range msgs {
 		data := m.Data
@@ -90,6 +100,13 @@ func (p *Publisher) BatchAcks(ctx context.Context, msgs []Outgoing) ([]*jetstrea
 		}
 		futures = append(futures, f)
 	}
+	return futures, nil
+}
+
+// Await waits until the server has stored each of msgs, sent by Send with futures, or
+// one failed, and returns the server's acknowledgement of each (nil for an IfAbsent
+// message whose subject held one).
+func Await(ctx context.Context, msgs []Outgoing, futures []jetstream.PubAckFuture) ([]*jetstream.PubAck, error) {
 	acks := make([]*jetstream.PubAck, len(futures))
 	for i, f := range futures {
 		select {

@@ -33,7 +33,9 @@ type Settings struct {
 	// the notifier's janitor enforces. At least 1s. Defaults to 7 days.
 	Retention time.Duration
 	// DuplicateWindow is how long JetStream remembers message ids to drop duplicate
-	// publishes; never more than Retention. Defaults to 10 minutes.
+	// publishes; never more than Retention. Defaults to 10 minutes. It should outlast
+	// CommitGrace by far: the router sends again what an intake that stopped half-way
+	// sent, when the job's commit fires.
 	DuplicateWindow time.Duration
 	// NodeTTL is how long a node's observed state outlives its last heartbeat.
 	// Defaults to 10s.

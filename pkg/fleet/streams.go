@@ -79,11 +79,12 @@ func configs(s Settings) ([]jetstream.StreamConfig, []jetstream.KeyValueConfig, 
 	}
 	streams := []jetstream.StreamConfig{
 		{
-			Name:        StreamSubmit,
-			Description: "committed jobs and scene retries waiting for the dispatcher's router",
-			Subjects:    []string{submitPrefix + ".>"},
-			Retention:   jetstream.WorkQueuePolicy,
-			Duplicates:  s.DuplicateWindow,
+			Name:              StreamSubmit,
+			Description:       "job commits (scheduled, and fired for the router when their intake did not queue the job) and scene retries",
+			Subjects:          []string{submitPrefix + ".>"},
+			Retention:         jetstream.WorkQueuePolicy,
+			AllowMsgSchedules: true,
+			Duplicates:        s.DuplicateWindow,
 		},
 		{
 			Name:              StreamScenes,
@@ -227,13 +228,15 @@ func WorkConsumerName(node string) string { return "node-" + node }
 const serviceAckWait = 5 * time.Second
 
 // RouterConsumer is the durable consumer, shared by every dispatcher, of the submit
-// stream: the router records committed jobs and queues their scenes.
+// stream: the router records and queues the committed jobs that their intake did not
+// queue, and queues the retries of scenes.
 func RouterConsumer() jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
-		Durable:       "router",
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       serviceAckWait,
-		MaxAckPending: 256,
+		Durable:        "router",
+		FilterSubjects: routerFilters,
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		AckWait:        serviceAckWait,
+		MaxAckPending:  256,
 	}
 }
 

@@ -97,20 +97,30 @@ func SubmitKind(subject string) string {
 	return kind
 }
 
-// SubmitJobSubject is where the intake commits job: its record, once the payloads of
-// its scenes are stored.
+// SubmitJobSubject is where the router takes the commit of job: its record, once the
+// payloads of its scenes are stored. The commit reaches it from the schedule on
+// SubmitScheduleSubject, if its intake did not queue the job first.
 func SubmitJobSubject(job string) string { return submitPrefix + "." + SubmitJob + "." + job }
+
+// SubmitScheduleSubject is where the intake commits job: a message schedule that
+// fires the commit on SubmitJobSubject a few seconds later unless the intake, having
+// queued the job itself, removes it.
+func SubmitScheduleSubject(job string) string { return submitPrefix + ".at." + job }
 
 // SubmitRetrySubject is where the intake asks to run scene index of job again.
 func SubmitRetrySubject(job string, index int) string {
 	return fmt.Sprintf("%s.%s.%s.%d", submitPrefix, SubmitRetry, job, index)
 }
 
-// SubmitFilters match the commands of job on the submit stream: its commit and the
-// retries of its scenes.
+// SubmitFilters match the commands of job on the submit stream: its commit, as
+// scheduled and as fired, and the retries of its scenes.
 func SubmitFilters(job string) []string {
-	return []string{SubmitJobSubject(job), submitPrefix + "." + SubmitRetry + "." + job + ".>"}
+	return []string{SubmitScheduleSubject(job), SubmitJobSubject(job), submitPrefix + "." + SubmitRetry + "." + job + ".>"}
 }
+
+// routerFilters match the commands the router takes: fired commits and retries, not
+// the schedules that fire commits.
+var routerFilters = []string{submitPrefix + "." + SubmitJob + ".*", submitPrefix + "." + SubmitRetry + ".>"}
 
 // ScenePayloadSubject is where the payload of scene index of job is kept.
 func ScenePayloadSubject(job string, index int) string {

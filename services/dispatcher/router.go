@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
@@ -15,9 +14,10 @@ import (
 )
 
 // router turns the commands of the submit stream into queued scenes: a committed
-// job is recorded (if its intake could not) and its scenes queued, a retried scene is
-// reopened and queued again. Every dispatcher routes, the standbys too; each command
-// goes to one of them, and a command routed twice changes nothing (message ids).
+// job that its intake did not queue is recorded and its scenes queued, a retried
+// scene is reopened and queued again. Every dispatcher routes, the standbys too; each
+// command goes to one of them, and a command routed twice changes nothing (message
+// ids).
 type router struct {
 	jobs *fleet.Jobs
 	pub  *fleet.Publisher
@@ -42,32 +42,21 @@ func (r *router) route(ctx context.Context, msg jetstream.Msg) error {
 	return fleet.Permanent(fmt.Errorf("unknown command subject %s", msg.Subject()))
 }
 
-// queueJob records j (if its intake did not) and queues its scenes: the record, the
-// state, the queued events and the tickets go out as one batch, in that order, so
-// that the events stream shows each scene queued before it starts. encoded is j as
-// its commit carried it: the record as the intake wrote it.
+// queueJob records and queues j, committed by an intake that did not queue it
+// itself (it stopped first, or could not), with the same messages as that intake:
+// whatever it stored before is stored once. encoded is j as its commit carried it:
+// the record as the intake meant to write it.
 func (r *router) queueJob(ctx context.Context, j *fleet.Job, encoded []byte) error {
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", j.ID), attribute.Int("comfyfleet.scenes", len(j.Scenes)))
 	msgs, err := r.jobs.CreateMessages(j, encoded)
 	if err != nil {
 		return err
 	}
-	events := make([]fleet.SceneEvent, len(j.Scenes))
-	for i, s := range j.Scenes {
-		events[i] = fleet.SceneEvent{JobID: j.ID, Index: i, Type: fleet.EventQueued, Pool: s.Pool, Time: j.CreatedAt}
-	}
-	queued, err := r.pub.SceneEventMessages(events)
+	queue, err := fleet.QueueMessages(r.pub, j)
 	if err != nil {
 		return err
 	}
-	msgs = append(msgs, queued...)
-	for i, s := range j.Scenes {
-		t := sceneTicket(j, i)
-		t.SubmittedAt = j.CreatedAt
-		msgs = append(msgs, fleet.Outgoing{Subject: fleet.QueueSubject(s.Pool, j.ID, i), MsgID: t.PlacementID(), Value: t,
-			Header: map[string]string{headerBurstLeft: strconv.Itoa(len(j.Scenes) - 1 - i)}})
-	}
-	if err := r.pub.Batch(ctx, msgs); err != nil {
+	if err := r.pub.Batch(ctx, append(msgs, queue...)); err != nil {
 		return fmt.Errorf("queue job %s: %w", j.ID, err)
 	}
 	return nil
@@ -98,14 +87,7 @@ func (r *router) retry(ctx context.Context, msg jetstream.Msg, cmd fleet.SceneRe
 	if err := r.pub.SceneEvent(ctx, ev); err != nil {
 		return err
 	}
-	t := sceneTicket(j, cmd.Index)
+	t := j.Ticket(cmd.Index)
 	t.SubmittedAt, t.Retry, t.AttemptBase = cmd.At, cmd.Retry, cmd.AttemptBase
 	return r.pub.JSON(ctx, fleet.QueueSubject(s.Pool, j.ID, cmd.Index), t.PlacementID(), t)
-}
-
-// sceneTicket is the ticket of scene index of j, as it first enters the queue.
-func sceneTicket(j *fleet.Job, index int) fleet.Ticket {
-	s := j.Scenes[index]
-	return fleet.Ticket{JobID: j.ID, Index: index, Tenant: j.Tenant, Priority: j.Priority, Pool: s.Pool,
-		Workflow: s.Spec.Workflow, Model: s.Model, Needs: j.Needs[s.NeedsKey], Region: s.Region, PreferRegion: s.PreferRegion}
 }

@@ -27,7 +27,6 @@ const (
 	headerPlacedOn  = "Comfyfleet-Placed-On"
 	headerTicketSeq = "Comfyfleet-Ticket-Seq"
 	headerWorkSeq   = "Comfyfleet-Work-Seq"
-	headerBurstLeft = "Comfyfleet-Burst-Left"
 	// HeaderPlacedBy names, on a work message, the dispatcher that placed it.
 	HeaderPlacedBy   = "Comfyfleet-Placed-By"
 	traceparentField = "traceparent"
@@ -353,7 +352,7 @@ func (s *scheduler) queueMessage(msg jetstream.Msg) {
 		return
 	}
 	w := &waiting{t: t, seq: seq, trace: h.Get(traceparentField)}
-	left, _ := strconv.Atoi(h.Get(headerBurstLeft))
+	left, _ := strconv.Atoi(h.Get(fleet.HeaderBurstLeft))
 	s.post(func(l *loop) {
 		l.behind = pending
 		if !l.state.enqueue(w, time.Now()) {

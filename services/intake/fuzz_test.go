@@ -47,6 +47,7 @@ func FuzzCreateJob(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
+	f.Cleanup(in.queuer.stop)
 	if err := in.followBuckets(ctx, &wg); err != nil {
 		f.Fatal(err)
 	}

@@ -154,6 +154,8 @@ type intake struct {
 	keys        *tenancy.Store
 	limits      *rateLimits
 	accepted    metric.Int64Counter
+	// queuer queues the scenes of accepted jobs.
+	queuer *queuer
 	// done is closed when the intake stops; long-lived responses end then.
 	done <-chan struct{}
 }
@@ -176,6 +178,7 @@ func run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	in.done = ctx.Done()
+	defer in.queuer.stop()
 	followCtx, stopFollowing := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -209,6 +212,10 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
 	defer cancel()
+	// Queueing still in flight when the requests have ended has what is left of the
+	// shutdown's time to settle; the router queues what it leaves.
+	stop := context.AfterFunc(shutdownCtx, in.queuer.abort)
+	defer stop()
 	err := srv.Shutdown(shutdownCtx)
 	<-errc
 	in.log.Info("intake stopped")
@@ -263,6 +270,8 @@ func spanName(_ string, r *http.Request) string {
 	return r.Method
 }
 
+// open connects the intake to the fleet's streams and buckets; its queuer runs until
+// stopped.
 func open(ctx context.Context, cfg Config) (*intake, error) {
 	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn}
 	var err error
@@ -320,6 +329,9 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	if in.accepted, err = otel.Meter("comfyfleet/intake").Int64Counter("comfyfleet.scenes.accepted",
 		metric.WithDescription("Scenes accepted, by pool.")); err != nil {
 		return nil, fmt.Errorf("intake metrics: %w", err)
+	}
+	if in.queuer, err = newQueuer(cfg.Conn, in.jobs, in.pub, in.log); err != nil {
+		return nil, fmt.Errorf("intake: %w", err)
 	}
 	return in, nil
 }

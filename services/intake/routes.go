@@ -265,13 +265,13 @@ func (in *intake) createJob(ctx context.Context, input *createJobInput) (*create
 }
 
 // submit validates a job request, stores its input images and the payloads of its
-// scenes, commits it, and records it. With an Idempotency-Key, a request seen before
-// returns the job it created (replayed) and a key reused for another request is a
-// conflict. Its errors are huma errors.
+// scenes, commits it, records it and queues its scenes. With an Idempotency-Key, a
+// request seen before returns the job it created (replayed) and a key reused for
+// another request is a conflict. Its errors are huma errors.
 //
 // The commit is one message on the submit stream, published together with the
-// payloads and awaited with them: once it is stored, the dispatcher's router records
-// the job (if this intake could not) and queues its scenes, so that an intake that
+// payloads and awaited with them: a schedule that fires it for the dispatcher's
+// router unless this intake queued the job first (queue), so that an intake that
 // dies after the commit leaves no job half-queued.
 func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey string) (job *fleet.Job, replayed bool, err error) {
 	scenes, errs := in.resolve(ctx, body)
@@ -335,8 +335,12 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 			if time.Since(job.CreatedAt) <= in.cfg.Settings.DuplicateWindow {
 				// The first request may have stopped before its commit; the
 				// message ids make this a no-op otherwise.
-				if _, _, err := in.commit(ctx, job, scenes, refs); err != nil {
+				c, err := in.commit(ctx, job, scenes, refs)
+				if err != nil {
 					return nil, false, err
+				}
+				if c.first {
+					in.queue(ctx, job, c)
 				}
 			}
 			if job, err = in.jobs.Get(ctx, id); err != nil {
@@ -350,12 +354,12 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	if _, err := in.storeInputs(ctx, job.ID, scenes); err != nil {
 		return nil, false, huma.Error503ServiceUnavailable("cannot store the input images now; retry", err)
 	}
-	first, encoded, err := in.commit(ctx, job, scenes, refs)
+	c, err := in.commit(ctx, job, scenes, refs)
 	if err != nil {
 		in.removeInputs(context.WithoutCancel(ctx), job.ID, refs)
 		return nil, false, err
 	}
-	if !first {
+	if !c.first {
 		// A concurrent request with the same Idempotency-Key committed the job; the
 		// images under its id are that request's.
 		return in.replayCommitted(ctx, id, hash)
@@ -365,15 +369,7 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 			return nil, false, huma.Error503ServiceUnavailable("stopped after committing the job", err)
 		}
 	}
-	// Recorded here too, so that the job can be read as soon as it is accepted; the
-	// router records it if this fails or the router was first.
-	switch err := in.jobs.Create(ctx, job, encoded); {
-	case err == nil:
-		// Listed at once here; the watch of the job states brings it to the others.
-		in.index.put(fleet.NewJobState(job), 0)
-	case !errors.Is(err, jetstream.ErrKeyExists):
-		in.log.Warn("record job; the router records it", "job", job.ID, "err", err)
-	}
+	in.queue(ctx, job, c)
 	for _, s := range scenes {
 		in.accepted.Add(ctx, 1, metric.WithAttributes(attribute.String("pool", s.pool)))
 	}
@@ -381,14 +377,23 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	return job, false, nil
 }
 
-// commit stores the payloads of the job's scenes and the job's commit, together, and
-// reports whether this was the job's first commit: of concurrent requests with one
-// Idempotency-Key, the server stores one commit and drops the others as duplicates.
-// encoded is the job as the commit carries it, for its record.
-func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved, refs [][]fleet.Input) (first bool, encoded []byte, err error) {
-	encoded, err = json.Marshal(job)
+// committed is what the server answered to a job's commit.
+type committed struct {
+	// first is whether this was the job's first commit: of concurrent requests with
+	// one Idempotency-Key, the server stores one commit and drops the others as
+	// duplicates.
+	first bool
+	// encoded is the job as the commit carries it, for its record.
+	encoded []byte
+	// seq is the commit's sequence in the submit stream.
+	seq uint64
+}
+
+// commit stores the payloads of the job's scenes and the job's commit, together.
+func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved, refs [][]fleet.Input) (committed, error) {
+	encoded, err := json.Marshal(job)
 	if err != nil {
-		return false, nil, fmt.Errorf("encode job %s: %w", job.ID, err)
+		return committed{}, fmt.Errorf("encode job %s: %w", job.ID, err)
 	}
 	msgs := make([]fleet.Outgoing, 0, len(scenes)+2)
 	for i, s := range scenes {
@@ -399,12 +404,13 @@ func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved,
 		// Sooner than JetStream's age limits remove the job: the janitor deletes it.
 		msgs = append(msgs, fleet.ExpirySchedule(job))
 	}
-	msgs = append(msgs, fleet.Outgoing{Subject: fleet.SubmitJobSubject(job.ID), MsgID: fleet.SubmitMsgID(job.ID), Data: encoded})
+	msgs = append(msgs, fleet.JobCommit(job, encoded))
 	acks, err := in.pub.BatchAcks(ctx, msgs)
 	if err != nil {
-		return false, nil, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
+		return committed{}, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
 	}
-	return !acks[len(acks)-1].Duplicate, encoded, nil
+	last := acks[len(acks)-1]
+	return committed{first: !last.Duplicate, encoded: encoded, seq: last.Sequence}, nil
 }
 
 // replayCommitted answers a request whose Idempotency-Key another request committed

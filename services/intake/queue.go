@@ -1,0 +1,158 @@
+package intake
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/comfyfleet/comfyfleet/pkg/fleet"
+)
+
+// queue records the committed job and queues its scenes, so that they wait for no
+// other service. The record and the state are stored before it returns, so that the
+// job can be read as soon as it is accepted; meanwhile the queuer sends the scenes'
+// queued events and tickets and, once all is stored, has the commit's schedule
+// removed. Should any of it fail, the commit fires for the router when its schedule
+// is due, and the router does it all again: whatever was stored is stored once.
+func (in *intake) queue(ctx context.Context, job *fleet.Job, c committed) {
+	recorded := make(chan error, 1)
+	in.queuer.add(ctx, queueing{job: job, commitSeq: c.seq, traced: context.WithoutCancel(ctx), recorded: recorded})
+	msgs, err := in.jobs.CreateMessages(job, c.encoded)
+	var acks []*jetstream.PubAck
+	if err == nil {
+		acks, err = in.pub.BatchAcks(ctx, msgs)
+	}
+	recorded <- err
+	if err != nil {
+		in.log.Warn("record job; the router records it when its commit fires", "job", job.ID, "err", err)
+		return
+	}
+	if acks[1] != nil {
+		// The state (the second message) is new: listed at once here; the watch of
+		// the job states brings it to the others.
+		in.index.put(fleet.NewJobState(job), 0)
+	}
+}
+
+// queueing is a job whose scenes the queuer is to queue.
+type queueing struct {
+	job *fleet.Job
+	// commitSeq is the sequence of the job's commit in the submit stream.
+	commitSeq uint64
+	// traced carries the trace context of the request that accepted the job.
+	traced context.Context
+	// recorded receives the outcome of the job's recording, by its request.
+	recorded chan error
+}
+
+// sentQueue is a job whose scenes the queuer sent to the queue.
+type sentQueue struct {
+	queueing
+	msgs    []fleet.Outgoing
+	futures []jetstream.PubAckFuture
+}
+
+// queuerWindow bounds the jobs waiting to be queued and those waiting for the
+// server's answers; requests wait when it is full.
+const queuerWindow = 1024
+
+// queuer queues the scenes of the jobs that requests accepted, off the requests'
+// path, in two stages, like the dispatcher's placer: one goroutine sends each job's
+// queued events and tickets, another awaits the server's answers and, once the
+// request recorded the job too, has the job's commit schedule removed. The server's
+// answers to the removals come to a subscription of its own.
+type queuer struct {
+	jobs    *fleet.Jobs
+	pub     *fleet.Publisher
+	log     *slog.Logger
+	todo    chan queueing
+	sent    chan sentQueue
+	answers *nats.Subscription
+	// abort ends the waits for answers.
+	abort             context.CancelFunc
+	sending, settling sync.WaitGroup
+}
+
+// newQueuer starts a queuer that queues until stop.
+func newQueuer(nc *nats.Conn, jobs *fleet.Jobs, pub *fleet.Publisher, log *slog.Logger) (*queuer, error) {
+	answers, err := nc.Subscribe(nc.NewInbox(), func(m *nats.Msg) {
+		if err := fleet.CommitDropFailed(m.Data); err != nil {
+			log.Warn("a job's commit stays; the router takes it up and finds the job queued", "err", err)
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("follow the removals of commit schedules: %w", err)
+	}
+	ctx, abort := context.WithCancel(context.Background())
+	q := &queuer{jobs: jobs, pub: pub, log: log, todo: make(chan queueing, queuerWindow), sent: make(chan sentQueue, queuerWindow),
+		answers: answers, abort: abort}
+	q.sending.Go(func() {
+		for j := range q.todo {
+			q.send(j)
+		}
+	})
+	q.settling.Go(func() {
+		for s := range q.sent {
+			q.settle(ctx, s)
+		}
+	})
+	return q, nil
+}
+
+// add hands j to the queuer, unless ctx ends first: the commit then fires for the
+// router.
+func (q *queuer) add(ctx context.Context, j queueing) {
+	select {
+	case q.todo <- j:
+	case <-ctx.Done():
+	}
+}
+
+func (q *queuer) send(j queueing) {
+	msgs, err := fleet.QueueMessages(q.pub, j.job)
+	var futures []jetstream.PubAckFuture
+	if err == nil {
+		futures, err = q.pub.Send(j.traced, msgs)
+	}
+	if err != nil {
+		q.log.Warn("queue job; the router queues it when its commit fires", "job", j.job.ID, "err", err)
+		return
+	}
+	q.sent <- sentQueue{queueing: j, msgs: msgs, futures: futures}
+}
+
+func (q *queuer) settle(ctx context.Context, s sentQueue) {
+	_, err := fleet.Await(ctx, s.msgs, s.futures)
+	if err == nil {
+		select {
+		case err = <-s.recorded:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	if err == nil {
+		err = q.jobs.DropCommit(s.commitSeq, q.answers.Subject)
+	}
+	if err != nil {
+		q.log.Warn("queue job; the router queues it when its commit fires", "job", s.job.ID, "err", err)
+	}
+}
+
+// stop queues what was added, unless abort is called meanwhile, and returns; call it
+// once no request adds any more. Answers to removals still on their way are not
+// awaited: a removal lost leaves a commit that the router takes up, finding the job
+// queued.
+func (q *queuer) stop() {
+	close(q.todo)
+	q.sending.Wait()
+	close(q.sent)
+	q.settling.Wait()
+	q.abort()
+	if err := q.answers.Unsubscribe(); err != nil {
+		q.log.Debug("stop following the removals of commit schedules", "err", err)
+	}
+}
