@@ -114,23 +114,33 @@ func (s *Jobs) DropCommit(seq uint64, reply string) error {
 	return nil
 }
 
-// CommitDropFailed reads the server's answer to DropCommit: why it failed, or nil. A
-// schedule already gone (it fired) is no failure.
+// ErrCommitFired is CommitDropFailed's answer when the schedule was gone: it had
+// fired, for the router.
+var ErrCommitFired = errors.New("the commit had fired")
+
+// CommitDropFailed reads the server's answer to DropCommit: why it failed, or nil.
 func CommitDropFailed(answer []byte) error {
 	var resp struct {
 		Error *struct {
 			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
 			Description string `json:"description"`
 		} `json:"error"`
 	}
 	if err := json.Unmarshal(answer, &resp); err != nil {
 		return fmt.Errorf("drop commit schedule: undecodable answer: %w", err)
 	}
-	if resp.Error != nil && resp.Error.Code != 404 {
-		return fmt.Errorf("drop commit schedule: %s (%d)", resp.Error.Description, resp.Error.Code)
+	switch {
+	case resp.Error == nil:
+		return nil
+	case resp.Error.ErrCode == jsNoMessageFound:
+		return ErrCommitFired
 	}
-	return nil
+	return fmt.Errorf("drop commit schedule: %s (%d)", resp.Error.Description, resp.Error.Code)
 }
+
+// jsNoMessageFound is JetStream's error code for a message that is not there.
+const jsNoMessageFound = 10037
 
 // Record returns the job as it was submitted: every scene queued.
 func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {

@@ -128,9 +128,10 @@ func (c *Config) fill() error {
 	return nil
 }
 
-// publishWindow bounds the asynchronous publishes in flight, across requests: enough
-// for several jobs of the largest size at once.
-const publishWindow = 16384
+// publishWindow bounds the asynchronous publishes in flight, across requests and
+// the queuer (which takes at most queuerBudget of them): enough for the commits of
+// several jobs of the largest size at once.
+const publishWindow = 32768
 
 type intake struct {
 	cfg      Config

@@ -2,12 +2,14 @@ package intake
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
@@ -41,6 +43,8 @@ func (in *intake) queue(ctx context.Context, job *fleet.Job, c committed) {
 // queueing is a job whose scenes the queuer is to queue.
 type queueing struct {
 	job *fleet.Job
+	// held is what the job holds of the queuer's budget.
+	held int64
 	// commitSeq is the sequence of the job's commit in the submit stream.
 	commitSeq uint64
 	// traced carries the trace context of the request that accepted the job.
@@ -56,9 +60,15 @@ type sentQueue struct {
 	futures []jetstream.PubAckFuture
 }
 
-// queuerWindow bounds the jobs waiting to be queued and those waiting for the
-// server's answers; requests wait when it is full.
-const queuerWindow = 1024
+// queuerWindow bounds the jobs waiting to be queued.
+const queuerWindow = 64
+
+// queuerBudget bounds the scenes that the queuer has yet to queue or whose queued
+// events and tickets await the server's answers: requests wait for room, so that the
+// queuer keeps up with what the intake accepts, well within fleet.CommitGrace, and
+// its messages take at most a quarter of the connection's window of asynchronous
+// publishes (publishWindow), leaving the rest to the requests' commits.
+const queuerBudget = publishWindow / 8
 
 // queuer queues the scenes of the jobs that requests accepted, off the requests'
 // path, in two stages, like the dispatcher's placer: one goroutine sends each job's
@@ -72,6 +82,8 @@ type queuer struct {
 	todo    chan queueing
 	sent    chan sentQueue
 	answers *nats.Subscription
+	// budget holds a unit for each scene being queued.
+	budget *semaphore.Weighted
 	// abort ends the waits for answers.
 	abort             context.CancelFunc
 	sending, settling sync.WaitGroup
@@ -80,7 +92,10 @@ type queuer struct {
 // newQueuer starts a queuer that queues until stop.
 func newQueuer(nc *nats.Conn, jobs *fleet.Jobs, pub *fleet.Publisher, log *slog.Logger) (*queuer, error) {
 	answers, err := nc.Subscribe(nc.NewInbox(), func(m *nats.Msg) {
-		if err := fleet.CommitDropFailed(m.Data); err != nil {
+		switch err := fleet.CommitDropFailed(m.Data); {
+		case errors.Is(err, fleet.ErrCommitFired):
+			log.Warn("a job's commit fired before its intake had queued the job: the router sent the job's messages again, each stored once")
+		case err != nil:
 			log.Warn("a job's commit stays; the router takes it up and finds the job queued", "err", err)
 		}
 	})
@@ -89,7 +104,7 @@ func newQueuer(nc *nats.Conn, jobs *fleet.Jobs, pub *fleet.Publisher, log *slog.
 	}
 	ctx, abort := context.WithCancel(context.Background())
 	q := &queuer{jobs: jobs, pub: pub, log: log, todo: make(chan queueing, queuerWindow), sent: make(chan sentQueue, queuerWindow),
-		answers: answers, abort: abort}
+		answers: answers, budget: semaphore.NewWeighted(queuerBudget), abort: abort}
 	q.sending.Go(func() {
 		for j := range q.todo {
 			q.send(j)
@@ -103,12 +118,17 @@ func newQueuer(nc *nats.Conn, jobs *fleet.Jobs, pub *fleet.Publisher, log *slog.
 	return q, nil
 }
 
-// add hands j to the queuer, unless ctx ends first: the commit then fires for the
-// router.
+// add hands j to the queuer once it has room, unless ctx ends first: the commit then
+// fires for the router.
 func (q *queuer) add(ctx context.Context, j queueing) {
+	j.held = min(int64(len(j.job.Scenes)), queuerBudget)
+	if err := q.budget.Acquire(ctx, j.held); err != nil {
+		return
+	}
 	select {
 	case q.todo <- j:
 	case <-ctx.Done():
+		q.budget.Release(j.held)
 	}
 }
 
@@ -119,6 +139,7 @@ func (q *queuer) send(j queueing) {
 		futures, err = q.pub.Send(j.traced, msgs)
 	}
 	if err != nil {
+		q.budget.Release(j.held)
 		q.log.Warn("queue job; the router queues it when its commit fires", "job", j.job.ID, "err", err)
 		return
 	}
@@ -127,6 +148,7 @@ func (q *queuer) send(j queueing) {
 
 func (q *queuer) settle(ctx context.Context, s sentQueue) {
 	_, err := fleet.Await(ctx, s.msgs, s.futures)
+	q.budget.Release(s.held)
 	if err == nil {
 		select {
 		case err = <-s.recorded:
