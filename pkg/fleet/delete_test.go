@@ -39,7 +39,7 @@ func storedJob(t *testing.T, js jetstream.JetStream, jobs *fleet.Jobs, id string
 	if err := pub.Batch(ctx, msgs); err != nil {
 		t.Fatal(err)
 	}
-	if err := jobs.Create(ctx, job, nil); err != nil {
+	if err := jobs.Create(ctx, job); err != nil {
 		t.Fatal(err)
 	}
 	put := func(bucket, name string) {
@@ -171,7 +171,7 @@ func BenchmarkDelete(b *testing.B) {
 			}
 			events[i] = fleet.SceneEvent{JobID: id, Index: i, Type: fleet.EventCompleted, Attempt: 1, Outputs: []fleet.Output{{Name: name}}}
 		}
-		if err := jobs.Create(ctx, job, nil); err != nil {
+		if err := jobs.Create(ctx, job); err != nil {
 			b.Fatal(err)
 		}
 		if err := pub.SceneEvents(ctx, events); err != nil {

@@ -45,7 +45,7 @@ func TestJobStateConcurrentEndsKeepEveryChange(t *testing.T) {
 	for i := range job.Scenes {
 		job.Scenes[i] = fleet.Scene{Index: i, Status: fleet.StatusQueued}
 	}
-	if err := jobs.Create(ctx, job, nil); err != nil {
+	if err := jobs.Create(ctx, job); err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
@@ -83,10 +83,10 @@ func TestCreateRecordsAJobOnceAndKeepsAStateWrittenFirst(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := jobs.Create(ctx, job, nil); err != nil {
+	if err := jobs.Create(ctx, job); err != nil {
 		t.Fatalf("create: %v", err)
 	}
-	if err := jobs.Create(ctx, job, nil); !errors.Is(err, jetstream.ErrKeyExists) {
+	if err := jobs.Create(ctx, job); !errors.Is(err, jetstream.ErrKeyExists) {
 		t.Fatalf("second create: %v, want ErrKeyExists", err)
 	}
 	st, _, err := jobs.State(ctx, "j1")
@@ -141,7 +141,7 @@ func TestGetFoldsTheEventsOfEveryScene(t *testing.T) {
 	for i := range job.Scenes {
 		job.Scenes[i] = fleet.Scene{Index: i, Pool: "image", Status: fleet.StatusQueued, QueuedAt: created}
 	}
-	if err := jobs.Create(ctx, job, nil); err != nil {
+	if err := jobs.Create(ctx, job); err != nil {
 		t.Fatal(err)
 	}
 	pub := fleet.NewPublisher(js, "test")

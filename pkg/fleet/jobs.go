@@ -51,9 +51,9 @@ func OpenJobs(ctx context.Context, js jetstream.JetStream) (*Jobs, error) {
 // Create stores the record of a new job and its state as submitted, together, so
 // that job lists show it at once; it fails with jetstream.ErrKeyExists if the record
 // exists. A state there already (the tracker may write it first, from a scene's
-// start) is left as it is. encoded is j as JSON if the caller has it, else nil.
-func (s *Jobs) Create(ctx context.Context, j *Job, encoded []byte) error {
-	msgs, err := s.CreateMessages(j, encoded)
+// start) is left as it is.
+func (s *Jobs) Create(ctx context.Context, j *Job) error {
+	msgs, err := s.CreateMessages(j, nil)
 	if err != nil {
 		return err
 	}
