@@ -1,7 +1,10 @@
 package intake_test
 
 import (
+	"context"
+	"encoding/json"
 	"net/http"
+	"sync"
 	"testing"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
@@ -39,4 +42,43 @@ func TestTheIntakeQueuesTheJobsItAccepts(t *testing.T) {
 		}
 		return fleettest.JobPieces(t, js, job.ID)["commands"] == 0
 	}, "job %s: its scenes not queued, or its commit left on the submit stream", job.ID)
+}
+
+// TestLargeJobsAtOnceAreAllQueued posts jobs of a thousand scenes from eight clients
+// at once to an intake with no dispatcher: every POST is accepted, and every scene
+// is queued by the intake itself, with no commit left for a router.
+func TestLargeJobsAtOnceAreAllQueued(t *testing.T) {
+	t.Parallel()
+	natsURL, js := fleetFor(t)
+	base := startIntake(t, natsURL, intake.Config{Templates: shipped, SubmitRate: intake.RateLimit{PerSecond: intake.Unlimited}})
+	const clients, jobsEach, scenes = 8, 2, 1000
+	list := make([]map[string]any, scenes)
+	for i := range list {
+		list[i] = map[string]any{"workflow": "demo", "params": map[string]any{"color": i}}
+	}
+	body, err := json.Marshal(map[string]any{"scenes": list})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Go(func() {
+			for range jobsEach {
+				if a, err := fleettest.Send(context.Background(), http.MethodPost, base+"/v1/jobs", body); err != nil || a.Status != http.StatusAccepted {
+					t.Errorf("POST /v1/jobs: %v %v", a, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	want := clients * jobsEach * scenes
+	fleettest.Eventually(t, fleet.CommitGrace, func() bool {
+		return fleettest.Count(t, js, fleet.StreamQueue, fleet.QueueFilter) == want &&
+			fleettest.Count(t, js, fleet.StreamEvents, fleet.SceneEventFilter(fleet.EventQueued)) == want &&
+			fleettest.Count(t, js, fleet.StreamSubmit, ">") == 0
+	}, "not every scene queued by the intake, or commits left for a router")
 }
