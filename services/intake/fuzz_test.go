@@ -47,7 +47,7 @@ func FuzzCreateJob(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	f.Cleanup(in.queuer.stop)
+	f.Cleanup(func() { in.queuer.stop(context.Background()) })
 	if err := in.followBuckets(ctx, &wg); err != nil {
 		f.Fatal(err)
 	}

@@ -179,7 +179,8 @@ func run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	in.done = ctx.Done()
-	defer in.queuer.stop()
+	// Stopped below, once the requests have ended; here if the intake stops before.
+	defer in.queuer.stop(context.WithoutCancel(ctx))
 	followCtx, stopFollowing := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -213,12 +214,11 @@ func run(ctx context.Context, cfg Config) error {
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
 	defer cancel()
-	// Queueing still in flight when the requests have ended has what is left of the
-	// shutdown's time to settle; the router queues what it leaves.
-	stop := context.AfterFunc(shutdownCtx, in.queuer.abort)
-	defer stop()
 	err := srv.Shutdown(shutdownCtx)
 	<-errc
+	// Queueing still in flight when the requests have ended has what is left of the
+	// shutdown's time; the router queues what it leaves.
+	in.queuer.stop(shutdownCtx)
 	in.log.Info("intake stopped")
 	if err != nil {
 		return fmt.Errorf("intake: shutdown: %w", err)

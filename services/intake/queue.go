@@ -87,6 +87,7 @@ type queuer struct {
 	// abort ends the waits for answers.
 	abort             context.CancelFunc
 	sending, settling sync.WaitGroup
+	stopping          sync.Once
 }
 
 // newQueuer starts a queuer that queues until stop.
@@ -164,17 +165,20 @@ func (q *queuer) settle(ctx context.Context, s sentQueue) {
 	}
 }
 
-// stop queues what was added, unless abort is called meanwhile, and returns; call it
-// once no request adds any more. Answers to removals still on their way are not
-// awaited: a removal lost leaves a commit that the router takes up, finding the job
-// queued.
-func (q *queuer) stop() {
-	close(q.todo)
-	q.sending.Wait()
-	close(q.sent)
-	q.settling.Wait()
-	q.abort()
-	if err := q.answers.Unsubscribe(); err != nil {
-		q.log.Debug("stop following the removals of commit schedules", "err", err)
-	}
+// stop queues what was added, unless ctx ends first, and returns; call it once no
+// request adds any more. What ctx cuts short, and the answers to removals still on
+// their way, the router takes up when the jobs' commits fire. Calls after the first
+// return at once.
+func (q *queuer) stop(ctx context.Context) {
+	q.stopping.Do(func() {
+		defer context.AfterFunc(ctx, q.abort)()
+		close(q.todo)
+		q.sending.Wait()
+		close(q.sent)
+		q.settling.Wait()
+		q.abort()
+		if err := q.answers.Unsubscribe(); err != nil {
+			q.log.Debug("stop following the removals of commit schedules", "err", err)
+		}
+	})
 }

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
@@ -81,4 +82,38 @@ func TestLargeJobsAtOnceAreAllQueued(t *testing.T) {
 			fleettest.Count(t, js, fleet.StreamEvents, fleet.SceneEventFilter(fleet.EventQueued)) == want &&
 			fleettest.Count(t, js, fleet.StreamSubmit, ">") == 0
 	}, "not every scene queued by the intake, or commits left for a router")
+}
+
+// TestAJobTheIntakeCouldNotQueueKeepsItsCommit makes the queue refuse every ticket:
+// the intake answers 202 (the job is committed and recorded) but must leave the job's
+// commit in place, so that it fires for a router, which queues the job.
+func TestAJobTheIntakeCouldNotQueueKeepsItsCommit(t *testing.T) {
+	t.Parallel()
+	natsURL, js := fleetFor(t)
+	base := startIntake(t, natsURL, intake.Config{Templates: shipped})
+	// Once the intake answers, its start (which sets the streams as configured) is
+	// over.
+	fleettest.Do(t, http.MethodGet, base+"/v1/workflows", nil).Want(t, http.StatusOK)
+	ctx := context.Background()
+	queue, err := js.Stream(ctx, fleet.StreamQueue)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := queue.CachedInfo().Config
+	cfg.MaxMsgSize = 16
+	if _, err := js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	var job struct {
+		ID string `json:"id"`
+	}
+	if status := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", []byte(`{"scenes": [{"workflow": "demo"}, {"workflow": "demo"}]}`), &job); status != http.StatusAccepted {
+		t.Fatalf("POST /v1/jobs: %d", status)
+	}
+	fleettest.Eventually(t, fleet.CommitGrace+2*time.Second, func() bool {
+		return fleettest.Count(t, js, fleet.StreamSubmit, fleet.SubmitJobSubject(job.ID)) == 1
+	}, "job %s: its commit never fired for a router", job.ID)
+	if n := fleettest.Count(t, js, fleet.StreamQueue, fleet.QueueFilter); n != 0 {
+		t.Errorf("%d tickets in a queue that refuses them", n)
+	}
 }
