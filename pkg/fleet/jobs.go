@@ -121,11 +121,7 @@ var ErrCommitFired = errors.New("the commit had fired")
 // CommitDropFailed reads the server's answer to DropCommit: why it failed, or nil.
 func CommitDropFailed(answer []byte) error {
 	var resp struct {
-		Error *struct {
-			Code        int    `json:"code"`
-			ErrCode     int    `json:"err_code"`
-			Description string `json:"description"`
-		} `json:"error"`
+		Error *jetstream.APIError `json:"error"`
 	}
 	if err := json.Unmarshal(answer, &resp); err != nil {
 		return fmt.Errorf("drop commit schedule: undecodable answer: %w", err)
@@ -133,14 +129,11 @@ func CommitDropFailed(answer []byte) error {
 	switch {
 	case resp.Error == nil:
 		return nil
-	case resp.Error.ErrCode == jsNoMessageFound:
+	case resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
 		return ErrCommitFired
 	}
-	return fmt.Errorf("drop commit schedule: %s (%d)", resp.Error.Description, resp.Error.Code)
+	return fmt.Errorf("drop commit schedule: %w", resp.Error)
 }
-
-// jsNoMessageFound is JetStream's error code for a message that is not there.
-const jsNoMessageFound = 10037
 
 // Record returns the job as it was submitted: every scene queued.
 func (s *Jobs) Record(ctx context.Context, id string) (*Job, error) {
