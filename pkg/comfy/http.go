@@ -13,6 +13,8 @@ import (
 	"net/url"
 	"sort"
 	"strconv"
+
+	"github.com/comfyfleet/comfyfleet/pkg/jsontree"
 )
 
 const (
@@ -98,14 +100,15 @@ func (c *Client) call(ctx context.Context, op, method, path string, q url.Values
 // *HTTPError. Submit does not follow the prompt: see Run.
 func (c *Client) Submit(ctx context.Context, g Graph, promptID string) (SubmitResult, error) {
 	const op = "submit prompt"
-	body, err := json.Marshal(struct {
-		Prompt   Graph  `json:"prompt"`
-		ClientID string `json:"client_id"`
-		PromptID string `json:"prompt_id,omitempty"`
-	}{g, c.clientID, promptID})
+	body, err := jsontree.Append(append(make([]byte, 0, 1024), `{"prompt":`...), g)
 	if err != nil {
 		return SubmitResult{}, fmt.Errorf("comfy: %s: encode graph: %w", op, err)
 	}
+	body = jsontree.AppendString(append(body, `,"client_id":`...), c.clientID)
+	if promptID != "" {
+		body = jsontree.AppendString(append(body, `,"prompt_id":`...), promptID)
+	}
+	body = append(body, '}')
 	resp, err := c.send(ctx, op, http.MethodPost, "/prompt", nil, body, "application/json")
 	if err != nil {
 		return SubmitResult{}, err

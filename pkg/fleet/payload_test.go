@@ -1,0 +1,42 @@
+package fleet
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestScenePayloadEncodesAsJSONMarshalDoes(t *testing.T) {
+	graph := Graph{
+		"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"width": 512, "height": 512.0, "color": float64(16744448)}, "_meta": map[string]any{"title": "<Empty> & \"image\""}},
+		"2": map[string]any{"class_type": "ImageInvert", "inputs": map[string]any{"image": []any{"1", 0.0}}},
+	}
+	inputs := []Input{{Param: "image", Object: "j/0/image", Bind: []Binding{{Node: "1", Input: "image"}}}, {Param: "mask", URL: "https://example.com/m.png"}}
+	for _, p := range []ScenePayload{
+		{JobID: "abc", Index: 0, Graph: graph},
+		{JobID: "abc", Index: 999, Graph: graph, Timeout: 90 * time.Second, Inputs: inputs},
+		{JobID: "", Index: -1, Graph: nil, Timeout: -time.Nanosecond, Inputs: []Input{}},
+	} {
+		want, err := json.Marshal(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := p.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("Encode wrote\n%s\njson.Marshal\n%s", got, want)
+		}
+		var back ScenePayload
+		if err := json.Unmarshal(got, &back); err != nil || back.Index != p.Index || back.Timeout != p.Timeout || len(back.Inputs) != len(p.Inputs) {
+			t.Errorf("decoded %+v, %v; want %+v", back, err, p)
+		}
+	}
+	if _, err := (ScenePayload{JobID: "abc", Graph: Graph{"1": math.NaN()}}).Encode(); err == nil || !strings.Contains(err.Error(), "abc.0") {
+		t.Errorf("a graph json.Marshal refuses: error %v, want one naming the scene", err)
+	}
+}
