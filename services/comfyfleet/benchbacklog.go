@@ -124,7 +124,8 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	close(work)
 	var wg sync.WaitGroup
 	var failed atomic.Value
-	for range *clients {
+	posts := make([][]time.Duration, *clients)
+	for c := range *clients {
 		wg.Go(func() {
 			for j := range work {
 				list := make([]map[string]any, *perJob)
@@ -132,10 +133,12 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 					list[i] = map[string]any{"workflow": "demo", "params": map[string]any{"width": 8, "height": 8, "size": 8, "color": (j**perJob + i) % 0xffffff}}
 				}
 				body, _ := json.Marshal(map[string]any{"scenes": list})
+				sent := time.Now()
 				if _, err := f.post(ctx, body); err != nil {
 					failed.Store(err)
 					return
 				}
+				posts[c] = append(posts[c], time.Since(sent))
 			}
 		})
 	}
@@ -171,6 +174,8 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "measure\tvalue\t")
 	fmt.Fprintf(tw, "scenes accepted a second\t%.0f\t\n", float64(total)/accepted.Seconds())
+	allPosts := slices.Concat(posts...)
+	fmt.Fprintf(tw, "POST of a %d-scene job p50 / p99\t%s / %s\t\n", *perJob, ms(pct(allPosts, 50)), ms(pct(allPosts, 99)))
 	fmt.Fprintf(tw, "every scene queued after\t%.1f s\t\n", queuedIn.Seconds())
 	// Until every scene is queued, not only accepted: work a service defers past the
 	// last answer (queueing the last jobs) counts too.
