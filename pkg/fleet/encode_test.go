@@ -40,3 +40,38 @@ func TestScenePayloadEncodesAsJSONMarshalDoes(t *testing.T) {
 		t.Errorf("a graph json.Marshal refuses: error %v, want one naming the scene", err)
 	}
 }
+
+func TestEventEncodesAsJSONMarshalDoes(t *testing.T) {
+	at := time.Date(2026, 12, 5, 17, 4, 5, 123456789, time.FixedZone("x", 3600))
+	scene := SceneEvent{JobID: "abc", Index: 7, Type: EventCompleted, Attempt: 2, Node: "gpu-<1>", Duration: time.Second, Workflow: "demo", Time: at,
+		Outputs: []Output{{Name: "s7_a&b.png", ContentType: "image/png", Size: 12, Kind: "images", NodeID: "9"}}}
+	job := JobEvent{Type: EventFailed, Job: Job{ID: "abc", CreatedAt: at}}
+	var events []Event
+	for _, mk := range []func() (Event, error){
+		func() (Event, error) { return scene.Envelope("comfyfleet/executor") },
+		func() (Event, error) { return job.Envelope("comfyfleet/notifier") },
+	} {
+		ev, err := mk()
+		if err != nil {
+			t.Fatal(err)
+		}
+		events = append(events, ev)
+	}
+	events = append(events, Event{ID: "no data", Time: at.UTC()})
+	for _, ev := range events {
+		want, err := json.Marshal(ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := ev.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("Encode wrote\n%s\njson.Marshal\n%s", got, want)
+		}
+	}
+	if _, err := (Event{ID: "far", Time: time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)}).Encode(); err == nil {
+		t.Error("a time json.Marshal refuses encoded without error")
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"time"
+
+	"github.com/comfyfleet/comfyfleet/pkg/jsontree"
 )
 
 // EventType is the last token of an event's subject and the suffix of its CloudEvents type.
@@ -43,6 +45,36 @@ type Event struct {
 	Time            time.Time       `json:"time"`
 	DataContentType string          `json:"datacontenttype"`
 	Data            json.RawMessage `json:"data"`
+}
+
+// Encode returns e as json.Marshal writes it, in one pass: e.Data is written as
+// it is, so it must be compact JSON, as the Envelope methods make it.
+func (e Event) Encode() ([]byte, error) {
+	at, err := e.Time.MarshalJSON()
+	if err != nil {
+		return nil, fmt.Errorf("encode event %s: %w", e.ID, err)
+	}
+	b := make([]byte, 0, 160+len(e.ID)+len(e.Source)+len(e.Subject)+len(e.Data))
+	b = append(b, `{"specversion":`...)
+	b = jsontree.AppendString(b, e.SpecVersion)
+	b = append(b, `,"id":`...)
+	b = jsontree.AppendString(b, e.ID)
+	b = append(b, `,"source":`...)
+	b = jsontree.AppendString(b, e.Source)
+	b = append(b, `,"type":`...)
+	b = jsontree.AppendString(b, e.Type)
+	b = append(b, `,"subject":`...)
+	b = jsontree.AppendString(b, e.Subject)
+	b = append(b, `,"time":`...)
+	b = append(b, at...)
+	b = append(b, `,"datacontenttype":`...)
+	b = jsontree.AppendString(b, e.DataContentType)
+	b = append(b, `,"data":`...)
+	if e.Data == nil {
+		b = append(b, "null"...)
+	}
+	b = append(b, e.Data...)
+	return append(b, '}'), nil
 }
 
 // SceneEvent is the data of a scene event.

@@ -32,6 +32,11 @@ func (p *Publisher) JSON(ctx context.Context, subject, msgID string, v any) erro
 	if err != nil {
 		return fmt.Errorf("encode message for %s: %w", subject, err)
 	}
+	return p.publish(ctx, subject, msgID, data)
+}
+
+// publish stores data on subject with msgID and awaits the server's acknowledgement.
+func (p *Publisher) publish(ctx context.Context, subject, msgID string, data []byte) error {
 	msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 	telemetry.Inject(ctx, msg.Header)
 	if _, err := p.js.PublishMsg(ctx, msg, jetstream.WithMsgID(msgID)); err != nil {
@@ -146,7 +151,11 @@ func (p *Publisher) SceneEventMessages(events []SceneEvent) ([]Outgoing, error) 
 		if err != nil {
 			return nil, err
 		}
-		msgs = append(msgs, Outgoing{Subject: SceneEventSubject(e.JobID, e.Index, e.Type), MsgID: ev.ID, Value: ev})
+		data, err := ev.Encode()
+		if err != nil {
+			return nil, err
+		}
+		msgs = append(msgs, Outgoing{Subject: SceneEventSubject(e.JobID, e.Index, e.Type), MsgID: ev.ID, Data: data})
 	}
 	return msgs, nil
 }
@@ -166,7 +175,11 @@ func (p *Publisher) SceneEvent(ctx context.Context, e SceneEvent) error {
 	if err != nil {
 		return err
 	}
-	return p.JSON(ctx, SceneEventSubject(e.JobID, e.Index, e.Type), ev.ID, ev)
+	data, err := ev.Encode()
+	if err != nil {
+		return err
+	}
+	return p.publish(ctx, SceneEventSubject(e.JobID, e.Index, e.Type), ev.ID, data)
 }
 
 // JobEvent publishes a job event as a CloudEvent.
@@ -175,7 +188,11 @@ func (p *Publisher) JobEvent(ctx context.Context, e JobEvent) error {
 	if err != nil {
 		return err
 	}
-	return p.JSON(ctx, JobEventSubject(e.Job.ID, e.Type), ev.ID, ev)
+	data, err := ev.Encode()
+	if err != nil {
+		return err
+	}
+	return p.publish(ctx, JobEventSubject(e.Job.ID, e.Type), ev.ID, data)
 }
 
 // RetryDelay is how long to wait before attempt+1 after attempt failed: exponential
