@@ -150,31 +150,10 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 	if err != nil {
 		return nil, err
 	}
-	// Each service has an inbox prefix of its own, so that the NATS permissions of
-	// deploy/nats/comfyfleet.conf can keep one service from reading another's replies.
-	// The connection's handlers run on a goroutine of its own, until it has closed:
-	// close waits for that (closed), so that none logs after the service returned.
-	closed := make(chan struct{})
-	nc, err := nats.Connect(s.natsURL, nats.Name("comfyfleet-"+name), nats.CustomInboxPrefix("_INBOX_"+name),
-		nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond),
-		nats.DrainTimeout(drainTimeout), nats.ClosedHandler(func(*nats.Conn) { close(closed) }),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			if err != nil {
-				log.Warn("NATS disconnected", "err", err)
-			}
-		}),
-		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("NATS reconnected", "url", c.ConnectedUrlRedacted()) }),
-		// Permission violations and slow consumers arrive here, not as returned errors.
-		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
-			subject := ""
-			if sub != nil {
-				subject = sub.Subject
-			}
-			log.Error("NATS error", "subscription", subject, "err", err)
-		}))
+	nc, closed, err := s.dial(name, "", log)
 	if err != nil {
 		_ = shutdown(ctx)
-		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURLs(s.natsURL), err)
+		return nil, err
 	}
 	stopProfiles, err := serveProfiles(s.pprof, log)
 	if err != nil {
@@ -196,18 +175,62 @@ func (s *serviceFlags) start(ctx context.Context, name string, stderr io.Writer)
 	return &service{conn: nc, settings: settings, log: log, close: func() {
 		stopHealth()
 		stopProfiles()
-		if err := nc.Drain(); err != nil {
-			nc.Close()
-		}
-		select {
-		case <-closed:
-		case <-time.After(drainTimeout + time.Second):
-			log.Warn("NATS connection not closed after its drain timeout")
-		}
+		closeConn(nc, closed, log)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = shutdown(ctx)
 	}}, nil
+}
+
+// dial connects to NATS as the named service; role, if not empty, names a second
+// connection of the service in the server's monitoring. closed is closed once the
+// connection has closed.
+func (s *serviceFlags) dial(name, role string, log *slog.Logger) (nc *nats.Conn, closed <-chan struct{}, err error) {
+	connName := "comfyfleet-" + name
+	if role != "" {
+		connName += "-" + role
+	}
+	// Each service has an inbox prefix of its own, so that the NATS permissions of
+	// deploy/nats/comfyfleet.conf can keep one service from reading another's replies.
+	// The connection's handlers run on a goroutine of its own, until it has closed:
+	// closeConn waits for that, so that none logs after the service returned.
+	done := make(chan struct{})
+	nc, err = nats.Connect(s.natsURL, nats.Name(connName), nats.CustomInboxPrefix("_INBOX_"+name),
+		nats.MaxReconnects(-1), nats.RetryOnFailedConnect(true), nats.ReconnectWait(250*time.Millisecond),
+		nats.DrainTimeout(drainTimeout), nats.ClosedHandler(func(*nats.Conn) { close(done) }),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("NATS disconnected", "connection", connName, "err", err)
+			}
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) {
+			log.Info("NATS reconnected", "connection", connName, "url", c.ConnectedUrlRedacted())
+		}),
+		// Permission violations and slow consumers arrive here, not as returned errors.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			log.Error("NATS error", "connection", connName, "subscription", subject, "err", err)
+		}))
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", redactURLs(s.natsURL), err)
+	}
+	return nc, done, nil
+}
+
+// closeConn drains nc and waits until it has closed, at most drainTimeout and a
+// second.
+func closeConn(nc *nats.Conn, closed <-chan struct{}, log *slog.Logger) {
+	if err := nc.Drain(); err != nil {
+		nc.Close()
+	}
+	select {
+	case <-closed:
+	case <-time.After(drainTimeout + time.Second):
+		log.Warn("NATS connection not closed after its drain timeout", "connection", nc.Opts.Name)
+	}
 }
 
 // serveProfiles serves net/http/pprof's profiles on addr until the returned function

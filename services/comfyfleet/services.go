@@ -49,8 +49,14 @@ func runIntake(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *httpAddr, err)
 	}
+	queueConn, queueClosed, err := sf.dial("intake", "queuer", svc.log)
+	if err != nil {
+		_ = ln.Close()
+		return err
+	}
+	defer closeConn(queueConn, queueClosed, svc.log)
 	submitRate, readRate := rates.limits(false)
-	return intake.Run(ctx, intake.Config{Conn: svc.conn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
+	return intake.Run(ctx, intake.Config{Conn: svc.conn, QueueConn: queueConn, Settings: svc.settings, Templates: workflows.FS, Listener: ln,
 		PublicURL: *publicURL, MaxScenes: *maxScenes, CallbackGuard: guard, Outputs: store, OutputURLTTL: outs.ttl,
 		SubmitRate: submitRate, ReadRate: readRate, Logger: svc.log})
 }

@@ -39,6 +39,11 @@ const Version = "0.1.0"
 type Config struct {
 	// Conn is the NATS connection. Required.
 	Conn *nats.Conn
+	// QueueConn, if set, is a second connection to the same NATS, on which the
+	// queuer sends the scenes' queued events and tickets, so that a request's own
+	// messages (payloads, commit, record) do not wait behind them in one connection
+	// and the server's one reader of it. Nil: Conn. The caller closes it after Run.
+	QueueConn *nats.Conn
 	// Settings must match the other services'. Defaults to fleet.DefaultSettings.
 	Settings fleet.Settings
 	// Templates holds workflow templates (*.json) to store in the fleet_workflows
@@ -331,7 +336,15 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 		metric.WithDescription("Scenes accepted, by pool.")); err != nil {
 		return nil, fmt.Errorf("intake metrics: %w", err)
 	}
-	if in.queuer, err = newQueuer(cfg.Conn, in.jobs, in.pub, in.log); err != nil {
+	queuePub := in.pub
+	if cfg.QueueConn != nil {
+		js, err := jetstream.New(cfg.QueueConn, jetstream.WithPublishAsyncMaxPending(publishWindow), fleet.PublishAckTimeout)
+		if err != nil {
+			return nil, fmt.Errorf("intake: JetStream on the queuer's connection: %w", err)
+		}
+		queuePub = fleet.NewPublisher(js, "comfyfleet/intake")
+	}
+	if in.queuer, err = newQueuer(cfg.Conn, in.jobs, queuePub, in.log); err != nil {
 		return nil, fmt.Errorf("intake: %w", err)
 	}
 	return in, nil

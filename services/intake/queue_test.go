@@ -11,6 +11,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 	"github.com/comfyfleet/comfyfleet/pkg/fleettest"
 	"github.com/comfyfleet/comfyfleet/services/intake"
+	"github.com/nats-io/nats.go"
 )
 
 // TestTheIntakeQueuesTheJobsItAccepts runs an intake with no dispatcher: by the time
@@ -19,30 +20,50 @@ import (
 // takes the commit up.
 func TestTheIntakeQueuesTheJobsItAccepts(t *testing.T) {
 	t.Parallel()
-	natsURL, js := fleetFor(t)
-	base := startIntake(t, natsURL, intake.Config{Templates: shipped})
-	var job struct {
-		ID string `json:"id"`
-	}
-	body := []byte(`{"scenes": [{"workflow": "demo"}, {"workflow": "demo", "params": {"color": 7}}, {"workflow": "demo", "pool": "video"}]}`)
-	if status := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &job); status != http.StatusAccepted {
-		t.Fatalf("POST /v1/jobs: %d", status)
-	}
-	if pieces := fleettest.JobPieces(t, js, job.ID); pieces["record"] != 1 || pieces["state"] != 1 {
-		t.Errorf("record %d, state %d when the job was accepted: want it recorded", pieces["record"], pieces["state"])
-	}
-	pools := []string{"image", "image", "video"}
-	// The commit's schedule fires after fleet.CommitGrace: the submit stream would
-	// then still hold the commit.
-	fleettest.Eventually(t, fleet.CommitGrace, func() bool {
-		for i, pool := range pools {
-			if fleettest.Count(t, js, fleet.StreamQueue, fleet.QueueSubject(pool, job.ID, i)) != 1 ||
-				fleettest.Count(t, js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, i, fleet.EventQueued)) != 1 {
-				return false
+	for _, ownConn := range []bool{false, true} {
+		t.Run(map[bool]string{false: "one connection", true: "a queuer connection of its own"}[ownConn], func(t *testing.T) {
+			t.Parallel()
+			natsURL, js := fleetFor(t)
+			cfg := intake.Config{Templates: shipped}
+			if ownConn {
+				qnc, err := nats.Connect(natsURL)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(qnc.Close)
+				cfg.QueueConn = qnc
 			}
-		}
-		return fleettest.JobPieces(t, js, job.ID)["commands"] == 0
-	}, "job %s: its scenes not queued, or its commit left on the submit stream", job.ID)
+			base := startIntake(t, natsURL, cfg)
+			var job struct {
+				ID string `json:"id"`
+			}
+			body := []byte(`{"scenes": [{"workflow": "demo"}, {"workflow": "demo", "params": {"color": 7}}, {"workflow": "demo", "pool": "video"}]}`)
+			if status := fleettest.Call(t, http.MethodPost, base+"/v1/jobs", body, &job); status != http.StatusAccepted {
+				t.Fatalf("POST /v1/jobs: %d", status)
+			}
+			if pieces := fleettest.JobPieces(t, js, job.ID); pieces["record"] != 1 || pieces["state"] != 1 {
+				t.Errorf("record %d, state %d when the job was accepted: want it recorded", pieces["record"], pieces["state"])
+			}
+			pools := []string{"image", "image", "video"}
+			// The commit's schedule fires after fleet.CommitGrace: the submit stream would
+			// then still hold the commit.
+			fleettest.Eventually(t, fleet.CommitGrace, func() bool {
+				for i, pool := range pools {
+					if fleettest.Count(t, js, fleet.StreamQueue, fleet.QueueSubject(pool, job.ID, i)) != 1 ||
+						fleettest.Count(t, js, fleet.StreamEvents, fleet.SceneEventSubject(job.ID, i, fleet.EventQueued)) != 1 {
+						return false
+					}
+				}
+				return fleettest.JobPieces(t, js, job.ID)["commands"] == 0
+			}, "job %s: its scenes not queued, or its commit left on the submit stream", job.ID)
+			if ownConn {
+				// Three queued events and three tickets.
+				if sent := cfg.QueueConn.Stats().OutMsgs; sent < 6 {
+					t.Errorf("the queuer's connection sent %d messages: want the scenes' queued events and tickets on it", sent)
+				}
+			}
+		})
+	}
 }
 
 // TestLargeJobsAtOnceAreAllQueued posts jobs of a thousand scenes from eight clients
