@@ -48,7 +48,8 @@ type Event struct {
 }
 
 // Encode returns e as json.Marshal writes it, in one pass: e.Data is written as
-// it is, so it must be compact JSON, as the Envelope methods make it.
+// it is, so it must be compact JSON, as the Envelope methods make it; empty, it is
+// written as null.
 func (e Event) Encode() ([]byte, error) {
 	at, err := e.Time.MarshalJSON()
 	if err != nil {
@@ -70,7 +71,7 @@ func (e Event) Encode() ([]byte, error) {
 	b = append(b, `,"datacontenttype":`...)
 	b = jsontree.AppendString(b, e.DataContentType)
 	b = append(b, `,"data":`...)
-	if e.Data == nil {
+	if len(e.Data) == 0 {
 		b = append(b, "null"...)
 	}
 	b = append(b, e.Data...)
