@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"math"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -15,9 +16,16 @@ func TestScenePayloadEncodesAsJSONMarshalDoes(t *testing.T) {
 		"2": map[string]any{"class_type": "ImageInvert", "inputs": map[string]any{"image": []any{"1", 0.0}}},
 	}
 	inputs := []Input{{Param: "image", Object: "j/0/image", Bind: []Binding{{Node: "1", Input: "image"}}}, {Param: "mask", URL: "https://example.com/m.png"}}
+	full := ScenePayload{JobID: "abc", Index: 999, Graph: graph, Timeout: 90 * time.Second, Inputs: inputs}
+	// Every field set, so that one Encode does not write fails the comparison.
+	for i, v := 0, reflect.ValueOf(full); i < v.NumField(); i++ {
+		if v.Field(i).IsZero() {
+			t.Fatalf("the test's full payload leaves %s unset", v.Type().Field(i).Name)
+		}
+	}
 	for _, p := range []ScenePayload{
 		{JobID: "abc", Index: 0, Graph: graph},
-		{JobID: "abc", Index: 999, Graph: graph, Timeout: 90 * time.Second, Inputs: inputs},
+		full,
 		{JobID: "", Index: -1, Graph: nil, Timeout: -time.Nanosecond, Inputs: []Input{}},
 	} {
 		want, err := json.Marshal(p)
