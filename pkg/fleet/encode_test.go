@@ -28,17 +28,7 @@ func TestScenePayloadEncodesAsJSONMarshalDoes(t *testing.T) {
 		full,
 		{JobID: "", Index: -1, Graph: nil, Timeout: -time.Nanosecond, Inputs: []Input{}},
 	} {
-		want, err := json.Marshal(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := p.Encode()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, want) {
-			t.Errorf("Encode wrote\n%s\njson.Marshal\n%s", got, want)
-		}
+		got := encodesAsJSONMarshal(t, p, p.Encode)
 		var back ScenePayload
 		if err := json.Unmarshal(got, &back); err != nil || back.Index != p.Index || back.Timeout != p.Timeout || len(back.Inputs) != len(p.Inputs) {
 			t.Errorf("decoded %+v, %v; want %+v", back, err, p)
@@ -67,19 +57,27 @@ func TestEventEncodesAsJSONMarshalDoes(t *testing.T) {
 	}
 	events = append(events, Event{ID: "no data", Time: at.UTC()})
 	for _, ev := range events {
-		want, err := json.Marshal(ev)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := ev.Encode()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, want) {
-			t.Errorf("Encode wrote\n%s\njson.Marshal\n%s", got, want)
-		}
+		encodesAsJSONMarshal(t, ev, ev.Encode)
 	}
 	if _, err := (Event{ID: "far", Time: time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)}).Encode(); err == nil {
 		t.Error("a time json.Marshal refuses encoded without error")
 	}
+}
+
+// encodesAsJSONMarshal reports an error unless encode writes what json.Marshal writes
+// of v, and returns what encode wrote.
+func encodesAsJSONMarshal(t *testing.T, v any, encode func() ([]byte, error)) []byte {
+	t.Helper()
+	want, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("Encode wrote\n%s\njson.Marshal\n%s", got, want)
+	}
+	return got
 }

@@ -133,10 +133,16 @@ func (c *Config) fill() error {
 	return nil
 }
 
-// publishWindow bounds the asynchronous publishes in flight, across requests and
-// the queuer (which takes at most queuerBudget of them): enough for the commits of
-// several jobs of the largest size at once.
+// publishWindow bounds the asynchronous publishes in flight on a connection, across
+// requests and, on one connection with them, the queuer (which takes at most
+// queuerBudget of them): enough for the commits of several jobs of the largest size
+// at once.
 const publishWindow = 32768
+
+// newJetStream is the intake's JetStream context on nc.
+func newJetStream(nc *nats.Conn) (jetstream.JetStream, error) {
+	return jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(publishWindow), fleet.PublishAckTimeout)
+}
 
 type intake struct {
 	cfg      Config
@@ -281,7 +287,7 @@ func spanName(_ string, r *http.Request) string {
 func open(ctx context.Context, cfg Config) (*intake, error) {
 	in := &intake{cfg: cfg, log: cfg.Logger.With("service", "intake"), nc: cfg.Conn}
 	var err error
-	if in.js, err = jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(publishWindow), fleet.PublishAckTimeout); err != nil {
+	if in.js, err = newJetStream(cfg.Conn); err != nil {
 		return nil, fmt.Errorf("intake: jetstream: %w", err)
 	}
 	if err := fleet.Ensure(ctx, in.js, cfg.Settings); err != nil {
@@ -338,7 +344,7 @@ func open(ctx context.Context, cfg Config) (*intake, error) {
 	}
 	queuePub := in.pub
 	if cfg.QueueConn != nil {
-		js, err := jetstream.New(cfg.QueueConn, jetstream.WithPublishAsyncMaxPending(publishWindow), fleet.PublishAckTimeout)
+		js, err := newJetStream(cfg.QueueConn)
 		if err != nil {
 			return nil, fmt.Errorf("intake: JetStream on the queuer's connection: %w", err)
 		}

@@ -66,9 +66,9 @@ const queuerWindow = 64
 // queuerBudget bounds the scenes of committed jobs that the queuer has yet to queue
 // or whose queued events and tickets await the server's answers: requests wait for
 // room before they commit a job, so that the queuer keeps up with what the intake
-// accepts, well within fleet.CommitGrace, and its messages take at most a quarter of
-// the connection's window of asynchronous publishes (publishWindow), leaving the
-// rest to the requests' commits.
+// accepts, well within fleet.CommitGrace, and, on the requests' connection, its
+// messages take at most a quarter of the window of asynchronous publishes
+// (publishWindow), leaving the rest to the requests' commits.
 const queuerBudget = publishWindow / 8
 
 // queuer queues the scenes of the jobs that requests accepted, off the requests'
