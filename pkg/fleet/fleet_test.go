@@ -430,3 +430,31 @@ func TestEnsureExistsCreatesWhatIsMissing(t *testing.T) {
 		t.Fatalf("bucket %s deleted, after EnsureExists: %v", fleet.BucketLeases, err)
 	}
 }
+
+// Attempts the fleet ended do not use up a scene's attempts, up to LossAllowance of
+// them; the scene's own failures always do.
+func TestLossesUpToTheAllowanceDoNotUseUpAttempts(t *testing.T) {
+	var tk fleet.Ticket
+	attempt := 0
+	for range fleet.LossAllowance {
+		attempt++
+		if used := tk.AttemptsUsed(attempt, true); used != 0 {
+			t.Fatalf("after %d losses, %d attempts used; want none", attempt, used)
+		}
+		tk = tk.Requeue(1, "gpu", 0, nil).AfterLoss()
+	}
+	attempt++
+	if used := tk.AttemptsUsed(attempt, true); used != 1 {
+		t.Errorf("a loss beyond the allowance uses %d attempts, want 1", used)
+	}
+	if used := tk.AttemptsUsed(attempt, false); used != 1 {
+		t.Errorf("a failure after the allowed losses uses %d attempts, want 1", used)
+	}
+	tk.AttemptBase = 4
+	if used := tk.AttemptsUsed(attempt+4, false); used != 1 {
+		t.Errorf("with 4 attempts in earlier runs, %d used by this run, want 1", used)
+	}
+	if tk.Lost != fleet.LossAllowance || tk.Requeued != fleet.LossAllowance {
+		t.Errorf("the ticket counts %d losses in %d requeued attempts, want %d of %d", tk.Lost, tk.Requeued, fleet.LossAllowance, fleet.LossAllowance)
+	}
+}

@@ -57,6 +57,9 @@ type Ticket struct {
 	// Requeued is the number of attempts of this run that ended with the scene put
 	// back in the queue: failed transiently, or lost with their node.
 	Requeued int `json:"requeued,omitempty"`
+	// Lost is how many of those attempts the fleet ended, not the scene: their node
+	// or its executor taken for lost, or the executor stopping (see LossAllowance).
+	Lost int `json:"lost,omitempty"`
 	// Moves counts every return to the queue, attempts or not (a node drained or an
 	// executor stopping hands its scenes back), so that each has its own message id.
 	Moves int `json:"moves,omitempty"`
@@ -159,6 +162,30 @@ func (t Ticket) PlacementID() string { return t.RunKey() + ".m" + strconv.Itoa(t
 
 // Attempt is the attempt number of the ticket's delivered-th delivery on its node.
 func (t Ticket) Attempt(delivered int) int { return t.AttemptBase + t.Requeued + delivered }
+
+// LossAllowance is how many attempts of a run that the fleet ended (see Ticket.Lost)
+// do not use up the scene's attempts (Settings.MaxAttempts): a GPU machine that goes
+// away, a node or executor too overloaded to answer its probes in time, an executor
+// that stops, is not the scene's failure. Losses beyond it count, so that a scene
+// that keeps taking its nodes down still fails.
+const LossAllowance = 5
+
+// AttemptsUsed is how many of the scene's attempts this run has used once the
+// attempt numbered attempt has ended, that attempt a loss if lost: every attempt
+// of the run but the losses LossAllowance forgives.
+func (t Ticket) AttemptsUsed(attempt int, lost bool) int {
+	losses := t.Lost
+	if lost {
+		losses++
+	}
+	return attempt - t.AttemptBase - min(losses, LossAllowance)
+}
+
+// AfterLoss returns t with one more of its attempts counted as lost (Ticket.Lost).
+func (t Ticket) AfterLoss() Ticket {
+	t.Lost++
+	return t
+}
 
 // Requeue returns the ticket to put back in the queue, counting attempted more
 // attempts of this run, to be placed again after delay and elsewhere than avoid if

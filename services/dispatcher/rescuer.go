@@ -55,7 +55,7 @@ func (r *rescuer) rescue(ctx context.Context, st *fleetState, lost lostNode) {
 		if f.seq <= delivered {
 			attempt := t.Attempt(1)
 			failure := fleet.Attempt{Attempt: attempt, Node: lost.id, Error: fmt.Sprintf("node %s was lost: its executor stopped answering", lost.id), At: time.Now().UTC()}
-			t = t.Requeue(1, lost.id, 0, &failure)
+			t = t.Requeue(1, lost.id, 0, &failure).AfterLoss()
 			ev := fleet.SceneEvent{JobID: t.JobID, Index: t.Index, Retry: t.Retry, Type: fleet.EventRetrying, Attempt: attempt,
 				Node: lost.id, Error: failure.Error, Failures: t.Failures}
 			if err := r.pub.SceneEvent(ctx, ev); err != nil {

@@ -85,10 +85,10 @@ func TestRescueMovesEverySceneOfALostNodeBack(t *testing.T) {
 		t.Fatalf("%d scenes back in the queue, want 2: %+v", len(back), back)
 	}
 	taken, waiting := back[0], back[1]
-	if taken.Moves != 2 || taken.Requeued != 1 || taken.Avoid != "gpu" || len(taken.Failures) != 1 || !strings.Contains(taken.Failures[0].Error, "lost") {
-		t.Errorf("the scene its executor had taken came back as %+v; want one more move, an attempt counted with its failure, gpu avoided", taken)
+	if taken.Moves != 2 || taken.Requeued != 1 || taken.Lost != 1 || taken.Avoid != "gpu" || len(taken.Failures) != 1 || !strings.Contains(taken.Failures[0].Error, "lost") {
+		t.Errorf("the scene its executor had taken came back as %+v; want one more move, an attempt counted as lost with its failure, gpu avoided", taken)
 	}
-	if waiting.Moves != 2 || waiting.Requeued != 0 || len(waiting.Failures) != 0 {
+	if waiting.Moves != 2 || waiting.Requeued != 0 || waiting.Lost != 0 || len(waiting.Failures) != 0 {
 		t.Errorf("the scene not taken yet came back as %+v; want one more move and no attempt counted", waiting)
 	}
 	if n := workLeft(t, js); n != 0 {

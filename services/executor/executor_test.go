@@ -37,9 +37,12 @@ type rig struct {
 	wg  *sync.WaitGroup
 }
 
-func newRig(t *testing.T) *rig {
+func newRig(t *testing.T, adjust ...func(*fleet.Settings)) *rig {
 	t.Helper()
 	settings := fleet.Settings{AckWait: 2 * time.Second, RetryBackoff: 100 * time.Millisecond, NodeTTL: 3 * time.Second}
+	for _, f := range adjust {
+		f(&settings)
+	}
 	_, nc, js := fleettest.Fleet(t, settings)
 	r := &rig{t: t, nc: nc, js: js, settings: settings, events: fleettest.SceneEvents(t, nc), wg: &sync.WaitGroup{}}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -279,6 +282,38 @@ func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
 	}
 	if st := okSim.Stats(); len(st.Rendered) != 1 {
 		t.Errorf("the other node rendered %v; want the retry", st.Rendered)
+	}
+}
+
+// A node lost during a scene is not the scene's failure: with one attempt allowed,
+// the scene whose node died runs again on another node and completes.
+func TestALostNodeDoesNotUseUpTheScenesAttempts(t *testing.T) {
+	t.Parallel()
+	r := newRig(t, func(s *fleet.Settings) { s.MaxAttempts = 1 })
+	// The node that dies is thought the faster, by its weight, so that it takes the
+	// first attempt.
+	lostSim, lost := r.sim(comfysim.Config{Name: "gpu-a"})
+	okSim, ok := r.sim(comfysim.Config{Name: "gpu-b"})
+	ok.Weight = 0.5
+	r.executor("exec-a", nil, lost)
+	r.executor("exec-b", nil, ok)
+	r.awaitOnline(lost.ID, ok.ID)
+	r.submit("lost", 150, 0)
+
+	if first := r.await(fleet.EventStarted, 30*time.Second); first.Node != lost.ID {
+		t.Fatalf("first attempt on %s, want %s", first.Node, lost.ID)
+	}
+	lostSim.Kill()
+	retry := r.await(fleet.EventRetrying, 30*time.Second)
+	if retry.Node != lost.ID {
+		t.Errorf("retrying event from %s (%q); want the loss of %s", retry.Node, retry.Error, lost.ID)
+	}
+	done := r.await(fleet.EventCompleted, 30*time.Second)
+	if done.Node != ok.ID || done.Attempt != 2 {
+		t.Errorf("completed on %s at attempt %d; want %s at attempt 2", done.Node, done.Attempt, ok.ID)
+	}
+	if st := okSim.Stats(); len(st.Rendered) != 1 {
+		t.Errorf("the other node rendered %v; want the second attempt", st.Rendered)
 	}
 }
 

@@ -111,7 +111,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 	case err != nil && (ctx.Err() != nil || errors.Is(context.Cause(runCtx), errHandBack)):
 		// Drained, removed or stopping while the payload was read: the scene goes
 		// back to the queue unstarted, as from a wait inside ComfyUI.
-		return e.requeue(context.WithoutCancel(ctx), t.Requeue(delivered, n.cfg.ID, 0, nil), 0)
+		return e.requeue(context.WithoutCancel(ctx), t.Requeue(delivered, n.cfg.ID, 0, nil).AfterLoss(), 0)
 	case errors.Is(context.Cause(runCtx), errCancelled):
 		return nil
 	case err != nil:
@@ -160,7 +160,7 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 	if ctx.Err() != nil || errors.Is(context.Cause(runCtx), errHandBack) {
 		log.Info("handing the scene back to the queue")
 		e.metrics.attempt(context.WithoutCancel(ctx), n.cfg.ID, "handed_back")
-		return e.requeue(context.WithoutCancel(ctx), t.Requeue(delivered, n.cfg.ID, 0, nil), 0)
+		return e.requeue(context.WithoutCancel(ctx), t.Requeue(delivered, n.cfg.ID, 0, nil).AfterLoss(), 0)
 	}
 	if errors.Is(context.Cause(runCtx), errCancelled) {
 		log.Info("scene cancelled: attempt stopped", "seconds", elapsed.Seconds())
@@ -204,7 +204,9 @@ func (e *executor) jobLives(ctx context.Context, job string) bool {
 // or once its attempts run out; otherwise it goes back to the queue after a back-off,
 // to be placed elsewhere than n if possible.
 func (e *executor) retryOrFail(ctx context.Context, n *node, t fleet.Ticket, attempt, delivered int, err error, log *slog.Logger) error {
-	if isPermanent(err) || attempt-t.AttemptBase >= e.cfg.Settings.MaxAttempts {
+	// Ended by the node's loss, whether the attempt saw it first or the probe after.
+	lost := errors.Is(err, errNodeLost) || !n.isHealthy()
+	if isPermanent(err) || t.AttemptsUsed(attempt, lost) >= e.cfg.Settings.MaxAttempts {
 		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)
 	}
 	failure := fleet.Attempt{Attempt: attempt, Node: n.cfg.ID, Error: err.Error(), At: time.Now().UTC()}
@@ -217,7 +219,11 @@ func (e *executor) retryOrFail(ctx context.Context, n *node, t fleet.Ticket, att
 	e.metrics.attempt(ctx, n.cfg.ID, "retrying")
 	e.freeAfterOOM(ctx, n, err)
 	log.Warn("scene attempt failed; retrying", "in", delay, "err", err)
-	return e.requeue(ctx, t.Requeue(delivered, n.cfg.ID, delay, &failure), delay)
+	next := t.Requeue(delivered, n.cfg.ID, delay, &failure)
+	if lost {
+		next = next.AfterLoss()
+	}
+	return e.requeue(ctx, next, delay)
 }
 
 // fail ends the scene's run for good with err.
