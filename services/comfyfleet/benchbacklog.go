@@ -88,11 +88,16 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	defer sub.Unsubscribe()
 	// Attempts retried, and of them those whose node or executor was taken for lost:
 	// under this load, mostly nodes and executors too starved to answer in time.
-	var retried, retriedLost atomic.Int64
+	var retried, nodeLost, executorLost atomic.Int64
 	retries, err := nc.Subscribe("fleet.evt.scene.*.*.retrying", func(m *nats.Msg) {
 		retried.Add(1)
-		if ev, err := fleet.DecodeSceneEvent(m.Data); err == nil && (strings.Contains(ev.Error, "stopped answering") || strings.Contains(ev.Error, "was lost")) {
-			retriedLost.Add(1)
+		ev, err := fleet.DecodeSceneEvent(m.Data)
+		switch {
+		case err != nil:
+		case strings.Contains(ev.Error, "its executor stopped answering"):
+			executorLost.Add(1)
+		case strings.Contains(ev.Error, "node stopped answering"):
+			nodeLost.Add(1)
 		}
 	})
 	if err != nil {
@@ -244,7 +249,7 @@ func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error
 	fmt.Fprintf(tw, "their CPU time p50 / p99; within 1 ms\t%s / %s; %.2f%%\t\n", onCPU.quantile(0.5), onCPU.quantile(0.99), 100*onCPU.within(0.001))
 	fmt.Fprintf(tw, "time to drain once %d nodes arrived\t%.1f s (%.0f scenes a second)\t\n", *nodes, drained.Seconds(), float64(total)/drained.Seconds())
 	fmt.Fprintf(tw, "jobs ended / of them not succeeded\t%d / %d\t\n", ended.Load(), unsuccessful.Load())
-	fmt.Fprintf(tw, "attempts retried / of them after a lost node or executor\t%d / %d\t\n", retried.Load(), retriedLost.Load())
+	fmt.Fprintf(tw, "attempts retried / of them after a lost node / executor\t%d / %d / %d\t\n", retried.Load(), nodeLost.Load(), executorLost.Load())
 	for _, name := range services {
 		fmt.Fprintf(tw, "%s: peak RSS once queued / at the end\t%d / %d MiB\t\n", name, queued[name].rssMax>>20, after[name].rssMax>>20)
 	}
