@@ -97,6 +97,25 @@ func (r *rig) submit(job string, steps int, timeout time.Duration) fleet.Ticket 
 	return t
 }
 
+// firstAttemptOn runs the node first and another, gpu-b, each under an executor of
+// its own, submits job (a scene of steps), and waits for its first attempt to start
+// on first: first is thought the faster, by its weight, so that it takes that attempt
+// whatever the setup times measured.
+func (r *rig) firstAttemptOn(first comfysim.Config, job string, steps int) (firstSim, otherSim *comfysim.Server, firstNode, other fleet.NodeConfig) {
+	r.t.Helper()
+	firstSim, firstNode = r.sim(first)
+	otherSim, other = r.sim(comfysim.Config{Name: "gpu-b"})
+	other.Weight = 0.5
+	r.executor("exec-a", nil, firstNode)
+	r.executor("exec-b", nil, other)
+	r.awaitOnline(firstNode.ID, other.ID)
+	r.submit(job, steps, 0)
+	if started := r.await(fleet.EventStarted, 30*time.Second); started.Node != firstNode.ID {
+		r.t.Fatalf("first attempt on %s, want %s", started.Node, firstNode.ID)
+	}
+	return firstSim, otherSim, firstNode, other
+}
+
 // job returns the messages that submit a job of one txt2img scene of steps sampler
 // steps in the image pool, its scene's payload and its commit, and the scene's ticket.
 func (r *rig) job(job string, steps int, timeout time.Duration) (payload, commit fleet.Outgoing, t fleet.Ticket) {
@@ -256,19 +275,7 @@ func TestWebsocketDroppedMidPromptIsFollowedWithoutRenderingAgain(t *testing.T) 
 func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
-	// The node out of memory is thought the faster, by its weight, so that it takes the
-	// first attempt whatever the setup times measured.
-	oomSim, oom := r.sim(comfysim.Config{Name: "gpu-a", OOMRate: 1})
-	okSim, ok := r.sim(comfysim.Config{Name: "gpu-b"})
-	ok.Weight = 0.5
-	r.executor("exec-a", nil, oom)
-	r.executor("exec-b", nil, ok)
-	r.awaitOnline(oom.ID, ok.ID)
-	r.submit("oom", 20, 0)
-
-	if first := r.await(fleet.EventStarted, 30*time.Second); first.Node != oom.ID {
-		t.Fatalf("first attempt on %s, want %s", first.Node, oom.ID)
-	}
+	oomSim, okSim, oom, ok := r.firstAttemptOn(comfysim.Config{Name: "gpu-a", OOMRate: 1}, "oom", 20)
 	retry := r.await(fleet.EventRetrying, 30*time.Second)
 	if retry.Node != oom.ID || !strings.Contains(retry.Error, "OutOfMemoryError") {
 		t.Errorf("retrying event from %s: %q; want the out-of-memory error of %s", retry.Node, retry.Error, oom.ID)
@@ -290,19 +297,7 @@ func TestOutOfMemoryIsRetriedOnAnotherNode(t *testing.T) {
 func TestALostNodeDoesNotUseUpTheScenesAttempts(t *testing.T) {
 	t.Parallel()
 	r := newRig(t, func(s *fleet.Settings) { s.MaxAttempts = 1 })
-	// The node that dies is thought the faster, by its weight, so that it takes the
-	// first attempt.
-	lostSim, lost := r.sim(comfysim.Config{Name: "gpu-a"})
-	okSim, ok := r.sim(comfysim.Config{Name: "gpu-b"})
-	ok.Weight = 0.5
-	r.executor("exec-a", nil, lost)
-	r.executor("exec-b", nil, ok)
-	r.awaitOnline(lost.ID, ok.ID)
-	r.submit("lost", 150, 0)
-
-	if first := r.await(fleet.EventStarted, 30*time.Second); first.Node != lost.ID {
-		t.Fatalf("first attempt on %s, want %s", first.Node, lost.ID)
-	}
+	lostSim, okSim, lost, ok := r.firstAttemptOn(comfysim.Config{Name: "gpu-a"}, "lost", 150)
 	lostSim.Kill()
 	retry := r.await(fleet.EventRetrying, 30*time.Second)
 	if retry.Node != lost.ID {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -112,6 +113,13 @@ func (s *S3Server) Count(match func(request string) bool) int {
 		}
 	}
 	return n
+}
+
+// Requests returns the requests served so far, in order; each is "METHOD /path?query".
+func (s *S3Server) Requests() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.requests)
 }
 
 // Object returns the content of the object under key in bucket.
