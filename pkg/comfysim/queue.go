@@ -75,6 +75,8 @@ type running struct {
 // that clients see the counts in the order they happened.
 type promptQueue struct {
 	hub *hub
+	// maxHistory is how many prompts the history keeps.
+	maxHistory int
 
 	mu        sync.Mutex
 	counter   int64
@@ -86,8 +88,8 @@ type promptQueue struct {
 	remaining atomic.Int64
 }
 
-func newPromptQueue(h *hub) *promptQueue {
-	return &promptQueue{hub: h, entries: map[string]*historyEntry{}, wake: make(chan struct{}, 1)}
+func newPromptQueue(h *hub, maxHistory int) *promptQueue {
+	return &promptQueue{hub: h, maxHistory: maxHistory, entries: map[string]*historyEntry{}, wake: make(chan struct{}, 1)}
 }
 
 // nextNumber takes the server's counter, negated for front.
@@ -175,7 +177,7 @@ func (q *promptQueue) finish(r *running, e *historyEntry) {
 	if q.current == r {
 		q.current = nil
 	}
-	if len(q.history) >= maxHistory {
+	if len(q.history) >= q.maxHistory {
 		delete(q.entries, q.history[0])
 		q.history = q.history[1:]
 	}

@@ -87,6 +87,13 @@ type Config struct {
 	// VHS_VideoCombine writes as mp4, webm or mov, for outputs as large as
 	// real clips (tens of megabytes). Defaults to 16.
 	VideoFrameBytes int
+	// MaxHistory is how many finished prompts /history keeps, the oldest
+	// dropped first. Defaults to ComfyUI's MAXIMUM_HISTORY_SIZE, 10000. Many
+	// simulated nodes in one process may keep fewer: each entry holds its
+	// prompt's graph, and a heap of them all makes the garbage collector
+	// stall the whole process, which a real node, a process of its own, does
+	// not share.
+	MaxHistory int
 }
 
 func (c Config) withDefaults() Config {
@@ -120,6 +127,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.VideoFrameBytes <= 0 {
 		c.VideoFrameBytes = 16
+	}
+	if c.MaxHistory <= 0 {
+		c.MaxHistory = maxHistory
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -457,7 +467,7 @@ func newInstance(s *Server, ln net.Listener) *instance {
 		gpu:     newGPU(s.cfg.VRAMTotal),
 		cache:   map[string]*cacheEntry{},
 	}
-	in.q = newPromptQueue(in.hub)
+	in.q = newPromptQueue(in.hub, s.cfg.MaxHistory)
 	in.srv = &http.Server{
 		Handler:           http.HandlerFunc(in.serveHTTP),
 		ReadHeaderTimeout: 10 * time.Second,

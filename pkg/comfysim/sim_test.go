@@ -613,6 +613,27 @@ func TestDuplicatePromptID(t *testing.T) {
 	}
 }
 
+func TestHistoryKeepsMaxHistoryPrompts(t *testing.T) {
+	sim := startSim(t, comfysim.Config{MaxHistory: 2})
+	c := newClient(t, sim.URL())
+	ws := dialWS(t, sim.URL(), "few", false)
+	var ids []string
+	for i := range 3 {
+		id, _ := run(t, c, ws, tiny(i, "few"), "few")
+		ids = append(ids, id)
+	}
+	if got := c.get("/history/" + ids[0]); string(got.body) != "{}" {
+		t.Errorf("the oldest of three prompts, with room for two, is still in the history: %s", got.body)
+	}
+	for _, id := range ids[1:] {
+		firstOutput(t, c.history(id), "2", "images")
+	}
+	var all map[string]any
+	if err := json.Unmarshal(c.get("/history").body, &all); err != nil || len(all) != 2 {
+		t.Errorf("GET /history holds %d prompts (%v), want 2", len(all), err)
+	}
+}
+
 func TestRoutes(t *testing.T) {
 	sim := startSim(t, comfysim.Config{})
 	c := newClient(t, sim.URL())
