@@ -280,7 +280,16 @@ func IgnoreStop(ctx context.Context, err error) error {
 }
 
 // NoMessage reports whether err says that a stream message is not there (any more):
-// a get or a delete of a message already removed.
+// a get or a delete of a message already removed. A delete's answer names the
+// server's error only in its text ("sequence N not found", or "no message found").
 func NoMessage(err error) bool {
-	return errors.Is(err, jetstream.ErrMsgNotFound) || err != nil && strings.Contains(err.Error(), "no message found")
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return true
+	}
+	return err != nil && (strings.Contains(err.Error(), "no message found") || strings.Contains(err.Error(), errSequenceNotFound))
 }
+
+// errSequenceNotFound is how the text of an error carries the server's
+// JSSequenceNotFoundErrF, its answer to a delete of a sequence the stream no longer
+// holds.
+const errSequenceNotFound = "err_code=10043 "

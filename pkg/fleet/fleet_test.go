@@ -458,3 +458,37 @@ func TestLossesUpToTheAllowanceDoNotUseUpAttempts(t *testing.T) {
 		t.Errorf("the ticket counts %d losses in %d requeued attempts, want %d of %d", tk.Lost, tk.Requeued, fleet.LossAllowance, fleet.LossAllowance)
 	}
 }
+
+func TestNoMessageKnowsEveryAnswerForAMessageAlreadyGone(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	_, _, js := fleettest.Fleet(t, fleet.Settings{})
+	var seqs []uint64
+	for range 3 {
+		ack, err := js.Publish(ctx, fleet.WorkSubject("gpu-1"), []byte("{}"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, ack.Sequence)
+	}
+	work, err := js.Stream(ctx, fleet.StreamWork)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The server answers a delete of a message below the stream's first one apart
+	// from one between others ("no message found", "sequence N not found").
+	for _, seq := range []uint64{seqs[1], seqs[0]} {
+		if err := work.DeleteMsg(ctx, seq); err != nil {
+			t.Fatalf("first delete of %d: %v", seq, err)
+		}
+		if err := work.DeleteMsg(ctx, seq); err == nil || !fleet.NoMessage(err) {
+			t.Errorf("a second delete of message %d: %v; NoMessage says false", seq, err)
+		}
+		if _, err := work.GetMsg(ctx, seq); err == nil || !fleet.NoMessage(err) {
+			t.Errorf("a get of deleted message %d: %v; NoMessage says false", seq, err)
+		}
+	}
+	if _, err := js.Stream(ctx, "NO_SUCH_STREAM"); err == nil || fleet.NoMessage(err) {
+		t.Errorf("a missing stream: %v; NoMessage says true", err)
+	}
+}
