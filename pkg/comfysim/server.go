@@ -90,9 +90,9 @@ type Config struct {
 	// MaxHistory is how many finished prompts /history keeps, the oldest
 	// dropped first. Defaults to ComfyUI's MAXIMUM_HISTORY_SIZE, 10000. Many
 	// simulated nodes in one process may keep fewer: each entry holds its
-	// prompt's graph, and a heap of them all makes the garbage collector
-	// stall the whole process, which a real node, a process of its own, does
-	// not share.
+	// prompt's graph, and the entries of hundreds of nodes make the process's
+	// garbage collections long enough to stall them all at once, as real
+	// nodes, each a process of its own, never are.
 	MaxHistory int
 }
 
