@@ -333,3 +333,44 @@ func TestJetStreamSmallFilesAreObjectsAsTheStoreWritesThem(t *testing.T) {
 		t.Errorf("%d chunk subjects after every file was deleted, want 0", n)
 	}
 }
+
+// TestJetStreamReadsOutlastTheClientsDefaultTimeout reads a file of several chunks
+// as a slow client downloads it: the object store's reader would end at the
+// JetStream client's default timeout.
+func TestJetStreamReadsOutlastTheClientsDefaultTimeout(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	_, nc, _ := fleettest.Fleet(t, fleet.Settings{})
+	const timeout = 100 * time.Millisecond
+	js, err := jetstream.New(nc, jetstream.WithDefaultTimeout(timeout))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := outputs.Open(ctx, "", js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	video := make([]byte, 3*128*1024+5)
+	for i := range video {
+		video[i] = byte(i % 251)
+	}
+	key := fleet.OutputKey("job1", 0, "clip.mp4")
+	if _, err := s.Put(ctx, key, "video/mp4", int64(len(video)), bytes.NewReader(video)); err != nil {
+		t.Fatal(err)
+	}
+	r, _, err := s.Open(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	head := make([]byte, 1024)
+	if _, err := io.ReadFull(r, head); err != nil {
+		t.Fatal(err)
+	}
+	// The client is slow: the read must not depend on the time it takes.
+	time.Sleep(3 * timeout)
+	rest, err := io.ReadAll(r)
+	if err != nil || !bytes.Equal(append(head, rest...), video) {
+		t.Errorf("read %d bytes of %d after a pause of %s: %v", len(head)+len(rest), len(video), 3*timeout, err)
+	}
+}

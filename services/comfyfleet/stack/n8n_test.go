@@ -208,6 +208,7 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	type result struct {
 		status             int
 		contentType, saved string
+		answer             fleettest.Answer
 	}
 	results := make([]result, len(items))
 	for start := 0; start < len(items); start += batch {
@@ -221,7 +222,7 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 					return
 				}
 				_, disp, _ := mime.ParseMediaType(res.Header.Get("Content-Disposition"))
-				results[i] = result{res.Status, res.Header.Get("Content-Type"), disp["filename"]}
+				results[i] = result{res.Status, res.Header.Get("Content-Type"), disp["filename"], res}
 			})
 		}
 		wg.Wait()
@@ -229,7 +230,7 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	saved := map[string]int{}
 	for i, r := range results {
 		if items[i].JSON.Scene != i || r.status != http.StatusOK || r.contentType != "image/png" {
-			t.Errorf("item %d: scene %d, GET: %d %s", i, items[i].JSON.Scene, r.status, r.contentType)
+			t.Errorf("item %d: scene %d, %s", i, items[i].JSON.Scene, r.answer)
 		}
 		if r.saved != items[i].JSON.Name {
 			t.Errorf("item %d: n8n would save it as %q, the job calls it %q", i, r.saved, items[i].JSON.Name)
