@@ -8,7 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -46,8 +48,9 @@ type Object struct {
 var ErrNotFound = errors.New("outputs: no such file")
 
 // Open returns the store that spec names: "" or "nats" for the fleet's JetStream object
-// store (fleet.ObjectOutputs, on js), or "s3://BUCKET/PREFIX" for an S3-compatible
-// bucket configured by the standard AWS variables (see NewS3).
+// store (fleet.ObjectOutputs, on js), or "s3://BUCKET/PREFIX[?part_size=SIZE]" for an
+// S3-compatible bucket configured by the standard AWS variables (see NewS3 and
+// ParseS3).
 func Open(ctx context.Context, spec string, js jetstream.JetStream) (Store, error) {
 	switch {
 	case spec == "" || spec == "nats":
@@ -65,11 +68,36 @@ func Open(ctx context.Context, spec string, js jetstream.JetStream) (Store, erro
 	return nil, fmt.Errorf("outputs: %q: use nats (the default) or s3://BUCKET/PREFIX", spec)
 }
 
-// ParseS3 reads "s3://BUCKET/PREFIX" into an S3Config.
+// ParseS3 reads "s3://BUCKET/PREFIX" into an S3Config. The query may set the part
+// size of multipart uploads, part_size, in bytes or with a MiB or GiB suffix.
 func ParseS3(spec string) (S3Config, error) {
 	u, err := url.Parse(spec)
-	if err != nil || u.Scheme != "s3" || u.Host == "" || u.RawQuery != "" || u.User != nil {
+	if err != nil || u.Scheme != "s3" || u.Host == "" || u.User != nil {
 		return S3Config{}, fmt.Errorf("outputs: %q: want s3://BUCKET or s3://BUCKET/PREFIX", spec)
 	}
-	return S3Config{Bucket: u.Host, Prefix: strings.Trim(u.Path, "/")}, nil
+	cfg := S3Config{Bucket: u.Host, Prefix: strings.Trim(u.Path, "/")}
+	for name, values := range u.Query() {
+		if name != "part_size" || len(values) != 1 {
+			return S3Config{}, fmt.Errorf("outputs: %q: the only parameter is part_size, once", spec)
+		}
+		if cfg.PartSize, err = parseSize(values[0]); err != nil {
+			return S3Config{}, fmt.Errorf("outputs: %q: part_size: %w", spec, err)
+		}
+	}
+	return cfg, nil
+}
+
+// parseSize reads a size in bytes, or in MiB or GiB with that suffix.
+func parseSize(s string) (int64, error) {
+	digits, unit := s, int64(1)
+	if d, ok := strings.CutSuffix(s, "MiB"); ok {
+		digits, unit = d, 1<<20
+	} else if d, ok := strings.CutSuffix(s, "GiB"); ok {
+		digits, unit = d, 1<<30
+	}
+	n, err := strconv.ParseInt(digits, 10, 64)
+	if err != nil || n <= 0 || n > math.MaxInt64/unit {
+		return 0, fmt.Errorf("%q is not a size: bytes, or a number with MiB or GiB", s)
+	}
+	return n * unit, nil
 }

@@ -220,13 +220,30 @@ func TestS3RefusesWrongCredentialsAndBadSpecs(t *testing.T) {
 	if _, err := s.Put(testContext(t), "a/0/x.png", "image/png", 1, strings.NewReader("x")); err == nil {
 		t.Errorf("Put with a wrong secret succeeded: the server does not check signatures")
 	}
-	for _, spec := range []string{"s3://", "s3:///prefix", "file:///tmp", "s3://bucket/p?x=1", "S3"} {
+	for _, spec := range []string{"s3://", "s3:///prefix", "file:///tmp", "s3://bucket/p?x=1", "S3",
+		"s3://bucket/p?part_size=1MiB", "s3://bucket/p?part_size=big", "s3://bucket/p?part_size=-5MiB",
+		"s3://bucket/p?part_size=5MiB&part_size=6MiB", "s3://bucket/p?part_size=9999999999GiB"} {
 		if _, err := outputs.Open(testContext(t), spec, nil); err == nil {
 			t.Errorf("Open(%q) accepted it", spec)
 		}
 	}
 	if _, err := outputs.NewS3(testContext(t), outputs.S3Config{Bucket: "b", PartSize: 1 << 20, AWS: srv.AWSConfig(outputstest.SecretKey)}); err == nil {
 		t.Errorf("NewS3 accepted parts of 1 MiB")
+	}
+}
+
+func TestParseS3ReadsBucketPrefixAndPartSize(t *testing.T) {
+	t.Parallel()
+	for spec, want := range map[string]outputs.S3Config{
+		"s3://renders":                     {Bucket: "renders"},
+		"s3://renders/studio/2026/":        {Bucket: "renders", Prefix: "studio/2026"},
+		"s3://renders/v?part_size=5MiB":    {Bucket: "renders", Prefix: "v", PartSize: 5 << 20},
+		"s3://renders?part_size=1GiB":      {Bucket: "renders", PartSize: 1 << 30},
+		"s3://renders/v?part_size=8388608": {Bucket: "renders", Prefix: "v", PartSize: 8 << 20},
+	} {
+		if got, err := outputs.ParseS3(spec); err != nil || got.Bucket != want.Bucket || got.Prefix != want.Prefix || got.PartSize != want.PartSize {
+			t.Errorf("ParseS3(%q) = %+v, %v; want %+v", spec, got, err, want)
+		}
 	}
 }
 

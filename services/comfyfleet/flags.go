@@ -361,7 +361,7 @@ type outputsFlags struct {
 // register adds --outputs, and --output-url-ttl when links says the command gives
 // output URLs.
 func (o *outputsFlags) register(fs *flag.FlagSet, links bool) {
-	fs.StringVar(&o.spec, "outputs", "", "where scene outputs are stored: s3://BUCKET/PREFIX for an S3-compatible bucket "+
+	fs.StringVar(&o.spec, "outputs", "", "where scene outputs are stored: s3://BUCKET/PREFIX[?part_size=16MiB] for an S3-compatible bucket "+
 		"(AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), or the fleet's JetStream object store if empty")
 	if links {
 		fs.DurationVar(&o.ttl, "output-url-ttl", time.Hour, "how long the presigned URLs of outputs in an S3-compatible store stay valid")
