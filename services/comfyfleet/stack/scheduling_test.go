@@ -337,7 +337,9 @@ func TestNodeRemovedAndAddedUnderLoadLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	hook := b.Hooks.Wait(t, job.ID, 20*time.Second)
+	// The scenes left run one after another on the new node: 8 s of steps at
+	// least, and on a loaded machine under -race more than twice that.
+	hook := b.Hooks.Wait(t, job.ID, time.Minute)
 	if hook.Body.Job.Status != "succeeded" {
 		t.Fatalf("job %s: %+v", hook.Body.Job.Status, hook.Body.Job.Scenes)
 	}
