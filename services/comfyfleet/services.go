@@ -100,7 +100,7 @@ func runExecutor(ctx context.Context, args []string, _, stderr io.Writer) error 
 	region := fs.String("region", "", "region of the nodes this executor drives that name none (--comfy without region=, nodes it adopts), e.g. shenzhen; none by default")
 	var allow allowFlag
 	allow.register(fs)
-	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
+	inputTimeout := fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image, from its URL or the fleet's store")
 	adopt := fs.Bool("adopt", false, "also drive the nodes registered through the API (PUT /v1/nodes/{id}) that no executor drives yet")
 	inventoryInterval := fs.Duration("inventory-interval", 5*time.Minute, "how often each node's inventory (/object_info: node classes, model files) is read again")
 	fs.Var(&comfy, "comfy", "a ComfyUI node to drive: URL[,id=NAME][,pool=image+video][,weight=W][,region=R] (repeatable)")

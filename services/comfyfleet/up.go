@@ -30,7 +30,7 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		sims      = fs.Int("sim", 3, "simulated ComfyUI nodes to start when no --comfy is given (speeds 1, 1, 2, 1, 1, 2, …)")
 		simStep   = fs.Duration("sim-step", 150*time.Millisecond, "time of one sampler step on a simulated node of speed 1")
 		auth      = fs.String("auth", "", `"open" (no API keys; only allowed on a loopback --http) or "keys" (default: open on loopback, keys otherwise)`)
-		inputWait = fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image given by URL")
+		inputWait = fs.Duration("input-timeout", time.Minute, "longest download of a scene's input image, from its URL or the fleet's store")
 		policy    = fs.String("policy", string(dispatcher.FastestFinish), "scheduling policy: fastest-finish, round-robin, least-conn or weighted")
 		loadCost  = fs.Duration("model-load", 5*time.Second, "model-load time fastest-finish assumes for a node until it has measured one")
 		regionPen = fs.Duration("region-penalty", 10*time.Second, "time fastest-finish adds to a scene on a node outside the region it prefers")

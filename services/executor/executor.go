@@ -60,8 +60,8 @@ type Config struct {
 	// from, checked at connect time for every connection and redirect. Defaults to
 	// a guard that refuses loopback, private, link-local and metadata addresses.
 	URLGuard *callback.Guard
-	// InputTimeout bounds the download of one input image given by URL. Defaults
-	// to 1m.
+	// InputTimeout bounds the download of one input image, from its URL or from
+	// the fleet's store. Defaults to 1m.
 	InputTimeout time.Duration
 	// InventoryInterval is how often each node's inventory (/object_info: node
 	// classes, model files) is read again; it is also read whenever the node comes

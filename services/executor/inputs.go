@@ -60,7 +60,12 @@ func (e *executor) placeInputs(ctx context.Context, n *node, item scene) error {
 // fetchInput returns the bytes of an input image.
 func (e *executor) fetchInput(ctx context.Context, in fleet.Input) ([]byte, error) {
 	if in.Object != "" {
-		data, err := e.inputs.GetBytes(ctx, in.Object)
+		// A deadline of its own: without one the object store would cut the read
+		// at the JetStream client's default timeout (5 s), too short for a large
+		// image over a slow link to a far region.
+		read, cancel := context.WithTimeout(ctx, e.cfg.InputTimeout)
+		defer cancel()
+		data, err := e.inputs.GetBytes(read, in.Object)
 		if errors.Is(err, jetstream.ErrObjectNotFound) {
 			// A replica behind the leader does not count.
 			stored, serr := fleet.ObjectStored(ctx, e.js, fleet.ObjectInputs, in.Object)
