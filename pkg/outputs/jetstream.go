@@ -151,58 +151,16 @@ func stored(ctx context.Context, ack jetstream.PubAckFuture) error {
 	}
 }
 
-// Open reads the object under key. Finding it may take up to openTimeout; reading
-// it, as long as ctx allows and at most readTime of its size: the object store
-// itself would cut every read at its default timeout (5 s) whatever the size.
+// Open reads the object under key (see fleet.OpenObject).
 func (s *JetStream) Open(ctx context.Context, key string) (io.ReadCloser, Object, error) {
-	find, cancel := context.WithTimeout(ctx, openTimeout)
-	info, err := s.os.GetInfo(find, key)
-	cancel()
+	res, info, err := fleet.OpenObject(ctx, s.os, key)
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		return nil, Object{}, fmt.Errorf("%w: %s", ErrNotFound, key)
 	}
 	if err != nil {
 		return nil, Object{}, fmt.Errorf("outputs: open %s: %w", key, err)
 	}
-	read, cancel := context.WithTimeout(ctx, readTime(info.Size))
-	res, err := s.os.Get(read, key)
-	if errors.Is(err, jetstream.ErrObjectNotFound) {
-		cancel()
-		return nil, Object{}, fmt.Errorf("%w: %s", ErrNotFound, key)
-	}
-	if err == nil {
-		info, err = res.Info()
-		if err != nil {
-			res.Close()
-		}
-	}
-	if err != nil {
-		cancel()
-		return nil, Object{}, fmt.Errorf("outputs: open %s: %w", key, err)
-	}
-	return &reading{ObjectResult: res, cancel: cancel}, Object{Key: key, ContentType: info.Metadata[contentTypeKey], Size: int64(info.Size)}, nil
-}
-
-// openTimeout bounds finding an object: generous, for a server that a loaded host
-// starves for seconds.
-const openTimeout = 30 * time.Second
-
-// readTime is the longest a read of size bytes may take: a minute, and a second
-// for each MiB. It also bounds how long a read waits on a server that stopped
-// sending.
-func readTime(size uint64) time.Duration {
-	return time.Minute + time.Duration(size>>20)*time.Second
-}
-
-// reading is an object being read; Close ends the read's context too.
-type reading struct {
-	jetstream.ObjectResult
-	cancel context.CancelFunc
-}
-
-func (r *reading) Close() error {
-	defer r.cancel()
-	return r.ObjectResult.Close()
+	return res, Object{Key: key, ContentType: info.Metadata[contentTypeKey], Size: int64(info.Size)}, nil
 }
 
 // URL is always "": the API serves JetStream objects itself.

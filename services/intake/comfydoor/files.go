@@ -89,14 +89,9 @@ func (d *Door) getView(w http.ResponseWriter, r *http.Request, c Caller) {
 		}
 	case typeInput:
 		if clean, err := cleanSubfolder(sub); err == nil {
-			obj, err := d.cfg.Inputs.Get(ctx, uploadKey(c.Tenant, clean, path.Base(name)))
+			obj, info, err := fleet.OpenObject(ctx, d.cfg.Inputs, uploadKey(c.Tenant, clean, path.Base(name)))
 			if err == nil {
 				defer obj.Close()
-				info, err := obj.Info()
-				if err != nil {
-					d.unavailable(w, "read the upload", err)
-					return
-				}
 				d.serveFile(w, name, info.Metadata[contentTypeKey], int64(info.Size), obj)
 				return
 			}
