@@ -191,6 +191,9 @@ func TestKillForgetsModel(t *testing.T) {
 	if m := sim.Model(); m != "" {
 		t.Errorf("model %q after Restart", m)
 	}
+	// A new client: the old one's kept-alive connection died with the server, and
+	// an HTTP client does not send a POST again on a connection that turns out dead.
+	c = newClient(t, sim.URL())
 	ws = dialWS(t, sim.URL(), "forget", false)
 	id, _ := run(t, c, ws, txt2imgWith(ckptA, 2, 1, "forget"), "forget")
 	if r := runOf(t, sim, id); !r.ModelLoaded || r.End.Sub(r.Start) < load {
