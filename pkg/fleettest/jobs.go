@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -95,21 +96,31 @@ func Gone(pieces map[string]int) (bool, []string) {
 // Count counts the messages stored in stream on the subject filters.
 func Count(t testing.TB, js jetstream.JetStream, stream string, filters ...string) int {
 	t.Helper()
+	n, err := TryCount(js, stream, filters...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TryCount is Count that returns its error, for a caller that asks again: a
+// cluster may be electing the stream's leader. It waits up to 10 s for an answer.
+func TryCount(js jetstream.JetStream, stream string, filters ...string) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	st, err := js.Stream(ctx, stream)
 	if err != nil {
-		t.Fatalf("open stream %s: %v", stream, err)
+		return 0, fmt.Errorf("open stream %s: %w", stream, err)
 	}
 	n := 0
 	for _, f := range filters {
 		info, err := st.Info(ctx, jetstream.WithSubjectFilter(f))
 		if err != nil {
-			t.Fatalf("count %s in %s: %v", f, stream, err)
+			return 0, fmt.Errorf("count %s in %s: %w", f, stream, err)
 		}
 		for _, c := range info.State.Subjects {
 			n += int(c)
 		}
 	}
-	return n
+	return n, nil
 }

@@ -587,5 +587,18 @@ func (w *completionWatch) counts() (unique, duplicates int) {
 // stored counts the completion events kept in the stream.
 func (w *completionWatch) stored(t *testing.T) int {
 	t.Helper()
-	return fleettest.Count(t, w.js, fleet.StreamEvents, "fleet.evt.scene.*.*.completed")
+	// The cluster may still be electing the stream's leader after the last NATS
+	// crash, slowly on a loaded machine.
+	var n int
+	var last string
+	fleettest.Eventually(t, time.Minute, func() bool {
+		var err error
+		n, err = fleettest.TryCount(w.js, fleet.StreamEvents, "fleet.evt.scene.*.*.completed")
+		if err != nil && err.Error() != last {
+			t.Logf("count the completion events: %v", err)
+			last = err.Error()
+		}
+		return err == nil
+	}, "the completion events could not be counted")
+	return n
 }
