@@ -2,6 +2,7 @@ package operator_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/url"
 	"os/exec"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto"
 	"github.com/chromedp/cdproto/cdp"
 	"github.com/chromedp/cdproto/fetch"
 	cdplog "github.com/chromedp/cdproto/log"
@@ -187,6 +189,21 @@ func (b *browser) do(t *testing.T, actions ...chromedp.Action[chromedp.Void]) {
 	if err := chromedp.Do(ctx, actions...); err != nil {
 		b.checkClean(t)
 		t.Fatal(err)
+	}
+}
+
+// click clicks the element that the CSS selector sel selects, and again if the page
+// replaced the element between finding it and clicking it: the panel renders a job's
+// card anew as the job changes, as a user's next click would find.
+func click(sel string) chromedp.Action[chromedp.Void] {
+	return func(ctx context.Context, target *chromedp.Target) (chromedp.Void, error) {
+		for {
+			v, err := chromedp.Click(chromedp.CSS(sel))(ctx, target)
+			var gone *cdproto.Error
+			if !errors.As(err, &gone) || !strings.HasPrefix(gone.Message, "Could not find node with given id") || ctx.Err() != nil {
+				return v, err
+			}
+		}
 	}
 }
 

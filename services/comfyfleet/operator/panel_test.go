@@ -52,7 +52,7 @@ func TestPanelShowsTheFleetAndSteersIt(t *testing.T) {
 	if *screenshot != "" {
 		// The picture shows the first job folded, and a second one with scenes done,
 		// their outputs, scenes running and scenes waiting in the queue.
-		b.do(t, chromedp.Click(chromedp.CSS(fmt.Sprintf(`article.job[data-job="%s"] button.toggle`, job))))
+		b.do(t, click(fmt.Sprintf(`article.job[data-job="%s"] button.toggle`, job)))
 		second := f.submit(t, 12, 60, "")
 		bars := fmt.Sprintf(`[...document.querySelectorAll('progress[data-scene^="%s/"]')]`, second)
 		waitFor[bool](t, b, 30*time.Second, "a scene done, a scene running and scenes waiting", fmt.Sprintf(
@@ -70,7 +70,7 @@ func TestPanelShowsTheFleetAndSteersIt(t *testing.T) {
 		t.Logf("wrote %s", *screenshot)
 	}
 
-	b.do(t, chromedp.Click(chromedp.CSS(`button[data-action="drain"][data-node="sim-b"]`)))
+	b.do(t, click(`button[data-action="drain"][data-node="sim-b"]`))
 	waitFor[bool](t, b, 10*time.Second, "the drain button to become undrain",
 		`document.querySelector('button[data-node="sim-b"][data-action="undrain"]') !== null`)
 	var node struct {
@@ -100,7 +100,7 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 	waitFor[bool](t, b, 10*time.Second, "the key dialog", `document.querySelector("#key-dialog").open`)
 	b.do(t,
 		chromedp.SendKeys(chromedp.CSS(`#key-dialog input[name="key"]`), f.Key),
-		chromedp.Click(chromedp.CSS(`#key-dialog button[value="save"]`)),
+		click(`#key-dialog button[value="save"]`),
 	)
 	waitFor[bool](t, b, 20*time.Second, "the node shown", `document.querySelector('article.node[data-node="sim-a"]') !== null`)
 
@@ -133,11 +133,11 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 
 	// Add a node: the executor adopts it, and it reports in.
 	b.do(t,
-		chromedp.Click(chromedp.CSS(`details.add summary`)),
+		click(`details.add summary`),
 		chromedp.SendKeys(chromedp.CSS(`details.add input[name="id"]`), "sim-x"),
 		chromedp.SendKeys(chromedp.CSS(`details.add input[name="url"]`), extra.URL()),
 		chromedp.SendKeys(chromedp.CSS(`details.add input[name="region"]`), "shenzhen"),
-		chromedp.Click(chromedp.CSS(`details.add button.primary`)),
+		click(`details.add button.primary`),
 	)
 	waitFor[bool](t, b, 30*time.Second, "sim-x shown online in shenzhen", `(() => {
 		const card = document.querySelector('article.node[data-node="sim-x"]');
@@ -151,7 +151,7 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 	}
 
 	// Remove it: two clicks.
-	remove := chromedp.Click(chromedp.CSS(`button[data-action="remove"][data-node="sim-x"]`))
+	remove := click(`button[data-action="remove"][data-node="sim-x"]`)
 	b.do(t, remove)
 	waitFor[bool](t, b, 5*time.Second, "the remove button to ask again", `document.querySelector('button[data-action="remove"][data-node="sim-x"]').dataset.armed === "true"`)
 	b.do(t, remove)
@@ -177,7 +177,7 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 	card := fmt.Sprintf(`article.job[data-job="%s"]`, failing.ID)
 	waitFor[bool](t, b, 20*time.Second, "the opened job shown failed", fmt.Sprintf(`document.querySelector('%s')?.dataset.status === "failed"`, card))
 	waitFor[bool](t, b, 20*time.Second, "the dead letter shown", fmt.Sprintf(`document.querySelector("#deadletters").innerText.includes("%s")`, failing.ID))
-	b.do(t, chromedp.Click(chromedp.CSS(card+` button[data-action="retry"]`)))
+	b.do(t, click(card+` button[data-action="retry"]`))
 	waitFor[bool](t, b, 20*time.Second, "the scene's second attempt shown", fmt.Sprintf(
 		`document.querySelector('%s .scene')?.innerText.includes("attempt 2")`, card))
 	var job struct {
@@ -193,7 +193,7 @@ func TestPanelManagesNodesAndJobs(t *testing.T) {
 	long := f.submit(t, 4, 150, "")
 	card = fmt.Sprintf(`article.job[data-job="%s"]`, long)
 	waitFor[bool](t, b, 20*time.Second, "the long job shown running", fmt.Sprintf(`document.querySelector('%s')?.dataset.status === "running"`, card))
-	b.do(t, chromedp.Click(chromedp.CSS(card+` button[data-action="cancel"]`)))
+	b.do(t, click(card+` button[data-action="cancel"]`))
 	waitFor[bool](t, b, 20*time.Second, "the long job shown cancelled", fmt.Sprintf(`document.querySelector('%s')?.dataset.status === "cancelled"`, card))
 	// The job's record follows its cancelled events; read it where the API does,
 	// without spending the requests the page's key may make.
@@ -265,9 +265,9 @@ func TestPanelListsJobsAndShowsQueues(t *testing.T) {
 	waitFor[bool](t, b, 10*time.Second, "the three jobs shown", fmt.Sprintf(`%s !== null && %s !== null && %s !== null`, card(done), card(failing.ID), card(waiting)))
 
 	del := fmt.Sprintf(`article.job[data-job="%s"] button[data-action="delete"]`, done)
-	b.do(t, chromedp.Click(chromedp.CSS(del)))
+	b.do(t, click(del))
 	waitFor[bool](t, b, 5*time.Second, "the delete button to ask again", fmt.Sprintf(`document.querySelector('%s').dataset.armed === "true"`, del))
-	b.do(t, chromedp.Click(chromedp.CSS(del)))
+	b.do(t, click(del))
 	waitFor[bool](t, b, 10*time.Second, "the deleted job gone from the page", card(done)+` === null`)
 	if code := f.call(t, http.MethodGet, "/v1/jobs/"+done, nil, nil); code != http.StatusNotFound {
 		t.Errorf("GET the job deleted on the page: %d, want 404", code)
