@@ -546,12 +546,14 @@ func (w *completionWatch) nextAfter(ctx context.Context, t time.Time, done <-cha
 func (w *completionWatch) drain(t *testing.T) {
 	t.Helper()
 	w.cc.Stop()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cons, err := w.js.Consumer(ctx, fleet.StreamEvents, "chaos-watch")
-	if err != nil {
-		t.Fatal(err)
-	}
+	var cons jetstream.Consumer
+	untilAnswered(t, 2*time.Minute, "look up the watch's consumer", func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		var err error
+		cons, err = w.js.Consumer(ctx, fleet.StreamEvents, "chaos-watch")
+		return err
+	})
 	for {
 		batch, err := cons.Fetch(256, jetstream.FetchMaxWait(time.Second))
 		if err != nil {
@@ -587,18 +589,27 @@ func (w *completionWatch) counts() (unique, duplicates int) {
 // stored counts the completion events kept in the stream.
 func (w *completionWatch) stored(t *testing.T) int {
 	t.Helper()
-	// The cluster may still be electing the stream's leader after the last NATS
-	// crash, slowly on a loaded machine.
 	var n int
-	var last string
-	fleettest.Eventually(t, time.Minute, func() bool {
+	untilAnswered(t, time.Minute, "count the completion events", func() error {
 		var err error
 		n, err = fleettest.TryCount(w.js, fleet.StreamEvents, "fleet.evt.scene.*.*.completed")
+		return err
+	})
+	return n
+}
+
+// untilAnswered calls try until it succeeds, for up to within: after the last NATS
+// crash the cluster may still be electing leaders, slowly on a loaded machine. Each
+// new error is logged.
+func untilAnswered(t *testing.T, within time.Duration, what string, try func() error) {
+	t.Helper()
+	var last string
+	fleettest.Eventually(t, within, func() bool {
+		err := try()
 		if err != nil && err.Error() != last {
-			t.Logf("count the completion events: %v", err)
+			t.Logf("%s: %v", what, err)
 			last = err.Error()
 		}
 		return err == nil
-	}, "the completion events could not be counted")
-	return n
+	}, "%s: no answer", what)
 }
