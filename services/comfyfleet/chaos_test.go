@@ -264,9 +264,12 @@ func runChaos(t *testing.T, o chaosOptions) {
 					t.Logf("a job was never accepted")
 					continue
 				}
-				if job := getJobWithKey(t, apiURLs, key, id); job.Status != "succeeded" {
+				hooks.mu.Lock()
+				called := hooks.final[id]
+				hooks.mu.Unlock()
+				if job := getJobWithKey(t, apiURLs, key, id); job.Status != "succeeded" || called != "succeeded" {
 					b, _ := json.MarshalIndent(job, "", " ")
-					t.Logf("unfinished job: %s", b)
+					t.Logf("job %s, its last webhook %q: %s", job.Status, called, b)
 				}
 			}
 			t.Fatalf("after %s: %d of %d jobs called back succeeded; kills %v", *chaosDeadline, hooks.succeeded(), hooks.want, kills)
