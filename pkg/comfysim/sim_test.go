@@ -157,10 +157,12 @@ func TestSpeedScaling(t *testing.T) {
 	}
 	sim.SetSpeed(2)
 	var runs []time.Duration
-	for seed := uint64(3); len(runs) < 10 && (len(runs) == 0 || runs[len(runs)-1] >= floor(steps)); seed++ {
-		runs = append(runs, sampling(seed))
+	last := steps
+	for seed := uint64(3); len(runs) < 10 && last >= floor(steps); seed++ {
+		last = sampling(seed)
+		runs = append(runs, last)
 	}
-	if last := runs[len(runs)-1]; last >= floor(steps) || last < floor(steps/2) {
+	if last >= floor(steps) || last < floor(steps/2) {
 		t.Errorf("5 steps of 100ms at speed 2 took %v; want one from %v to %v", runs, floor(steps/2), floor(steps))
 	}
 }

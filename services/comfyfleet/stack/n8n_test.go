@@ -205,12 +205,7 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 	if batch > intake.DefaultReadRate.Burst {
 		t.Errorf("Download sends %d requests at once; a key's default read burst is %d", batch, intake.DefaultReadRate.Burst)
 	}
-	type result struct {
-		status             int
-		contentType, saved string
-		answer             fleettest.Answer
-	}
-	results := make([]result, len(items))
+	results := make([]fleettest.Answer, len(items))
 	for start := 0; start < len(items); start += batch {
 		var wg sync.WaitGroup
 		for i := start; i < min(start+batch, len(items)); i++ {
@@ -221,24 +216,25 @@ func TestN8nStoryboardExampleRunsAgainstTheAPI(t *testing.T) {
 					t.Error(err)
 					return
 				}
-				_, disp, _ := mime.ParseMediaType(res.Header.Get("Content-Disposition"))
-				results[i] = result{res.Status, res.Header.Get("Content-Type"), disp["filename"], res}
+				results[i] = res
 			})
 		}
 		wg.Wait()
 	}
 	saved := map[string]int{}
-	for i, r := range results {
-		if items[i].JSON.Scene != i || r.status != http.StatusOK || r.contentType != "image/png" {
-			t.Errorf("item %d: scene %d, %s", i, items[i].JSON.Scene, r.answer)
+	for i, res := range results {
+		if contentType := res.Header.Get("Content-Type"); items[i].JSON.Scene != i || res.Status != http.StatusOK || contentType != "image/png" {
+			t.Errorf("item %d: scene %d, %s (%s)", i, items[i].JSON.Scene, res, contentType)
 		}
-		if r.saved != items[i].JSON.Name {
-			t.Errorf("item %d: n8n would save it as %q, the job calls it %q", i, r.saved, items[i].JSON.Name)
+		_, disp, _ := mime.ParseMediaType(res.Header.Get("Content-Disposition"))
+		name := disp["filename"]
+		if name != items[i].JSON.Name {
+			t.Errorf("item %d: n8n would save it as %q, the job calls it %q", i, name, items[i].JSON.Name)
 		}
-		if j, seen := saved[r.saved]; seen {
-			t.Errorf("items %d and %d would both be saved as %q", j, i, r.saved)
+		if j, seen := saved[name]; seen {
+			t.Errorf("items %d and %d would both be saved as %q", j, i, name)
 		}
-		saved[r.saved] = i
+		saved[name] = i
 	}
 }
 
