@@ -260,12 +260,13 @@ func TestOutputsGoToS3(t *testing.T) {
 	// Each attempt at the video scene completes at most one upload: more than one
 	// only where an attempt was cut short (its node starved on a loaded machine, say)
 	// and the scene ran again. The S3 client may start more than it completes (it
-	// retries a request whose answer timed out). Every upload that completed did so
-	// in two parts.
+	// retries a request whose answer timed out, a completion too: an upload is counted
+	// once however often it was completed). Every upload that completed did so in two
+	// parts.
 	attempts := job.Scenes[1].Attempts
 	var multipart int
 	parts := map[string]int{}
-	var completed []string
+	completed := map[string]bool{}
 	for _, r := range s3.Requests() {
 		method, uri, _ := strings.Cut(r, " ")
 		_, query, _ := strings.Cut(uri, "?")
@@ -274,15 +275,16 @@ func TestOutputsGoToS3(t *testing.T) {
 		case method == http.MethodPost && q.Has("uploads"):
 			multipart++
 		case method == http.MethodPost && q.Has("uploadId"):
-			completed = append(completed, q.Get("uploadId"))
+			completed[q.Get("uploadId")] = true
 		case method == http.MethodPut && q.Has("partNumber"):
 			parts[q.Get("uploadId")]++
 		}
 	}
 	if len(completed) < 1 || len(completed) > attempts || multipart < len(completed) {
-		t.Errorf("%d multipart uploads, %d completed, in %d attempts; want one completed upload an attempt, the video alone", multipart, len(completed), attempts)
+		t.Errorf("%d multipart uploads, %d completed, in %d attempts; want one completed upload an attempt, the video alone; the store's requests:\n%s",
+			multipart, len(completed), attempts, strings.Join(s3.Requests(), "\n"))
 	}
-	for _, id := range completed {
+	for id := range completed {
 		if parts[id] != 2 {
 			t.Errorf("a completed upload of the video in %d parts, want 2: 5 MiB and the rest", parts[id])
 		}
