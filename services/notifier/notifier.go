@@ -323,8 +323,12 @@ func (g *endGroups) fold(ctx context.Context, ev fleet.SceneEvent, write func(co
 }
 
 // staleReadDelay is how long the notifier waits before it reads again a job that
-// it read as it was before the end it announces.
-const staleReadDelay = 250 * time.Millisecond
+// it read as it was before the end it announces; staleReadFor, how long it reads
+// again within one delivery of the end before it asks for the next.
+const (
+	staleReadDelay = 250 * time.Millisecond
+	staleReadFor   = time.Minute
+)
 
 // expire deletes a job whose ttl has passed, cancelling it first if it has not
 // ended: the janitor's handler of the messages its expiry schedule fires.
@@ -460,22 +464,23 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 	attempt := int(md.NumDelivered)
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String("comfyfleet.job", done.JobID), attribute.Int("comfyfleet.attempt", attempt))
 	retry := func(err error) error {
+		if attempt >= n.cfg.WebhookAttempts {
+			// The server delivers the end no more.
+			n.log.Error("webhook given up", "job", done.JobID, "attempts", attempt, "err", err)
+			return fleet.Permanent(fmt.Errorf("webhook given up: %w", err))
+		}
 		return fleet.RetryAfter(fleet.ExponentialDelay(n.cfg.WebhookBackoff, n.cfg.WebhookMaxBackoff, attempt), err)
 	}
-	job, err := n.jobs.GetEnded(ctx, done.JobID, done.Scenes)
+	job, err := n.readEnded(ctx, msg, done)
 	if errors.Is(err, fleet.ErrJobNotFound) {
 		return fleet.UnknownJob(msg, done.JobID)
 	}
 	if err != nil {
 		return retry(err)
 	}
-	switch {
-	case job.Round > done.Round:
+	if job.Round > done.Round {
 		n.log.Info("job reopened by a retry since it ended; its next end will be announced", "job", job.ID)
 		return nil
-	case !job.Status.Terminal() || job.Round < done.Round:
-		// Read from a server of the cluster that has not caught up yet.
-		return fleet.RetryAfter(staleReadDelay, fmt.Errorf("job %s read %s in round %d, before the end of round %d", job.ID, job.Status, job.Round, done.Round))
 	}
 	typ := jobEventType(job.Status)
 	if err := n.pub.JobEvent(ctx, fleet.JobEvent{Type: typ, Job: *job}); err != nil {
@@ -498,6 +503,34 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 		return fleet.Permanent(fmt.Errorf("webhook given up: %w", err))
 	}
 	return retry(err)
+}
+
+// readEnded reads the job whose end done announces. A read that shows the job as it
+// was before that end came from a server of the cluster that has not caught up yet
+// (one restarted, say): the job is read again, within this delivery for up to
+// staleReadFor, so that a replica behind does not use up the webhook's attempts,
+// each a delivery of done.
+func (n *notifier) readEnded(ctx context.Context, msg jetstream.Msg, done fleet.DoneMsg) (*fleet.Job, error) {
+	until := time.Now().Add(staleReadFor)
+	for {
+		job, err := n.jobs.GetEnded(ctx, done.JobID, done.Scenes)
+		if err != nil || job.Round > done.Round || job.Round == done.Round && job.Status.Terminal() {
+			return job, err
+		}
+		stale := fmt.Errorf("job %s read %s in round %d, before the end of round %d", job.ID, job.Status, job.Round, done.Round)
+		if time.Now().After(until) {
+			n.log.Warn("job still read before its end; it is read again at the next delivery", "job", done.JobID, "for", staleReadFor, "err", stale)
+			return nil, stale
+		}
+		if err := msg.InProgress(); err != nil {
+			return nil, fmt.Errorf("%w; extend its delivery: %w", stale, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(staleReadDelay):
+		}
+	}
 }
 
 // errGone marks a receiver that answered 410 Gone: it wants no more attempts.
