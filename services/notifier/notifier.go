@@ -324,10 +324,11 @@ func (g *endGroups) fold(ctx context.Context, ev fleet.SceneEvent, write func(co
 
 // staleReadDelay is how long the notifier waits before it reads again a job that
 // it read as it was before the end it announces; staleReadFor, how long it reads
-// again within one delivery of the end before it asks for the next.
+// again within one delivery of the end before it gives the delivery back (with the
+// webhook's back-off) and its worker to other jobs' ends.
 const (
 	staleReadDelay = 250 * time.Millisecond
-	staleReadFor   = time.Minute
+	staleReadFor   = 15 * time.Second
 )
 
 // expire deletes a job whose ttl has passed, cancelling it first if it has not
@@ -508,8 +509,8 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 // readEnded reads the job whose end done announces. A read that shows the job as it
 // was before that end came from a server of the cluster that has not caught up yet
 // (one restarted, say): the job is read again, within this delivery for up to
-// staleReadFor, so that a replica behind does not use up the webhook's attempts,
-// each a delivery of done.
+// staleReadFor, so that a replica behind for seconds does not use up the webhook's
+// attempts, each a delivery of done.
 func (n *notifier) readEnded(ctx context.Context, msg jetstream.Msg, done fleet.DoneMsg) (*fleet.Job, error) {
 	until := time.Now().Add(staleReadFor)
 	for {
