@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"slices"
@@ -136,7 +137,7 @@ func (c *catalog) get(ctx context.Context) (*fleetInfo, error) {
 				return nil, fmt.Errorf("open %s: %w", ObjectInfoStore, err)
 			}
 		}
-		raw, err := store.GetBytes(ctx, node)
+		raw, err := readObject(ctx, store, node)
 		if errors.Is(err, jetstream.ErrObjectNotFound) {
 			continue
 		}
@@ -160,6 +161,17 @@ func (c *catalog) get(ctx context.Context) (*fleetInfo, error) {
 	}
 	c.current = fi
 	return fi, nil
+}
+
+// readObject reads the whole object name of store, as long as its size needs (the
+// object store's GetBytes would cut a read whose ctx has no deadline at 5 s).
+func readObject(ctx context.Context, store jetstream.ObjectStore, name string) ([]byte, error) {
+	res, _, err := fleet.OpenObject(ctx, store, name)
+	if err != nil {
+		return nil, err
+	}
+	defer res.Close()
+	return io.ReadAll(res)
 }
 
 // unite merges /object_info answers, the first one's definitions first.
