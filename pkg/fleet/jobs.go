@@ -474,6 +474,20 @@ func (s *Jobs) SceneEnded(ctx context.Context, job string, index, retry int) (bo
 	return false, nil
 }
 
+// PayloadsStored reports how many of the payloads of job's scenes are stored, as the
+// scenes stream's leader answers (a replica behind would count too few).
+func (s *Jobs) PayloadsStored(ctx context.Context, job string) (int, error) {
+	stream, err := s.js.Stream(ctx, StreamScenes)
+	if err != nil {
+		return 0, fmt.Errorf("open stream %s: %w", StreamScenes, err)
+	}
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(ScenePayloadsFilter(job)))
+	if err != nil {
+		return 0, fmt.Errorf("count the payloads of job %s: %w", job, err)
+	}
+	return len(info.State.Subjects), nil
+}
+
 // apiPrefix is the subject prefix of js's API requests, with its domain if any.
 func apiPrefix(js jetstream.JetStream) string {
 	o := js.Options()

@@ -115,7 +115,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	pub := fleet.NewPublisher(js, source)
-	rt := &router{jobs: jobs, pub: pub}
+	rt := &router{jobs: jobs, pub: pub, log: log, payloadWait: cfg.Settings.DuplicateWindow}
 	dl := &deadLetters{log: log, js: js, pub: pub, metrics: m}
 	sched := newScheduler(cfg.Name, log, cfg.Conn, js, cfg.Settings, planner{policy: cfg.Policy, loadPenalty: cfg.ModelLoadPenalty, regionPenalty: cfg.RegionPenalty}, m)
 	sched.onPlaced = cfg.OnPlaced

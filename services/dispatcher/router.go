@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
@@ -21,6 +23,10 @@ import (
 type router struct {
 	jobs *fleet.Jobs
 	pub  *fleet.Publisher
+	log  *slog.Logger
+	// payloadWait is how long after its commit fired a job whose scenes' payloads are
+	// not all stored waits for them: the submit stream's duplicate window.
+	payloadWait time.Duration
 }
 
 // route handles one command of the submit stream.
@@ -31,6 +37,9 @@ func (r *router) route(ctx context.Context, msg jetstream.Msg) error {
 		if err := json.Unmarshal(msg.Data(), &j); err != nil || !fleet.ValidToken(j.ID) {
 			return fleet.Permanent(fmt.Errorf("undecodable job: %v", err))
 		}
+		if err := r.payloadsStored(ctx, msg, &j); err != nil {
+			return err
+		}
 		return r.queueJob(ctx, &j, msg.Data())
 	case fleet.SubmitRetry:
 		var cmd fleet.SceneRetry
@@ -40,6 +49,39 @@ func (r *router) route(ctx context.Context, msg jetstream.Msg) error {
 		return r.retry(ctx, msg, cmd)
 	}
 	return fleet.Permanent(fmt.Errorf("unknown command subject %s", msg.Subject()))
+}
+
+// payloadRecheck is how soon the router looks again for the payloads of a job whose
+// commit fired before they were all stored: well within the five seconds that a
+// request repeating the commit waits for the job's record.
+const payloadRecheck = time.Second
+
+// payloadsStored returns nil once the payload of every scene of j, committed by msg,
+// is stored. The request that committed j sent the payloads with the commit and
+// failed, with an error to its client, if one of them was not stored: a commit
+// that fires without them belongs to a request that failed. Its client may send it
+// again, with the same Idempotency-Key, which stores the payloads (the commit is then
+// a duplicate): so the commit waits for them, and is dropped once a repeat would no
+// longer be a duplicate but a commit of its own. Queued without its payloads, the job
+// would use up its scenes' attempts on payloads that are not there.
+func (r *router) payloadsStored(ctx context.Context, msg jetstream.Msg, j *fleet.Job) error {
+	stored, err := r.jobs.PayloadsStored(ctx, j.ID)
+	if err != nil {
+		return err
+	}
+	if stored >= len(j.Scenes) {
+		return nil
+	}
+	missing := fmt.Errorf("job %s committed with %d of its %d scenes' payloads stored", j.ID, stored, len(j.Scenes))
+	md, err := msg.Metadata()
+	if err != nil {
+		return err
+	}
+	if waited := time.Since(md.Timestamp); waited < r.payloadWait {
+		return fleet.RetryAfter(payloadRecheck, missing)
+	}
+	r.log.Warn("commit of a job whose payloads never came dropped: the request that committed it failed", "job", j.ID, "err", missing)
+	return fleet.Permanent(missing)
 }
 
 // queueJob records and queues j, committed by an intake that did not queue it
