@@ -313,14 +313,29 @@ func TestALostNodeDoesNotUseUpTheScenesAttempts(t *testing.T) {
 }
 
 // A payload not found while its job lives is one a stream leader just elected has not
-// applied yet: the attempt is retried, and runs once the payload is there.
+// applied yet: the attempt is retried, and runs once the payload is there. The job is
+// recorded and queued as its router would have, without the payload (the router
+// itself waits for a commit's payloads).
 func TestPayloadNotFoundForALivingJobIsRetried(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
 	sim, node := r.sim(comfysim.Config{Name: "gpu"})
 	r.executor("exec", nil, node)
 	payload, commit, item := r.job("late-payload", 5, 0)
-	r.publish(commit)
+	jobs, err := fleet.OpenJobs(r.ctx, r.js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	job := commit.Value.(*fleet.Job)
+	record, err := jobs.CreateMessages(job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	queue, err := fleet.QueueMessages(fleet.NewPublisher(r.js, "test"), job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.publish(append(record, queue...)...)
 
 	retry := r.await(fleet.EventRetrying, 30*time.Second)
 	if !strings.Contains(retry.Error, "payload is gone from the store, though its job lives") {
