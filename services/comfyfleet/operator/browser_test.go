@@ -30,13 +30,20 @@ var chromiumNames = []string{"chromium", "chromium-browser", "google-chrome", "h
 type browser struct {
 	ctx  context.Context
 	host string
-	// expected says which error answers (a status of 400 or more) are part of the
-	// test, such as a 401 before the page has a key.
-	expected func(u *url.URL, status int64) bool
 
-	mu       sync.Mutex
+	mu sync.Mutex
+	// expected says which error answers (a status of 400 or more) are part of the
+	// test, such as a 401 before the page has a key (see expect).
+	expected func(u *url.URL, status int64) bool
 	problems []string
 	urls     map[network.RequestID]string
+}
+
+// expect makes the error answers that ok accepts part of the test from now on.
+func (b *browser) expect(ok func(u *url.URL, status int64) bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.expected = ok
 }
 
 // startBrowser starts Chromium with a window of width×height for one test; its
@@ -158,7 +165,10 @@ func (b *browser) observe(ev any) {
 		if e.Response.Status < 400 {
 			return
 		}
-		if u, err := url.Parse(e.Response.URL); err == nil && b.expected(u, e.Response.Status) {
+		b.mu.Lock()
+		expected := b.expected
+		b.mu.Unlock()
+		if u, err := url.Parse(e.Response.URL); err == nil && expected(u, e.Response.Status) {
 			return
 		}
 		b.problem("error answer: %d %s", e.Response.Status, e.Response.URL)

@@ -93,9 +93,9 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 	f := startFleet(t, false, sim("sim-a", 40*time.Millisecond))
 	f.Key = f.createKey(t, "studio", tenancy.RoleAdmin)
 	b := startBrowser(t, f.APIURL, 1024, 768)
-	b.expected = func(u *url.URL, status int64) bool {
+	b.expect(func(u *url.URL, status int64) bool {
 		return status == 401 && strings.HasPrefix(u.Path, "/v1/")
-	}
+	})
 	b.do(t, chromedp.Navigate(f.APIURL+"/"))
 	waitFor[bool](t, b, 10*time.Second, "the key dialog", `document.querySelector("#key-dialog").open`)
 	b.do(t,
@@ -106,7 +106,7 @@ func TestPanelAsksForTheAPIKey(t *testing.T) {
 
 	// A reload keeps the key: nothing is asked again, and the job's events stream
 	// with the key (a scene's progress shows only from the stream or a reload of the job).
-	b.expected = func(*url.URL, int64) bool { return false }
+	b.expect(func(*url.URL, int64) bool { return false })
 	b.do(t, chromedp.Reload())
 	waitFor[bool](t, b, 20*time.Second, "the node shown after a reload", `document.querySelector('article.node[data-node="sim-a"]') !== null`)
 	job := f.submit(t, 1, 150, "")
@@ -264,6 +264,11 @@ func TestPanelListsJobsAndShowsQueues(t *testing.T) {
 	filter("")
 	waitFor[bool](t, b, 10*time.Second, "the three jobs shown", fmt.Sprintf(`%s !== null && %s !== null && %s !== null`, card(done), card(failing.ID), card(waiting)))
 
+	// A load of the job that the page sent before the delete may come back 404 after
+	// it: the page drops the job then, as it does after its own delete.
+	b.expect(func(u *url.URL, status int64) bool {
+		return status == http.StatusNotFound && strings.HasPrefix(u.Path, "/v1/jobs/"+done)
+	})
 	del := fmt.Sprintf(`article.job[data-job="%s"] button[data-action="delete"]`, done)
 	b.do(t, click(del))
 	waitFor[bool](t, b, 5*time.Second, "the delete button to ask again", fmt.Sprintf(`document.querySelector('%s').dataset.armed === "true"`, del))
