@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -525,11 +527,58 @@ func (f *benchFleet) restart(p *benchProc) (*benchProc, error) {
 	return next, nil
 }
 
+// freePort returns a loopback TCP port that is free and that the system does not
+// hand out to outgoing connections: below its ephemeral range (Linux's
+// ip_local_port_range), so that a server of the fleet, restarted on its port as a
+// deployment's would be, finds it free, and that the port given to a server whose
+// start waits for others' (a cluster's routes) is not taken meanwhile by a
+// connection. No port is given twice by one process.
 func freePort() (int, error) {
+	givenPorts.mu.Lock()
+	defer givenPorts.mu.Unlock()
+	if low := ephemeralLow(); low > lowestFreePort+1000 {
+		for range 1000 {
+			port := lowestFreePort + rand.IntN(low-lowestFreePort)
+			if givenPorts.set[port] {
+				continue
+			}
+			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+			if err != nil {
+				continue
+			}
+			ln.Close()
+			givenPorts.set[port] = true
+			return port, nil
+		}
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, fmt.Errorf("bench: find a free port: %w", err)
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// lowestFreePort is the lowest port freePort gives: above the well-known services'.
+const lowestFreePort = 10000
+
+// givenPorts are the ports freePort gave.
+var givenPorts = struct {
+	mu  sync.Mutex
+	set map[int]bool
+}{set: map[int]bool{}}
+
+// ephemeralLow is the first port of the system's range for outgoing connections, 0
+// where it cannot be read.
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	fields := strings.Fields(string(b))
+	if len(fields) == 0 {
+		return 0
+	}
+	low, _ := strconv.Atoi(fields[0])
+	return low
 }

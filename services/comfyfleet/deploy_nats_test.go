@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/url"
 	"path/filepath"
 	"reflect"
@@ -190,17 +189,12 @@ func TestNATSConfigsLoadAndShareTheirPermissions(t *testing.T) {
 	}
 }
 
-// freePorts returns n loopback TCP ports that were free a moment ago.
+// freePorts returns n loopback TCP ports that were free a moment ago (freePort).
 func freePorts(t *testing.T, n int) []int {
 	t.Helper()
 	var ports []int
 	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
+		ports = append(ports, testPort(t))
 	}
 	return ports
 }
