@@ -273,7 +273,7 @@ func TestPanelListsJobsAndShowsQueues(t *testing.T) {
 	b.do(t, click(del))
 	waitFor[bool](t, b, 5*time.Second, "the delete button to ask again", fmt.Sprintf(`document.querySelector('%s').dataset.armed === "true"`, del))
 	b.do(t, click(del))
-	waitFor[bool](t, b, 10*time.Second, "the deleted job gone from the page", card(done)+` === null`)
+	waitFor[bool](t, b, 30*time.Second, "the deleted job gone from the page", card(done)+` === null`)
 	if code := f.call(t, http.MethodGet, "/v1/jobs/"+done, nil, nil); code != http.StatusNotFound {
 		t.Errorf("GET the job deleted on the page: %d, want 404", code)
 	}

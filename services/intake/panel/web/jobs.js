@@ -23,6 +23,9 @@ export class Jobs {
     this.changed = () => {};
     /** id → {id, summary, detail, source, expanded, stream, retryAt, refetch} */
     this.jobs = new Map();
+    /** Jobs deleted on this page: a list asked for before the delete, or one the
+     * server's index has not caught up with yet, may still hold them. */
+    this.deleted = new Set();
     this.cards = new Map();
     this.nextCursor = "";
     this.root = root;
@@ -56,6 +59,7 @@ export class Jobs {
     const page = await get(`v1/jobs?${q}`);
     const listed = new Set();
     for (const s of page.jobs || []) {
+      if (this.deleted.has(s.id)) continue;
       listed.add(s.id);
       const j = this.entry(s.id, "list");
       j.summary = s;
@@ -76,7 +80,7 @@ export class Jobs {
 
   /** Adds a job the panel came across (on a node, in the dead letters). */
   discover(id, source) {
-    if (this.jobs.has(id)) return;
+    if (this.jobs.has(id) || this.deleted.has(id)) return;
     this.entry(id, source);
     this.render();
     this.wake();
@@ -405,6 +409,7 @@ export class Jobs {
     button.disabled = true;
     try {
       await call("DELETE", `v1/jobs/${encodeURIComponent(j.id)}`);
+      this.deleted.add(j.id);
       this.forget(j);
       this.render();
     } catch (err) {
