@@ -264,9 +264,7 @@ func runChaos(t *testing.T, o chaosOptions) {
 					t.Logf("a job was never accepted")
 					continue
 				}
-				hooks.mu.Lock()
-				called := hooks.final[id]
-				hooks.mu.Unlock()
+				called := hooks.last(id)
 				if job := getJobWithKey(t, apiURLs, key, id); job.Status != "succeeded" || called != "succeeded" {
 					b, _ := json.MarshalIndent(job, "", " ")
 					t.Logf("job %s, its last webhook %q: %s", job.Status, called, b)
@@ -380,6 +378,13 @@ func runChaos(t *testing.T, o chaosOptions) {
 	}
 	t.Logf("chaos: %d scenes in %d jobs, %s; kills %v (%d); %d redeliveries recorded, %d renders (%d beyond deliveries, after NATS crashes); duplicates suppressed: %d completion redeliveries to the subscriber, %d repeated webhooks; longest recovery %.1fs",
 		o.scenes, len(jobs), time.Since(started).Round(time.Second), kills, totalKills, redeliveries, renders, extraRenders, dupes, webhookDupes, longest.Seconds())
+}
+
+// last is the status of job's last webhook, "" before any.
+func (h *hookLog) last(job string) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.final[job]
 }
 
 func (h *hookLog) succeeded() int {

@@ -61,24 +61,32 @@ func (r *routerRig) payload(index int) fleet.Outgoing {
 	return fleet.Outgoing{Subject: fleet.ScenePayloadSubject(r.job.ID, index), MsgID: p.MsgID(), Value: p}
 }
 
-// routed reports whether the router has handled the job's fired commit and had it
-// delivered again (again), or settled it for good (!again).
-func (r *routerRig) routed(t *testing.T, again bool) bool {
-	t.Helper()
+// routerInfo is the router consumer's state, nil while it cannot be read.
+func (r *routerRig) routerInfo() *jetstream.ConsumerInfo {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := r.js.Consumer(ctx, fleet.StreamSubmit, fleet.RouterConsumer().Durable)
 	if err != nil {
-		return false
+		return nil
 	}
 	info, err := c.Info(ctx)
 	if err != nil {
-		return false
+		return nil
 	}
-	if again {
-		return info.NumRedelivered > 0
-	}
-	return info.Delivered.Consumer > 0 && info.NumAckPending == 0
+	return info
+}
+
+// redelivered reports whether the router has had the job's fired commit delivered
+// again: it handled it and asked for it later.
+func (r *routerRig) redelivered() bool {
+	info := r.routerInfo()
+	return info != nil && info.NumRedelivered > 0
+}
+
+// settled reports whether the router has handled the job's fired commit for good.
+func (r *routerRig) settled() bool {
+	info := r.routerInfo()
+	return info != nil && info.Delivered.Consumer > 0 && info.NumAckPending == 0
 }
 
 func (r *routerRig) recorded(t *testing.T) bool {
@@ -99,7 +107,7 @@ func (r *routerRig) recorded(t *testing.T) bool {
 func TestACommitWaitsForItsScenesPayloads(t *testing.T) {
 	t.Parallel()
 	r := newRouterRig(t, fleet.Settings{})
-	fleettest.Eventually(t, 30*time.Second, func() bool { return r.routed(t, true) },
+	fleettest.Eventually(t, 30*time.Second, r.redelivered,
 		"the router did not look twice at the commit of a job with a payload missing")
 	if r.recorded(t) {
 		t.Fatal("the job was recorded with the payload of a scene missing")
@@ -118,7 +126,7 @@ func TestACommitWaitsForItsScenesPayloads(t *testing.T) {
 func TestACommitWhosePayloadsNeverComeIsDropped(t *testing.T) {
 	t.Parallel()
 	r := newRouterRig(t, fleet.Settings{DuplicateWindow: 2 * time.Second})
-	fleettest.Eventually(t, 30*time.Second, func() bool { return r.routed(t, false) },
+	fleettest.Eventually(t, 30*time.Second, r.settled,
 		"the router did not settle the commit of a job whose payload never came")
 	if r.recorded(t) {
 		t.Fatal("the job was recorded with the payload of a scene missing")
