@@ -150,3 +150,26 @@ func decodeHeader(raw []byte) nats.Header {
 	}
 	return h
 }
+
+// CatchUpDelay is how long ReadCaughtUp waits between two reads.
+const CatchUpDelay = 250 * time.Millisecond
+
+// ReadCaughtUp calls read until it returns a value that shows what the caller knows
+// was stored (caughtUp), an error, or until wait has passed, every CatchUpDelay: a
+// replica or a stream leader just elected may answer for seconds as it was before.
+// It returns the last read, and caughtUp false if the time ran out. Call it within a
+// delivery whose AckWait is extended (msg.InProgress) meanwhile.
+func ReadCaughtUp[T any](ctx context.Context, wait time.Duration, read func() (v T, caughtUp bool, err error)) (T, bool, error) {
+	until := time.Now().Add(wait)
+	for {
+		v, caughtUp, err := read()
+		if err != nil || caughtUp || !time.Now().Before(until) {
+			return v, caughtUp, err
+		}
+		select {
+		case <-ctx.Done():
+			return v, false, ctx.Err()
+		case <-time.After(CatchUpDelay):
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -316,26 +317,76 @@ func TestALostNodeDoesNotUseUpTheScenesAttempts(t *testing.T) {
 // applied yet: the attempt is retried, and runs once the payload is there. The job is
 // recorded and queued as its router would have, without the payload (the router
 // itself waits for a commit's payloads).
+// recordWithoutPayload records and queues job as the router would, while its scene's
+// payload is not (yet) in the store, and returns that payload and the scene's ticket.
+// reads counts the executors' reads of the payload, seen on the bus.
+func (r *rig) recordWithoutPayload(job string) (payload fleet.Outgoing, item fleet.Ticket, reads *atomic.Int64) {
+	r.t.Helper()
+	payload, commit, item := r.job(job, 5, 0)
+	reads = &atomic.Int64{}
+	for _, subject := range []string{"$JS.API.DIRECT.GET." + fleet.StreamScenes + ".>", "$JS.API.STREAM.MSG.GET." + fleet.StreamScenes} {
+		sub, err := r.nc.Subscribe(subject, func(m *nats.Msg) {
+			if strings.Contains(m.Subject, payload.Subject) || strings.Contains(string(m.Data), payload.Subject) {
+				reads.Add(1)
+			}
+		})
+		if err != nil {
+			r.t.Fatal(err)
+		}
+		r.t.Cleanup(func() { _ = sub.Unsubscribe() })
+	}
+	if err := r.nc.Flush(); err != nil {
+		r.t.Fatal(err)
+	}
+	jobs, err := fleet.OpenJobs(r.ctx, r.js)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	j := commit.Value.(*fleet.Job)
+	record, err := jobs.CreateMessages(j, nil)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	queue, err := fleet.QueueMessages(fleet.NewPublisher(r.js, "test"), j)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.publish(append(record, queue...)...)
+	return payload, item, reads
+}
+
+func TestPayloadLateForALivingJobIsReadAgainWithinTheAttempt(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	sim, node := r.sim(comfysim.Config{Name: "gpu"})
+	r.executor("exec", nil, node)
+	payload, item, reads := r.recordWithoutPayload("late-payload")
+
+	// The executor reads the payload again and again within its first attempt...
+	fleettest.Eventually(t, 30*time.Second, func() bool { return reads.Load() >= 4 },
+		"the executor did not read the missing payload again")
+	r.publish(payload)
+	done := r.await(fleet.EventCompleted, 30*time.Second)
+	if done.Attempt != 1 || len(done.Outputs) == 0 {
+		t.Errorf("completed attempt %d with %d outputs; want the first attempt with its outputs", done.Attempt, len(done.Outputs))
+	}
+	// ...and the attempt did not fail meanwhile.
+	for _, ev := range r.seen() {
+		if ev.Type == fleet.EventRetrying || ev.Type == fleet.EventFailed {
+			t.Errorf("%s event %q; want none while the payload came late", ev.Type, ev.Error)
+		}
+	}
+	if st := sim.Stats(); len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, "1") {
+		t.Errorf("node rendered %v; want the first attempt's prompt", st.Rendered)
+	}
+}
+
 func TestPayloadNotFoundForALivingJobIsRetried(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
 	sim, node := r.sim(comfysim.Config{Name: "gpu"})
 	r.executor("exec", nil, node)
-	payload, commit, item := r.job("late-payload", 5, 0)
-	jobs, err := fleet.OpenJobs(r.ctx, r.js)
-	if err != nil {
-		t.Fatal(err)
-	}
-	job := commit.Value.(*fleet.Job)
-	record, err := jobs.CreateMessages(job, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	queue, err := fleet.QueueMessages(fleet.NewPublisher(r.js, "test"), job)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.publish(append(record, queue...)...)
+	payload, item, _ := r.recordWithoutPayload("missing-payload")
 
 	retry := r.await(fleet.EventRetrying, 30*time.Second)
 	if !strings.Contains(retry.Error, "payload is gone from the store, though its job lives") {

@@ -36,6 +36,10 @@ type scene struct {
 // job expired or was deleted.
 var errPayloadMissing = errors.New("the scene's payload is gone from the store")
 
+// latePayloadWait is how long the payload of a scene whose job lives is read again,
+// within the scene's delivery, before the attempt fails.
+const latePayloadWait = 5 * time.Second
+
 // load returns the scene of ticket t, with its payload.
 func (e *executor) load(ctx context.Context, t fleet.Ticket) (scene, error) {
 	raw, err := fleet.LastMsg(ctx, e.js, e.payloads, fleet.ScenePayloadSubject(t.JobID, t.Index))
@@ -101,10 +105,25 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 		}
 	}
 	item, err := e.load(runCtx, t)
-	switch {
-	case errors.Is(err, errPayloadMissing) && e.jobLives(ctx, t.JobID):
+	lives := errors.Is(err, errPayloadMissing) && e.jobLives(ctx, t.JobID)
+	if lives {
 		// A stream leader just elected may answer before it has applied what its
-		// predecessor stored and acknowledged: the payload of a living job comes back.
+		// predecessor stored and acknowledged: the payload of a living job comes back,
+		// and is read again before the attempt counts as failed.
+		var shown bool
+		item, shown, err = fleet.ReadCaughtUp(runCtx, latePayloadWait, func() (scene, bool, error) {
+			item, err := e.load(runCtx, t)
+			if errors.Is(err, errPayloadMissing) {
+				return item, false, nil
+			}
+			return item, true, err
+		})
+		if err == nil && !shown {
+			err = errPayloadMissing
+		}
+	}
+	switch {
+	case lives && errors.Is(err, errPayloadMissing):
 		return e.retryOrFail(ctx, n, t, attempt, delivered, fmt.Errorf("%w, though its job lives", err), log)
 	case errors.Is(err, errPayloadMissing):
 		return e.fail(ctx, t, attempt, n.cfg.ID, err, log)

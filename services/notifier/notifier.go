@@ -322,14 +322,10 @@ func (g *endGroups) fold(ctx context.Context, ev fleet.SceneEvent, write func(co
 	return grp.st, true, grp.err
 }
 
-// staleReadDelay is how long the notifier waits before it reads again a job that
-// it read as it was before the end it announces; staleReadFor, how long it reads
-// again within one delivery of the end before it gives the delivery back (with the
-// webhook's back-off) and its worker to other jobs' ends.
-const (
-	staleReadDelay = 250 * time.Millisecond
-	staleReadFor   = 15 * time.Second
-)
+// staleReadFor is how long the notifier reads again, within one delivery of a job's
+// end, a job that it read as it was before that end, before it gives the delivery
+// back (with the webhook's back-off) and its worker to other jobs' ends.
+const staleReadFor = 15 * time.Second
 
 // expire deletes a job whose ttl has passed, cancelling it first if it has not
 // ended: the janitor's handler of the messages its expiry schedule fires.
@@ -512,26 +508,25 @@ func (n *notifier) complete(ctx context.Context, msg jetstream.Msg) error {
 // staleReadFor, so that a replica behind for seconds does not use up the webhook's
 // attempts, each a delivery of done.
 func (n *notifier) readEnded(ctx context.Context, msg jetstream.Msg, done fleet.DoneMsg) (*fleet.Job, error) {
-	until := time.Now().Add(staleReadFor)
-	for {
+	job, caughtUp, err := fleet.ReadCaughtUp(ctx, staleReadFor, func() (*fleet.Job, bool, error) {
 		job, err := n.jobs.GetEnded(ctx, done.JobID, done.Scenes)
-		if err != nil || job.Round > done.Round || job.Round == done.Round && job.Status.Terminal() {
-			return job, err
+		if err != nil {
+			return nil, false, err
 		}
-		stale := fmt.Errorf("job %s read %s in round %d, before the end of round %d", job.ID, job.Status, job.Round, done.Round)
-		if time.Now().After(until) {
-			n.log.Warn("job still read before its end; it is read again at the next delivery", "job", done.JobID, "for", staleReadFor, "err", stale)
-			return nil, stale
+		if job.Round > done.Round || job.Round == done.Round && job.Status.Terminal() {
+			return job, true, nil
 		}
 		if err := msg.InProgress(); err != nil {
-			return nil, fmt.Errorf("%w; extend its delivery: %w", stale, err)
+			return nil, false, fmt.Errorf("extend the delivery of job %s's end: %w", done.JobID, err)
 		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(staleReadDelay):
-		}
+		return job, false, nil
+	})
+	if err != nil || caughtUp {
+		return job, err
 	}
+	stale := fmt.Errorf("job %s read %s in round %d, before the end of round %d", job.ID, job.Status, job.Round, done.Round)
+	n.log.Warn("job still read before its end; it is read again at the next delivery", "job", done.JobID, "for", staleReadFor, "err", stale)
+	return nil, stale
 }
 
 // errGone marks a receiver that answered 410 Gone: it wants no more attempts.
