@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -366,18 +367,12 @@ func TestPayloadLateForALivingJobIsReadAgainWithinTheAttempt(t *testing.T) {
 	fleettest.Eventually(t, 30*time.Second, func() bool { return reads.Load() >= 4 },
 		"the executor did not read the missing payload again")
 	r.publish(payload)
-	done := r.await(fleet.EventCompleted, 30*time.Second)
-	if done.Attempt != 1 || len(done.Outputs) == 0 {
-		t.Errorf("completed attempt %d with %d outputs; want the first attempt with its outputs", done.Attempt, len(done.Outputs))
-	}
+	r.completedOnlyBy(sim, item, 1)
 	// ...and the attempt did not fail meanwhile.
 	for _, ev := range r.seen() {
 		if ev.Type == fleet.EventRetrying || ev.Type == fleet.EventFailed {
 			t.Errorf("%s event %q; want none while the payload came late", ev.Type, ev.Error)
 		}
-	}
-	if st := sim.Stats(); len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, "1") {
-		t.Errorf("node rendered %v; want the first attempt's prompt", st.Rendered)
 	}
 }
 
@@ -393,12 +388,19 @@ func TestPayloadNotFoundForALivingJobIsRetried(t *testing.T) {
 		t.Errorf("retrying event: %q; want the payload not found for a living job", retry.Error)
 	}
 	r.publish(payload)
+	r.completedOnlyBy(sim, item, 2)
+}
+
+// completedOnlyBy waits for the scene's completed event and checks that attempt,
+// and no other, completed it with outputs, and that sim rendered its prompt alone.
+func (r *rig) completedOnlyBy(sim *comfysim.Server, item fleet.Ticket, attempt int) {
+	r.t.Helper()
 	done := r.await(fleet.EventCompleted, 30*time.Second)
-	if done.Attempt != 2 || len(done.Outputs) == 0 {
-		t.Errorf("completed attempt %d with %d outputs; want the second attempt with its outputs", done.Attempt, len(done.Outputs))
+	if done.Attempt != attempt || len(done.Outputs) == 0 {
+		r.t.Errorf("completed attempt %d with %d outputs; want attempt %d with its outputs", done.Attempt, len(done.Outputs), attempt)
 	}
-	if st := sim.Stats(); len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, "2") {
-		t.Errorf("node rendered %v; want the second attempt's prompt", st.Rendered)
+	if st := sim.Stats(); len(st.Rendered) != 1 || st.Rendered[0] != promptID(item, strconv.Itoa(attempt)) {
+		r.t.Errorf("node rendered %v; want attempt %d's prompt", st.Rendered, attempt)
 	}
 }
 
