@@ -42,7 +42,7 @@ func (l *lease) run(ctx context.Context, leading func(bool)) {
 			r, err := l.kv.Create(ctx, leaseKey, []byte(l.id))
 			if err == nil {
 				rev, renewed = r, time.Now()
-				l.log.Info("this dispatcher leads: it places scenes", "dispatcher", l.id)
+				l.log.Info("this dispatcher leads: it places scenes")
 				report(true)
 			} else if !errors.Is(err, jetstream.ErrKeyExists) && ctx.Err() == nil {
 				l.log.Debug("take the dispatchers' lease", "err", err)
@@ -65,7 +65,7 @@ func (l *lease) run(ctx context.Context, leading func(bool)) {
 			case ctx.Err() != nil:
 			case errors.Is(err, jetstream.ErrKeyExists), time.Since(renewed) > l.ttl*3/4:
 				// Another dispatcher holds it, or it may have expired: another may.
-				l.log.Warn("lost the dispatchers' lease; standing by", "dispatcher", l.id, "err", err)
+				l.log.Warn("lost the dispatchers' lease; standing by", "err", err)
 				rev = 0
 				report(false)
 			default:
