@@ -96,7 +96,7 @@ func NewProcessor(service, name string, log *slog.Logger, handle Handler) *Proce
 	count, _ := meter.Int64Counter("comfyfleet.messages",
 		metric.WithDescription("Messages handled, by consumer and outcome: ack, retry, term or panic."))
 	took, _ := meter.Float64Histogram("comfyfleet.message.duration", metric.WithUnit("s"),
-		metric.WithDescription("Time a handler took, by consumer."))
+		metric.WithDescription("Time a handler took, by consumer."), metric.WithExplicitBucketBoundaries(telemetry.HandlerBuckets...))
 	return &Processor{name: name, log: log, handle: handle, tracer: otel.Tracer(scope), count: count, took: took}
 }
 

@@ -132,3 +132,8 @@ func exporter(name string) string {
 // tenth of a second to an hour: scenes, queue waits. The SDK's default boundaries
 // (0, 5, 10, … 10000) suit milliseconds. Use with metric.WithExplicitBucketBoundaries.
 var SecondsBuckets = []float64{0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600}
+
+// HandlerBuckets are histogram bucket boundaries for the time a message's handler
+// takes, in seconds: from half a millisecond (an event folded into its job) to half
+// an hour (a scene run by its executor).
+var HandlerBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800}
