@@ -314,13 +314,10 @@ func TestALostNodeDoesNotUseUpTheScenesAttempts(t *testing.T) {
 	}
 }
 
-// A payload not found while its job lives is one a stream leader just elected has not
-// applied yet: the attempt is retried, and runs once the payload is there. The job is
-// recorded and queued as its router would have, without the payload (the router
-// itself waits for a commit's payloads).
 // recordWithoutPayload records and queues job as the router would, while its scene's
-// payload is not (yet) in the store, and returns that payload and the scene's ticket.
-// reads counts the executors' reads of the payload, seen on the bus.
+// payload is not (yet) in the store (the router itself waits for a commit's
+// payloads), and returns that payload and the scene's ticket. reads counts the
+// executors' reads of the payload, seen on the bus.
 func (r *rig) recordWithoutPayload(job string) (payload fleet.Outgoing, item fleet.Ticket, reads *atomic.Int64) {
 	r.t.Helper()
 	payload, commit, item := r.job(job, 5, 0)
@@ -356,6 +353,8 @@ func (r *rig) recordWithoutPayload(job string) (payload fleet.Outgoing, item fle
 	return payload, item, reads
 }
 
+// A payload not found while its job lives is one a stream leader just elected has not
+// applied yet: it is read again within the attempt, which runs once it is there.
 func TestPayloadLateForALivingJobIsReadAgainWithinTheAttempt(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
@@ -376,6 +375,8 @@ func TestPayloadLateForALivingJobIsReadAgainWithinTheAttempt(t *testing.T) {
 	}
 }
 
+// A payload still missing after the executor's wait fails the attempt, which is
+// retried, and runs once the payload is there.
 func TestPayloadNotFoundForALivingJobIsRetried(t *testing.T) {
 	t.Parallel()
 	r := newRig(t)
