@@ -81,7 +81,11 @@ func Setup(ctx context.Context, service string) (shutdown func(context.Context) 
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("prometheus metric exporter: %w", err), shutdown(ctx))
 	}
-	readers := []sdkmetric.Option{sdkmetric.WithReader(scrape), sdkmetric.WithResource(res)}
+	// Sizes in bytes (the HTTP instrumentation's request and response bodies) get
+	// buckets for images and videos instead of the SDK's default 0 to 10,000.
+	bySize := sdkmetric.NewView(sdkmetric.Instrument{Kind: sdkmetric.InstrumentKindHistogram, Unit: "By"},
+		sdkmetric.Stream{Aggregation: sdkmetric.AggregationExplicitBucketHistogram{Boundaries: BytesBuckets}})
+	readers := []sdkmetric.Option{sdkmetric.WithReader(scrape), sdkmetric.WithResource(res), sdkmetric.WithView(bySize)}
 	if exporter("OTEL_METRICS_EXPORTER") == "otlp" {
 		exp, err := otlpmetrichttp.New(ctx)
 		if err != nil {
@@ -132,6 +136,10 @@ func exporter(name string) string {
 // tenth of a second to an hour: scenes, queue waits. The SDK's default boundaries
 // (0, 5, 10, … 10000) suit milliseconds. Use with metric.WithExplicitBucketBoundaries.
 var SecondsBuckets = []float64{0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600}
+
+// BytesBuckets are histogram bucket boundaries for sizes in bytes, from 1 KiB to
+// 1 GiB by fours: JSON bodies, images, video clips.
+var BytesBuckets = []float64{1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30}
 
 // HandlerBuckets are histogram bucket boundaries for the time a message's handler
 // takes, in seconds: from half a millisecond (an event folded into its job) to half

@@ -32,8 +32,13 @@ func TestMetricsHandlerServesTheMeterProvider(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	size, err := meter.Int64Histogram("http.server.response.body.size", metric.WithUnit("By"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	attempts.Add(ctx, 2)
 	duration.Record(ctx, 1.5)
+	size.Record(ctx, 3<<20)
 
 	rec := httptest.NewRecorder()
 	telemetry.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
@@ -43,6 +48,9 @@ func TestMetricsHandlerServesTheMeterProvider(t *testing.T) {
 		"comfyfleet_scene_duration_seconds_bucket{",
 		"comfyfleet_scene_duration_seconds_count{",
 		`service_name="comfyfleet-test"`,
+		// A 3 MiB image's body counted in a bucket of its size, not past 10,000.
+		`http_server_response_body_size_bytes_bucket{otel_scope_name="comfyfleet/test",otel_scope_schema_url="",otel_scope_version="",le="1.048576e+06"} 0`,
+		`http_server_response_body_size_bytes_bucket{otel_scope_name="comfyfleet/test",otel_scope_schema_url="",otel_scope_version="",le="4.194304e+06"} 1`,
 		"go_goroutines ",
 	} {
 		if !strings.Contains(string(body), want) {
