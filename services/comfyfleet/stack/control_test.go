@@ -101,8 +101,10 @@ func TestCancelInterruptsRunningScenesAndDropsQueuedOnes(t *testing.T) {
 	if shown.Status != "cancelled" || shown.Scenes[0].Status != "cancelled" || shown.Scenes[1].Status != "cancelled" {
 		t.Errorf("cancel answered job %s with scenes %s, %s; want all cancelled", shown.Status, shown.Scenes[0].Status, shown.Scenes[1].Status)
 	}
-	fleettest.Eventually(t, time.Second, func() bool { return sim.Stats().Interrupted == 1 },
-		"the running prompt was not interrupted within a second of the cancel")
+	// Uninterrupted, the prompt would end in its 3 s and count no interrupt: the bound
+	// is loose for a loaded machine, not for the behaviour.
+	fleettest.Eventually(t, 10*time.Second, func() bool { return sim.Stats().Interrupted == 1 },
+		"the running prompt was not interrupted")
 	t.Logf("running prompt interrupted %s after the cancel was answered", time.Since(answered).Round(time.Millisecond))
 
 	hook := b.Hooks.Wait(t, job.ID, 30*time.Second)
@@ -424,8 +426,9 @@ func TestCancelStopsARetriedScene(t *testing.T) {
 	})
 
 	postCancel(t, f.APIURL, job.ID).Want(t, http.StatusAccepted)
-	fleettest.Eventually(t, time.Second, func() bool { return slow.Stats().Interrupted == 1 },
-		"the retried scene was not interrupted within a second of the cancel")
+	// As above: uninterrupted, it would end in its 3 s and count no interrupt.
+	fleettest.Eventually(t, 10*time.Second, func() bool { return slow.Stats().Interrupted == 1 },
+		"the retried scene was not interrupted")
 	second := f.Hooks.Wait(t, job.ID, 30*time.Second)
 	if s := second.Body.Job.Scenes[0]; second.Body.Type != "job.cancelled" || s.Status != "cancelled" {
 		t.Fatalf("second webhook %s with scene %s; want job.cancelled", second.Body.Type, s.Status)
