@@ -12,34 +12,30 @@ import (
 	"time"
 )
 
-func runBench(ctx context.Context, args []string, stdout, _ io.Writer) error {
-	if os.Getenv("GOGC") == "" {
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	benchmarks := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
+		"throughput": runBenchThroughput,
+		"backlog":    runBenchBacklog,
+		"burst":      runBenchBurst,
+		"failover":   runBenchFailover,
+		"scheduling": runBenchScheduling,
+	}
+	if len(args) > 0 && benchmarks[args[0]] != nil && os.Getenv("GOGC") == "" {
 		// This process (simulated nodes, clients, recorders) shares the cores with
 		// the services it measures: collecting its garbage less often leaves them
 		// more. The services' processes keep Go's default.
 		debug.SetGCPercent(harnessGCPercent)
 	}
-	if len(args) > 0 {
-		switch args[0] {
-		case "scheduling":
-			return runBenchScheduling(ctx, args[1:], stdout)
-		case "throughput":
-			return runBenchThroughput(ctx, args[1:], stdout)
-		case "backlog":
-			return runBenchBacklog(ctx, args[1:], stdout)
-		case "burst":
-			return runBenchBurst(ctx, args[1:], stdout)
-		}
-	}
-	if len(args) == 0 || args[0] != "failover" {
-		return fmt.Errorf("bench: name a benchmark: throughput, backlog, burst, failover or scheduling")
-	}
+	return subcommand(ctx, "bench", benchmarks, args, stdout, stderr)
+}
+
+func runBenchFailover(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("bench failover", flag.ContinueOnError)
 	rounds := fs.Int("rounds", 5, "rounds of each scenario")
 	keep := fs.Bool("keep", false, "keep the fleet's NATS store and the services' logs, and print where")
 	var settings settingsFlags
 	settings.register(fs)
-	if err := parse(fs, args[1:]); err != nil {
+	if err := parse(fs, args); err != nil {
 		return err
 	}
 	st, err := settings.settings()

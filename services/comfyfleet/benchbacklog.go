@@ -25,7 +25,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
-func runBenchBacklog(ctx context.Context, args []string, stdout io.Writer) error {
+func runBenchBacklog(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("bench backlog", flag.ContinueOnError)
 	var (
 		scenes    = fs.Int("scenes", 1_000_000, "scenes queued before any node arrives")

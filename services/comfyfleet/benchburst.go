@@ -13,7 +13,7 @@ import (
 
 // runBenchBurst posts small bursts on a few nodes again and again: every run should
 // take about as long as its scenes need, with no scene waiting while a node idles.
-func runBenchBurst(ctx context.Context, args []string, stdout io.Writer) error {
+func runBenchBurst(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("bench burst", flag.ContinueOnError)
 	var (
 		runs      = fs.Int("runs", 10, "bursts, one after another")

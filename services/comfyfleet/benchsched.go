@@ -87,7 +87,7 @@ func schedScenarios() []schedScenario {
 	}
 }
 
-func runBenchScheduling(ctx context.Context, args []string, stdout io.Writer) error {
+func runBenchScheduling(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("bench scheduling", flag.ContinueOnError)
 	target := fs.Duration("target", 3*time.Second, "real time the optimum of each scenario is scaled to (longer when a scene would last under 300ms)")
 	only := fs.String("only", "", "run only the scenarios whose name contains this text")

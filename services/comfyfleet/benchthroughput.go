@@ -23,7 +23,7 @@ import (
 	"github.com/comfyfleet/comfyfleet/pkg/fleet"
 )
 
-func runBenchThroughput(ctx context.Context, args []string, stdout io.Writer) error {
+func runBenchThroughput(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	fs := flag.NewFlagSet("bench throughput", flag.ContinueOnError)
 	var (
 		jobs        = fs.Int("jobs", 100, "jobs submitted under load")

@@ -199,6 +199,10 @@ func subcommand(ctx context.Context, group string, subs map[string]func(context.
 	if len(args) == 0 {
 		return fmt.Errorf("%s: give one of %s ('comfyfleet %s %s -h' lists its flags)", group, strings.Join(names, ", "), group, names[0])
 	}
+	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintf(stderr, "usage: comfyfleet %s %s [flags]\n\n'comfyfleet %s %s -h' lists its flags.\n", group, strings.Join(names, "|"), group, names[0])
+		return flag.ErrHelp
+	}
 	run, ok := subs[args[0]]
 	if !ok {
 		return fmt.Errorf("%s %s: unknown; use one of %s", group, args[0], strings.Join(names, ", "))

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"image/png"
 	"net/http"
 	"net/http/httptest"
@@ -144,6 +145,30 @@ func TestCancelledJobExitsNonZero(t *testing.T) {
 	}
 	if _, _, err := comfyfleet(t, "jobs", "cancel", id, "--api", s.APIURL); !isStatus(err, http.StatusConflict) {
 		t.Errorf("cancelling it again: %v, want the API's 409", err)
+	}
+}
+
+// TestCommandGroupsListTheirCommands asks each command that groups others (bench,
+// jobs, nodes) for help, and names none: both list every member, and the main usage
+// names every benchmark.
+func TestCommandGroupsListTheirCommands(t *testing.T) {
+	t.Parallel()
+	for group, members := range map[string][]string{
+		"bench": {"backlog", "burst", "failover", "scheduling", "throughput"},
+		"jobs":  {"cancel", "delete", "get", "list", "retry", "watch"},
+		"nodes": {"add", "drain", "list", "rm", "undrain"},
+	} {
+		_, stderr, err := comfyfleet(t, group, "-h")
+		if want := "usage: comfyfleet " + group + " " + strings.Join(members, "|") + " [flags]"; !errors.Is(err, flag.ErrHelp) || !strings.HasPrefix(stderr, want) {
+			t.Errorf("%s -h: %v, %q; want flag.ErrHelp and %q", group, err, stderr, want)
+		}
+		if _, _, err := comfyfleet(t, group); err == nil || !strings.Contains(err.Error(), "give one of "+strings.Join(members, ", ")) {
+			t.Errorf("%s alone: %v; want the list of its commands", group, err)
+		}
+	}
+	_, usage, _ := comfyfleet(t, "--help")
+	if !strings.Contains(usage, "run a benchmark and print its table: throughput, backlog, burst, failover or scheduling") {
+		t.Errorf("usage lists benchmarks as %q", usage)
 	}
 }
 

@@ -48,7 +48,7 @@ func commands() []command {
 		{"notifier", "run the notifier against an external NATS", runNotifier},
 		{"sim", "run one simulated ComfyUI node", runSim},
 		{"nats", "run a NATS server with JetStream (embedded nats-server) alone, or as a nats-server configuration says (--config deploy/nats/hub.conf)", runNATS},
-		{"bench", "run a benchmark and print its table: failover", runBench},
+		{"bench", "run a benchmark and print its table: throughput, backlog, burst, failover or scheduling", runBench},
 		{"submit", "submit a job (-f job.json, or --workflow txt2img --param prompt=… --count 6); --wait follows it, --out DIR downloads its outputs", runSubmit},
 		{"jobs", "jobs list|get|cancel|delete|retry|watch, through the API (--api, --key)", runJobs},
 		{"nodes", "nodes list|add|drain|undrain|rm, through the API (--api, --key)", runNodes},
