@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -133,6 +134,17 @@ func TestNATSConfigsLoadAndShareTheirPermissions(t *testing.T) {
 		}
 	}
 	singleUsers, hubUsers := usersByName(single), usersByName(hub)
+	// fleet's readers ask a stream's leader (STREAM.MSG.GET) when a replica's direct
+	// get finds nothing; the events stream is read by batched direct gets only.
+	for _, name := range services {
+		allowed := singleUsers[name].Permissions.Publish.Allow
+		for _, subject := range allowed {
+			stream, ok := strings.CutPrefix(subject, "$JS.API.DIRECT.GET.")
+			if ok && !strings.Contains(stream, ".") && stream != fleet.StreamEvents && !slices.Contains(allowed, "$JS.API.STREAM.MSG.GET."+stream) {
+				t.Errorf("%s may read %s by a direct get but not from its leader", name, stream)
+			}
+		}
+	}
 	for _, name := range services {
 		if a, b := singleUsers[name], hubUsers[name]; a != nil && b != nil && !reflect.DeepEqual(a.Permissions, b.Permissions) {
 			t.Errorf("%s has other permissions in hub.conf than in comfyfleet.conf", name)
@@ -487,5 +499,53 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 			t.Fatalf("the leaf link carried %s, which an executor may not publish", msg.Subject)
 		}
 		break
+	}
+}
+
+// TestServicesReadAJobBeforeItsStateIsWritten connects to a server of comfyfleet.conf
+// as each service's user and reads the state of a job recorded without one, and of a
+// job that does not exist. fleet.Jobs.State then asks the leaders of the buckets'
+// streams, after the direct gets found nothing, as it does whenever a replica is
+// behind: each user that reads a job's state must be allowed both. (The intake once
+// could not: in a hub of three servers on a loaded machine, a job read from a replica
+// behind answered 503 after a 10 s wait.)
+func TestServicesReadAJobBeforeItsStateIsWritten(t *testing.T) {
+	passwords := setNATSEnv(t)
+	s := startNATSFromConfig(t, loadNATSConfig(t, "comfyfleet.conf"), 0)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	adminJS, err := jetstream.New(connectAs(t, s, "admin", passwords["admin"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fleet.Ensure(ctx, adminJS, fleet.DefaultSettings()); err != nil {
+		t.Fatal(err)
+	}
+	records, err := adminJS.KeyValue(ctx, fleet.BucketJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const id = "recorded-job"
+	if _, err := records.Put(ctx, id, []byte(`{"id": "recorded-job", "status": "queued", "priority": 5}`)); err != nil {
+		t.Fatal(err)
+	}
+	for _, user := range []string{"intake", "dispatcher", "executor", "notifier"} {
+		js, err := jetstream.New(connectAs(t, s, user, passwords[user]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		jobs, err := fleet.OpenJobs(ctx, js)
+		if err != nil {
+			t.Fatalf("%s: %v", user, err)
+		}
+		readCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, rev, err := jobs.State(readCtx, id)
+		if err != nil || rev != 0 || st.Status != fleet.StatusQueued {
+			t.Errorf("%s: the state of a job just recorded: %+v at revision %d, %v; want it queued, as recorded", user, st, rev, err)
+		}
+		if _, _, err := jobs.State(readCtx, "no-such-job"); !errors.Is(err, fleet.ErrJobNotFound) {
+			t.Errorf("%s: the state of no job: %v, want fleet.ErrJobNotFound", user, err)
+		}
+		cancel()
 	}
 }
