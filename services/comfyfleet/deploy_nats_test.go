@@ -349,15 +349,22 @@ func TestHubClusterAndRegionLeafFromDeployConfigs(t *testing.T) {
 	sim := fleettest.Sim(t, comfysim.Config{Addr: "127.0.0.1:0", StepDuration: time.Millisecond})
 	execCtx, stopExec := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
+	var execLog fleettest.Buffer
 	wg.Go(func() {
 		leafURL := fmt.Sprintf("nats://executor:%s@%s", url.QueryEscape(passwords["executor"]), strings.TrimPrefix(leaf.ClientURL(), "nats://"))
 		err := run(execCtx, []string{"executor", "--nats", leafURL, "--name", "executor-" + region,
-			"--comfy", sim.URL() + ",id=gpu-" + region + ",pool=image", "--log-level", "error"}, io.Discard, io.Discard)
+			"--comfy", sim.URL() + ",id=gpu-" + region + ",pool=image", "--log-level", "warn"}, io.Discard, &execLog)
 		if err != nil && !errors.Is(err, context.Canceled) {
 			t.Errorf("executor through the leaf node: %v", err)
 		}
 	})
-	t.Cleanup(func() { stopExec(); wg.Wait() })
+	t.Cleanup(func() {
+		stopExec()
+		wg.Wait()
+		if t.Failed() {
+			t.Logf("--- log of the %s executor:\n%s", region, execLog.String())
+		}
+	})
 
 	intake := connectAs(t, hubs[2], "intake", passwords["intake"])
 	intakeJS, err := jetstream.New(intake)
