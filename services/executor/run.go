@@ -104,23 +104,26 @@ func (e *executor) run(ctx context.Context, n *node, msg jetstream.Msg, t fleet.
 			return nil
 		}
 	}
-	item, err := e.load(runCtx, t)
-	lives := errors.Is(err, errPayloadMissing) && e.jobLives(ctx, t.JobID)
-	if lives {
-		// A stream leader just elected may answer before it has applied what its
-		// predecessor stored and acknowledged: the payload of a living job comes back,
-		// and is read again before the attempt counts as failed.
-		var shown bool
-		item, shown, err = fleet.ReadCaughtUp(runCtx, latePayloadWait, func() (scene, bool, error) {
-			item, err := e.load(runCtx, t)
-			if errors.Is(err, errPayloadMissing) {
-				return item, false, nil
-			}
+	// A stream leader just elected may answer before it has applied what its
+	// predecessor stored and acknowledged: the payload of a living job comes back,
+	// and is read again before the attempt counts as failed. Whether the job lives
+	// is asked once, at the first miss.
+	var asked, lives bool
+	item, found, err := fleet.ReadCaughtUp(runCtx, latePayloadWait, func() (scene, bool, error) {
+		item, err := e.load(runCtx, t)
+		if !errors.Is(err, errPayloadMissing) {
 			return item, true, err
-		})
-		if err == nil && !shown {
-			err = errPayloadMissing
 		}
+		if !asked {
+			asked, lives = true, e.jobLives(ctx, t.JobID)
+		}
+		if !lives {
+			return item, false, err
+		}
+		return item, false, nil
+	})
+	if err == nil && !found {
+		err = errPayloadMissing
 	}
 	switch {
 	case lives && errors.Is(err, errPayloadMissing):
