@@ -392,6 +392,31 @@ func TestPayloadNotFoundForALivingJobIsRetried(t *testing.T) {
 	r.completedOnlyBy(sim, item, 2)
 }
 
+// A payload not found for a job that is gone (deleted, expired: no record, no state)
+// fails the scene at once: no attempt is spent waiting for it or retrying.
+func TestPayloadNotFoundForAGoneJobFailsTheScene(t *testing.T) {
+	t.Parallel()
+	r := newRig(t)
+	_, node := r.sim(comfysim.Config{Name: "gpu"})
+	r.executor("exec", nil, node)
+	_, commit, _ := r.job("gone", 5, 0)
+	queue, err := fleet.QueueMessages(fleet.NewPublisher(r.js, "test"), commit.Value.(*fleet.Job))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.publish(queue...)
+
+	failed := r.await(fleet.EventFailed, 30*time.Second)
+	if failed.Attempt != 1 || failed.Error != "the scene's payload is gone from the store" {
+		t.Errorf("failed at attempt %d: %q; want attempt 1, the payload gone", failed.Attempt, failed.Error)
+	}
+	for _, ev := range r.seen() {
+		if ev.Type == fleet.EventRetrying {
+			t.Errorf("retrying event %q; want none for a gone job", ev.Error)
+		}
+	}
+}
+
 // completedOnlyBy waits for the scene's completed event and checks that attempt,
 // and no other, completed it with outputs, and that sim rendered its prompt alone.
 func (r *rig) completedOnlyBy(sim *comfysim.Server, item fleet.Ticket, attempt int) {
